@@ -1,0 +1,3 @@
+from kcache.cli import app
+
+app()

@@ -1,0 +1,19 @@
+"""Knowledge samples: the schema, readers/writers, the synthetic demo set and dataset converters."""
+
+from kcache.data.samples import (
+    SampleError,
+    read_samples,
+    write_samples,
+    samples_from_records,
+    to_dataset,
+    sample_set_fingerprint,
+)
+
+__all__ = [
+    "SampleError",
+    "read_samples",
+    "write_samples",
+    "samples_from_records",
+    "to_dataset",
+    "sample_set_fingerprint",
+]
