@@ -131,13 +131,22 @@ def encode_input(tokenizer, source: str, target: str) -> tuple[list[int], list[b
     return ids, mask
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer's normal encoding starts with its BOS token (LLaMA-2: yes, SmolLM2: no)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+
+
 def encode_knowledge(tokenizer, knowledge: list[str], spec: TemplateSpec, max_knowledge_tokens: int | None = None) -> tuple[list[int], int]:
     """``k_ids`` for a knowledge list and how many knowledge tokens were cut to fit the budget.
 
     Layout: ``[BOS if the tokenizer adds one] + head + knowledge[:budget] + tail + [EOS if end=eos]``.
     Knowledge is cut from its end; head and tail are always kept.
     """
-    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     head = _ids(tokenizer, spec.head)
     tail = _ids(tokenizer, spec.tail)
     end = [tokenizer.eos_token_id] if spec.end == "eos" else []

@@ -3,7 +3,7 @@ after its stage (extract, fit, inject, evaluate, data, kg)."""
 
 from __future__ import annotations
 
-import sys
+import contextlib
 from pathlib import Path
 
 import typer
@@ -31,16 +31,95 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     """kcache command line."""
 
 
-def fail(msg: str, code: int = 1):
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(code)
+ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="hub id, local HF directory, .gguf file, or smollm2-135m")
+DeviceOpt = typer.Option(None, "--device", help="cpu | cuda | cuda:N (default: cuda when available)")
+DtypeOpt = typer.Option(None, "--model-dtype", help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)")
 
 
-def run():  # pragma: no cover - console entry with clean errors
+@app.command("extract")
+def extract_cmd(
+    samples: Path = typer.Option(..., "--samples", "-s", help="samples .parquet or .jsonl"),
+    out: Path = typer.Option(..., "--out", "-o", help="cache directory (zarr v3)"),
+    model: str = ModelOpt,
+    layers: str = typer.Option("3-8", "--layers", help="0-based blocks: 3-8, 3,5,7 or all"),
+    site: str = typer.Option("mlp", "--site", help="mlp (MLP output before the residual add) or block (block output)"),
+    max_length: int = typer.Option(1024, "--max-length", help="bound on len(k_ids + x_ids); knowledge is cut, never the input"),
+    dtype: str = typer.Option("float16", "--dtype", help="storage dtype: float16 | bfloat16 | float32"),
+    template: str = typer.Option("Imagine that { <knowledge> } ", "--template"),
+    separator: str = typer.Option(" [SEP] ", "--separator"),
+    template_end: str = typer.Option("eos", "--template-end", help="eos | none: token closing the knowledge prefix"),
+    skip_bos: bool = typer.Option(False, "--skip-bos", help="leave a leading BOS out of the loss mask"),
+    token_budget: int = typer.Option(8192, "--token-budget", help="padded tokens per pass-B batch"),
+    device: str = DeviceOpt,
+    model_dtype: str = DtypeOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing cache made with other settings"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+):
+    """Stage one: run the frozen decoder twice per sample and cache the per-layer differences."""
+    from kcache.extract import ExtractConfig, extract
+    from kcache.models import load_decoder
+
+    cfg = ExtractConfig(layers=layers, site=site, template=template, separator=separator, template_end=template_end,
+                        max_length=max_length, dtype=dtype, skip_bos=skip_bos, token_budget=token_budget)
+    with errors():
+        decoder = load_decoder(model, device=device, dtype=model_dtype, trust_remote_code=trust_remote_code)
+        report = extract(decoder, samples, out, cfg, overwrite=overwrite)
+    for line in report.lines():
+        typer.echo(line)
+
+
+@app.command("inspect")
+def inspect_cmd(cache: Path = typer.Argument(..., help="cache directory"), card: bool = typer.Option(False, "--card", help="print the cache card")):
+    """Summarise a cache: settings, counts, per-layer statistics."""
+    from kcache.store import Cache
+
+    with errors():
+        c = Cache.open(cache, require_complete=False)
+    a, s = c.attrs, c.settings
+    typer.echo(f"{cache}: kcache cache v{a['schema_version']} ({a['status']}), written by kcache {a['kcache_version']} on {a['created']}")
+    typer.echo(f"model      {s['model'].get('name', '')} {s['model']['architecture']} weights {s['model']['weights_hash'][:19]}")
+    typer.echo(f"site       {s['site']}   layers {','.join(map(str, s['layers']))}   dtype {s['dtype']}   max_length {s['max_length']}")
+    typer.echo(f"template   {s['template']['template']!r} separator {s['template']['separator']!r} end {s['template']['end']}")
+    cnt = a["counts"]
+    typer.echo(f"samples    {cnt['samples']} of {cnt['samples_in']} ({cnt['skipped']} skipped {cnt.get('skip_reasons', {})}, {cnt['truncated']} truncated)")
+    typer.echo(f"tokens     {cnt['input_tokens']} input, {cnt['encoder_tokens']} encoder, {cnt.get('target_tokens', 0)} target")
+    splits = {}
+    for sp in c.index["split"].to_pylist():
+        splits[sp] = splits.get(sp, 0) + 1
+    typer.echo("splits     " + ", ".join(f"{k} {v}" for k, v in sorted(splits.items())))
+    if a.get("stats"):
+        typer.echo("layer        mean        std        rms   |delta| at positions 0,1,2,3")
+        for l, st in sorted(a["stats"].items(), key=lambda kv: int(kv[0])):
+            pn = " ".join(f"{x:.3g}" for x in st.get("position_norms", [])[:4])
+            typer.echo(f"{int(l):5d} {st['mean']:11.4g} {st['std']:10.4g} {st['rms']:10.4g}   {pn}")
+    if card:
+        typer.echo("")
+        typer.echo(c.card())
+
+
+@app.command("validate")
+def validate_cmd(cache: Path = typer.Argument(..., help="cache directory")):
+    """Check a cache end to end; exit 1 with the reasons when anything is wrong."""
+    from kcache.store import validate_cache
+
+    problems = validate_cache(cache, progress=True)
+    if problems:
+        for p in problems:
+            typer.echo(f"invalid: {p}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{cache}: valid")
+
+
+@contextlib.contextmanager
+def errors():
+    """Known error types become one clean line on stderr and exit code 2."""
+    from kcache.data.samples import SampleError
+    from kcache.models import ModelError
+    from kcache.schemas import SchemaError
+    from kcache.store import CacheError
+
     try:
-        app()
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-del Path
+        yield
+    except (SampleError, ModelError, SchemaError, CacheError, ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None

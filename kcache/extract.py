@@ -1,0 +1,417 @@
+"""Stage one: run the frozen decoder twice per sample and cache the shift-aligned differences.
+
+``extract(decoder, samples, out, ...)`` tokenises every sample (``kcache.align``), lays the
+samples out in length order, writes everything that does not need the model, then runs
+length-bucketed batches of pass A (``x``) and pass B (``k + x``) through blocks
+``0..max(layers)`` only, and hands float32 differences (converted to the storage dtype) to a
+background writer. Rerunning the same command resumes after the last commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from kcache import __version__
+from kcache.align import TemplateSpec, adds_bos, encode_sample, length_mask, loss_mask, pad_right, parse_layers, plan_batches, shift_left
+from kcache.data.samples import read_samples, sample_set_fingerprint
+from kcache.models import Decoder
+from kcache.store import (
+    ATTRS_KEY, FORMAT, SCHEMA_VERSION, CacheError, DeltaWriter, RunningStats, codecs_description, create_cache,
+    default_chunk_rows, encode_rows, now, read_last_commit,
+)
+
+import zarr
+
+
+@dataclasses.dataclass
+class ExtractConfig:
+    """Settings that define a cache (all but ``token_budget`` are recorded and compared on resume)."""
+
+    layers: str | list[int] = "3-8"
+    site: str = "mlp"
+    template: str = TemplateSpec.template
+    separator: str = TemplateSpec.separator
+    template_end: str = "eos"
+    max_length: int = 1024
+    dtype: str = "float16"
+    skip_bos: bool = False
+    token_budget: int = 8192
+    chunk_rows: int | None = None
+    shard_rows: int | None = None
+    chunks_per_shard: int = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# capturing activations
+
+
+class _StopForward(Exception):
+    """Raised by a hook after the last needed block: early exit, no later blocks, no LM head."""
+
+
+@contextlib.contextmanager
+def capture(decoder: Decoder, site: str, layers: list[int], stop: bool = True):
+    """Record the output of ``site`` at each layer into the yielded dict; with ``stop`` the forward
+    pass ends right after block ``max(layers)``."""
+    acts: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def grab(layer):
+        def hook(_mod, _inp, out):
+            acts[layer] = out[0] if isinstance(out, tuple) else out
+        return hook
+
+    def halt(_mod, _inp, _out):
+        raise _StopForward
+
+    try:
+        for l in layers:
+            handles.append(decoder.layers.site_module(site, l).register_forward_hook(grab(l)))
+        if stop:
+            handles.append(decoder.layers.block(max(layers)).register_forward_hook(halt))
+        yield acts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_blocks(decoder: Decoder, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """Forward through the backbone (embeddings + blocks); an early-exit hook may end it."""
+    try:
+        decoder.layers.backbone()(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _StopForward:
+        pass
+
+
+@torch.inference_mode()
+def batch_deltas(decoder: Decoder, items: list, site: str, layers: list[int]) -> dict[int, torch.Tensor]:
+    """Two passes over a batch of encoded samples -> ``{layer: (sum x_len, hidden) float32}``.
+
+    Rows are the input positions of each sample in turn (the cache's flat layout).
+    """
+    dev = decoder.device
+    pad = decoder.tokenizer.pad_token_id if decoder.tokenizer.pad_token_id is not None else 0
+    x_lens = torch.tensor([len(e.x_ids) for e in items], device=dev)
+    k_lens = torch.tensor([len(e.k_ids) for e in items], device=dev)
+    ids_a, mask_a = pad_right([e.x_ids for e in items], pad)
+    ids_b, mask_b = pad_right([e.k_ids + e.x_ids for e in items], pad)
+    with capture(decoder, site, layers) as acts:
+        run_blocks(decoder, ids_a.to(dev), mask_a.to(dev))
+        act_a = {l: acts[l] for l in layers}
+        run_blocks(decoder, ids_b.to(dev), mask_b.to(dev))
+        act_b = {l: acts[l] for l in layers}
+    valid = length_mask(x_lens)
+    n = ids_a.shape[1]
+    out = {}
+    for l in layers:
+        d = shift_left(act_b[l].float(), k_lens, n) - act_a[l].float()
+        out[l] = d[valid]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# planning (pure, no model calls)
+
+
+@dataclasses.dataclass
+class Plan:
+    """Tokenised samples in layout order, plus everything left out."""
+
+    order: list[int]  # layout position -> row in the samples table
+    encoded: list  # layout position -> align.Encoded
+    skipped: list[tuple[int, str]]  # (row, reason)
+    batches: list[list[int]]  # layout positions, consecutive runs
+
+    @property
+    def x_lens(self) -> np.ndarray:
+        return np.array([len(e.x_ids) for e in self.encoded], dtype=np.int64)
+
+    @property
+    def row_offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.x_lens)]).astype(np.int64)
+
+
+def make_plan(tokenizer, samples: pa.Table, cfg: ExtractConfig) -> Plan:
+    spec = TemplateSpec(cfg.template, cfg.separator, cfg.template_end)
+    cols = samples.select(["knowledge", "source", "target"]).to_pydict()
+    kept, skipped = [], []
+    for row, (k, s, t) in enumerate(zip(cols["knowledge"], cols["source"], cols["target"])):
+        enc = encode_sample(tokenizer, k, s, t, spec, cfg.max_length)
+        if enc.skip_reason:
+            skipped.append((row, enc.skip_reason))
+        else:
+            kept.append((row, enc))
+    # Layout order = length order, so consecutive runs make well-packed batches and the writer
+    # sees rows strictly in order. Ties break on the sample's row: deterministic.
+    kept.sort(key=lambda re: (len(re[1].k_ids) + len(re[1].x_ids), len(re[1].x_ids), re[0]))
+    order = [r for r, _ in kept]
+    encoded = [e for _, e in kept]
+    lengths = [len(e.k_ids) + len(e.x_ids) for e in encoded]
+    batches = plan_batches(lengths, cfg.token_budget, order=list(range(len(encoded))))
+    return Plan(order, encoded, skipped, batches)
+
+
+def useful_fraction(plan: Plan) -> float:
+    """Real tokens / padded tokens over both passes of every batch."""
+    real = padded = 0
+    for b in plan.batches:
+        xa = [len(plan.encoded[i].x_ids) for i in b]
+        xb = [len(plan.encoded[i].k_ids) + len(plan.encoded[i].x_ids) for i in b]
+        real += sum(xa) + sum(xb)
+        padded += len(b) * (max(xa) + max(xb))
+    return real / padded if padded else 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# extraction
+
+
+def _settings(decoder: Decoder, cfg: ExtractConfig, layers: list[int], samples: pa.Table, chunk: int, shard: int) -> dict:
+    return {
+        "model": decoder.fingerprint.to_dict(),
+        "site": cfg.site,
+        "layers": layers,
+        "template": {"template": cfg.template, "separator": cfg.separator, "end": cfg.template_end},
+        "max_length": cfg.max_length,
+        "dtype": cfg.dtype,
+        "skip_bos": cfg.skip_bos,
+        "sample_set": sample_set_fingerprint(samples),
+        "chunk_rows": chunk,
+        "shard_rows": shard,
+        "codecs": codecs_description(),
+    }
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if k == "name":
+            continue
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: cache has {va!r}, asked {vb!r}")
+    return out
+
+
+@dataclasses.dataclass
+class ExtractReport:
+    path: Path
+    samples: int
+    skipped: int
+    skip_reasons: dict
+    truncated: int
+    input_tokens: int
+    seconds: float
+    forward_seconds: float
+    resumed_from_row: int
+    status: str
+
+    def lines(self) -> list[str]:
+        out = [f"cache {self.path}: {self.status}; {self.samples} samples, {self.input_tokens} input tokens"]
+        if self.resumed_from_row:
+            out.append(f"resumed after row {self.resumed_from_row}")
+        out.append(f"skipped {self.skipped}" + (f" ({', '.join(f'{r}: {n}' for r, n in self.skip_reasons.items())})" if self.skipped else ""))
+        out.append(f"truncated knowledge in {self.truncated} samples")
+        if self.seconds:
+            out.append(f"{self.seconds:.1f} s ({self.forward_seconds:.1f} s in forward passes, {self.input_tokens / max(self.seconds, 1e-9):.0f} input tokens/s)")
+        return out
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":")[0].split(" has ")[0].strip()
+
+
+def extract(
+    decoder: Decoder,
+    samples: str | Path | pa.Table,
+    out: str | Path,
+    cfg: ExtractConfig | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ExtractReport:
+    """Extract (or resume extracting) the delta cache for ``samples`` into ``out``."""
+    cfg = cfg or ExtractConfig()
+    t_start = time.perf_counter()
+    out = Path(out)
+    table = samples if isinstance(samples, pa.Table) else read_samples(samples)
+    if cfg.site not in ("mlp", "block"):
+        raise CacheError(f"--site must be 'mlp' or 'block', not {cfg.site!r}")
+    layers = parse_layers(cfg.layers, decoder.layers.num_layers)
+    hidden = decoder.layers.hidden_size
+    chunk = cfg.chunk_rows or default_chunk_rows(hidden, cfg.dtype)
+    shard = cfg.shard_rows or chunk * cfg.chunks_per_shard
+    if shard % chunk:
+        raise CacheError(f"shard rows ({shard}) must be a multiple of chunk rows ({chunk})")
+    settings = _settings(decoder, cfg, layers, table, chunk, shard)
+    plan = make_plan(decoder.tokenizer, table, cfg)
+
+    resume_row = 0
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            shutil.rmtree(out)
+        else:
+            try:
+                existing = zarr.open_group(str(out), mode="r").attrs.get(ATTRS_KEY)
+            except Exception:  # noqa: BLE001
+                existing = None
+            if not isinstance(existing, dict) or existing.get("format") != FORMAT:
+                raise CacheError(f"{out} exists and is not a kcache cache; choose another --out or pass --overwrite")
+            diffs = _differences(existing.get("settings", {}), settings)
+            if diffs:
+                raise CacheError(f"{out} holds a cache made with different settings ({'; '.join(diffs)}); use another --out or pass --overwrite")
+            if existing["status"] == "complete":
+                counts = existing["counts"]
+                return ExtractReport(out, counts["samples"], counts["skipped"], counts.get("skip_reasons", {}), counts["truncated"], counts["input_tokens"], 0.0, 0.0, 0, "already complete")
+            commit = read_last_commit(out)
+            resume_row = commit["rows"] if commit else 0
+            # Same batches as the interrupted run, so recomputed rows are bit-identical.
+            stored_budget = existing.get("extraction", {}).get("token_budget", cfg.token_budget)
+            if stored_budget != cfg.token_budget:
+                cfg = dataclasses.replace(cfg, token_budget=stored_budget)
+                plan = make_plan(decoder.tokenizer, table, cfg)
+
+    x_lens = plan.x_lens
+    row_off = plan.row_offsets
+    total = int(row_off[-1])
+    ids_col = table["id"].to_pylist()
+    skip_reasons = Counter(_reason_kind(r) for _, r in plan.skipped)
+    counts = {
+        "samples_in": table.num_rows,
+        "samples": len(plan.encoded),
+        "skipped": len(plan.skipped),
+        "skip_reasons": dict(skip_reasons),
+        "truncated": sum(e.truncated for e in plan.encoded),
+        "input_tokens": total,
+        "encoder_tokens": int(sum(len(e.k_ids) + len(e.x_ids) for e in plan.encoded)),
+        "loss_tokens": 0,
+        "target_tokens": int(sum(sum(e.target_mask) for e in plan.encoded)),
+    }
+
+    if resume_row == 0 and not (out / "zarr.json").exists():
+        attrs = _initial_attrs(decoder, settings, counts, cfg, plan)
+        tok_lens = np.array([len(e.k_ids) + len(e.x_ids) for e in plan.encoded], dtype=np.int64)
+        tok_off = np.concatenate([[0], np.cumsum(tok_lens)]).astype(np.int64)
+        token_ids = np.array([t for e in plan.encoded for t in e.k_ids + e.x_ids], dtype=np.int32)
+        bos = decoder.tokenizer.bos_token_id if adds_bos(decoder.tokenizer) else None
+        lmask = np.array([m for e in plan.encoded for m in loss_mask(len(e.x_ids), cfg.skip_bos and bos is not None and e.x_ids[0] == bos)], dtype=bool)
+        tmask = np.array([m for e in plan.encoded for m in e.target_mask], dtype=bool)
+        attrs["counts"]["loss_tokens"] = int(lmask.sum())
+        index = pa.table({
+            "sample_id": [ids_col[r] for r in plan.order],
+            "dataset": [table["dataset"][r].as_py() for r in plan.order],
+            "split": [table["split"][r].as_py() for r in plan.order],
+            "source_row": pa.array(plan.order, pa.int64()),
+            "row_offset": pa.array(row_off[:-1], pa.int64()),
+            "x_len": pa.array(x_lens, pa.int32()),
+            "k_len": pa.array([len(e.k_ids) for e in plan.encoded], pa.int32()),
+            "tok_offset": pa.array(tok_off[:-1], pa.int64()),
+            "truncated": [e.truncated for e in plan.encoded],
+            "knowledge_tokens_dropped": pa.array([e.knowledge_tokens_dropped for e in plan.encoded], pa.int32()),
+        })
+        skipped = pa.table({
+            "sample_id": [ids_col[r] for r, _ in plan.skipped],
+            "source_row": pa.array([r for r, _ in plan.skipped], pa.int64()),
+            "reason": [reason for _, reason in plan.skipped],
+        })
+        emb = decoder.layers.embed_tokens().weight.detach().float()
+        group = create_cache(out, attrs, index, skipped, token_ids, tok_off, lmask, tmask, encode_rows(emb, cfg.dtype, "embedding matrix"))
+    else:
+        group = zarr.open_group(str(out), mode="r+")
+        attrs = group.attrs[ATTRS_KEY]
+
+    positions = np.minimum(np.concatenate([np.arange(n) for n in x_lens]) if len(x_lens) else np.zeros(0), 255).astype(np.uint8)
+    commit = read_last_commit(out)
+    stats = RunningStats(layers, commit["stats"] if commit and resume_row else None)
+    writer = DeltaWriter(out, group, layers, cfg.dtype, shard, total, resume_row, positions, stats)
+
+    # first batch that still has rows past the last commit
+    first_batch = next((bi for bi, b in enumerate(plan.batches) if row_off[b[-1] + 1] > resume_row), len(plan.batches))
+    todo = plan.batches[first_batch:]
+    fwd = 0.0
+    resumed_from = done = resume_row
+    bar = tqdm(total=int(total - resume_row), unit="tok", desc="extract", disable=not progress, dynamic_ncols=True)
+    try:
+        for b in todo:
+            t0 = time.perf_counter()
+            deltas = batch_deltas(decoder, [plan.encoded[i] for i in b], cfg.site, layers)
+            rows = {l: encode_rows(d, cfg.dtype, f"layer {l} deltas of samples {[ids_col[plan.order[i]] for i in b][:3]}") for l, d in deltas.items()}
+            fwd += time.perf_counter() - t0
+            writer.put(int(row_off[b[0]]), rows)
+            end = int(row_off[b[-1] + 1])
+            bar.update(end - done)
+            done = end
+    finally:
+        bar.close()
+        writer.close()
+
+    attrs["stats"] = stats.summary()
+    attrs["status"] = "complete"
+    attrs["finished"] = now()
+    attrs["extraction"] = {**attrs.get("extraction", {}), "useful_token_fraction": useful_fraction(plan)}
+    group.attrs[ATTRS_KEY] = attrs
+    write_card(out, attrs)
+    elapsed = time.perf_counter() - t_start
+    return ExtractReport(out, counts["samples"], counts["skipped"], dict(skip_reasons), counts["truncated"], total, elapsed, fwd, resumed_from, "complete")
+
+
+def _initial_attrs(decoder: Decoder, settings: dict, counts: dict, cfg: ExtractConfig, plan: Plan) -> dict:
+    cfg_dict = {k: v for k, v in decoder.model.config.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}
+    return {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "kcache_version": __version__,
+        "status": "extracting",
+        "created": now(),
+        "finished": None,
+        "settings": settings,
+        "model_config": cfg_dict,
+        "hidden_size": decoder.layers.hidden_size,
+        "vocab_size": int(decoder.layers.embed_tokens().weight.shape[0]),
+        "num_model_layers": decoder.layers.num_layers,
+        "extraction": {"token_budget": cfg.token_budget, "batches": len(plan.batches), "torch": torch.__version__, "model_dtype": str(decoder.dtype).replace("torch.", ""), "device": str(decoder.device)},
+        "counts": counts,
+        "stats": {},
+    }
+
+
+def write_card(path: Path, attrs: dict) -> None:
+    """The cache card: what a person receiving this cache needs to know, as Markdown."""
+    s, c = attrs["settings"], attrs["counts"]
+    lines = [
+        "# kcache delta cache",
+        "",
+        f"Format `{attrs['format']}` v{attrs['schema_version']}, written by kcache {attrs['kcache_version']} ({attrs['created']} → {attrs.get('finished')}).",
+        "",
+        "| | |", "|---|---|",
+        f"| model | {s['model'].get('name', '')} `{s['model']['architecture']}` |",
+        f"| weights | `{s['model']['weights_hash'][:23]}…` |",
+        f"| site / layers | {s['site']} / {', '.join(map(str, s['layers']))} |",
+        f"| template | `{s['template']['template']}` (separator `{s['template']['separator']}`, end {s['template']['end']}) |",
+        f"| max length | {s['max_length']} |",
+        f"| dtype | {s['dtype']} |",
+        f"| samples | {c['samples']} of {c['samples_in']} ({c['skipped']} skipped, {c['truncated']} truncated) |",
+        f"| input tokens | {c['input_tokens']} |",
+        "",
+        "| layer | mean | std | rms |", "|---|---|---|---|",
+    ]
+    for l, st in sorted(attrs.get("stats", {}).items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| {l} | {st['mean']:.4g} | {st['std']:.4g} | {st['rms']:.4g} |")
+    lines += ["", "Read it with `kcache inspect`, check it with `kcache validate`; format: docs/cache-format.md."]
+    (Path(path) / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def settings_json(attrs: dict) -> str:
+    return json.dumps(attrs["settings"], indent=2, sort_keys=True)

@@ -1,0 +1,558 @@
+"""The stage-one cache on disk: a zarr v3 group (format v1, ``schemas/cache-v1.json``).
+
+Layout (docs/cache-format.md)::
+
+    cache.zarr/
+      zarr.json               group attributes under key "kcache" (settings, counts, stats)
+      index.parquet           one row per sample, in layout order (schemas/cache-index-v1.json)
+      skipped.parquet         samples left out, with the reason
+      commits.jsonl           append-only commit log written during extraction
+      README.md               the cache card
+      deltas/layer_LL         (total_input_tokens, hidden), storage dtype, sharded
+      tokens/ids, tokens/offsets   encoder tokens k_ids + x_ids, flat int32 + int64 offsets
+      masks/loss, masks/target     per input position, bool
+      embeddings              the decoder's input embedding matrix (vocab, hidden)
+
+Writes follow zarr v3's constraints: one writer per store, whole shards only, and a shard is
+only trusted once a commit line covering it is in ``commits.jsonl``. On resume anything past
+the last commit is rewritten.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import queue
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from kcache.schemas import SchemaError, arrow_schema, validate_document
+
+FORMAT = "kcache-cache"
+SCHEMA_VERSION = 1
+ATTRS_KEY = "kcache"
+COMMIT_LOG = "commits.jsonl"
+POSITION_STATS = 16  # mean delta norm is reported for input positions 0..15
+
+# storage dtype -> (numpy dtype on disk, torch dtype it holds). bfloat16 is stored as its raw 16 bits.
+DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.bfloat16), "float32": (np.float32, torch.float32)}
+FLOAT16_MAX = 65504.0
+
+
+class CacheError(ValueError):
+    """A cache is missing, malformed, incomplete or does not match what was asked for."""
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# dtype conversion (pure)
+
+
+def encode_rows(t: torch.Tensor, dtype: str, what: str = "deltas") -> np.ndarray:
+    """float32 tensor -> numpy array in storage dtype. float16 overflow is an error, never inf."""
+    if dtype not in DTYPES:
+        raise CacheError(f"unknown storage dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    t = t.detach()
+    if not torch.isfinite(t).all():
+        raise CacheError(f"{what}: non-finite values (NaN/inf) computed; the decoder itself produced them")
+    if dtype == "float16":
+        peak = float(t.abs().max()) if t.numel() else 0.0
+        if peak > FLOAT16_MAX:
+            raise CacheError(f"{what}: value {peak:.4g} is outside the float16 range (±65504); rerun with --dtype bfloat16 or --dtype float32")
+        return t.to(torch.float16).cpu().numpy()
+    if dtype == "bfloat16":
+        return t.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+    return t.to(torch.float32).cpu().numpy()
+
+
+def decode_rows(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Storage-dtype array -> float32 numpy array (lossless widening)."""
+    if dtype == "bfloat16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32, copy=False)
+
+
+def default_chunk_rows(hidden: int, dtype: str, target_bytes: int = 2 << 20) -> int:
+    """Rows per chunk: the power of two closest to ``target_bytes`` of uncompressed data."""
+    row = hidden * np.dtype(DTYPES[dtype][0]).itemsize
+    rows = max(1, target_bytes // row)
+    lo = 1 << (rows.bit_length() - 1)
+    return lo if rows - lo <= 2 * lo - rows else 2 * lo
+
+
+def codecs_description() -> list[dict]:
+    return [{"name": "blosc", "cname": "zstd", "clevel": 3, "shuffle": "shuffle"}, {"name": "crc32c"}]
+
+
+def _compressors():
+    return (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec())
+
+
+# ---------------------------------------------------------------------------------------------
+# commit log
+
+
+def read_last_commit(path: Path) -> dict | None:
+    """The last complete line of the commit log (a torn last line from a kill is ignored)."""
+    log = Path(path) / COMMIT_LOG
+    if not log.exists():
+        return None
+    last = None
+    with open(log, "rb") as fh:
+        for raw in fh:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                last = json.loads(raw)
+            except ValueError:
+                break
+    return last
+
+
+def append_commit(path: Path, entry: dict) -> None:
+    with open(Path(path) / COMMIT_LOG, "ab") as fh:
+        fh.write((json.dumps(entry, sort_keys=True) + "\n").encode())
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+# ---------------------------------------------------------------------------------------------
+# creation
+
+
+def _array(group, name, shape, chunks, shards, dtype, fill=0):
+    return group.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, compressors=_compressors(), fill_value=fill, overwrite=True)
+
+
+def create_cache(
+    path: Path,
+    attrs: dict,
+    index: pa.Table,
+    skipped: pa.Table,
+    token_ids: np.ndarray,
+    token_offsets: np.ndarray,
+    loss_mask: np.ndarray,
+    target_mask: np.ndarray,
+    embeddings: np.ndarray,
+):
+    """Write everything known before any forward pass; the delta arrays are created empty."""
+    s = attrs["settings"]
+    validate_document(attrs, "cache-v1", f"{path}/zarr.json")
+    final = Path(path)
+    # Built under a temporary name and renamed, so a kill during creation leaves no half store.
+    path = final.with_name(final.name + ".creating")
+    if path.exists():
+        shutil.rmtree(path)
+    group = zarr.open_group(str(path), mode="w")
+    total = int(index["x_len"].to_numpy().sum()) if index.num_rows else 0
+    hidden = attrs["hidden_size"]
+    chunk, shard = s["chunk_rows"], s["shard_rows"]
+    np_dtype = DTYPES[s["dtype"]][0]
+    for layer in s["layers"]:
+        _array(group, f"deltas/layer_{layer:02d}", (total, hidden), (chunk, hidden), (shard, hidden), np_dtype)
+    flat_chunk = 1 << 20
+    for name, arr in (("tokens/ids", token_ids), ("tokens/offsets", token_offsets), ("masks/loss", loss_mask), ("masks/target", target_mask)):
+        n = max(1, len(arr))
+        a = _array(group, name, arr.shape, (min(n, flat_chunk),), (min(n, flat_chunk * 16),), arr.dtype, fill=False if arr.dtype == bool else 0)
+        if len(arr):
+            a[:] = arr
+    v = embeddings.shape[0]
+    erows = max(1, min(v, default_chunk_rows(hidden, s["dtype"])))
+    e = _array(group, "embeddings", embeddings.shape, (erows, hidden), (erows * 8, hidden), embeddings.dtype)
+    e[:] = embeddings
+    pq.write_table(index.cast(arrow_schema("cache-index-v1")), path / "index.parquet")
+    pq.write_table(skipped.cast(arrow_schema("cache-skipped-v1")), path / "skipped.parquet")
+    (path / COMMIT_LOG).write_bytes(b"")
+    group.attrs[ATTRS_KEY] = attrs
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(path, final)
+    return zarr.open_group(str(final), mode="r+")
+
+
+# ---------------------------------------------------------------------------------------------
+# the background writer
+
+
+class RunningStats:
+    """Per-layer running sums (float64) that survive a resume through the commit log."""
+
+    def __init__(self, layers: list[int], state: dict | None = None):
+        self.layers = layers
+        self.s = {str(l): {"n": 0, "sum": 0.0, "sumsq": 0.0, "pos_sum": [0.0] * POSITION_STATS, "pos_n": [0] * POSITION_STATS} for l in layers}
+        if state:
+            self.s.update(json.loads(json.dumps(state)))
+
+    def update(self, layer: int, rows: np.ndarray, positions: np.ndarray) -> None:
+        st = self.s[str(layer)]
+        r64 = rows.astype(np.float64)
+        st["n"] += int(r64.size)
+        st["sum"] += float(r64.sum())
+        st["sumsq"] += float(np.square(r64).sum())
+        norms = np.linalg.norm(r64, axis=1)
+        for j in range(POSITION_STATS):
+            sel = positions == j
+            if sel.any():
+                st["pos_sum"][j] += float(norms[sel].sum())
+                st["pos_n"][j] += int(sel.sum())
+
+    def state(self) -> dict:
+        return self.s
+
+    def summary(self) -> dict:
+        out = {}
+        for l, st in self.s.items():
+            n = max(st["n"], 1)
+            mean = st["sum"] / n
+            var = max(st["sumsq"] / n - mean * mean, 0.0)
+            out[l] = {
+                "mean": mean,
+                "std": var ** 0.5,
+                "rms": (st["sumsq"] / n) ** 0.5,
+                "position_norms": [s / c for s, c in zip(st["pos_sum"], st["pos_n"]) if c],
+            }
+        return out
+
+
+class DeltaWriter:
+    """Writes delta rows on a background thread, whole shards at a time, committing each.
+
+    ``put(first_row, {layer: rows})`` takes contiguous rows in layout order. Rows before
+    ``start_row`` (already committed by an earlier run) are dropped. Exceptions raised on the
+    thread resurface on the next ``put`` or on ``close``.
+    """
+
+    def __init__(self, path: Path, group, layers: list[int], dtype: str, shard_rows: int, total_rows: int,
+                 start_row: int, positions: np.ndarray, stats: RunningStats, extra_commit: dict | None = None, max_queue: int = 8):
+        self.path, self.layers, self.dtype = Path(path), layers, dtype
+        self.arrays = {l: group[f"deltas/layer_{l:02d}"] for l in layers}
+        self.shard_rows, self.total = shard_rows, total_rows
+        self.buf_start = start_row
+        self.buf: dict[int, list[np.ndarray]] = {l: [] for l in layers}
+        self.buf_rows = 0
+        self.positions = positions
+        self.stats = stats
+        self.extra = extra_commit or {}
+        self.q: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.error: BaseException | None = None
+        self.write_seconds = 0.0
+        self.thread = threading.Thread(target=self._run, name="kcache-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, first_row: int, rows: dict[int, np.ndarray]) -> None:
+        if self.error:
+            raise self.error
+        self.q.put((first_row, rows))
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+
+    def _run(self):
+        import time
+
+        try:
+            while (item := self.q.get()) is not None:
+                first, rows = item
+                n = next(iter(rows.values())).shape[0]
+                skip = max(0, self.buf_start + self.buf_rows - first)
+                if first + skip != self.buf_start + self.buf_rows:
+                    raise CacheError(f"writer got rows starting at {first}, expected {self.buf_start + self.buf_rows}")
+                if skip < n:
+                    for l in self.layers:
+                        self.buf[l].append(rows[l][skip:])
+                    self.buf_rows += n - skip
+                while self.buf_rows >= self.shard_rows or (self.buf_rows and self.buf_start + self.buf_rows >= self.total):
+                    t0 = time.perf_counter()
+                    self._flush(min(self.shard_rows, self.buf_rows))
+                    self.write_seconds += time.perf_counter() - t0
+        except BaseException as e:  # noqa: BLE001 - surfaced to the caller
+            self.error = e
+            while True:  # drain so the producer never blocks forever
+                try:
+                    if self.q.get_nowait() is None:
+                        break
+                except queue.Empty:
+                    break
+
+    def _flush(self, n: int) -> None:
+        a, b = self.buf_start, self.buf_start + n
+        for l in self.layers:
+            data = np.concatenate(self.buf[l]) if len(self.buf[l]) > 1 else self.buf[l][0]
+            block, rest = data[:n], data[n:]
+            self.arrays[l][a:b] = block
+            self.stats.update(l, decode_rows(block, self.dtype), self.positions[a:b])
+            self.buf[l] = [rest] if len(rest) else []
+        self.buf_start, self.buf_rows = b, self.buf_rows - n
+        append_commit(self.path, {"rows": b, "stats": self.stats.state(), **self.extra})
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+class Cache:
+    """Read access to a cache. ``Cache.open(path)`` checks the format before anything is used."""
+
+    def __init__(self, path: Path, group, attrs: dict, index: pa.Table):
+        self.path, self.group, self.attrs, self.index = Path(path), group, attrs, index
+        s = attrs["settings"]
+        self.layers: list[int] = list(s["layers"])
+        self.site: str = s["site"]
+        self.dtype: str = s["dtype"]
+        self.hidden_size: int = attrs["hidden_size"]
+        self._row_offset = index["row_offset"].to_numpy()
+        self._x_len = index["x_len"].to_numpy()
+        self._k_len = index["k_len"].to_numpy()
+        self._tok_offset = index["tok_offset"].to_numpy()
+        self._ids = {sid: i for i, sid in enumerate(index["sample_id"].to_pylist())}
+        self._flat_cache: dict[str, np.ndarray] = {}
+
+    # -- opening
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, require_complete: bool = True) -> "Cache":
+        path = Path(path)
+        if not (path / "zarr.json").exists():
+            raise CacheError(f"{path}: not a kcache cache (no zarr.json)")
+        try:
+            group = zarr.open_group(str(path), mode="r")
+        except Exception as e:  # noqa: BLE001
+            raise CacheError(f"{path}: cannot open as a zarr v3 group: {e}") from None
+        attrs = group.attrs.get(ATTRS_KEY)
+        if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
+            raise CacheError(f"{path}/zarr.json: not a kcache cache (attribute '{ATTRS_KEY}.format' is not {FORMAT!r})")
+        if attrs.get("schema_version") != SCHEMA_VERSION:
+            raise CacheError(
+                f"{path}/zarr.json: cache schema version {attrs.get('schema_version')!r}, this kcache reads version {SCHEMA_VERSION}; "
+                "re-extract it with this kcache or use a matching kcache release"
+            )
+        try:
+            validate_document(attrs, "cache-v1", f"{path}/zarr.json")
+        except SchemaError as e:
+            raise CacheError(str(e)) from None
+        if require_complete and attrs["status"] != "complete":
+            raise CacheError(f"{path}: extraction is not complete (status {attrs['status']!r}); rerun the same `kcache extract` command to resume")
+        try:
+            index = pq.read_table(path / "index.parquet")
+        except (OSError, pa.ArrowInvalid) as e:
+            raise CacheError(f"{path}/index.parquet: cannot read: {e}") from None
+        want = arrow_schema("cache-index-v1")
+        missing = [f.name for f in want if f.name not in index.column_names]
+        if missing:
+            raise CacheError(f"{path}/index.parquet: missing column(s) {', '.join(missing)}")
+        index = index.select([f.name for f in want]).cast(want)
+        return cls(path, group, attrs, index)
+
+    # -- metadata
+
+    @property
+    def settings(self) -> dict:
+        return self.attrs["settings"]
+
+    @property
+    def model_fingerprint(self) -> dict:
+        return self.settings["model"]
+
+    @property
+    def num_samples(self) -> int:
+        return self.index.num_rows
+
+    @property
+    def total_rows(self) -> int:
+        return int(self._x_len.sum())
+
+    def fingerprint(self) -> str:
+        """Identity of this cache's content: settings + counts + sample set."""
+        import hashlib
+
+        doc = {"settings": self.settings, "counts": self.attrs["counts"]}
+        return "sha256:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    def position(self, sample: int | str) -> int:
+        if isinstance(sample, str):
+            if sample not in self._ids:
+                raise KeyError(f"{self.path}: no sample {sample!r} in this cache")
+            return self._ids[sample]
+        return int(sample)
+
+    # -- data
+
+    def _flat(self, name: str) -> np.ndarray:
+        if name not in self._flat_cache:
+            self._flat_cache[name] = self.group[name][:]
+        return self._flat_cache[name]
+
+    def delta_array(self, layer: int):
+        if layer not in self.layers:
+            raise CacheError(f"{self.path}: layer {layer} is not in this cache (layers {self.layers})")
+        return self.group[f"deltas/layer_{layer:02d}"]
+
+    def read_rows(self, layer: int, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of a layer's flat delta array, as float32."""
+        return decode_rows(self.delta_array(layer)[start:stop], self.dtype)
+
+    def deltas(self, sample: int | str, layer: int) -> np.ndarray:
+        """(x_len, hidden) float32 deltas of one sample at one layer."""
+        i = self.position(sample)
+        a = int(self._row_offset[i])
+        return self.read_rows(layer, a, a + int(self._x_len[i]))
+
+    def encoder_tokens(self, sample: int | str) -> tuple[np.ndarray, int]:
+        """(``k_ids + x_ids`` as int32, shift = len(k_ids))."""
+        i = self.position(sample)
+        a = int(self._tok_offset[i])
+        return self._flat("tokens/ids")[a : a + int(self._k_len[i] + self._x_len[i])], int(self._k_len[i])
+
+    def loss_mask(self, sample: int | str) -> np.ndarray:
+        i = self.position(sample)
+        a = int(self._row_offset[i])
+        return self._flat("masks/loss")[a : a + int(self._x_len[i])]
+
+    def target_mask(self, sample: int | str) -> np.ndarray:
+        i = self.position(sample)
+        a = int(self._row_offset[i])
+        return self._flat("masks/target")[a : a + int(self._x_len[i])]
+
+    def embeddings(self) -> torch.Tensor:
+        """The decoder's input-embedding matrix, float32."""
+        return torch.from_numpy(decode_rows(self.group["embeddings"][:], self.dtype).copy())
+
+    def card(self) -> str:
+        p = self.path / "README.md"
+        return p.read_text() if p.exists() else ""
+
+
+def open_cache(path: str | os.PathLike) -> Cache:
+    """Open a complete cache for reading (see ``Cache``)."""
+    return Cache.open(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _stored_chunk_keys(group, name: str) -> set[tuple[int, ...]]:
+    """Grid coordinates of the shards (or chunks) actually present for array ``name``."""
+    import asyncio
+
+    arr = group[name]
+    store = arr.store
+    prefix = f"{arr.path}/c/"
+
+    async def keys():
+        return [k async for k in store.list_prefix(prefix)]
+
+    out = set()
+    for k in asyncio.run(keys()):
+        tail = k[len(prefix):]
+        try:
+            out.add(tuple(int(p) for p in tail.split("/")))
+        except ValueError:
+            continue
+    return out
+
+
+def _expected_chunk_keys(arr) -> set[tuple[int, ...]]:
+    import itertools
+
+    grid = arr.shards or arr.chunks
+    counts = [-(-s // g) if s else 0 for s, g in zip(arr.shape, grid)]
+    return set(itertools.product(*(range(c) for c in counts)))
+
+
+def validate_cache(path: str | os.PathLike, progress: bool = False) -> list[str]:
+    """Every problem found in a cache, as messages naming the file/array/sample; empty = valid.
+
+    Checks: schema and status, shapes, offsets monotone and complete, each sample exactly once,
+    every shard present, every value finite (a full read of the deltas).
+    """
+    from tqdm.auto import tqdm
+
+    path = Path(path)
+    try:
+        cache = Cache.open(path)
+    except CacheError as e:
+        return [str(e)]
+    problems: list[str] = []
+    s, c = cache.settings, cache.attrs["counts"]
+    idx = cache.index
+    n = idx.num_rows
+    if n != c["samples"]:
+        problems.append(f"{path}/index.parquet: {n} rows but zarr.json counts {c['samples']} samples")
+    ids = idx["sample_id"].to_pylist()
+    if len(set(ids)) != len(ids):
+        dup = next(x for x in ids if ids.count(x) > 1)
+        problems.append(f"{path}/index.parquet: sample {dup!r} appears more than once")
+    row_off, x_len = cache._row_offset, cache._x_len.astype(np.int64)
+    tok_off, k_len = cache._tok_offset, cache._k_len.astype(np.int64)
+    total = int(x_len.sum())
+    if n:
+        exp_rows = np.concatenate([[0], np.cumsum(x_len)[:-1]])
+        bad = np.nonzero(row_off != exp_rows)[0]
+        if len(bad):
+            i = int(bad[0])
+            problems.append(f"{path}/index.parquet: row {i} (sample {ids[i]!r}): row_offset {row_off[i]} but the previous samples end at {exp_rows[i]}")
+        exp_tok = np.concatenate([[0], np.cumsum(x_len + k_len)[:-1]])
+        bad = np.nonzero(tok_off != exp_tok)[0]
+        if len(bad):
+            i = int(bad[0])
+            problems.append(f"{path}/index.parquet: row {i} (sample {ids[i]!r}): tok_offset {tok_off[i]} but the previous samples end at {exp_tok[i]}")
+        if (x_len <= 0).any() or (k_len <= 0).any():
+            problems.append(f"{path}/index.parquet: a sample has an empty input or knowledge prefix")
+    if total != c["input_tokens"]:
+        problems.append(f"{path}/index.parquet: x_len sums to {total} but zarr.json counts {c['input_tokens']} input tokens")
+    expected_shapes = {f"deltas/layer_{l:02d}": (total, cache.hidden_size) for l in s["layers"]}
+    expected_shapes.update({
+        "tokens/ids": (int((x_len + k_len).sum()),),
+        "tokens/offsets": (n + 1,),
+        "masks/loss": (total,),
+        "masks/target": (total,),
+        "embeddings": (cache.attrs["vocab_size"], cache.hidden_size),
+    })
+    for name, shape in expected_shapes.items():
+        try:
+            arr = cache.group[name]
+        except KeyError:
+            problems.append(f"{path}/{name}: array missing")
+            continue
+        if tuple(arr.shape) != shape:
+            problems.append(f"{path}/{name}: shape {tuple(arr.shape)}, expected {shape} from the index")
+            continue
+        missing = _expected_chunk_keys(arr) - _stored_chunk_keys(cache.group, name)
+        if missing:
+            problems.append(f"{path}/{name}: {len(missing)} shard(s) missing, first at grid index {sorted(missing)[0]}")
+    if problems:
+        return problems
+    offs = cache.group["tokens/offsets"][:]
+    if not np.array_equal(offs[:-1], tok_off) or offs[-1] != expected_shapes["tokens/ids"][0]:
+        problems.append(f"{path}/tokens/offsets: disagrees with index.parquet tok_offset")
+    shard = s["shard_rows"]
+    for l in tqdm(s["layers"], desc="validate", disable=not progress):
+        arr = cache.delta_array(l)
+        for a in range(0, total, shard):
+            try:
+                block = decode_rows(arr[a : a + shard], cache.dtype)
+            except Exception as e:  # noqa: BLE001 - codec / checksum failures
+                problems.append(f"{path}/deltas/layer_{l:02d}: rows {a}..{min(a + shard, total)} unreadable ({type(e).__name__}: {e})")
+                continue
+            bad = ~np.isfinite(block)
+            if bad.any():
+                r = a + int(np.nonzero(bad.any(axis=1))[0][0])
+                i = int(np.searchsorted(row_off, r, side="right") - 1)
+                problems.append(f"{path}/deltas/layer_{l:02d}: non-finite value at row {r} (sample {ids[i]!r}, input position {r - row_off[i]})")
+    return problems

@@ -1,0 +1,86 @@
+"""Fixtures: tiny randomly initialised decoders of three architectures and a tiny tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _corpus():
+    from kcache.data.synth import synth_records
+
+    text = []
+    for r in synth_records(300, seed=123):
+        text += r["knowledge"] + [r["source"] + r["target"]] + r["paraphrases"]
+    text += ["Imagine that { ", " } ", " [SEP] ", "[USR]", "[SYS]"]
+    return text
+
+
+def make_tokenizer(add_bos: bool):
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_nobos():
+    return make_tokenizer(add_bos=False)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_bos():
+    return make_tokenizer(add_bos=True)
+
+
+def make_model(arch: str, vocab: int, layers: int = 4, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False))
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+ARCHS = ["llama", "mistral", "qwen2"]
+
+
+@pytest.fixture(params=ARCHS)
+def tiny_decoder(request, tokenizer_bos, tokenizer_nobos):
+    """A tiny decoder per architecture (llama with a BOS-adding tokenizer, the others without)."""
+    from kcache.models import wrap_decoder
+
+    tok = tokenizer_bos if request.param == "llama" else tokenizer_nobos
+    return wrap_decoder(make_model(request.param, len(tok)), tok, name=f"tiny-{request.param}")
+
+
+@pytest.fixture
+def demo_samples():
+    from kcache.data.synth import synth_samples
+
+    return synth_samples(24, seed=7)
