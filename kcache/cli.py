@@ -10,6 +10,7 @@ import typer
 
 from kcache import __version__
 from kcache.data.cli import app as data_app
+from kcache.kg.cli import app as kg_app
 
 app = typer.Typer(
     help="kcache: inject external knowledge into a frozen decoder (DIEKÆ), cache-first.",
@@ -18,6 +19,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_app, name="data")
+app.add_typer(kg_app, name="kg", help="Knowledge graphs as Arrow tables: import, embed, link entities.")
 
 
 def _version(value: bool):
@@ -50,6 +52,8 @@ def extract_cmd(
     template_end: str = typer.Option("eos", "--template-end", help="eos | none: token closing the knowledge prefix"),
     skip_bos: bool = typer.Option(False, "--skip-bos", help="leave a leading BOS out of the loss mask"),
     token_budget: int = typer.Option(8192, "--token-budget", help="padded tokens per pass-B batch"),
+    chunk_rows: int = typer.Option(None, "--chunk-rows", help="rows per zarr chunk (default: ~2 MiB)"),
+    shard_rows: int = typer.Option(None, "--shard-rows", help="rows per shard, a multiple of --chunk-rows (default: 8 chunks)"),
     device: str = DeviceOpt,
     model_dtype: str = DtypeOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing cache made with other settings"),
@@ -60,7 +64,8 @@ def extract_cmd(
     from kcache.models import load_decoder
 
     cfg = ExtractConfig(layers=layers, site=site, template=template, separator=separator, template_end=template_end,
-                        max_length=max_length, dtype=dtype, skip_bos=skip_bos, token_budget=token_budget)
+                        max_length=max_length, dtype=dtype, skip_bos=skip_bos, token_budget=token_budget,
+                        chunk_rows=chunk_rows, shard_rows=shard_rows)
     with errors():
         decoder = load_decoder(model, device=device, dtype=model_dtype, trust_remote_code=trust_remote_code)
         report = extract(decoder, samples, out, cfg, overwrite=overwrite)

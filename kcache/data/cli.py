@@ -24,3 +24,41 @@ def synth_cmd(
     write_samples(table, out)
     splits = {s: table["split"].to_pylist().count(s) for s in ("train", "validation", "test")}
     typer.echo(f"wrote {table.num_rows} samples to {out} ({', '.join(f'{k} {v}' for k, v in splits.items())})")
+
+
+@app.command("convert")
+def convert_cmd(
+    name: str = typer.Argument(..., help="dataset: cmu_dog, curiosity, dream, natural_questions, quasar_t, wizard_of_wikipedia, proofwriter, folio, counterfact, commonsenseqa"),
+    input_path: str = typer.Option(..., "--input", help="the dataset's raw file or folder (see docs/data.md), or hf:NAME[:CONFIG] for hub-layout datasets"),
+    out: Path = typer.Option(..., "--out", help="output .parquet or .jsonl"),
+    split: str | None = typer.Option(None, "--split", help="train | validation | test; default: the split the input's name announces (dev.json -> validation)"),
+):
+    """Convert a public dataset's raw files into knowledge samples and print what was kept and dropped."""
+    from kcache.data.convert import convert, format_report
+    from kcache.data.samples import SampleError
+
+    try:
+        report = convert(name, input_path, out, split)
+    except SampleError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    typer.echo(format_report(report))
+
+
+@app.command("stats")
+def stats_cmd(
+    file: Path = typer.Argument(..., help="a samples .parquet or .jsonl"),
+    as_json: bool = typer.Option(False, "--json", help="print the statistics as JSON"),
+):
+    """Per dataset/split counts, knowledge / source / target lengths, labels and optional fields present."""
+    import json
+
+    from kcache.data.convert import format_stats, stats
+    from kcache.data.samples import SampleError
+
+    try:
+        s = stats(file)
+    except SampleError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    typer.echo(json.dumps(s, indent=2, ensure_ascii=False) if as_json else format_stats(s))

@@ -321,7 +321,7 @@ def _curiosity_facts(db: Path, fids: set[int], where: str) -> dict[int, str]:
     out: dict[int, str] = {}
     ids = sorted(fids)
     try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        con = sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True)
         try:
             for k in range(0, len(ids), 500):
                 chunk = ids[k:k + 500]
@@ -348,8 +348,8 @@ def curiosity(path: Path, split: str) -> Iterator[dict | Drop]:
             sender = _field(msg, "sender", mwhere)
             if sender not in ("user", "assistant"):
                 raise ConvertError(f"{mwhere}: field 'sender': expected 'user' or 'assistant', got {sender!r}")
-            used = [_field(f, "fid", f"{mwhere}: fact {k}", int) for k, f in enumerate(_field(msg, "facts", mwhere, list, optional=True) or [])
-                    if _truthy(f.get("used"))]
+            shown = _field(msg, "facts", mwhere, list, optional=True) or []
+            used = [_field(f, "fid", f"{mwhere}: fact {k}", int) for k, f in enumerate(shown) if _truthy(_obj(f, f"{mwhere}: fact {k}").get("used"))]
             fids.update(used)
             msgs.append((sender, _field(msg, "message", mwhere).strip(), used))
         parsed.append((did, dialog, msgs))
@@ -366,15 +366,15 @@ def curiosity(path: Path, split: str) -> Iterator[dict | Drop]:
                 continue
             if any(f not in facts for f in used):
                 yield Drop("used fact missing from wiki_sql.sqlite.db")
-                continue
-            # No fact used: the reply itself is the knowledge. The paper paraphrases it so the
-            # target is not a copy of the knowledge; we keep it verbatim and flag it in meta.
-            knowledge = [facts[f] for f in used] or [text]
-            meta = {"dialog_id": did, "message_index": m, "focus_entity": dialog.get("focus_entity"),
-                    "known_entities": dialog.get("known_entities"), "fact_ids": used, "knowledge_is_target": not used}
-            yield _sample("curiosity", split, f"{did}-{m:02d}", knowledge,
-                          _dialogue_source([(s == "assistant", x) for s, x in said]), " " + text, meta)
-            said.append((sender, text))
+            else:
+                # No fact used: the reply itself is the knowledge. The paper paraphrases it so the
+                # target is not a copy of the knowledge; we keep it verbatim and flag it in meta.
+                knowledge = [facts[f] for f in used] or [text]
+                meta = {"dialog_id": did, "message_index": m, "focus_entity": dialog.get("focus_entity"),
+                        "known_entities": dialog.get("known_entities"), "fact_ids": used, "knowledge_is_target": not used}
+                yield _sample("curiosity", split, f"{did}-{m:02d}", knowledge,
+                              _dialogue_source([(s == "assistant", x) for s, x in said]), " " + text, meta)
+            said.append((sender, text))  # a dropped reply was still said: later turns see it
 
 
 def wizard_of_wikipedia(path: Path, split: str) -> Iterator[dict | Drop]:
@@ -528,7 +528,7 @@ def proofwriter(path: Path, split: str) -> Iterator[dict | Drop]:
             items = qs.items() if isinstance(qs, dict) else ((str(q.get("id", k)) if isinstance(q, dict) else str(k), q) for k, q in enumerate(qs))
             for qkey, q in items:
                 qwhere = f"{where}: question {qkey}"
-                text = _field(q, "question" if "question" in q else "text", qwhere)
+                text = _field(q, "question" if "question" in _obj(q, qwhere) else "text", qwhere)
                 label = _tfu_label(q.get("answer", q.get("label")), qwhere)
                 meta = {"record_id": rid, "question_id": qkey, "QDep": q.get("QDep"), "layout": "proofwriter"}
                 yield _sample("proofwriter", split, f"{rid}-{qkey}", [theory], _question(text), TFU_OPTIONS[label], meta,

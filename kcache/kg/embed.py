@@ -11,6 +11,7 @@ stored as real and imaginary parts interleaved, so the stored width is twice ``d
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import pyarrow as pa
 
@@ -88,7 +89,10 @@ def train_embeddings(
         optimizer_kwargs={"lr": lr},
         negative_sampler_kwargs={"num_negs_per_pos": num_negs},
     )
-    losses = loop.train(triples_factory=factory, num_epochs=epochs, batch_size=batch_size, use_tqdm=progress, use_tqdm_batch=False)
+    with warnings.catch_warnings():  # PyKEEN/torch chatter that says nothing to a kcache user
+        warnings.filterwarnings("ignore", message="Training instances are always shuffled")
+        warnings.filterwarnings("ignore", message=".*pin_memory.*")
+        losses = loop.train(triples_factory=factory, num_epochs=epochs, batch_size=batch_size, use_tqdm=progress, use_tqdm_batch=False, pin_memory=device != "cpu")
     m.eval()
     with torch.no_grad():
         vectors = m.entity_representations[0](indices=None).detach().cpu()
