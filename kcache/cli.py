@@ -115,16 +115,56 @@ def validate_cmd(cache: Path = typer.Argument(..., help="cache directory")):
     typer.echo(f"{cache}: valid")
 
 
+@app.command("fit-encoders")
+def fit_cmd(
+    cache: Path = typer.Option(..., "--cache", "-c", help="stage-one cache directory"),
+    out: Path = typer.Option(..., "--out", "-o", help="encoder bundle directory (resumes if a checkpoint is there)"),
+    layers: str = typer.Option(None, "--layers", help="subset of the cached layers (default: all)"),
+    epochs: int = typer.Option(3, "--epochs"),
+    batch_size: int = typer.Option(8, "--batch-size", help="samples per micro-batch"),
+    grad_accum: int = typer.Option(1, "--grad-accum"),
+    lr_max: float = typer.Option(1e-4, "--lr", help="peak learning rate (warm-up from --lr-min, cosine back to it)"),
+    lr_min: float = typer.Option(1e-5, "--lr-min"),
+    hidden_size: int = typer.Option(128, "--hidden-size"),
+    num_layers: int = typer.Option(4, "--encoder-layers"),
+    num_heads: int = typer.Option(4, "--heads"),
+    intermediate_size: int = typer.Option(512, "--intermediate-size"),
+    eval_every: int = typer.Option(50, "--eval-every", help="optimizer steps between validations"),
+    patience: int = typer.Option(5, "--patience", help="validations without improvement before stopping"),
+    buffer_samples: int = typer.Option(2048, "--buffer-samples", help="shuffling buffer size (bounds memory)"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = DeviceOpt,
+    max_steps: int = typer.Option(None, "--max-steps"),
+):
+    """Stage two: train one encoder per cached layer from the cache alone (no decoder needed)."""
+    from kcache.align import parse_layers
+    from kcache.fit import FitConfig, fit_encoders, summary_table
+    from kcache.store import Cache
+
+    with errors():
+        lay = parse_layers(layers, 10**6) if layers else None
+        cfg = FitConfig(layers=lay, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr_max=lr_max, lr_min=lr_min,
+                        hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, intermediate_size=intermediate_size,
+                        eval_every=eval_every, patience=patience, buffer_samples=buffer_samples, seed=seed, device=device, max_steps=max_steps)
+        Cache.open(cache)
+        summary = fit_encoders(cache, out, cfg)
+    typer.echo(summary_table(summary))
+    typer.echo(f"best step {summary['best_step']} of {summary['steps']} ({summary['stopped']}); {summary['wall_seconds']:.0f} s, "
+               f"{summary['data_wait_seconds'] / max(summary['wall_seconds'], 1e-9):.1%} waiting for data")
+    typer.echo(f"bundle: {out}/ (config.json, encoders.safetensors); curves: {out}/curves.png")
+
+
 @contextlib.contextmanager
 def errors():
     """Known error types become one clean line on stderr and exit code 2."""
     from kcache.data.samples import SampleError
+    from kcache.encoders import BundleError
     from kcache.models import ModelError
     from kcache.schemas import SchemaError
     from kcache.store import CacheError
 
     try:
         yield
-    except (SampleError, ModelError, SchemaError, CacheError, ValueError, FileNotFoundError) as e:
+    except (SampleError, BundleError, ModelError, SchemaError, CacheError, ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

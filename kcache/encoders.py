@@ -1,0 +1,292 @@
+"""The knowledge encoder (DIEKÆ section 3.1) and encoder bundles on disk.
+
+One encoder per injected decoder layer::
+
+    decoder token embeddings (frozen, d_model)
+      -> down-projection (d_model -> 128)
+      -> 4 LLaMA blocks: x += attn(rmsnorm(x)); x += swiglu(rmsnorm(x))   (causal, RoPE)
+      -> rmsnorm -> up-projection (128 -> d_model)
+
+The up-projection starts at zero, so a fresh encoder injects nothing and its initial MSE is
+the "predict zero" baseline. Its output at position ``|K| + j`` is the addition for input
+position ``j`` (``kcache.align.shift_left``). Defaults: ≈2.10M parameters per encoder for
+LLaMA2-7B (d_model 4096), ≈1.20M for SmolLM2-135M (d_model 576).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kcache import __version__
+
+BUNDLE_FORMAT = "kcache-encoders"
+BUNDLE_SCHEMA_VERSION = 1
+WEIGHTS_FILE = "encoders.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class BundleError(ValueError):
+    """An encoder bundle is missing, corrupt, or belongs to another model / cache."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    d_model: int  # the decoder's hidden size (input embeddings and output)
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"encoder hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (LLaMA's rotate-half layout). x: (B, H, L, D), positions: (B, L)."""
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    ang = positions.float()[:, None, :, None] * inv  # (B, 1, L, D/2)
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    rotated = torch.cat([-x2, x1], -1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, c: EncoderConfig):
+        super().__init__()
+        self.c = c
+        h = c.hidden_size
+        self.attn_norm, self.mlp_norm = RMSNorm(h, c.rms_eps), RMSNorm(h, c.rms_eps)
+        self.q, self.k, self.v, self.o = (nn.Linear(h, h, bias=False) for _ in range(4))
+        self.gate, self.up = nn.Linear(h, c.intermediate_size, bias=False), nn.Linear(h, c.intermediate_size, bias=False)
+        self.down = nn.Linear(c.intermediate_size, h, bias=False)
+
+    def forward(self, x, positions, mask, past=None):
+        b, n, _ = x.shape
+        c = self.c
+        y = self.attn_norm(x)
+        q, k, v = (p(y).view(b, n, c.num_heads, c.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + self.o(att.transpose(1, 2).reshape(b, n, -1))
+        y = self.mlp_norm(x)
+        return x + self.down(F.silu(self.gate(y)) * self.up(y)), (k, v)
+
+
+def attention_mask(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
+    """(B, 1, q_len, K) bool for SDPA: causal over the last ``q_len`` keys, padding keys masked.
+
+    Query rows that see no valid key (padding queries) attend to themselves so SDPA never
+    produces NaN; those rows are masked out downstream.
+    """
+    b, k_len = key_valid.shape
+    qpos = torch.arange(k_len - q_len, k_len, device=key_valid.device)[:, None]
+    causal = torch.arange(k_len, device=key_valid.device)[None, :] <= qpos  # (q, K)
+    m = causal[None] & key_valid[:, None, :].bool()
+    diag = torch.zeros_like(causal)
+    diag[torch.arange(q_len), torch.arange(k_len - q_len, k_len)] = True
+    m = m | (diag[None] & ~m.any(-1, keepdim=True))
+    return m[:, None]
+
+
+class KnowledgeEncoder(nn.Module):
+    """One DIEKÆ encoder. Input: decoder token embeddings; output: additions in d_model."""
+
+    def __init__(self, c: EncoderConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        self.c = c
+        self.down_proj = nn.Linear(c.d_model, c.hidden_size, bias=False)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_eps)
+        self.up_proj = nn.Linear(c.hidden_size, c.d_model, bias=False)
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None):
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.startswith("up_proj"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=generator)
+
+    def forward(self, embeds: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor | None = None, past=None, use_cache: bool = False):
+        """embeds (B, L, d_model); valid (B, L_past + L) bool key mask; positions (B, L).
+
+        Returns (B, L, d_model) and, with ``use_cache``, the per-block (k, v) for the next step.
+        """
+        b, n, _ = embeds.shape
+        past_len = past[0][0].shape[2] if past else 0
+        if positions is None:
+            positions = torch.arange(past_len, past_len + n, device=embeds.device)[None].expand(b, n)
+        mask = attention_mask(valid, n)
+        x = self.down_proj(embeds)
+        new_past = []
+        for i, blk in enumerate(self.blocks):
+            x, kv = blk(x, positions, mask, past[i] if past else None)
+            new_past.append(kv)
+        out = self.up_proj(self.norm(x))
+        return (out, new_past) if use_cache else out
+
+
+class EncoderStack(nn.Module):
+    """One encoder per decoder layer, fed by the same tokens.
+
+    Encoders share nothing trainable, each is initialised from its own seed (``seed``, layer),
+    and training uses a sum of per-layer losses with per-encoder clipping, so an encoder trained
+    in a stack ends identical to one trained alone.
+    """
+
+    def __init__(self, config: EncoderConfig, layers: list[int], seed: int = 0):
+        super().__init__()
+        self.config, self.layers = config, list(layers)
+        self.encoders = nn.ModuleDict()
+        for l in self.layers:
+            g = torch.Generator().manual_seed(seed * 100_003 + l)
+            self.encoders[f"layer_{l:02d}"] = KnowledgeEncoder(config, generator=g)
+
+    def encoder(self, layer: int) -> KnowledgeEncoder:
+        return self.encoders[f"layer_{layer:02d}"]
+
+    def forward(self, embeds: torch.Tensor, valid: torch.Tensor, positions=None) -> dict[int, torch.Tensor]:
+        return {l: self.encoder(l)(embeds, valid, positions) for l in self.layers}
+
+    def num_parameters(self, per_encoder: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n // max(1, len(self.layers)) if per_encoder else n
+
+
+def parameter_count(config: EncoderConfig) -> int:
+    """Trainable parameters of one encoder, computed from the config."""
+    h, m, d = config.hidden_size, config.intermediate_size, config.d_model
+    block = 4 * h * h + 3 * h * m + 2 * h
+    return 2 * d * h + config.num_layers * block + h
+
+
+# ---------------------------------------------------------------------------------------------
+# bundles
+
+
+def save_bundle(path: str | Path, stack: EncoderStack, meta: dict) -> Path:
+    """Write ``config.json`` (schemas/encoders-v1.json) and ``encoders.safetensors`` atomically."""
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from kcache.schemas import validate_document
+
+    path = Path(path)
+    doc = {
+        "format": BUNDLE_FORMAT,
+        "schema_version": BUNDLE_SCHEMA_VERSION,
+        "kcache_version": __version__,
+        "encoder": dataclasses.asdict(stack.config),
+        "layers": stack.layers,
+        "parameters_per_encoder": parameter_count(stack.config),
+        **meta,
+    }
+    validate_document(doc, "encoders-v1", str(path / CONFIG_FILE))
+    tmp = path.with_name(path.name + ".saving")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in stack.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": BUNDLE_FORMAT})
+    (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True))
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, path)
+    return path
+
+
+def read_bundle_config(path: str | Path) -> dict:
+    from kcache.schemas import SchemaError, validate_document
+
+    cfg_path = Path(path) / CONFIG_FILE
+    if not cfg_path.exists():
+        raise BundleError(f"{path}: not an encoder bundle (no {CONFIG_FILE})")
+    try:
+        doc = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise BundleError(f"{cfg_path}: not valid JSON ({e})") from None
+    if doc.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{cfg_path}: not a kcache encoder bundle (format {doc.get('format')!r})")
+    if doc.get("schema_version") != BUNDLE_SCHEMA_VERSION:
+        raise BundleError(f"{cfg_path}: bundle schema version {doc.get('schema_version')!r}; this kcache reads version {BUNDLE_SCHEMA_VERSION}")
+    try:
+        validate_document(doc, "encoders-v1", str(cfg_path))
+    except SchemaError as e:
+        raise BundleError(str(e)) from None
+    return doc
+
+
+def load_bundle(path: str | Path, model_fingerprint: dict | None = None) -> tuple[EncoderStack, dict]:
+    """Load an encoder bundle; with ``model_fingerprint``, refuse one made for another model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    doc = read_bundle_config(path)
+    if model_fingerprint is not None:
+        mine = doc["model"]
+        diff = [k for k in ("architecture", "config_hash", "weights_hash", "tokenizer_hash") if mine.get(k) != model_fingerprint.get(k)]
+        if diff:
+            raise BundleError(
+                f"{path / CONFIG_FILE}: encoders were trained for another model ({', '.join(diff)} differ: "
+                f"bundle {mine.get('name', '?')} {mine.get('weights_hash', '')[:19]}, loaded {model_fingerprint.get('name', '?')} {model_fingerprint.get('weights_hash', '')[:19]})"
+            )
+    stack = EncoderStack(EncoderConfig(**doc["encoder"]), doc["layers"])
+    wpath = path / WEIGHTS_FILE
+    try:
+        state = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BundleError(f"{wpath}: cannot read encoder weights ({e})") from None
+    want = stack.state_dict()
+    missing, extra = want.keys() - state.keys(), state.keys() - want.keys()
+    if missing or extra:
+        raise BundleError(f"{wpath}: weights do not match {CONFIG_FILE} (missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})")
+    for k, v in state.items():
+        if v.shape != want[k].shape:
+            raise BundleError(f"{wpath}: tensor {k} has shape {tuple(v.shape)}, {CONFIG_FILE} implies {tuple(want[k].shape)}")
+        if not torch.isfinite(v).all():
+            raise BundleError(f"{wpath}: tensor {k} holds NaN/inf")
+    stack.load_state_dict(state)
+    return stack, doc
+
+
+del math

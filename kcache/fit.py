@@ -1,0 +1,557 @@
+"""Stage two: fit one encoder per cached layer to that layer's deltas, from the cache alone.
+
+The decoder is never loaded: token embeddings come from the matrix stored in the cache.
+
+Conventions
+* Loss per layer = mean over loss-mask positions and hidden dims of ``(pred - delta)^2``;
+  padding never counts. The training loss is the sum over layers, and gradients are clipped
+  per encoder, so every encoder trains exactly as it would alone.
+* FVU = MSE / Var(delta), with Var the per-dimension (centred) variance over the evaluated
+  positions: 1.0 is what predicting the mean delta scores, < 1 is learning.
+* Learning rate: linear warm-up from ``lr_min`` to ``lr_max`` over ``warmup`` optimizer steps,
+  then cosine back to ``lr_min`` at the last step; steps are optimizer steps, i.e.
+  ``ceil(batches_per_epoch / grad_accum) * epochs``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kcache.align import length_mask, shift_left
+from kcache.encoders import EncoderConfig, EncoderStack, save_bundle
+from kcache.store import Cache, CacheError, decode_rows, now
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclasses.dataclass
+class FitConfig:
+    layers: list[int] | None = None  # default: every cached layer
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    epochs: int = 3
+    batch_size: int = 8  # samples per micro-batch
+    grad_accum: int = 1
+    lr_max: float = 1e-4
+    lr_min: float = 1e-5
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_norm: float = 1.0
+    eval_every: int = 50  # optimizer steps
+    patience: int = 5  # evaluations without improvement before stopping
+    checkpoint_every: int = 50
+    val_fraction: float = 0.1  # used only when the cache has no "validation" split
+    val_max_samples: int = 512
+    buffer_samples: int = 2048  # shuffling buffer (bounds memory)
+    seed: int = 0
+    device: str | None = None
+    max_steps: int | None = None
+
+    def encoder_config(self, d_model: int) -> EncoderConfig:
+        return EncoderConfig(d_model=d_model, hidden_size=self.hidden_size, num_layers=self.num_layers,
+                             num_heads=self.num_heads, intermediate_size=self.intermediate_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# pure pieces
+
+
+def lr_at(step: int, total: int, warmup: int, lr_min: float, lr_max: float) -> float:
+    """Learning rate for optimizer step ``step`` (0-based) of ``total``."""
+    if warmup > 0 and step < warmup:
+        return lr_min + (lr_max - lr_min) * step / warmup
+    span = max(1, total - 1 - warmup)
+    progress = min(1.0, max(0, step - warmup) / span)
+    return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * progress))
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``(pred - target)^2`` over positions where ``mask`` (B, X) is true and all dims."""
+    m = mask.to(pred.dtype).unsqueeze(-1)
+    denom = m.sum() * pred.shape[-1]
+    return ((pred - target).pow(2) * m).sum() / denom.clamp(min=1)
+
+
+def shuffle_schedule(blocks: list[list[int]], buffer: int, rng: np.random.Generator) -> list[int]:
+    """Order in which samples leave a bounded shuffling buffer fed block by block.
+
+    ``blocks`` (already in reading order) lists sample positions; once the buffer holds
+    ``buffer`` samples, each new sample evicts a uniformly chosen one. Deterministic in ``rng``,
+    so the same order is reproduced on resume without storing it.
+    """
+    out, buf = [], []
+    for block in blocks:
+        for s in block:
+            buf.append(s)
+            if len(buf) > buffer:
+                j = int(rng.integers(len(buf)))
+                buf[j], buf[-1] = buf[-1], buf[j]
+                out.append(buf.pop())
+    rng.shuffle(buf)
+    return out + buf
+
+
+def split_samples(cache: Cache, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) sample positions, held out by sample.
+
+    The cache's own ``validation`` split when it has one (``test`` is never used); otherwise a
+    deterministic hash of the sample id picks ``val_fraction`` of the non-test samples.
+    """
+    import hashlib
+
+    splits = np.array(cache.index["split"].to_pylist())
+    if (splits == "validation").any():
+        return np.nonzero(splits == "train")[0], np.nonzero(splits == "validation")[0]
+    ids = cache.index["sample_id"].to_pylist()
+    h = np.array([int(hashlib.sha256(f"{seed}:{i}".encode()).hexdigest()[:8], 16) / 2**32 for i in ids])
+    pool = splits != "test"
+    return np.nonzero(pool & (h >= val_fraction))[0], np.nonzero(pool & (h < val_fraction))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the cache
+
+
+@dataclasses.dataclass
+class Batch:
+    tokens: torch.Tensor  # (B, L) long, right-padded k_ids + x_ids
+    valid: torch.Tensor  # (B, L) bool
+    shifts: torch.Tensor  # (B,) long
+    loss_mask: torch.Tensor  # (B, X) bool
+    targets: dict[int, torch.Tensor]  # layer -> (B, X, H) float32
+    samples: list[int]
+
+    def to(self, device) -> "Batch":
+        return Batch(self.tokens.to(device), self.valid.to(device), self.shifts.to(device), self.loss_mask.to(device),
+                     {l: t.to(device, non_blocking=True) for l, t in self.targets.items()}, self.samples)
+
+
+class CacheReader:
+    """Reads whole chunk-aligned blocks of the cache for every layer at once."""
+
+    def __init__(self, cache: Cache, layers: list[int]):
+        self.cache, self.layers = cache, layers
+        self.row_off = cache.index["row_offset"].to_numpy()
+        self.x_len = cache.index["x_len"].to_numpy().astype(np.int64)
+        self.chunk = cache.settings["chunk_rows"]
+        self.ids = cache._flat("tokens/ids")
+        self.loss = cache._flat("masks/loss")
+        self.bytes_read = 0
+
+    def blocks(self, samples: np.ndarray) -> list[list[int]]:
+        """Group samples (any order) by the chunk their rows start in, in layout order."""
+        groups: dict[int, list[int]] = {}
+        for s in sorted(int(x) for x in samples):
+            groups.setdefault(int(self.row_off[s]) // self.chunk, []).append(s)
+        return [groups[k] for k in sorted(groups)]
+
+    def read_block(self, block: list[int]) -> dict[int, dict]:
+        a = int(self.row_off[block[0]])
+        b = int(self.row_off[block[-1]] + self.x_len[block[-1]])
+        rows = {}
+        for l in self.layers:
+            raw = self.cache.delta_array(l)[a:b]
+            self.bytes_read += raw.nbytes
+            rows[l] = decode_rows(raw, self.cache.dtype)
+        out = {}
+        for s in block:
+            r0 = int(self.row_off[s]) - a
+            n = int(self.x_len[s])
+            toks, shift = self.cache.encoder_tokens(s)
+            out[s] = {"tokens": toks, "shift": shift, "loss": self.loss[int(self.row_off[s]): int(self.row_off[s]) + n],
+                      "deltas": {l: rows[l][r0 : r0 + n] for l in self.layers}}
+        return out
+
+
+def collate(items: list[dict], layers: list[int], samples: list[int]) -> Batch:
+    lens = [len(it["tokens"]) for it in items]
+    xl = [len(it["loss"]) for it in items]
+    L, X = max(lens), max(xl)
+    hidden = items[0]["deltas"][layers[0]].shape[1]
+    tokens = torch.zeros(len(items), L, dtype=torch.long)
+    lmask = torch.zeros(len(items), X, dtype=torch.bool)
+    targets = {l: torch.zeros(len(items), X, hidden) for l in layers}
+    for i, it in enumerate(items):
+        tokens[i, : lens[i]] = torch.from_numpy(it["tokens"].astype(np.int64))
+        lmask[i, : xl[i]] = torch.from_numpy(np.asarray(it["loss"], dtype=bool))
+        for l in layers:
+            targets[l][i, : xl[i]] = torch.from_numpy(it["deltas"][l])
+    return Batch(tokens, length_mask(torch.tensor(lens), L), torch.tensor([it["shift"] for it in items]), lmask, targets, samples)
+
+
+class BatchLoader:
+    """Yields the batches of one epoch in a deterministic order, read ahead on a worker thread.
+
+    Blocks are read in a random (seeded) order into a bounded shuffling buffer; the order of
+    samples is ``shuffle_schedule`` and is independent of timing. ``skip`` batches are dropped
+    (resume). ``wait_seconds`` is the time the consumer spent waiting for data.
+    """
+
+    def __init__(self, reader: CacheReader, samples: np.ndarray, batch_size: int, buffer: int, seed: int, epoch: int,
+                 shuffle: bool = True, skip: int = 0, prefetch: int = 4):
+        rng = np.random.default_rng([seed, epoch])
+        blocks = reader.blocks(samples)
+        if shuffle:
+            blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+            order = shuffle_schedule(blocks, buffer, rng)
+        else:
+            order = [s for b in blocks for s in b]
+        self.batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        self.reader, self.blocks, self.skip = reader, blocks, skip
+        self.q: queue.Queue = queue.Queue(maxsize=prefetch)
+        self.wait_seconds = 0.0
+        self._stop = False
+        self.thread = threading.Thread(target=self._work, daemon=True, name="kcache-loader")
+        self.thread.start()
+
+    def __len__(self):
+        return len(self.batches)
+
+    def _work(self):
+        try:
+            loaded: dict[int, dict] = {}
+            next_block = 0
+            for bi, batch in enumerate(self.batches):
+                while any(s not in loaded for s in batch):
+                    loaded.update(self.reader.read_block(self.blocks[next_block]))
+                    next_block += 1
+                items = [loaded.pop(s) for s in batch]
+                if bi < self.skip:
+                    continue
+                b = collate(items, self.reader.layers, batch)
+                while not self._stop:
+                    try:
+                        self.q.put(b, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop:
+                    return
+            self.q.put(None)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            self.q.put(e)
+
+    def __iter__(self):
+        while True:
+            t0 = time.perf_counter()
+            item = self.q.get()
+            self.wait_seconds += time.perf_counter() - t0
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self):
+        self._stop = True
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def predict(stack: EncoderStack, emb: torch.Tensor, batch: Batch) -> dict[int, torch.Tensor]:
+    """Encoder outputs aligned to input positions: ``shift_left(E_l(K, x), |K|)``."""
+    embeds = emb[batch.tokens]
+    X = batch.loss_mask.shape[1]
+    return {l: shift_left(out, batch.shifts, X) for l, out in stack(embeds, batch.valid).items()}
+
+
+@torch.no_grad()
+def evaluate_layers(stack: EncoderStack, emb: torch.Tensor, loader, device, mean: dict[int, torch.Tensor], autocast) -> dict:
+    """Per-layer MSE, FVU and the two trivial baselines (zero, train mean) over a loader."""
+    stack.eval()
+    acc = {l: {"sse": 0.0, "n": 0, "sum": None, "sumsq": None, "sse_mean": 0.0, "sse_zero": 0.0} for l in stack.layers}
+    for batch in loader:
+        batch = batch.to(device)
+        with autocast():
+            preds = predict(stack, emb, batch)
+        m = batch.loss_mask
+        for l in stack.layers:
+            t = batch.targets[l][m].double()
+            p = preds[l].float()[m].double()
+            a = acc[l]
+            a["sse"] += float((p - t).pow(2).sum())
+            a["sse_mean"] += float((t - mean[l].double()).pow(2).sum())
+            a["sse_zero"] += float(t.pow(2).sum())
+            a["n"] += t.numel()
+            a["sum"] = t.sum(0) if a["sum"] is None else a["sum"] + t.sum(0)
+            a["sumsq"] = t.pow(2).sum(0) if a["sumsq"] is None else a["sumsq"] + t.pow(2).sum(0)
+    stack.train()
+    out = {}
+    for l, a in acc.items():
+        n = max(a["n"], 1)
+        rows = n / a["sum"].numel()
+        var = float(((a["sumsq"] / rows) - (a["sum"] / rows).pow(2)).mean())
+        mse = a["sse"] / n
+        out[l] = {"mse": mse, "fvu": mse / var if var > 0 else float("nan"), "fvu_mean_baseline": a["sse_mean"] / n / var if var > 0 else float("nan"),
+                  "fvu_zero_baseline": a["sse_zero"] / n / var if var > 0 else float("nan")}
+    return out
+
+
+def _train_mean(reader: CacheReader, samples: np.ndarray, max_blocks: int, seed: int) -> dict[int, torch.Tensor]:
+    """Per-dimension mean delta of the training set (estimated from up to ``max_blocks`` blocks)."""
+    blocks = reader.blocks(samples)
+    rng = np.random.default_rng([seed, 999])
+    pick = sorted(rng.choice(len(blocks), size=min(max_blocks, len(blocks)), replace=False)) if blocks else []
+    sums = {l: 0.0 for l in reader.layers}
+    count = 0
+    for i in pick:
+        data = reader.read_block(blocks[i])
+        for item in data.values():
+            m = np.asarray(item["loss"], dtype=bool)
+            for l in reader.layers:
+                sums[l] = sums[l] + item["deltas"][l][m].astype(np.float64).sum(0)
+            count += int(m.sum())
+    return {l: torch.from_numpy(np.asarray(sums[l] / max(count, 1), dtype=np.float32)) for l in reader.layers}
+
+
+def _save_checkpoint(out: Path, stack, opt, state: dict):
+    from safetensors.torch import save_file
+
+    tmp = out / (CHECKPOINT_DIR + ".saving")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in stack.state_dict().items()}, str(tmp / "model.safetensors"))
+    osd = opt.state_dict()
+    tensors, meta = {}, {"param_groups": osd["param_groups"], "state": {}}
+    for pid, st in osd["state"].items():
+        meta["state"][str(pid)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.contiguous()
+            else:
+                meta["state"][str(pid)][k] = v
+    tensors["__rng_cpu"] = torch.get_rng_state()
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "optimizer": meta}, indent=1))
+    final = out / CHECKPOINT_DIR
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _load_checkpoint(out: Path, stack, opt) -> dict | None:
+    from safetensors.torch import load_file
+
+    d = out / CHECKPOINT_DIR
+    if not (d / "state.json").exists():
+        return None
+    state = json.loads((d / "state.json").read_text())
+    stack.load_state_dict(load_file(str(d / "model.safetensors")))
+    tensors = load_file(str(d / "optimizer.safetensors"))
+    meta = state.pop("optimizer")
+    osd = {"param_groups": meta["param_groups"], "state": {}}
+    for pid, st in meta["state"].items():
+        full = dict(st)
+        for key, v in tensors.items():
+            p, _, name = key.partition(".")
+            if p == pid:
+                full[name] = v
+        osd["state"][int(pid)] = full
+    opt.load_state_dict(osd)
+    torch.set_rng_state(tensors["__rng_cpu"])
+    return state
+
+
+def fit_encoders(cache_path: str | Path, out: str | Path, cfg: FitConfig | None = None, progress: bool = True,
+                 on_step=None) -> dict:
+    """Train encoders on a cache; writes the best bundle to ``out`` and returns the summary.
+
+    Rerunning with the same arguments resumes from ``out/checkpoint``. ``on_step(step)`` is
+    called after every optimizer step (tests use it to simulate a crash).
+    """
+    cfg = cfg or FitConfig()
+    out = Path(out)
+    cache = Cache.open(cache_path)
+    layers = cfg.layers or cache.layers
+    missing = [l for l in layers if l not in cache.layers]
+    if missing:
+        raise CacheError(f"{cache_path}: layer(s) {missing} not in this cache (it has {cache.layers})")
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else (lambda: torch.autocast("cpu", enabled=False))
+    torch.manual_seed(cfg.seed)
+
+    train_idx, val_idx = split_samples(cache, cfg.val_fraction, cfg.seed)
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise CacheError(f"{cache_path}: need training and validation samples (have {len(train_idx)} / {len(val_idx)})")
+    val_idx = val_idx[: cfg.val_max_samples]
+    reader = CacheReader(cache, layers)
+    emb = cache.embeddings().to(device)
+    stack = EncoderStack(cfg.encoder_config(cache.hidden_size), layers, seed=cfg.seed).to(device)
+    opt = torch.optim.AdamW(stack.parameters(), lr=cfg.lr_max, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    batches_per_epoch = -(-len(train_idx) // cfg.batch_size)
+    steps_per_epoch = -(-batches_per_epoch // cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    warmup = int(round(cfg.warmup_fraction * total_steps))
+    run_id = {"cache": cache.fingerprint(), "config": dataclasses.asdict(cfg) | {"layers": layers}}
+
+    state = _load_checkpoint(out, stack, opt)
+    if state and state.get("run") != json.loads(json.dumps(run_id)):
+        raise CacheError(f"{out}/{CHECKPOINT_DIR}: a checkpoint of a different run (other cache or settings) is there; use another --out or delete it")
+    state = state or {"run": run_id, "step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": None, "bad_evals": 0, "history": []}
+    mean = _train_mean(reader, train_idx, 64, cfg.seed)
+    mean = {l: m.to(device) for l, m in mean.items()}
+
+    def val_loader():
+        return BatchLoader(reader, val_idx, cfg.batch_size, cfg.buffer_samples, cfg.seed, 0, shuffle=False)
+
+    def evaluate_now():
+        res = evaluate_layers(stack, emb, val_loader(), device, mean, autocast)
+        total = sum(r["mse"] for r in res.values())
+        return res, total
+
+    params = {l: list(stack.encoder(l).parameters()) for l in layers}
+    stack.train()
+    step, t_start, wait, tokens_seen = state["step"], time.perf_counter(), 0.0, 0
+    stop = step >= total_steps
+    bar = tqdm(total=total_steps, initial=step, desc="fit", unit="step", disable=not progress, dynamic_ncols=True)
+    train_acc = {l: 0.0 for l in layers}
+    n_acc = 0
+    while not stop:
+        epoch = state["epoch"]
+        loader = BatchLoader(reader, train_idx, cfg.batch_size, cfg.buffer_samples, cfg.seed, epoch, skip=state["batch_in_epoch"])
+        micro = 0
+        for bi, batch in enumerate(loader, start=state["batch_in_epoch"]):
+            batch = batch.to(device)
+            with autocast():
+                preds = predict(stack, emb, batch)
+                losses = {l: masked_mse(preds[l].float(), batch.targets[l], batch.loss_mask) for l in layers}
+            (sum(losses.values()) / cfg.grad_accum).backward()
+            tokens_seen += int(batch.valid.sum())
+            for l in layers:
+                train_acc[l] += float(losses[l].detach())
+            n_acc += 1
+            micro += 1
+            if micro % cfg.grad_accum and bi + 1 < len(loader):
+                continue
+            for l in layers:  # per encoder, so each trains as it would alone
+                torch.nn.utils.clip_grad_norm_(params[l], cfg.clip_norm)
+            lr = lr_at(step, total_steps, warmup, cfg.lr_min, cfg.lr_max)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            state.update(step=step, batch_in_epoch=bi + 1)
+            bar.update(1)
+            if step % cfg.eval_every == 0 or step == total_steps:
+                res, total = evaluate_now()
+                entry = {"step": step, "lr": lr, "train_mse": {str(l): train_acc[l] / max(n_acc, 1) for l in layers},
+                         "val": {str(l): r for l, r in res.items()}, "val_total_mse": total}
+                state["history"].append(entry)
+                train_acc, n_acc = {l: 0.0 for l in layers}, 0
+                bar.set_postfix(val_fvu=" ".join(f"{r['fvu']:.3f}" for r in res.values()))
+                if state["best"] is None or total < state["best"]:
+                    state.update(best=total, best_step=step, bad_evals=0)
+                    _save_bundle(out, stack, cache, cfg, layers, state, res)
+                else:
+                    state["bad_evals"] += 1
+                if not math.isfinite(total):
+                    state["stopped"] = "diverged (non-finite validation loss)"
+                    stop = True
+                elif state["bad_evals"] >= cfg.patience:
+                    state["stopped"] = f"early stop: no improvement in {cfg.patience} evaluations"
+                    stop = True
+            if step % cfg.checkpoint_every == 0 or stop or step == total_steps:
+                _save_checkpoint(out, stack, opt, state)
+            if on_step:
+                on_step(step)
+            if stop or step >= total_steps:
+                stop = True
+                break
+        wait += loader.wait_seconds
+        loader.close()
+        if not stop:
+            state.update(epoch=state["epoch"] + 1, batch_in_epoch=0)
+    bar.close()
+    state.setdefault("stopped", "finished all steps")
+    _save_checkpoint(out, stack, opt, state)
+    summary = _summary(out, state, layers)
+    summary["wall_seconds"] = time.perf_counter() - t_start
+    summary["data_wait_seconds"] = wait
+    summary["tokens_per_second"] = tokens_seen / max(summary["wall_seconds"], 1e-9)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_history(state["history"], out / "curves.png", layers)
+    (out / "history.json").write_text(json.dumps(state["history"], indent=1))
+    return summary
+
+
+def _save_bundle(out: Path, stack, cache: Cache, cfg: FitConfig, layers, state, res):
+    s = cache.settings
+    meta = {
+        "site": s["site"], "template": s["template"], "max_length": s["max_length"], "model": s["model"],
+        "cache": cache.fingerprint(), "created": now(),
+        "training": {"step": state["step"], "epoch": state["epoch"], "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"},
+                     "val": {str(l): r for l, r in res.items()}},
+    }
+    # The bundle lives in out/ beside the checkpoint; save_bundle writes it atomically.
+    tmp_bundle = out.with_name(out.name + ".bundle")
+    save_bundle(tmp_bundle, stack, meta)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "encoders.safetensors"):
+        os.replace(tmp_bundle / name, out / name)
+    shutil.rmtree(tmp_bundle, ignore_errors=True)
+
+
+def _summary(out: Path, state: dict, layers: list[int]) -> dict:
+    """Final per-layer table: best validation FVU and whether the layer learned anything."""
+    best = next((h for h in state["history"] if h["step"] == state["best_step"]), None)
+    rows = {}
+    for l in layers:
+        r = best["val"][str(l)] if best else None
+        first = state["history"][0]["val"][str(l)]["fvu"] if state["history"] else float("nan")
+        fvu = r["fvu"] if r else float("nan")
+        if not math.isfinite(fvu):
+            verdict = "diverged"
+        elif fvu >= 0.98 or fvu >= r["fvu_mean_baseline"]:
+            verdict = "NOT CONVERGED (no better than predicting the mean delta)"
+        else:
+            verdict = "converged"
+        rows[str(l)] = {"val_fvu": fvu, "val_mse": r["mse"] if r else None, "fvu_mean_baseline": r["fvu_mean_baseline"] if r else None,
+                        "fvu_zero_baseline": r["fvu_zero_baseline"] if r else None, "first_eval_fvu": first, "verdict": verdict}
+    return {"bundle": str(out), "best_step": state["best_step"], "steps": state["step"], "stopped": state.get("stopped"), "layers": rows}
+
+
+def plot_history(history: list[dict], path: Path, layers: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [h["step"] for h in history]
+    for l in layers:
+        a.plot(steps, [h["train_mse"][str(l)] for h in history], label=f"layer {l}")
+        b.plot(steps, [h["val"][str(l)]["fvu"] for h in history], label=f"layer {l}")
+    a.set(title="training MSE", xlabel="optimizer step", yscale="log")
+    b.axhline(1.0, color="grey", ls="--", lw=1)
+    b.set(title="validation FVU (1 = predict the mean delta)", xlabel="optimizer step")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary_table(summary: dict) -> str:
+    lines = ["| layer | val FVU | mean-delta baseline | zero baseline | verdict |", "|---|---|---|---|---|"]
+    for l, r in summary["layers"].items():
+        lines.append(f"| {l} | {r['val_fvu']:.4f} | {r['fvu_mean_baseline']:.4f} | {r['fvu_zero_baseline']:.4f} | {r['verdict']} |")
+    return "\n".join(lines)

@@ -1,0 +1,160 @@
+"""Stage two: encoders trained from the cache alone."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_model
+from kcache.data.synth import synth_samples
+from kcache.encoders import BundleError, EncoderConfig, EncoderStack, load_bundle
+from kcache.extract import ExtractConfig, extract
+from kcache.fit import BatchLoader, CacheReader, FitConfig, evaluate_layers, fit_encoders, lr_at, masked_mse, predict, shuffle_schedule
+from kcache.models import wrap_decoder
+from kcache.store import Cache, CacheError
+
+TINY = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory, tokenizer_nobos):
+    out = tmp_path_factory.mktemp("fit") / "c.zarr"
+    dec = wrap_decoder(make_model("llama", len(tokenizer_nobos)), tokenizer_nobos)
+    extract(dec, synth_samples(60, seed=9), out, ExtractConfig(layers="1-2", dtype="float32", chunk_rows=64, shard_rows=128), progress=False)
+    return out
+
+
+def test_lr_schedule_values():
+    total, warm = 100, 10
+    assert lr_at(0, total, warm, 1e-5, 1e-4) == pytest.approx(1e-5)
+    assert lr_at(5, total, warm, 1e-5, 1e-4) == pytest.approx(5.5e-5)
+    assert lr_at(10, total, warm, 1e-5, 1e-4) == pytest.approx(1e-4)
+    assert lr_at(10 + 89 // 2, total, warm, 1e-5, 1e-4) == pytest.approx(5.5e-5, rel=0.02)
+    assert lr_at(99, total, warm, 1e-5, 1e-4) == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("batch_size, accum", [(4, 1), (2, 2), (1, 4)])
+def test_step_count_is_right_for_any_batching(tiny_cache, tmp_path, batch_size, accum):
+    cfg = FitConfig(**TINY, epochs=2, batch_size=batch_size, grad_accum=accum, eval_every=1000, checkpoint_every=1000)
+    s = fit_encoders(tiny_cache, tmp_path / "e", cfg, progress=False)
+    n_train = int((np.array(Cache.open(tiny_cache).index["split"].to_pylist()) == "train").sum())
+    assert s["steps"] == 2 * math.ceil(math.ceil(n_train / batch_size) / accum)
+    hist = json.loads((tmp_path / "e" / "history.json").read_text())
+    assert hist[-1]["lr"] == pytest.approx(1e-5)  # the last optimizer step lands on lr_min
+
+
+def test_masked_positions_do_not_change_the_loss(tiny_cache):
+    cache = Cache.open(tiny_cache)
+    reader = CacheReader(cache, [1, 2])
+    emb = cache.embeddings()
+    stack = EncoderStack(EncoderConfig(d_model=cache.hidden_size, **TINY), [1, 2])
+    for enc in stack.encoders.values():
+        torch.nn.init.normal_(enc.up_proj.weight, std=0.1)
+    batch = next(iter(BatchLoader(reader, np.arange(8), 8, 64, 0, 0)))
+    assert (~batch.valid).any() and (~batch.loss_mask).any()
+    loss = lambda b: [float(masked_mse(p, b.targets[l], b.loss_mask).detach()) for l, p in predict(stack, emb, b).items()]
+    before = loss(batch)
+    batch.tokens[~batch.valid] = 7  # other padding token ids
+    for t in batch.targets.values():
+        t[~batch.loss_mask] = 1e3  # garbage where the mask is off
+    assert loss(batch) == pytest.approx(before, rel=1e-6, abs=1e-9)
+
+
+def test_stacked_training_equals_training_alone(tiny_cache, tmp_path):
+    cfg = dict(**TINY, epochs=1, batch_size=4, eval_every=1000, checkpoint_every=1000)
+    fit_encoders(tiny_cache, tmp_path / "both", FitConfig(**cfg), progress=False)
+    fit_encoders(tiny_cache, tmp_path / "one", FitConfig(**cfg, layers=[2]), progress=False)
+    both, _ = load_bundle(tmp_path / "both")
+    one, _ = load_bundle(tmp_path / "one")
+    a, b = both.encoder(2).state_dict(), one.encoder(2).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["up_proj.weight"], torch.zeros_like(a["up_proj.weight"]))
+
+
+def test_resume_after_crash_gives_identical_weights(tiny_cache, tmp_path):
+    cfg = FitConfig(**TINY, epochs=3, batch_size=4, eval_every=4, checkpoint_every=3)
+    ref = fit_encoders(tiny_cache, tmp_path / "ref", cfg, progress=False)
+
+    class Crash(Exception):
+        pass
+
+    def crash(step):
+        if step == 17:  # last checkpoint at 15: steps 16-17 are lost, as after a SIGKILL
+            raise Crash
+
+    with pytest.raises(Crash):
+        fit_encoders(tiny_cache, tmp_path / "run", cfg, progress=False, on_step=crash)
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 15 and 0 < state["batch_in_epoch"]  # the crash lands mid-epoch
+    res = fit_encoders(tiny_cache, tmp_path / "run", cfg, progress=False)
+    assert res["steps"] == ref["steps"] and res["best_step"] == ref["best_step"]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "ref" / "checkpoint" / "model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "run" / "encoders.safetensors").read_bytes() == (tmp_path / "ref" / "encoders.safetensors").read_bytes()
+
+
+def test_tiny_cache_overfits(tiny_cache, tmp_path):
+    cache = Cache.open(tiny_cache)
+    cfg = FitConfig(**TINY, epochs=25, batch_size=8, lr_max=3e-3, eval_every=10_000, checkpoint_every=10_000, warmup_fraction=0.02)
+    fit_encoders(tiny_cache, tmp_path / "e", cfg, progress=False)
+    stack, meta = load_bundle(tmp_path / "e")
+    reader = CacheReader(cache, [1, 2])
+    train = np.nonzero(np.array(cache.index["split"].to_pylist()) == "train")[0]
+    mean = {l: torch.zeros(cache.hidden_size) for l in [1, 2]}
+    res = evaluate_layers(stack, cache.embeddings(), BatchLoader(reader, train, 8, 64, 0, 0, shuffle=False), "cpu", mean,
+                          lambda: torch.autocast("cpu", enabled=False))
+    for l in (1, 2):
+        assert res[l]["fvu"] < 0.3, res
+    assert meta["model"] == cache.model_fingerprint and meta["site"] == "mlp"
+
+
+def test_outputs_and_summary(tiny_cache, tmp_path):
+    s = fit_encoders(tiny_cache, tmp_path / "e", FitConfig(**TINY, epochs=1, batch_size=4, eval_every=5), progress=False)
+    for name in ("config.json", "encoders.safetensors", "summary.json", "history.json", "curves.png"):
+        assert (tmp_path / "e" / name).exists(), name
+    assert set(s["layers"]) == {"1", "2"} and all("verdict" in r for r in s["layers"].values())
+    assert (tmp_path / "e" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_shuffle_schedule_is_a_permutation_with_bounded_lookahead():
+    rng = np.random.default_rng(0)
+    blocks = [list(range(i * 10, i * 10 + 10)) for i in range(6)]
+    order = shuffle_schedule(blocks, 15, rng)
+    assert sorted(order) == list(range(60)) and order != list(range(60))
+    # a sample can only leave after its block was read: position in stream bounds its output rank
+    for rank, s in enumerate(order[:40]):
+        assert s < rank + 16
+
+
+def test_bad_inputs(tiny_cache, tmp_path):
+    with pytest.raises(CacheError, match=r"layer\(s\) \[5\] not in this cache"):
+        fit_encoders(tiny_cache, tmp_path / "e", FitConfig(**TINY, layers=[5]), progress=False)
+    # a cache of another schema version
+    import shutil
+    import zarr
+
+    other = tmp_path / "v2.zarr"
+    shutil.copytree(tiny_cache, other)
+    g = zarr.open_group(str(other), mode="r+")
+    attrs = dict(g.attrs["kcache"])
+    attrs["schema_version"] = 2
+    g.attrs["kcache"] = attrs
+    with pytest.raises(CacheError, match=r"v2\.zarr/zarr\.json: cache schema version 2, this kcache reads version 1"):
+        fit_encoders(other, tmp_path / "e", FitConfig(**TINY), progress=False)
+    # bundles: another model, corrupted weights
+    fit_encoders(tiny_cache, tmp_path / "e", FitConfig(**TINY, epochs=1, batch_size=8), progress=False)
+    fp = Cache.open(tiny_cache).model_fingerprint
+    load_bundle(tmp_path / "e", fp)
+    with pytest.raises(BundleError, match=r"config\.json: encoders were trained for another model \(weights_hash differ"):
+        load_bundle(tmp_path / "e", {**fp, "weights_hash": "sha256:other"})
+    w = tmp_path / "e" / "encoders.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(BundleError, match=r"encoders\.safetensors: cannot read encoder weights"):
+        load_bundle(tmp_path / "e")
