@@ -140,28 +140,38 @@ def adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
 
 
+def _prefix_parts(tokenizer, spec: TemplateSpec) -> tuple[list[int], list[int], str]:
+    """(ids before the knowledge, ids after it, whitespace that starts the knowledge text)."""
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    # Pieces are encoded separately; whitespace at a piece boundary goes to the start of the next
+    # piece ("{" + " The") as joint tokenisation would do, rather than becoming a lone " " token.
+    head_text = spec.head.rstrip()
+    tail_text = spec.tail.rstrip() if spec.end == "eos" else spec.tail
+    end = [tokenizer.eos_token_id] if spec.end == "eos" else []
+    return bos + _ids(tokenizer, head_text), _ids(tokenizer, tail_text) + end, spec.head[len(head_text):]
+
+
 def encode_knowledge(tokenizer, knowledge: list[str], spec: TemplateSpec, max_knowledge_tokens: int | None = None) -> tuple[list[int], int]:
     """``k_ids`` for a knowledge list and how many knowledge tokens were cut to fit the budget.
 
     Layout: ``[BOS if the tokenizer adds one] + head + knowledge[:budget] + tail + [EOS if end=eos]``.
-    Knowledge is cut from its end; head and tail are always kept.
+    The head's trailing whitespace is encoded with the knowledge (``"Imagine that {"`` +
+    ``" The capital…"``); with ``end="eos"`` the tail's trailing whitespace is dropped (EOS ends
+    the prefix). Knowledge is cut from its end; head and tail are always kept.
     """
-    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
-    head = _ids(tokenizer, spec.head)
-    tail = _ids(tokenizer, spec.tail)
-    end = [tokenizer.eos_token_id] if spec.end == "eos" else []
-    body = _ids(tokenizer, spec.separator.join(knowledge))
+    before, after, lead = _prefix_parts(tokenizer, spec)
+    body = _ids(tokenizer, lead + spec.separator.join(knowledge)) if knowledge else []
     dropped = 0
     if max_knowledge_tokens is not None and len(body) > max_knowledge_tokens:
         dropped = len(body) - max(0, max_knowledge_tokens)
         body = body[: max(0, max_knowledge_tokens)]
-    return bos + head + body + tail + end, dropped
+    return before + body + after, dropped
 
 
 def scaffold_length(tokenizer, spec: TemplateSpec) -> int:
     """Tokens the prefix needs besides the knowledge itself."""
-    ids, _ = encode_knowledge(tokenizer, [], spec)
-    return len(ids)
+    before, after, _ = _prefix_parts(tokenizer, spec)
+    return len(before) + len(after)
 
 
 def encode_sample(tokenizer, knowledge: list[str], source: str, target: str, spec: TemplateSpec, max_length: int) -> Encoded:

@@ -154,6 +154,15 @@ def fit_cmd(
     typer.echo(f"bundle: {out}/ (config.json, encoders.safetensors); curves: {out}/curves.png")
 
 
+@app.command("run")
+def run_cmd(config: Path = typer.Argument(..., help="pipeline config, e.g. pipelines/demo.toml")):
+    """Run a whole pipeline recipe (data -> extract -> fit -> finetune -> evaluate), skipping finished stages."""
+    from kcache.pipeline import run_pipeline
+
+    with errors():
+        run_pipeline(config, log=typer.echo)
+
+
 @contextlib.contextmanager
 def errors():
     """Known error types become one clean line on stderr and exit code 2."""

@@ -66,7 +66,7 @@ def test_encode_sample_truncates_knowledge_not_input(tokenizer_bos):
     cut = encode_sample(tok, ["The capital of Quelm is Zorb."] * 20, "[USR] What is the capital of Quelm? [SYS]", " Zorb.", spec, limit)
     assert cut.truncated and cut.knowledge_tokens_dropped == 17
     assert cut.x_ids == full.x_ids and len(cut.k_ids) + len(cut.x_ids) == limit
-    assert tok.decode(cut.k_ids).endswith(" } </s>")  # the template's closing part is kept
+    assert tok.decode(cut.k_ids).endswith(" }</s>")  # the template's closing part is kept
     assert tok.decode([i for i, m in zip(cut.x_ids, cut.target_mask) if m]).strip() == "Zorb."
 
 

@@ -167,7 +167,7 @@ def test_bad_samples_are_skipped_with_reasons(tiny_decoder, tmp_path):
     assert trunc["sample_id"] == rows[3]["id"] and trunc["k_len"] + trunc["x_len"] == 256
     toks, shift = cache.encoder_tokens(trunc["sample_id"])
     # the template's closing part survives the cut
-    assert tiny_decoder.tokenizer.decode(toks[:shift]).endswith(" } </s>")
+    assert tiny_decoder.tokenizer.decode(toks[:shift]).endswith(" }</s>")
     skipped = pq.read_table(tmp_path / "c.zarr" / "skipped.parquet").to_pylist()
     assert [s["sample_id"] for s in skipped] == [rows[0]["id"], rows[1]["id"], rows[2]["id"]]
 
