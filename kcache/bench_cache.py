@@ -38,18 +38,22 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _batches(decoder, plan):
+    """(items, padded pass-A ids/mask, padded pass-B ids/mask) per planned batch."""
+    pad = decoder.tokenizer.pad_token_id or 0
+    for b in plan.batches:
+        items = [plan.encoded[i] for i in b]
+        yield items, pad_right([e.x_ids for e in items], pad), pad_right([e.k_ids + e.x_ids for e in items], pad)
+
+
 @torch.inference_mode()
 def _full_depth(decoder, plan, layers) -> float:
     """The reference approach: whole model, ``output_hidden_states=True``, both passes, then the
     shifted differences of the requested layers (block outputs; ``hidden_states[l + 1]``)."""
     dev = decoder.device
-    pad = decoder.tokenizer.pad_token_id or 0
     _sync(dev)
     t0 = time.perf_counter()
-    for b in plan.batches:
-        items = [plan.encoded[i] for i in b]
-        ids_a, m_a = pad_right([e.x_ids for e in items], pad)
-        ids_b, m_b = pad_right([e.k_ids + e.x_ids for e in items], pad)
+    for items, (ids_a, m_a), (ids_b, m_b) in _batches(decoder, plan):
         ha = decoder.model(input_ids=ids_a.to(dev), attention_mask=m_a.to(dev), output_hidden_states=True, use_cache=False).hidden_states
         hb = decoder.model(input_ids=ids_b.to(dev), attention_mask=m_b.to(dev), output_hidden_states=True, use_cache=False).hidden_states
         k = torch.tensor([len(e.k_ids) for e in items], device=dev)
@@ -67,13 +71,9 @@ def _bare(decoder, plan, layers, site) -> float:
     from kcache.extract import capture, run_blocks
 
     dev = decoder.device
-    pad = decoder.tokenizer.pad_token_id or 0
     _sync(dev)
     t0 = time.perf_counter()
-    for b in plan.batches:
-        items = [plan.encoded[i] for i in b]
-        ids_a, m_a = pad_right([e.x_ids for e in items], pad)
-        ids_b, m_b = pad_right([e.k_ids + e.x_ids for e in items], pad)
+    for _items, (ids_a, m_a), (ids_b, m_b) in _batches(decoder, plan):
         with capture(decoder, site, layers):
             run_blocks(decoder, ids_a.to(dev), m_a.to(dev))
             run_blocks(decoder, ids_b.to(dev), m_b.to(dev))

@@ -177,3 +177,17 @@ def errors():
     except (SampleError, BundleError, ModelError, SchemaError, CacheError, ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+
+
+def _register_stage_commands() -> None:
+    # Stage-three commands and benchmarks live in their own modules; registered here so
+    # `kcache --help` lists everything.
+    from kcache import bench_cache
+    from kcache.bench import bench_app
+    from kcache.cli_stage3 import register as register_stage3
+
+    register_stage3(app)
+    bench_cache.register(bench_app)
+
+
+_register_stage_commands()

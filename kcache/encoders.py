@@ -66,14 +66,18 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (LLaMA's rotate-half layout). x: (B, H, L, D), positions: (B, L)."""
+def rope_tables(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (B, 1, L, dim) for rotary embedding at ``positions`` (B, L)."""
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
+    ang = positions.float()[:, None, :, None] * inv
+    ang = torch.cat([ang, ang], -1)
+    return ang.cos(), ang.sin()
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (LLaMA's rotate-half layout). x: (B, H, L, D)."""
     d = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
-    ang = positions.float()[:, None, :, None] * inv  # (B, 1, L, D/2)
-    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
-    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
-    rotated = torch.cat([-x2, x1], -1)
+    rotated = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
@@ -87,12 +91,12 @@ class Block(nn.Module):
         self.gate, self.up = nn.Linear(h, c.intermediate_size, bias=False), nn.Linear(h, c.intermediate_size, bias=False)
         self.down = nn.Linear(c.intermediate_size, h, bias=False)
 
-    def forward(self, x, positions, mask, past=None):
+    def forward(self, x, rope_cs, mask, past=None):
         b, n, _ = x.shape
         c = self.c
         y = self.attn_norm(x)
         q, k, v = (p(y).view(b, n, c.num_heads, c.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
-        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        q, k = rope(q, *rope_cs), rope(k, *rope_cs)
         if past is not None:
             k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -139,21 +143,29 @@ class KnowledgeEncoder(nn.Module):
             else:
                 p.normal_(0.0, 0.02, generator=generator)
 
-    def forward(self, embeds: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor | None = None, past=None, use_cache: bool = False):
+    def forward(self, embeds: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor | None = None, past=None, use_cache: bool = False,
+                shifts: torch.Tensor | None = None, length: int | None = None):
         """embeds (B, L, d_model); valid (B, L_past + L) bool key mask; positions (B, L).
 
         Returns (B, L, d_model) and, with ``use_cache``, the per-block (k, v) for the next step.
+        With ``shifts`` the output is already aligned to input positions,
+        ``shift_left(out, shifts, length)``, and the up-projection only runs on those positions.
         """
         b, n, _ = embeds.shape
         past_len = past[0][0].shape[2] if past else 0
         if positions is None:
             positions = torch.arange(past_len, past_len + n, device=embeds.device)[None].expand(b, n)
         mask = attention_mask(valid, n)
+        rope_cs = rope_tables(positions, self.c.head_dim, self.c.rope_theta)
         x = self.down_proj(embeds)
         new_past = []
         for i, blk in enumerate(self.blocks):
-            x, kv = blk(x, positions, mask, past[i] if past else None)
+            x, kv = blk(x, rope_cs, mask, past[i] if past else None)
             new_past.append(kv)
+        if shifts is not None:
+            from kcache.align import shift_left
+
+            x = shift_left(x, shifts, length)
         out = self.up_proj(self.norm(x))
         return (out, new_past) if use_cache else out
 
@@ -177,8 +189,8 @@ class EncoderStack(nn.Module):
     def encoder(self, layer: int) -> KnowledgeEncoder:
         return self.encoders[f"layer_{layer:02d}"]
 
-    def forward(self, embeds: torch.Tensor, valid: torch.Tensor, positions=None) -> dict[int, torch.Tensor]:
-        return {l: self.encoder(l)(embeds, valid, positions) for l in self.layers}
+    def forward(self, embeds: torch.Tensor, valid: torch.Tensor, positions=None, shifts=None, length=None) -> dict[int, torch.Tensor]:
+        return {l: self.encoder(l)(embeds, valid, positions, shifts=shifts, length=length) for l in self.layers}
 
     def num_parameters(self, per_encoder: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -289,4 +301,4 @@ def load_bundle(path: str | Path, model_fingerprint: dict | None = None) -> tupl
     return stack, doc
 
 
-del math
+

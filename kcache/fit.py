@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kcache.align import length_mask, shift_left
+from kcache.align import length_mask
 from kcache.encoders import EncoderConfig, EncoderStack, save_bundle
 from kcache.store import Cache, CacheError, decode_rows, now
 
@@ -267,9 +267,7 @@ class BatchLoader:
 
 def predict(stack: EncoderStack, emb: torch.Tensor, batch: Batch) -> dict[int, torch.Tensor]:
     """Encoder outputs aligned to input positions: ``shift_left(E_l(K, x), |K|)``."""
-    embeds = emb[batch.tokens]
-    X = batch.loss_mask.shape[1]
-    return {l: shift_left(out, batch.shifts, X) for l, out in stack(embeds, batch.valid).items()}
+    return stack(emb[batch.tokens], batch.valid, shifts=batch.shifts, length=batch.loss_mask.shape[1])
 
 
 @torch.no_grad()

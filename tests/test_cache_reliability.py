@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -49,7 +48,7 @@ def _arrays_equal(a: Path, b: Path):
 def test_resume_after_sigkill_gives_identical_cache(saved_model, tmp_path):
     samples = tmp_path / "s.parquet"
     write_samples(synth_samples(300, seed=3), samples)
-    env = {**os.environ, "KCACHE_HOME": os.environ["KCACHE_HOME"], "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "KCACHE_HOME": os.environ["KCACHE_HOME"], "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     common = ["--model", str(saved_model), "--samples", str(samples), "--layers", "0-3", "--token-budget", "96",
               "--chunk-rows", "32", "--shard-rows", "64"]
     subprocess.run([sys.executable, "-m", "kcache", "extract", *common, "--out", str(tmp_path / "ref.zarr")], env=env, check=True, capture_output=True)

@@ -8,7 +8,6 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 

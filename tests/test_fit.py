@@ -100,18 +100,21 @@ def test_resume_after_crash_gives_identical_weights(tiny_cache, tmp_path):
     assert (tmp_path / "run" / "encoders.safetensors").read_bytes() == (tmp_path / "ref" / "encoders.safetensors").read_bytes()
 
 
-def test_tiny_cache_overfits(tiny_cache, tmp_path):
-    cache = Cache.open(tiny_cache)
-    cfg = FitConfig(**TINY, epochs=25, batch_size=8, lr_max=3e-3, eval_every=10_000, checkpoint_every=10_000, warmup_fraction=0.02)
-    fit_encoders(tiny_cache, tmp_path / "e", cfg, progress=False)
+def test_a_handful_of_samples_overfits(tmp_path, tokenizer_nobos):
+    dec = wrap_decoder(make_model("llama", len(tokenizer_nobos)), tokenizer_nobos)
+    extract(dec, synth_samples(16, seed=9), tmp_path / "c.zarr", ExtractConfig(layers="1-2", dtype="float32"), progress=False)
+    cache = Cache.open(tmp_path / "c.zarr")
+    cfg = FitConfig(**TINY, epochs=150, batch_size=4, lr_max=1e-3, eval_every=10_000, checkpoint_every=10_000, warmup_fraction=0.02)
+    fit_encoders(tmp_path / "c.zarr", tmp_path / "e", cfg, progress=False)
     stack, meta = load_bundle(tmp_path / "e")
     reader = CacheReader(cache, [1, 2])
     train = np.nonzero(np.array(cache.index["split"].to_pylist()) == "train")[0]
+    assert len(train) == 13
     mean = {l: torch.zeros(cache.hidden_size) for l in [1, 2]}
     res = evaluate_layers(stack, cache.embeddings(), BatchLoader(reader, train, 8, 64, 0, 0, shuffle=False), "cpu", mean,
                           lambda: torch.autocast("cpu", enabled=False))
     for l in (1, 2):
-        assert res[l]["fvu"] < 0.3, res
+        assert res[l]["fvu"] < 0.25, res  # from 1.0+ for the zero-initialised encoders
     assert meta["model"] == cache.model_fingerprint and meta["site"] == "mlp"
 
 

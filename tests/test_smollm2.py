@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 import pytest
@@ -20,7 +21,10 @@ pytestmark = [
 def smol():
     from kcache.models import load_decoder
 
-    return load_decoder("smollm2-135m", device="cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield load_decoder("smollm2-135m", device="cpu")
+    torch.set_num_threads(before)
 
 
 def _greedy(decoder, ids, n=24):

@@ -1,0 +1,692 @@
+"""Stage three evaluation: perplexity over target tokens, option accuracy, time and memory.
+
+``evaluate(decoder, samples, bundle, methods)`` tokenises held-out samples once (``align.
+encode_sample`` with the bundle's template and ``max_length``, so over-long knowledge is cut
+exactly as stage one cut it), runs every method on the same length-bucketed batches and
+aggregates per dataset and overall:
+
+* **perplexity** = ``exp(sum of -log p(target token) / number of target tokens)``, pooled over
+  every target token of every sample (natural log; non-target tokens never count; input
+  position 0 is never scored because ``D(x)`` has nothing to predict it from);
+* **accuracy** for classification samples (``options`` + ``label``): the option with the largest
+  summed log-likelihood of its tokens is the prediction;
+* **seconds** (wall, CUDA-synchronised) and **peak memory** above the level at the method's
+  start (``torch.cuda.max_memory_allocated`` on GPU; on CPU the peak resident set size sampled
+  every millisecond in a thread after returning freed heap to the OS).
+
+Methods are a registry of callables ``fn(decoder, batch) -> list[Tensor]``; see ``Method`` and
+``register_method``, and docs/inject.md for adding one (e.g. a LoRA baseline).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import gc
+import json
+import math
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import torch
+
+from kcache.align import TemplateSpec, encode_sample, pad_right, plan_batches
+from kcache.models import Decoder
+
+# ---------------------------------------------------------------------------------------------
+# what methods see
+
+
+@dataclasses.dataclass
+class ScoreItem:
+    """One sequence to score: a sample's target, or one of its options.
+
+    ``x_ids`` = tokens of ``source + continuation``, ``target_mask[j]`` marks continuation
+    tokens, ``k_ids`` the knowledge prefix (bundle template, stage-one truncation).
+    """
+
+    row: int  # row in the evaluated samples table
+    sample_id: str
+    dataset: str
+    kind: str  # "target" | "option"
+    option: int | None  # option index for kind == "option"
+    k_ids: list[int]
+    x_ids: list[int]
+    target_mask: list[bool]
+    truncated: bool = False
+    options: tuple[int, ...] = ()  # option indices this item also stands for (target == option text)
+
+    @property
+    def score_mask(self) -> list[bool]:
+        """Positions whose log-probability counts: target tokens, never position 0."""
+        return [bool(m) and j > 0 for j, m in enumerate(self.target_mask)]
+
+
+@dataclasses.dataclass
+class EvalBatch:
+    """A batch of items plus what the built-in methods need (``None`` when not given).
+
+    ``injector``: an encoder ``kcache.inject.Injector``; ``oracle``: an oracle ``Injector`` over a
+    cache; ``extras``: anything a plugged-in method wants (passed through from ``evaluate``).
+    """
+
+    items: list[ScoreItem]
+    injector: object | None = None
+    oracle: object | None = None
+    extras: dict = dataclasses.field(default_factory=dict)
+
+
+MethodFn = Callable[[Decoder, EvalBatch], list[torch.Tensor]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A way of scoring items. ``fn(decoder, batch)`` returns, for each item, a float tensor of
+    length ``len(item.x_ids)`` whose entry ``j`` is ``log p(x_ids[j] | ...)`` (natural log); only
+    entries at ``item.score_mask`` are read, and NaN there means "this method cannot score this
+    item" (it is left out of that method's figures). ``needs``: ``"encoders"`` / ``"cache"``."""
+
+    name: str
+    label: str
+    fn: MethodFn
+    needs: tuple[str, ...] = ()
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, fn: MethodFn, label: str | None = None, needs: tuple[str, ...] = ()) -> Method:
+    """Add (or replace) a method in the registry; ``evaluate(..., methods=[name])`` then runs it."""
+    m = Method(name, label or name, fn, tuple(needs))
+    METHODS[name] = m
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring helpers (usable by plugged-in methods)
+
+
+def _pad_id(decoder: Decoder) -> int:
+    t = decoder.tokenizer
+    return t.pad_token_id if t.pad_token_id is not None else (t.eos_token_id or 0)
+
+
+@torch.no_grad()
+def score_sequences(decoder: Decoder, seqs: list[list[int]], offsets: list[int], items: list[ScoreItem], model=None) -> list[torch.Tensor]:
+    """Log-probabilities of each item's ``x_ids`` inside ``seqs[i]`` (where ``x_ids`` starts at
+    ``offsets[i]``), computed at ``score_mask`` positions only (NaN elsewhere).
+
+    Runs the backbone once on the right-padded batch and the LM head only on the rows that
+    predict a scored token, so memory stays ``O(scored tokens x vocab)``. Injection hooks that
+    are active on the decoder apply. ``model``: another module with the decoder's interface
+    (e.g. a PEFT-wrapped copy) whose ``.model`` backbone and output embeddings to use.
+    """
+    dev = decoder.device
+    ids, mask = pad_right(seqs, _pad_id(decoder))
+    root = model if model is not None else decoder.model
+    backbone = decoder.layers.backbone() if model is None else model.get_decoder()
+    hidden = backbone(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).last_hidden_state
+    rows, cols, toks, owner = [], [], [], []
+    for i, (it, off) in enumerate(zip(items, offsets)):
+        for j, m in enumerate(it.score_mask):
+            if m:
+                rows.append(i)
+                cols.append(off + j - 1)
+                toks.append(it.x_ids[j])
+                owner.append((i, j))
+    out = [torch.full((len(it.x_ids),), float("nan")) for it in items]
+    if not rows:
+        return out
+    h = hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]
+    head = root.get_output_embeddings()
+    lp = torch.empty(len(rows))
+    step = 1024
+    for a in range(0, len(rows), step):
+        logits = head(h[a : a + step]).float()
+        t = torch.tensor(toks[a : a + step], device=logits.device)
+        lp[a : a + step] = (logits.log_softmax(-1).gather(1, t[:, None])[:, 0]).cpu()
+    for (i, j), v in zip(owner, lp.tolist()):
+        out[i][j] = v
+    return out
+
+
+def method_x(decoder: Decoder, batch: EvalBatch) -> list[torch.Tensor]:
+    """``D(x)``: the input alone."""
+    return score_sequences(decoder, [it.x_ids for it in batch.items], [0] * len(batch.items), batch.items)
+
+
+def method_kx(decoder: Decoder, batch: EvalBatch) -> list[torch.Tensor]:
+    """``D(K, x)``: knowledge in context (``k_ids + x_ids``)."""
+    return score_sequences(decoder, [it.k_ids + it.x_ids for it in batch.items], [len(it.k_ids) for it in batch.items], batch.items)
+
+
+def method_ekx(decoder: Decoder, batch: EvalBatch) -> list[torch.Tensor]:
+    """``D(E(K, x) + x)``: the encoders read ``k_ids + x_ids``; the decoder reads ``x_ids``."""
+    inj = batch.injector
+    if inj is None:
+        raise ValueError("method 'ekx' needs encoders (--encoders DIR / bundle=...)")
+    items = batch.items
+    add = inj.additions([it.k_ids for it in items], [it.x_ids for it in items])
+    with inj.static(add):
+        return score_sequences(decoder, [it.x_ids for it in items], [0] * len(items), items)
+
+
+def method_oracle(decoder: Decoder, batch: EvalBatch) -> list[torch.Tensor]:
+    """Oracle: the exact cached deltas of each sample added to ``D(x)``. Items whose sample is not
+    in the cache, or whose scored positions need deltas the cache does not hold (an option that
+    differs from the cached target after its first token), get NaN."""
+    inj = batch.oracle
+    if inj is None:
+        raise ValueError("method 'oracle' needs a cache (--cache CACHE / cache=...)")
+    items = batch.items
+    out = [torch.full((len(it.x_ids),), float("nan")) for it in items]
+    known = []
+    for k, it in enumerate(items):
+        try:
+            known.append((k, inj.cache.position(it.sample_id)))
+        except KeyError:
+            pass
+    if not known:
+        return out
+    sub = [items[k] for k, _ in known]
+    add, covered = inj.oracle_additions([p for _, p in known], [it.x_ids for it in sub])
+    with inj.static(add):
+        scored = score_sequences(decoder, [it.x_ids for it in sub], [0] * len(sub), sub)
+    for (k, _), it, lp, m in zip(known, sub, scored, covered):
+        need = [j for j, s in enumerate(it.score_mask) if s]
+        if need and max(need) <= m:  # token j is predicted from position j-1 < m: exact rows
+            out[k] = lp
+    return out
+
+
+register_method("x", method_x, "D(x)")
+register_method("kx", method_kx, "D(K,x)")
+register_method("ekx", method_ekx, "D(E(K,x)+x)", needs=("encoders",))
+register_method("oracle", method_oracle, "oracle D(x)+Δ", needs=("cache",))
+
+
+# ---------------------------------------------------------------------------------------------
+# pure aggregation
+
+
+def perplexity(logprobs: list[torch.Tensor], masks: list[list[bool]]) -> tuple[float, float, int]:
+    """-> (perplexity, mean NLL, token count): ``exp(mean over all masked tokens of -logprob)``.
+    Unmasked entries are ignored whatever they hold; an empty selection gives NaN."""
+    total, n = 0.0, 0
+    for lp, m in zip(logprobs, masks):
+        sel = torch.as_tensor(m, dtype=torch.bool)
+        v = lp[sel].double()
+        total += float(-v.sum())
+        n += int(sel.sum())
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    mean = total / n
+    return (math.exp(mean) if mean < 700 else float("inf")), mean, n
+
+
+def option_prediction(option_scores: list[float]) -> int:
+    """Index of the highest summed log-likelihood (ties: the first)."""
+    return max(range(len(option_scores)), key=lambda i: (option_scores[i], -i))
+
+
+# ---------------------------------------------------------------------------------------------
+# memory and time
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory above the level at entry, in bytes (``.peak``), and what was measured (``.kind``).
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset. CPU: resident set size sampled
+    every ``interval`` s in a thread (``psutil``), after a garbage collection and
+    ``malloc_trim`` so memory freed earlier is not silently reused; ``resource`` ru_maxrss is a
+    fallback without psutil (only meaningful for the first, largest measurement).
+    """
+
+    def __init__(self, device: torch.device | str, interval: float = 0.001):
+        self.device = torch.device(device)
+        self.interval = interval
+        self.peak = 0
+        self.base = 0
+        self.kind = ""
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            self.kind = "cuda_max_allocated"
+            return self
+        _malloc_trim()
+        try:
+            import psutil
+
+            self._proc = psutil.Process()
+        except ImportError:  # pragma: no cover - psutil is a dependency
+            import resource
+
+            self._proc = None
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.kind = "ru_maxrss"
+            return self
+        self.kind = "rss"
+        self.base = self._proc.memory_info().rss
+        self._max = self.base
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                r = self._proc.memory_info().rss
+                if r > self._max:
+                    self._max = r
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=sample, name="kcache-mem", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = max(0, torch.cuda.max_memory_allocated(self.device) - self.base)
+            self.absolute = torch.cuda.max_memory_allocated(self.device)
+            return False
+        if self._proc is None:
+            import resource
+
+            self.absolute = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.peak = max(0, self.absolute - self.base)
+            return False
+        self._stop.set()
+        self._thread.join()
+        r = self._proc.memory_info().rss
+        self._max = max(self._max, r)
+        self.peak = self._max - self.base
+        self.absolute = self._max
+        return False
+
+
+def synchronize(device) -> None:
+    d = torch.device(device)
+    if d.type == "cuda":
+        torch.cuda.synchronize(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# preparing items
+
+
+def _resolve_bundle(decoder: Decoder, bundle):
+    """``None`` | bundle directory | ``Injector`` | ``(stack, meta)`` -> Injector or None."""
+    from kcache.inject import Injector
+
+    if bundle is None or isinstance(bundle, Injector):
+        return bundle
+    if isinstance(bundle, (str, Path)):
+        return Injector.from_bundle(decoder, bundle)
+    if isinstance(bundle, tuple) and len(bundle) == 2:
+        return Injector.from_stack(decoder, bundle[0], bundle[1])
+    raise TypeError(f"bundle must be None, a directory, an Injector or (stack, meta), not {type(bundle).__name__}")
+
+
+def prepare_items(tokenizer, table: pa.Table, spec: TemplateSpec, max_length: int) -> tuple[list[ScoreItem], dict, list[dict]]:
+    """Tokenise every sample: its target item, plus one item per option that differs from the
+    target text. -> (items, skip reasons Counter, per-row info dicts)."""
+    cols = table.to_pydict()
+    n = table.num_rows
+    items, skipped, rows = [], Counter(), []
+    get = lambda name, i: cols[name][i] if name in cols else None  # noqa: E731
+    for i in range(n):
+        knowledge, source, target = cols["knowledge"][i] or [], cols["source"][i], cols["target"][i]
+        sid, ds = cols["id"][i], cols["dataset"][i]
+        options, label = get("options", i), get("label", i)
+        enc = encode_sample(tokenizer, knowledge, source, target, spec, max_length)
+        if enc.skip_reason:
+            skipped[enc.skip_reason.split(":")[0].split(" has ")[0].strip()] += 1
+            rows.append({"row": i, "id": sid, "dataset": ds, "skipped": enc.skip_reason})
+            continue
+        same = tuple(o for o, t in enumerate(options or []) if t == target)
+        items.append(ScoreItem(i, sid, ds, "target", None, enc.k_ids, enc.x_ids, enc.target_mask, enc.truncated, same))
+        info = {"row": i, "id": sid, "dataset": ds, "skipped": None, "classification": options is not None and label is not None, "label": label}
+        if info["classification"]:
+            ok = True
+            for o, text in enumerate(options):
+                if o in same:
+                    continue
+                e = encode_sample(tokenizer, knowledge, source, text, spec, max_length)
+                if e.skip_reason:
+                    ok = False
+                    continue
+                items.append(ScoreItem(i, sid, ds, "option", o, e.k_ids, e.x_ids, e.target_mask, e.truncated, (o,)))
+            info["classification"] = ok
+            info["n_options"] = len(options)
+        rows.append(info)
+    return items, skipped, rows
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+
+
+def _filter(table: pa.Table, split: str | None, limit: int | None) -> pa.Table:
+    if split:
+        splits = table["split"].to_pylist()
+        keep = [i for i, s in enumerate(splits) if s == split]
+        if not keep:
+            raise ValueError(f"no samples in split {split!r}; the file has splits {sorted(set(splits))}")
+        table = table.take(keep)
+    if limit is not None:
+        table = table.slice(0, limit)
+    return table
+
+
+def _methods(methods) -> list[Method]:
+    out = []
+    for m in methods:
+        if isinstance(m, Method):
+            out.append(m)
+        elif isinstance(m, str):
+            if m not in METHODS:
+                raise ValueError(f"unknown method {m!r}; registered: {', '.join(METHODS)}")
+            out.append(METHODS[m])
+        elif callable(m):
+            out.append(Method(getattr(m, "__name__", "custom"), getattr(m, "__name__", "custom"), m))
+        else:
+            raise TypeError(f"method must be a name, a Method or a callable, not {type(m).__name__}")
+    return out
+
+
+def evaluate(
+    decoder: Decoder,
+    samples,
+    bundle=None,
+    methods=("x", "kx", "ekx"),
+    *,
+    cache=None,
+    split: str | None = None,
+    limit: int | None = None,
+    token_budget: int = 4096,
+    max_length: int | None = None,
+    template: TemplateSpec | None = None,
+    extras: dict | None = None,
+    progress: bool = False,
+) -> dict:
+    """Evaluate ``methods`` on held-out ``samples`` (table or path) -> a JSON-ready dict.
+
+    ``bundle``: encoder bundle directory, ``Injector`` or ``(stack, meta)`` (needed by ``ekx``);
+    ``cache``: a stage-one cache path or ``Cache`` (needed by ``oracle``). Template and
+    ``max_length`` come from the bundle, else the cache, else the defaults (1024), unless given.
+    """
+    from tqdm.auto import tqdm
+
+    from kcache.data.samples import read_samples
+    from kcache.inject import Injector
+    from kcache.store import Cache
+
+    table = samples if isinstance(samples, pa.Table) else read_samples(samples)
+    n_in = table.num_rows
+    table = _filter(table, split, limit)
+    injector = _resolve_bundle(decoder, bundle)
+    if cache is not None and not hasattr(cache, "deltas"):
+        cache = Cache.open(cache)
+    oracle = Injector.oracle(decoder, cache) if cache is not None else None
+    ms = _methods(methods)
+    for m in ms:
+        if "encoders" in m.needs and injector is None:
+            raise ValueError(f"method {m.name!r} needs encoders: pass an encoder bundle")
+        if "cache" in m.needs and oracle is None:
+            raise ValueError(f"method {m.name!r} needs a stage-one cache")
+    src = injector or oracle
+    if template is None:
+        template = src.template_spec() if src is not None else TemplateSpec()
+    if max_length is None:
+        max_length = src.info.max_length if src is not None else 1024
+
+    items, skipped, rows = prepare_items(decoder.tokenizer, table, template, max_length)
+    lengths = [len(it.k_ids) + len(it.x_ids) for it in items]
+    batches = plan_batches(lengths, token_budget)
+    dev = decoder.device
+
+    per_method: dict[str, list[torch.Tensor]] = {}
+    cost: dict[str, dict] = {}
+    for m in ms:
+        scores: list[torch.Tensor | None] = [None] * len(items)
+        synchronize(dev)
+        with PeakMemory(dev) as mem:
+            t0 = time.perf_counter()
+            for b in tqdm(batches, desc=f"evaluate {m.name}", disable=not progress, dynamic_ncols=True):
+                batch = EvalBatch([items[i] for i in b], injector, oracle, extras or {})
+                out = m.fn(decoder, batch)
+                if len(out) != len(b):
+                    raise ValueError(f"method {m.name!r} returned {len(out)} results for {len(b)} items")
+                for i, lp in zip(b, out):
+                    scores[i] = lp.detach().float().cpu()
+            synchronize(dev)
+            seconds = time.perf_counter() - t0
+        per_method[m.name] = scores
+        cost[m.name] = {"label": m.label, "seconds": seconds, "peak_memory_bytes": int(mem.peak), "memory_kind": mem.kind,
+                        "tokens_per_second": sum(len(it.x_ids) for it in items) / max(seconds, 1e-9)}
+
+    results = aggregate(items, rows, per_method, {m.name: m.label for m in ms})
+    return {
+        "settings": {
+            "model": decoder.fingerprint.to_dict(),
+            "device": str(dev),
+            "dtype": str(decoder.dtype).replace("torch.", ""),
+            "encoders": str(bundle) if isinstance(bundle, (str, Path)) else (None if injector is None else "in-memory"),
+            "site": injector.site if injector is not None else (oracle.site if oracle is not None else None),
+            "layers": injector.layers if injector is not None else (oracle.layers if oracle is not None else None),
+            "cache": str(cache.path) if cache is not None else None,
+            "split": split,
+            "limit": limit,
+            "template": dataclasses.asdict(template),
+            "max_length": max_length,
+            "token_budget": token_budget,
+            "methods": [m.name for m in ms],
+            "labels": {m.name: m.label for m in ms},
+        },
+        "counts": {
+            "samples_in": n_in,
+            "samples_selected": table.num_rows,
+            "evaluated": sum(1 for r in rows if not r["skipped"]),
+            "skipped": sum(skipped.values()),
+            "skip_reasons": dict(skipped),
+            "truncated": sum(1 for it in items if it.kind == "target" and it.truncated),
+            "classification": sum(1 for r in rows if r.get("classification")),
+            "items": len(items),
+            "batches": len(batches),
+        },
+        "methods": cost,
+        "results": results,
+    }
+
+
+def aggregate(items: list[ScoreItem], rows: list[dict], per_method: dict[str, list[torch.Tensor]], labels: dict[str, str]) -> dict:
+    """Per dataset (and ``"all"``) and method: perplexity over target items, accuracy over
+    classification samples. An item a method left NaN at a scored position is excluded."""
+    by_ds: dict[str, list[int]] = defaultdict(list)
+    for k, it in enumerate(items):
+        by_ds[it.dataset].append(k)
+    cls_rows = {r["row"]: r for r in rows if r.get("classification")}
+    results: dict[str, dict] = {}
+    for ds, ks in sorted(by_ds.items()) + [("all", list(range(len(items))))]:
+        results[ds] = {}
+        for name, scores in per_method.items():
+            lps, masks, n_samples = [], [], 0
+            opt: dict[int, dict[int, float]] = defaultdict(dict)
+            unavailable_rows = set()
+            for k in ks:
+                it, lp = items[k], scores[k]
+                sm = it.score_mask
+                sel = torch.tensor(sm, dtype=torch.bool)
+                ok = bool(sel.any()) and not torch.isnan(lp[sel]).any()
+                if it.kind == "target" and ok:
+                    lps.append(lp)
+                    masks.append(sm)
+                    n_samples += 1
+                if it.row in cls_rows:
+                    if not ok:
+                        unavailable_rows.add(it.row)
+                    else:
+                        for o in it.options:
+                            opt[it.row][o] = float(lp[sel].double().sum())
+            ppl, nll, ntok = perplexity(lps, masks)
+            correct = total = 0
+            for row, scores_o in opt.items():
+                info = cls_rows[row]
+                if row in unavailable_rows or len(scores_o) != info["n_options"]:
+                    continue
+                total += 1
+                correct += option_prediction([scores_o[o] for o in range(info["n_options"])]) == info["label"]
+            results[ds][name] = {
+                "label": labels.get(name, name),
+                "perplexity": ppl,
+                "nll": nll,
+                "tokens": ntok,
+                "samples": n_samples,
+                "accuracy": (correct / total) if total else None,
+                "classified": total,
+            }
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# reports
+
+
+def _fmt_ppl(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if v >= 1e4:
+        return f"{v:.3g}"
+    return f"{v:.3f}"
+
+
+def markdown_report(res: dict) -> str:
+    """Tables: perplexity per dataset, accuracy (classification sets), time and memory."""
+    methods = res["settings"]["methods"]
+    labels = res["settings"]["labels"]
+    datasets = [d for d in res["results"] if d != "all"] + ["all"]
+    s, c = res["settings"], res["counts"]
+    lines = [
+        "# kcache evaluation",
+        "",
+        f"Model `{s['model'].get('name', '')}` ({s['model']['architecture']}) on {s['device']} ({s['dtype']}); "
+        f"encoders: {s['encoders'] or '–'}; cache: {s['cache'] or '–'}; split: {s['split'] or 'all'}; "
+        f"{c['evaluated']} of {c['samples_selected']} samples evaluated ({c['skipped']} skipped{': ' + ', '.join(f'{k} {v}' for k, v in c['skip_reasons'].items()) if c['skipped'] else ''}; "
+        f"{c['truncated']} with truncated knowledge, max_length {s['max_length']}).",
+        "",
+        "## Perplexity over target tokens (lower is better)",
+        "",
+        "| method | " + " | ".join(datasets) + " |",
+        "|---|" + "---|" * len(datasets),
+    ]
+    for m in methods:
+        cells = []
+        for d in datasets:
+            r = res["results"][d].get(m)
+            cells.append(_fmt_ppl(r["perplexity"]) if r else "–")
+        lines.append(f"| {labels[m]} | " + " | ".join(cells) + " |")
+    lines += ["", "Tokens scored: " + ", ".join(f"{labels[m]} {res['results']['all'][m]['tokens']} ({res['results']['all'][m]['samples']} samples)" for m in methods) + "."]
+    if c["classification"]:
+        cls_ds = [d for d in datasets if any(res["results"][d][m]["classified"] for m in methods)]
+        lines += ["", "## Accuracy on classification samples (higher is better)", "",
+                  "| method | " + " | ".join(cls_ds) + " |", "|---|" + "---|" * len(cls_ds)]
+        for m in methods:
+            cells = []
+            for d in cls_ds:
+                r = res["results"][d][m]
+                cells.append(f"{100 * r['accuracy']:.1f}% ({r['classified']})" if r["accuracy"] is not None else "–")
+            lines.append(f"| {labels[m]} | " + " | ".join(cells) + " |")
+    lines += ["", "## Cost", "", "| method | seconds | input tokens / s | peak memory (MiB above start) |", "|---|---|---|---|"]
+    for m in methods:
+        mm = res["methods"][m]
+        lines.append(f"| {labels[m]} | {mm['seconds']:.2f} | {mm['tokens_per_second']:.0f} | {mm['peak_memory_bytes'] / 2**20:.1f} ({mm['memory_kind']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(res: dict, path: Path) -> Path:
+    """Bar chart: perplexity per dataset and method (log scale), accuracy when present, cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = res["settings"]["methods"]
+    labels = res["settings"]["labels"]
+    datasets = [d for d in res["results"] if d != "all"] + ["all"]
+    has_acc = res["counts"]["classification"] > 0
+    ncols = 3 if has_acc else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols + 1, 4))
+    width = 0.8 / max(1, len(methods))
+    ax = axes[0]
+    for k, m in enumerate(methods):
+        vals = [res["results"][d][m]["perplexity"] for d in datasets]
+        vals = [v if v == v and v not in (None, float("inf")) else 0 for v in vals]
+        ax.bar([i + k * width for i in range(len(datasets))], vals, width, label=labels[m])
+    ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(datasets))], datasets, rotation=30, ha="right")
+    finite = [res["results"][d][m]["perplexity"] for d in datasets for m in methods]
+    finite = [v for v in finite if v is not None and v == v and 0 < v < float("inf")]
+    if finite and max(finite) / min(finite) > 20:
+        ax.set_yscale("log")
+    ax.set_title("perplexity over target tokens")
+    ax.legend(fontsize=8)
+    if has_acc:
+        ax = axes[1]
+        cls_ds = [d for d in datasets if any(res["results"][d][m]["classified"] for m in methods)]
+        for k, m in enumerate(methods):
+            vals = [100 * (res["results"][d][m]["accuracy"] or 0) for d in cls_ds]
+            ax.bar([i + k * width for i in range(len(cls_ds))], vals, width, label=labels[m])
+        ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(cls_ds))], cls_ds, rotation=30, ha="right")
+        ax.set_ylim(0, 100)
+        ax.set_title("accuracy (%)")
+    ax = axes[-1]
+    secs = [res["methods"][m]["seconds"] for m in methods]
+    mem = [res["methods"][m]["peak_memory_bytes"] / 2**20 for m in methods]
+    xs = range(len(methods))
+    ax.bar([x - 0.2 for x in xs], secs, 0.4, label="seconds", color="tab:blue")
+    ax.set_ylabel("seconds")
+    ax2 = ax.twinx()
+    ax2.bar([x + 0.2 for x in xs], mem, 0.4, label="peak MiB", color="tab:orange")
+    ax2.set_ylabel("peak memory above start (MiB)")
+    ax.set_xticks(list(xs), [labels[m] for m in methods], rotation=30, ha="right")
+    ax.set_title("cost: seconds (blue), peak memory (orange)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _json_safe(o):
+    if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
+        return None
+    if isinstance(o, dict):
+        return {k: _json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_json_safe(v) for v in o]
+    return o
+
+
+def write_report(res: dict, out: str | Path) -> dict[str, Path]:
+    """Write ``evaluation.json``, ``evaluation.md`` and ``evaluation.png`` into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "evaluation.json", "markdown": out / "evaluation.md", "png": out / "evaluation.png"}
+    paths["json"].write_text(json.dumps(_json_safe(res), indent=2, sort_keys=True))
+    paths["markdown"].write_text(markdown_report(res))
+    plot_report(res, paths["png"])
+    return paths
+
