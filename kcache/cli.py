@@ -184,10 +184,12 @@ def _register_stage_commands() -> None:
     # `kcache --help` lists everything.
     from kcache import bench_cache
     from kcache.bench import bench_app
+    from kcache.cli_finetune import register as register_finetune
     from kcache.cli_methods import register as register_methods
     from kcache.cli_stage3 import register as register_stage3
 
     register_stage3(app)
+    register_finetune(app)
     bench_cache.register(bench_app)
     register_methods(app)
 

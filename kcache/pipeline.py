@@ -1,6 +1,6 @@
 """``kcache run CONFIG.toml``: the whole pipeline as one recipe.
 
-Stages run in order (data -> extract -> fit -> finetune -> evaluate) under ``[run].dir``; a
+Stages run in order (data -> extract -> fit -> finetune -> evaluate -> edit) under ``[run].dir``; a
 stage whose output is already complete for the same settings is skipped (extraction and
 training also resume after an interruption). Each stage is the same Python function its CLI
 command calls.
@@ -13,7 +13,7 @@ import time
 import tomllib
 from pathlib import Path
 
-STAGES = ("data", "extract", "fit", "finetune", "evaluate")
+STAGES = ("data", "extract", "fit", "finetune", "evaluate", "edit")
 
 
 def load_config(path: str | Path) -> dict:
@@ -100,9 +100,9 @@ def run_pipeline(config: str | Path, log=print) -> dict:
         timings["fit"] = time.perf_counter() - t0
         report["stages"]["fit"] = summary
 
-    for stage in ("finetune", "evaluate"):
+    for stage in ("finetune", "evaluate", "edit"):
         if stage in cfg:
-            from kcache import stages  # noqa: F401 - provided by the stage-three modules
+            from kcache import stages
 
             t0 = time.perf_counter()
             report["stages"][stage] = stages.run_stage(stage, cfg, run_dir, get_decoder, samples, cache, log)

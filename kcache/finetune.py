@@ -1,0 +1,465 @@
+"""DIEKÆ section 3.3: fine-tune the encoders end to end through the frozen decoder.
+
+Objective: cross-entropy of the target tokens of ``D(E(K, x) + x)`` - the encoders read
+``k_ids + x_ids``, their outputs (shifted left by ``|K|``) are added at the bundle's site of each
+injected layer, the decoder reads ``x_ids`` and predicts. The decoder's weights are frozen
+(``requires_grad=False``, eval mode) and receive no gradients; the gradients of the loss flow
+*through* its activations back into the encoders, which are the only trainable parameters.
+
+Conventions (shared with ``kcache.evaluate``):
+
+* Scored tokens = target tokens (``align.encode_input``'s mask) at input positions ``j > 0``;
+  the loss is the mean of ``-log p(token)`` over every scored token of the batch (pooled, so a
+  batch's loss is its log-perplexity). Source tokens, knowledge and padding never count.
+* Learning rate and optimizer exactly as ``kcache.fit``: AdamW, linear warm-up from ``lr_min``
+  to ``lr_max`` over ``warmup_fraction`` of the optimizer steps, cosine back to ``lr_min``
+  (``fit.lr_at``), per-encoder gradient clipping.
+* ``train`` split for training, ``validation`` split for picking the best step (lowest
+  validation NLL, evaluated every ``eval_every`` steps and at step 0, so the output is never
+  worse on validation than the bundle it started from). ``test`` is never read.
+* bf16 autocast on CUDA, float32 on CPU; ``seed`` fixes the encoder init (``--from-scratch``)
+  and the sample order; reruns resume from ``out/checkpoint`` (``fit``'s checkpoint format).
+
+Helpers used by ``kcache.edit`` too: ``trainable_additions`` (``inject.encoder_additions``
+without ``no_grad``), ``scored_logprobs``, ``train_encoders``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kcache.align import TemplateSpec, encode_sample, length_mask, pad_right, shift_left
+from kcache.encoders import EncoderConfig, EncoderStack, load_bundle, save_bundle
+from kcache.fit import _load_checkpoint, _save_checkpoint, lr_at
+from kcache.inject import add_at_site, check_fingerprint, embed_ids
+from kcache.models import Decoder
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    epochs: int = 1
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr_max: float = 1e-4
+    lr_min: float = 1e-5
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_norm: float = 1.0
+    eval_every: int = 50  # optimizer steps
+    patience: int = 5  # evaluations without improvement before stopping
+    max_steps: int | None = None
+    max_train_samples: int | None = None  # first N usable train samples (demo budget)
+    val_max_samples: int = 256
+    seed: int = 0
+    # --from-scratch (paper 6.2): fresh encoders; these say where and how
+    from_scratch: bool = False
+    layers: list[int] | str | None = None  # default "3-8" when from scratch
+    site: str = "mlp"
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    template: str = TemplateSpec.template
+    separator: str = TemplateSpec.separator
+    template_end: str = "eos"
+    max_length: int | None = None  # default: the bundle's (1024 from scratch)
+    checkpoint_every: int = 50
+
+
+# ---------------------------------------------------------------------------------------------
+# the differentiable forward
+
+
+def trainable_additions(decoder: Decoder, stack: EncoderStack, k_ids: list[list[int]], x_ids: list[list[int]], layers: list[int]) -> dict[int, torch.Tensor]:
+    """``inject.encoder_additions`` with gradients: ``{layer: (B, max len(x), hidden)}``,
+    right-padded, encoder output shifted left by ``len(k_ids[i])``, padding rows zero."""
+    dev = decoder.device
+    pdtype = next(stack.parameters()).dtype
+    ids, mask = pad_right([list(k) + list(x) for k, x in zip(k_ids, x_ids)], 0)
+    ids, valid = ids.to(dev), mask.to(dev).bool()
+    emb = embed_ids(decoder, ids, pdtype)  # frozen embedding matrix: no gradient into it
+    k_lens = torch.tensor([len(k) for k in k_ids], device=dev)
+    x_lens = torch.tensor([len(x) for x in x_ids], device=dev)
+    n = int(x_lens.max()) if len(x_ids) else 0
+    keep = length_mask(x_lens, n)[..., None]
+    out = {}
+    for l in layers:
+        e = stack.encoder(l)(emb, valid)
+        out[l] = shift_left(e, k_lens, n) * keep.to(e.dtype)
+    return out
+
+
+def scored_positions(masks: list[list[bool]]) -> list[tuple[int, int]]:
+    """(item, input position j) of every scored token: target tokens at ``j > 0``."""
+    return [(i, j) for i, m in enumerate(masks) for j, v in enumerate(m) if v and j > 0]
+
+
+def scored_logprobs(decoder: Decoder, stack: EncoderStack | None, site: str, layers: list[int], k_ids: list[list[int]],
+                    x_ids: list[list[int]], masks: list[list[bool]], pad_id: int | None = None) -> tuple[torch.Tensor, list[int]]:
+    """``log p(x_ids[i][j] | x_ids[i][:j])`` under ``D(E(K, x) + x)`` for every scored token,
+    flat ``(N,)`` float32 (differentiable w.r.t. the encoders), and the item of each entry.
+
+    ``stack=None`` scores the plain decoder ``D(x)``. The LM head runs only on the rows that
+    predict a scored token.
+    """
+    dev = decoder.device
+    if pad_id is None:
+        t = decoder.tokenizer
+        pad_id = t.pad_token_id if t.pad_token_id is not None else (t.eos_token_id or 0)
+    pos = scored_positions(masks)
+    if not pos:
+        return torch.zeros(0, device=dev), []
+    ids, am = pad_right([list(x) for x in x_ids], pad_id)
+    add = trainable_additions(decoder, stack, k_ids, x_ids, layers) if stack is not None else {}
+    with add_at_site(decoder, site, add):
+        hidden = decoder.layers.backbone()(input_ids=ids.to(dev), attention_mask=am.to(dev), use_cache=False).last_hidden_state
+    rows = torch.tensor([i for i, _ in pos], device=dev)
+    cols = torch.tensor([j - 1 for _, j in pos], device=dev)
+    toks = torch.tensor([x_ids[i][j] for i, j in pos], device=dev)
+    logits = decoder.model.get_output_embeddings()(hidden[rows, cols]).float()
+    lp = logits.log_softmax(-1).gather(1, toks[:, None])[:, 0]
+    return lp, [i for i, _ in pos]
+
+
+def autocast_for(device: torch.device):
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return lambda: torch.autocast("cpu", enabled=False)
+
+
+@dataclasses.dataclass
+class Item:
+    """One training/validation sequence: knowledge prefix, input, target mask."""
+
+    k_ids: list[int]
+    x_ids: list[int]
+    mask: list[bool]
+    sample_id: str = ""
+
+
+def batch_nll(decoder, stack, site, layers, items: list[Item], autocast) -> tuple[torch.Tensor, int]:
+    """(sum of -log p over the batch's scored tokens, token count)."""
+    with autocast():
+        lp, _ = scored_logprobs(decoder, stack, site, layers, [it.k_ids for it in items], [it.x_ids for it in items], [it.mask for it in items])
+    return -lp.sum(), int(lp.numel())
+
+
+@torch.no_grad()
+def mean_nll(decoder, stack, site, layers, items: list[Item], batch_size: int, autocast) -> float:
+    """Pooled mean NLL over all scored tokens of ``items`` (its exp is the perplexity)."""
+    if stack is not None:
+        was = stack.training
+        stack.eval()
+    total, n = 0.0, 0
+    order = sorted(range(len(items)), key=lambda i: len(items[i].k_ids) + len(items[i].x_ids))
+    for a in range(0, len(order), batch_size):
+        s, c = batch_nll(decoder, stack, site, layers, [items[i] for i in order[a : a + batch_size]], autocast)
+        total += float(s)
+        n += c
+    if stack is not None and was:
+        stack.train()
+    return total / n if n else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def _split_rows(table, split: str) -> list[dict]:
+    return [r for r in table.to_pylist() if r.get("split") == split]
+
+
+def knowledge_items(tokenizer, rows: list[dict], spec: TemplateSpec, max_length: int) -> tuple[list[Item], int]:
+    """Tokenise samples as stage one does (``align.encode_sample``); -> (items, skipped)."""
+    items, skipped = [], 0
+    for r in rows:
+        e = encode_sample(tokenizer, r["knowledge"] or [], r["source"], r["target"], spec, max_length)
+        if e.skip_reason or not any(m for j, m in enumerate(e.target_mask) if j > 0):
+            skipped += 1
+            continue
+        items.append(Item(e.k_ids, e.x_ids, e.target_mask, r["id"]))
+    return items, skipped
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# the training loop (fine-tuning and editing)
+
+
+def train_encoders(decoder: Decoder, stack: EncoderStack, site: str, layers: list[int], train: list[Item], val: list[Item] | None,
+                   cfg, out: Path, run_id: dict, save_meta, progress: bool = True, on_step=None, log=None) -> dict:
+    """AdamW + warm-up/cosine (``fit.lr_at``) on the target CE of ``train``; every ``eval_every``
+    steps (and at step 0) the validation NLL picks the best weights, written with
+    ``save_meta(state) -> meta`` as a bundle in ``out``. Without ``val`` the last step is kept.
+    Resumes from ``out/checkpoint`` when it holds the same ``run_id``. -> final state dict."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = decoder.device
+    autocast = autocast_for(dev)
+    torch.manual_seed(cfg.seed)
+    decoder.model.eval()
+    for p in decoder.model.parameters():  # frozen, whatever the caller did
+        p.requires_grad_(False)
+    stack.to(dev)
+    for p in stack.parameters():
+        p.requires_grad_(True)
+    stack.train()
+    opt = torch.optim.AdamW(stack.parameters(), lr=cfg.lr_max, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    batches_per_epoch = -(-len(train) // cfg.batch_size)
+    steps_per_epoch = -(-batches_per_epoch // cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    warmup = int(round(cfg.warmup_fraction * total_steps))
+    run_id = json.loads(json.dumps(run_id, default=str))
+
+    state = _load_checkpoint(out, stack, opt)
+    if state and state.get("run") != run_id:
+        raise ValueError(f"{out}/checkpoint: a checkpoint of a different run (other samples, encoders or settings) is there; use another --out or delete it")
+    resumed = state is not None
+    state = state or {"run": run_id, "step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": None, "bad_evals": 0, "history": []}
+    params = {l: list(stack.encoder(l).parameters()) for l in layers}
+    vbs = max(cfg.batch_size, 8)
+
+    def evaluate_now(step, lr, train_nll):
+        v = mean_nll(decoder, stack, site, layers, val, vbs, autocast) if val else float("nan")
+        entry = {"step": step, "lr": lr, "train_nll": train_nll, "val_nll": v, "val_ppl": math.exp(v) if v == v and v < 700 else None}
+        state["history"].append(entry)
+        if not val:
+            return entry
+        if state["best"] is None or v < state["best"]:
+            state.update(best=v, best_step=step, bad_evals=0)
+            _write_bundle(out, stack, save_meta(state))
+        else:
+            state["bad_evals"] += 1
+        return entry
+
+    if not state["history"]:
+        e = evaluate_now(0, None, None)
+        if log and val:
+            log(f"step 0: validation NLL {e['val_nll']:.4f} (ppl {e['val_ppl'] or float('inf'):.3f})")
+    step = state["step"]
+    stop = step >= total_steps
+    bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", disable=not progress, dynamic_ncols=True)
+    t0, tokens = time.perf_counter(), 0
+    acc_loss, acc_tok = 0.0, 0
+    while not stop:
+        epoch = state["epoch"]
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
+        batches = [order[i : i + cfg.batch_size].tolist() for i in range(0, len(order), cfg.batch_size)]
+        micro = 0
+        for bi in range(state["batch_in_epoch"], len(batches)):
+            items = [train[i] for i in batches[bi]]
+            s, n = batch_nll(decoder, stack, site, layers, items, autocast)
+            if n:
+                (s / n / cfg.grad_accum).backward()
+            acc_loss += float(s.detach())
+            acc_tok += n
+            tokens += sum(len(it.k_ids) + len(it.x_ids) for it in items)
+            micro += 1
+            if micro % cfg.grad_accum and bi + 1 < len(batches):
+                continue
+            for l in layers:
+                torch.nn.utils.clip_grad_norm_(params[l], cfg.clip_norm)
+            lr = lr_at(step, total_steps, warmup, cfg.lr_min, cfg.lr_max)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            state.update(step=step, batch_in_epoch=bi + 1)
+            bar.update(1)
+            if step % cfg.eval_every == 0 or step == total_steps:
+                e = evaluate_now(step, lr, acc_loss / max(acc_tok, 1))
+                acc_loss, acc_tok = 0.0, 0
+                bar.set_postfix(val_nll=f"{e['val_nll']:.4f}", train_nll=f"{e['train_nll']:.4f}")
+                if log:
+                    log(f"step {step}/{total_steps}: train NLL {e['train_nll']:.4f}" + (f", validation NLL {e['val_nll']:.4f} (ppl {e['val_ppl'] or float('inf'):.3f})" if val else ""))
+                if val and not math.isfinite(e["val_nll"]):
+                    state["stopped"] = "diverged (non-finite validation loss)"
+                    stop = True
+                elif val and state["bad_evals"] >= cfg.patience:
+                    state["stopped"] = f"early stop: no improvement in {cfg.patience} evaluations"
+                    stop = True
+            if step % cfg.checkpoint_every == 0 or stop or step == total_steps:
+                _save_checkpoint(out, stack, opt, state)
+            if on_step:
+                on_step(step)
+            if stop or step >= total_steps:
+                stop = True
+                break
+        if not stop:
+            state.update(epoch=state["epoch"] + 1, batch_in_epoch=0)
+    bar.close()
+    state.setdefault("stopped", "finished all steps")
+    if not val:  # no selection: the last weights
+        state.update(best_step=state["step"])
+        _write_bundle(out, stack, save_meta(state))
+    _save_checkpoint(out, stack, opt, state)
+    state["_resumed"] = resumed
+    state["_wall_seconds"] = time.perf_counter() - t0
+    state["_tokens_per_second"] = tokens / max(state["_wall_seconds"], 1e-9)
+    (out / "history.json").write_text(json.dumps(state["history"], indent=1))
+    plot_history(state["history"], out / "curves.png")
+    stack.eval()
+    return state
+
+
+def _write_bundle(out: Path, stack: EncoderStack, meta: dict) -> None:
+    """The bundle lives in ``out/`` beside the checkpoint (written atomically via a sibling dir)."""
+    tmp = out.with_name(out.name + ".bundle")
+    save_bundle(tmp, stack, meta)
+    for name in ("config.json", "encoders.safetensors"):
+        os.replace(tmp / name, out / name)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def plot_history(history: list[dict], path: Path, title: str = "fine-tuning: target-token NLL") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    tr = [(h["step"], h["train_nll"]) for h in history if h.get("train_nll") is not None]
+    va = [(h["step"], h["val_nll"]) for h in history if h.get("val_nll") is not None and h["val_nll"] == h["val_nll"]]
+    if tr:
+        ax.plot(*zip(*tr), marker=".", label="train (mean since last eval)")
+    if va:
+        ax.plot(*zip(*va), marker="o", label="validation")
+    ax.set(title=title, xlabel="optimizer step", ylabel="mean NLL per target token (nats)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# fine-tuning
+
+
+def start_stack(decoder: Decoder, encoders, cfg) -> tuple[EncoderStack, dict, dict]:
+    """-> (stack, base meta for the output bundle, provenance). From a bundle (its site, layers,
+    template, max_length; refused when made for another model), or fresh (``cfg.from_scratch``)."""
+    from kcache.align import parse_layers
+
+    fp = decoder.fingerprint.to_dict()
+    if cfg.from_scratch:
+        layers = parse_layers(cfg.layers if cfg.layers is not None else "3-8", decoder.layers.num_layers)
+        econf = EncoderConfig(d_model=decoder.layers.hidden_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                              num_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size)
+        stack = EncoderStack(econf, layers, seed=cfg.seed)
+        meta = {"site": cfg.site, "template": {"template": cfg.template, "separator": cfg.separator, "end": cfg.template_end},
+                "max_length": int(cfg.max_length or 1024), "model": fp, "cache": None}
+        return stack, meta, {"from": "scratch", "seed": cfg.seed}
+    if encoders is None:
+        raise ValueError("give an encoder bundle to start from (--encoders DIR) or --from-scratch")
+    from kcache.encoders import read_bundle_config
+
+    doc = read_bundle_config(encoders)
+    check_fingerprint(doc["model"], decoder, f"encoder bundle {encoders}")
+    stack, doc = load_bundle(encoders, fp)
+    if cfg.layers is not None:
+        want = parse_layers(cfg.layers, decoder.layers.num_layers)
+        missing = [l for l in want if l not in stack.layers]
+        if missing:
+            raise ValueError(f"--layers {missing} not in the bundle {encoders} (it has {stack.layers})")
+        sub = EncoderStack(stack.config, want)
+        for l in want:
+            sub.encoder(l).load_state_dict(stack.encoder(l).state_dict())
+        stack = sub
+    meta = {"site": doc["site"], "template": doc["template"], "max_length": int(cfg.max_length or doc["max_length"]), "model": fp,
+            "cache": doc.get("cache")}
+    prov = {"from": str(encoders), "source_weights": _file_hash(Path(encoders) / "encoders.safetensors"),
+            "source_training": doc.get("training"), "source_created": doc.get("created")}
+    return stack, meta, prov
+
+
+def finetune(decoder: Decoder, samples, encoders, out, cfg: FinetuneConfig | None = None, progress: bool = True, on_step=None, log=None) -> dict:
+    """Fine-tune encoders (a bundle directory, or fresh with ``cfg.from_scratch``) on the target CE
+    of ``D(E(K,x)+x)``; writes the best bundle, ``history.json``, ``curves.png`` and
+    ``summary.json`` to ``out`` and returns the summary. A finished run with the same settings
+    is not repeated (``summary["skipped"]``); an interrupted one resumes."""
+    from kcache.data.samples import read_samples, sample_set_fingerprint
+
+    cfg = cfg or FinetuneConfig()
+    out = Path(out)
+    table = samples if not isinstance(samples, (str, Path)) else read_samples(samples)
+    stack, base_meta, prov = start_stack(decoder, encoders, cfg)
+    layers, site = list(stack.layers), base_meta["site"]
+    t = base_meta["template"]
+    spec = TemplateSpec(t["template"], t["separator"], t["end"])
+    train, skipped_tr = knowledge_items(decoder.tokenizer, _split_rows(table, "train"), spec, base_meta["max_length"])
+    if cfg.max_train_samples:
+        train = train[: cfg.max_train_samples]
+    val, skipped_va = knowledge_items(decoder.tokenizer, _split_rows(table, "validation"), spec, base_meta["max_length"])
+    val = val[: cfg.val_max_samples]
+    if not train or not val:
+        raise ValueError(f"need train and validation samples with knowledge and targets (have {len(train)} / {len(val)})")
+    run_id = {"samples": sample_set_fingerprint(table), "model": base_meta["model"], "start": {k: v for k, v in prov.items() if k != "source_training"},
+              "config": dataclasses.asdict(cfg) | {"layers": layers}}
+
+    summary_path = out / "summary.json"
+    if summary_path.exists() and (out / "config.json").exists():
+        old = json.loads(summary_path.read_text())
+        if old.get("run") == json.loads(json.dumps(run_id, default=str)):
+            old["skipped"] = True
+            if log:
+                log(f"finetune: {out} complete for these settings (skipped)")
+            return old
+
+    def save_meta(state):
+        best = state["best"]
+        return base_meta | {
+            "created": _now(),
+            "training": {"finetuned": True, "objective": "cross-entropy on target tokens of D(E(K,x)+x), decoder frozen (DIEKAE 3.3)",
+                         "start": prov, "step": state["step"], "epoch": state["epoch"],
+                         "config": {k: v for k, v in dataclasses.asdict(cfg).items()} | {"layers": layers},
+                         "val_nll": best, "val_ppl": math.exp(best) if best is not None and best < 700 else None,
+                         "train_samples": len(train), "val_samples": len(val)},
+        }
+
+    state = train_encoders(decoder, stack, site, layers, train, val, cfg, out, run_id, save_meta, progress, on_step, log)
+    hist = state["history"]
+    first = hist[0]["val_nll"] if hist else float("nan")
+    summary = {
+        "bundle": str(out), "run": state["run"], "skipped": False, "resumed": state["_resumed"],
+        "start": {k: v for k, v in prov.items() if k != "source_training"},
+        "layers": layers, "site": site, "train_samples": len(train), "val_samples": len(val),
+        "skipped_samples": {"train": skipped_tr, "validation": skipped_va},
+        "steps": state["step"], "best_step": state["best_step"], "stopped": state["stopped"],
+        "val_nll_start": first, "val_ppl_start": math.exp(first) if first == first else None,
+        "val_nll_best": state["best"], "val_ppl_best": math.exp(state["best"]) if state["best"] is not None else None,
+        "wall_seconds": state["_wall_seconds"], "tokens_per_second": state["_tokens_per_second"],
+    }
+    summary_path.write_text(json.dumps(summary, indent=2, default=str))
+    if log:
+        log(f"finetune: validation ppl {summary['val_ppl_start']:.3f} at step 0 -> {summary['val_ppl_best']:.3f} at step {state['best_step']} "
+            f"of {state['step']} ({state['stopped']}); bundle {out}")
+    return summary
+
+
+def _now() -> str:
+    from kcache.store import now
+
+    return now()

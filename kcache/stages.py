@@ -1,0 +1,268 @@
+"""Pipeline stages after ``fit``: ``finetune``, ``evaluate`` (and ``edit``).
+
+``kcache.pipeline.run_pipeline`` calls ``run_stage(stage, cfg, run_dir, get_decoder, samples,
+cache, log)`` for each of these sections of a pipeline TOML; each returns a JSON-ready summary
+that goes into ``report.json``. A stage whose output is complete for the same settings is
+skipped.
+
+``[finetune]`` - options of ``kcache.finetune.FinetuneConfig`` (``lr`` is accepted for
+``lr_max``), plus ``encoders`` (bundle to start from; default ``RUN/encoders``) and ``out``
+(default ``RUN/encoders-ft``). Output: the fine-tuned bundle with ``summary.json``,
+``history.json``, ``curves.png``.
+
+``[evaluate]`` - ``split`` (default ``test``), ``limit``, ``oracle`` (bool: also the cached
+deltas; default false), ``token_budget``, ``out`` (default ``RUN/eval``). Methods: ``D(x)``,
+``D(K,x)``, ``D(E(K,x)+x)`` with the fitted encoders (``ekx_fit``) and with the fine-tuned ones
+(``ekx_ft``), each when its bundle exists. Writes ``evaluation.json/.md/.png``; the JSON's
+``gap_closed`` holds, per dataset and injected method, the fraction of the log-perplexity gap
+between ``D(x)`` and ``D(K,x)`` the method closes: ``(log ppl_x - log ppl_m) / (log ppl_x -
+log ppl_kx)`` (1 = as good as knowledge in context, 0 = no better than no knowledge, < 0 worse),
+and ``closes_half`` whether the fine-tuned encoders reach >= 0.5 over all samples.
+An ``[evaluate.edit]`` sub-table (options of ``kcache.edit.EditConfig``) also runs editing
+(``RUN/edit``); ``run_stage("edit", ...)`` runs it from a top-level ``[edit]`` table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+from kcache.evaluate import (
+    METHODS,
+    EvalBatch,
+    method_ekx,
+    register_method,
+    score_sequences,
+)
+
+# ---------------------------------------------------------------------------------------------
+# extra evaluation methods: the two encoder bundles, labelled apart
+
+
+def method_ekx_ft(decoder, batch: EvalBatch):
+    """``D(E_ft(K,x)+x)``: like ``ekx`` with the fine-tuned injector from ``extras["finetuned"]``."""
+    inj = batch.extras.get("finetuned")
+    if inj is None:
+        raise ValueError("method 'ekx_ft' needs extras={'finetuned': Injector} (the fine-tuned bundle)")
+    items = batch.items
+    add = inj.additions([it.k_ids for it in items], [it.x_ids for it in items])
+    with inj.static(add):
+        return score_sequences(decoder, [it.x_ids for it in items], [0] * len(items), items)
+
+
+if "ekx_fit" not in METHODS:
+    register_method("ekx_fit", method_ekx, "D(E(K,x)+x) after fit", needs=("encoders",))
+if "ekx_ft" not in METHODS:
+    register_method("ekx_ft", method_ekx_ft, "D(E(K,x)+x) after finetune")
+
+
+def gap_closed(results: dict, methods: list[str]) -> dict:
+    """Per dataset: for each method, ``(nll_x - nll_m) / (nll_x - nll_kx)`` (mean NLL = log ppl).
+    ``None`` where undefined (missing method, or no gap: ``nll_x <= nll_kx``)."""
+    out = {}
+    for ds, r in results.items():
+        if "x" not in r or "kx" not in r:
+            continue
+        nx, nk = r["x"]["nll"], r["kx"]["nll"]
+        gap = nx - nk
+        out[ds] = {"nll_x": nx, "nll_kx": nk, "gap": gap}
+        for m in methods:
+            if m in r:
+                nm = r[m]["nll"]
+                ok = gap == gap and nm == nm and gap > 0
+                out[ds][m] = (nx - nm) / gap if ok else None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _bundle_ready(path: Path) -> bool:
+    return (path / "config.json").exists() and (path / "encoders.safetensors").exists()
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def _config_from(cls, opts: dict, section: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    opts = dict(opts)
+    if "lr" in opts:
+        opts["lr_max"] = opts.pop("lr")
+    if "betas" in opts:
+        opts["betas"] = tuple(opts["betas"])
+    unknown = sorted(set(opts) - names)
+    if unknown:
+        raise ValueError(f"[{section}]: unknown option(s) {unknown}; known: {', '.join(sorted(names | {'lr', 'encoders', 'out'}))}")
+    return cls(**opts)
+
+
+def _samples_key(samples) -> str:
+    from kcache.data.samples import read_samples, sample_set_fingerprint
+
+    return sample_set_fingerprint(read_samples(samples))
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+
+
+def run_finetune(cfg: dict, run_dir: Path, get_decoder, samples, log) -> dict:
+    from kcache.finetune import FinetuneConfig, finetune
+
+    opts = dict(cfg.get("finetune") or {})
+    source = opts.pop("encoders", None)
+    out = Path(opts.pop("out", run_dir / "encoders-ft"))
+    fcfg = _config_from(FinetuneConfig, opts, "finetune")
+    if not fcfg.from_scratch:
+        source = Path(source) if source else run_dir / "encoders"
+        if not _bundle_ready(source):
+            raise ValueError(f"[finetune]: no encoder bundle at {source} to start from (run [fit] first, set encoders = \"...\", or from_scratch = true)")
+    summary = finetune(get_decoder(), samples, None if fcfg.from_scratch else source, out, fcfg, progress=True, log=lambda m: log(m if m.startswith("finetune") else f"finetune: {m}"))
+    return {k: v for k, v in summary.items() if k != "run"}
+
+
+def run_evaluate(cfg: dict, run_dir: Path, get_decoder, samples, cache, log) -> dict:
+    from kcache.evaluate import evaluate, markdown_report, write_report
+    from kcache.inject import Injector
+
+    opts = dict(cfg.get("evaluate") or {})
+    edit_opts = opts.pop("edit", None)
+    split = opts.pop("split", "test") or None
+    limit = opts.pop("limit", None)
+    use_oracle = bool(opts.pop("oracle", False))
+    token_budget = int(opts.pop("token_budget", 4096))
+    out = Path(opts.pop("out", run_dir / "eval"))
+    fit_dir = Path(opts.pop("encoders", run_dir / "encoders"))
+    ft_dir = Path(opts.pop("finetuned", (cfg.get("finetune") or {}).get("out", run_dir / "encoders-ft")))
+    if opts:
+        raise ValueError(f"[evaluate]: unknown option(s) {sorted(opts)}; known: split, limit, oracle, token_budget, out, encoders, finetuned, edit")
+    have_fit, have_ft = _bundle_ready(fit_dir), _bundle_ready(ft_dir)
+    cache_path = Path(cache) if cache is not None else None
+    use_oracle = use_oracle and cache_path is not None and cache_path.exists()
+    methods = ["x", "kx"] + (["ekx_fit"] if have_fit else []) + (["ekx_ft"] if have_ft else []) + (["oracle"] if use_oracle else [])
+    key = {"samples": _samples_key(samples), "split": split, "limit": limit, "token_budget": token_budget, "methods": methods,
+           "fit": _file_hash(fit_dir / "encoders.safetensors") if have_fit else None,
+           "finetuned": _file_hash(ft_dir / "encoders.safetensors") if have_ft else None,
+           "cache": str(cache_path) if use_oracle else None}
+    summary: dict
+    done = out / "evaluation.json"
+    if done.exists():
+        old = json.loads(done.read_text())
+        if old.get("stage_key") == key:
+            log(f"evaluate: {out} up to date (skipped)")
+            summary = _eval_summary(old, out)
+            summary["skipped"] = True
+            if edit_opts is not None:
+                summary["edit"] = run_edit(cfg | {"edit": edit_opts}, run_dir, get_decoder, samples, log)
+            return summary
+    if not (have_fit or have_ft):
+        log("evaluate: no encoder bundle found (fit / finetune not run): evaluating D(x) and D(K,x) only")
+    decoder = get_decoder()
+    fit_inj = Injector.from_bundle(decoder, fit_dir) if have_fit else None
+    ft_inj = Injector.from_bundle(decoder, ft_dir) if have_ft else None
+    template = max_length = None
+    if fit_inj is not None and ft_inj is not None:
+        if fit_inj.info.template != ft_inj.info.template or fit_inj.info.max_length != ft_inj.info.max_length:
+            log("evaluate: warning: the fitted and fine-tuned bundles use different templates / max_length; items follow the fitted bundle's")
+    elif ft_inj is not None:
+        template, max_length = ft_inj.template_spec(), ft_inj.info.max_length
+    log(f"evaluate: {', '.join(METHODS[m].label for m in methods)} on split {split or 'all'}" + (f" (first {limit})" if limit else ""))
+    res = evaluate(decoder, samples, fit_inj, methods, cache=cache_path if use_oracle else None, split=split, limit=limit,
+                   token_budget=token_budget, template=template, max_length=max_length, extras={"finetuned": ft_inj}, progress=True)
+    res["settings"]["encoders"] = str(fit_dir) if have_fit else None
+    res["settings"]["finetuned_encoders"] = str(ft_dir) if have_ft else None
+    gaps = gap_closed(res["results"], [m for m in methods if m.startswith("ekx") or m == "oracle"])
+    res["gap_closed"] = gaps
+    ft_all = gaps.get("all", {}).get("ekx_ft")
+    res["closes_half"] = (ft_all >= 0.5) if ft_all is not None else None
+    res["stage_key"] = key
+    paths = write_report(res, out)
+    md = markdown_report(res) + gap_markdown(res)
+    paths["markdown"].write_text(md)
+    for line in md.splitlines():
+        if line.startswith("|") or line.startswith("Fine-tuned") or line.startswith("**"):
+            log(f"evaluate: {line}")
+    summary = _eval_summary(res, out)
+    summary["skipped"] = False
+    if edit_opts is not None:
+        summary["edit"] = run_edit(cfg | {"edit": edit_opts}, run_dir, get_decoder, samples, log)
+    return summary
+
+
+def gap_markdown(res: dict) -> str:
+    labels = res["settings"]["labels"]
+    gaps = res.get("gap_closed") or {}
+    ms = [m for m in res["settings"]["methods"] if m.startswith("ekx") or m == "oracle"]
+    if not gaps or not ms:
+        return ""
+    ds = [d for d in gaps if d != "all"] + ["all"]
+    lines = ["", "## Fraction of the log-perplexity gap D(x) -> D(K,x) closed", "",
+             "(log ppl_x - log ppl_method) / (log ppl_x - log ppl_kx): 1 = as good as knowledge in context, 0 = no better than no knowledge, < 0 worse.", "",
+             "| method | " + " | ".join(ds) + " |", "|---|" + "---|" * len(ds)]
+    for m in ms:
+        cells = []
+        for d in ds:
+            v = gaps.get(d, {}).get(m)
+            cells.append("–" if v is None else f"{v:.3f}")
+        lines.append(f"| {labels[m]} | " + " | ".join(cells) + " |")
+    ch = res.get("closes_half")
+    if ch is not None:
+        v = gaps["all"]["ekx_ft"]
+        lines += ["", f"**Fine-tuned injection closes {100 * v:.1f}% of the gap over all samples: "
+                  f"{'MEETS' if ch else 'does NOT meet'} the >= 50% target.**"]
+    return "\n".join(lines) + "\n"
+
+
+def _eval_summary(res: dict, out: Path) -> dict:
+    r = res["results"]["all"]
+    return {"out": str(out), "split": res["settings"]["split"],
+            "perplexity": {m: r[m]["perplexity"] for m in res["settings"]["methods"]},
+            "gap_closed": (res.get("gap_closed") or {}).get("all"), "closes_half": res.get("closes_half")}
+
+
+def run_edit(cfg: dict, run_dir: Path, get_decoder, samples, log) -> dict:
+    from kcache.edit import EditConfig, edit
+
+    opts = dict(cfg.get("edit") or {})
+    source = opts.pop("encoders", None)
+    out = Path(opts.pop("out", run_dir / "edit"))
+    ecfg = _config_from(EditConfig, opts, "edit")
+    if not ecfg.from_scratch:
+        source = Path(source) if source else run_dir / "encoders"
+        if not _bundle_ready(source):
+            raise ValueError(f"[edit]: no encoder bundle at {source} to start from (set encoders = \"...\" or from_scratch = true)")
+        src_key = _file_hash(source / "encoders.safetensors")
+    else:
+        src_key = None
+    key = {"samples": _samples_key(samples), "config": json.loads(json.dumps(dataclasses.asdict(ecfg))), "source": src_key}
+    done = out / "edit.json"
+    if done.exists():
+        old = json.loads(done.read_text())
+        if old.get("stage_key") == key:
+            log(f"edit: {out} up to date (skipped)")
+            return {"out": str(out), "before": old["before"], "after": old["after"], "skipped": True}
+    res = edit(get_decoder(), samples, out, None if ecfg.from_scratch else source, ecfg, progress=True, log=lambda m: log(f"edit: {m}"))
+    res["stage_key"] = key
+    done.write_text(json.dumps(res, indent=2, default=str))
+    return {"out": str(out), "before": res["before"], "after": res["after"], "skipped": False}
+
+
+def run_stage(stage: str, cfg: dict, run_dir, get_decoder, samples, cache, log=print) -> dict:
+    """Run one post-fit pipeline stage (``finetune``, ``evaluate`` or ``edit``) -> its summary."""
+    run_dir = Path(run_dir)
+    if stage == "finetune":
+        return run_finetune(cfg, run_dir, get_decoder, samples, log)
+    if stage == "evaluate":
+        return run_evaluate(cfg, run_dir, get_decoder, samples, cache, log)
+    if stage == "edit":
+        return run_edit(cfg, run_dir, get_decoder, samples, log)
+    raise ValueError(f"unknown stage {stage!r}; kcache.stages runs finetune, evaluate, edit")
