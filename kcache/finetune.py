@@ -40,7 +40,7 @@ import torch
 
 from kcache.align import TemplateSpec, encode_sample, length_mask, pad_right, shift_left
 from kcache.encoders import EncoderConfig, EncoderStack, load_bundle, save_bundle
-from kcache.fit import _load_checkpoint, _save_checkpoint, lr_at
+from kcache.fit import _load_checkpoint, _save_checkpoint, lr_at, optimizer_step
 from kcache.inject import add_at_site, check_fingerprint, embed_ids
 from kcache.models import Decoder
 
@@ -279,13 +279,8 @@ def train_encoders(decoder: Decoder, stack: EncoderStack, site: str, layers: lis
             micro += 1
             if micro % cfg.grad_accum and bi + 1 < len(batches):
                 continue
-            for l in layers:
-                torch.nn.utils.clip_grad_norm_(params[l], cfg.clip_norm)
             lr = lr_at(step, total_steps, warmup, cfg.lr_min, cfg.lr_max)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(opt, params, cfg.clip_norm, lr)
             step += 1
             state.update(step=step, batch_in_epoch=bi + 1)
             bar.update(1)

@@ -80,6 +80,17 @@ def lr_at(step: int, total: int, warmup: int, lr_min: float, lr_max: float) -> f
     return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * progress))
 
 
+def optimizer_step(opt, params: dict[int, list], clip_norm: float, lr: float) -> None:
+    """Clip each encoder's gradients on its own (so each trains exactly as it would alone), set
+    the learning rate, step and clear the gradients."""
+    for ps in params.values():
+        torch.nn.utils.clip_grad_norm_(ps, clip_norm)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``(pred - target)^2`` over positions where ``mask`` (B, X) is true and all dims."""
     m = mask.to(pred.dtype).unsqueeze(-1)
@@ -440,13 +451,8 @@ def fit_encoders(cache_path: str | Path, out: str | Path, cfg: FitConfig | None 
             micro += 1
             if micro % cfg.grad_accum and bi + 1 < len(loader):
                 continue
-            for l in layers:  # per encoder, so each trains as it would alone
-                torch.nn.utils.clip_grad_norm_(params[l], cfg.clip_norm)
             lr = lr_at(step, total_steps, warmup, cfg.lr_min, cfg.lr_max)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(opt, params, cfg.clip_norm, lr)
             step += 1
             state.update(step=step, batch_in_epoch=bi + 1)
             bar.update(1)
