@@ -184,7 +184,7 @@ def bench_fit(cache: Path, steps: int = 60, batch_size: int = 8, device: str | N
     }
     res["target_met"] = res["data_wait_fraction"] <= 0.10
     log(f"bench fit: {cache} layers {c.layers}, batch {batch_size}")
-    log(f"  loader alone     {res['loader_tokens_per_second']:9.0f} tokens/s  {res['loader_mb_per_second']:7.1f} MB/s (decoded deltas)")
+    log(f"  loader alone     {res['loader_tokens_per_second']:9.0f} tokens/s  {res['loader_mb_per_second']:7.1f} MB/s of stored deltas, uncompressed")
     log(f"  training         {res['train_tokens_per_second']:9.0f} tokens/s  {res['steps_per_second']:.2f} steps/s over {s['steps']} steps")
     log(f"  waiting for data {res['data_wait_fraction']:.1%} of training time (target <= 10%: {'met' if res['target_met'] else 'NOT met'})")
     if out:
