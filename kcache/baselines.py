@@ -543,15 +543,30 @@ def train_baseline(
         model.save_pretrained(str(out / ADAPTER_DIR), safe_serialization=True)
     cfg["history"] = history
     cfg["final_loss"] = history[-1]["task_loss"]
-    _write_json(out / CONFIG_FILE, cfg)
+    write_method_config(out / CONFIG_FILE, cfg)
     return TrainResult(model, method, out, cfg, history)
 
 
+def write_method_config(path: Path, cfg: dict) -> None:
+    """Validate against ``schemas/method-v1.json`` and write atomically."""
+    from kcache.schemas import validate_document
+
+    validate_document(json.loads(json.dumps(cfg, default=str)), "method-v1", str(path))
+    _write_json(path, cfg)
+
+
 def read_method_config(directory: str | os.PathLike) -> dict:
+    from kcache.schemas import SchemaError, validate_document
+
     path = Path(directory) / CONFIG_FILE
     if not path.exists():
         raise ModelError(f"{directory}: not a kcache method directory (no {CONFIG_FILE})")
-    return json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text())
+        validate_document(cfg, "method-v1", str(path))
+    except (ValueError, SchemaError) as e:
+        raise ModelError(f"{path}: not a valid kcache method config ({e})") from None
+    return cfg
 
 
 def check_fingerprint(cfg: dict, decoder: Decoder, where: str) -> None:

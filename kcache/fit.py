@@ -31,9 +31,11 @@ from tqdm.auto import tqdm
 
 from kcache.align import length_mask
 from kcache.encoders import EncoderConfig, EncoderStack, save_bundle
+from kcache.schemas import validate_document
 from kcache.store import Cache, CacheError, decode_rows, now
 
 CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FORMAT = "kcache-checkpoint"
 
 
 @dataclasses.dataclass
@@ -348,22 +350,35 @@ def _save_checkpoint(out: Path, stack, opt, state: dict):
                 meta["state"][str(pid)][k] = v
     tensors["__rng_cpu"] = torch.get_rng_state()
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "optimizer": meta}, indent=1))
+    doc = json.loads(json.dumps({**state, "format": CHECKPOINT_FORMAT, "schema_version": 1, "optimizer": meta}))
+    validate_document(doc, "fit-checkpoint-v1", str(final_dir(out) / "state.json"))
+    (tmp / "state.json").write_text(json.dumps(doc, indent=1))
     final = out / CHECKPOINT_DIR
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
 
 
+def final_dir(out: Path) -> Path:
+    return Path(out) / CHECKPOINT_DIR
+
+
 def _load_checkpoint(out: Path, stack, opt) -> dict | None:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    d = out / CHECKPOINT_DIR
+    d = final_dir(out)
     if not (d / "state.json").exists():
         return None
-    state = json.loads((d / "state.json").read_text())
-    stack.load_state_dict(load_file(str(d / "model.safetensors")))
-    tensors = load_file(str(d / "optimizer.safetensors"))
+    try:
+        state = json.loads((d / "state.json").read_text())
+        validate_document(state, "fit-checkpoint-v1", str(d / "state.json"))
+        stack.load_state_dict(load_file(str(d / "model.safetensors")))
+        tensors = load_file(str(d / "optimizer.safetensors"))
+    except (ValueError, OSError, RuntimeError, SafetensorError) as e:
+        raise CacheError(f"{d}: unreadable checkpoint ({e}); delete it to start over") from None
+    state.pop("format", None)
+    state.pop("schema_version", None)
     meta = state.pop("optimizer")
     osd = {"param_groups": meta["param_groups"], "state": {}}
     for pid, st in meta["state"].items():

@@ -468,7 +468,7 @@ def train_knowla(
         "trainable_params": n_lora + n_knowla, "knowla_params": n_knowla, "lora_params": n_lora, "total_params": total + n_knowla,
         "history": history, "final_loss": history[-1]["task_loss"],
     }
-    B._write_json(out / CONFIG_FILE, cfg)
+    B.write_method_config(out / CONFIG_FILE, cfg)
     result = B.TrainResult(model, "knowla", out, cfg, history)
     result.knowla = knowla  # type: ignore[attr-defined]
     return result

@@ -161,3 +161,15 @@ def test_bad_inputs(tiny_cache, tmp_path):
     w.write_bytes(w.read_bytes()[:100])
     with pytest.raises(BundleError, match=r"encoders\.safetensors: cannot read encoder weights"):
         load_bundle(tmp_path / "e")
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tiny_cache, tmp_path):
+    cfg = FitConfig(**TINY, epochs=1, batch_size=8, checkpoint_every=2)
+    fit_encoders(tiny_cache, tmp_path / "e", cfg, progress=False)
+    state = tmp_path / "e" / "checkpoint" / "state.json"
+    doc = json.loads(state.read_text())
+    assert doc["format"] == "kcache-checkpoint" and doc["schema_version"] == 1
+    doc["step"] = "seven"
+    state.write_text(json.dumps(doc))
+    with pytest.raises(CacheError, match=r"checkpoint: unreadable checkpoint .*state\.json.*'step'"):
+        fit_encoders(tiny_cache, tmp_path / "e", cfg, progress=False)
