@@ -184,6 +184,7 @@ def _register_stage_commands() -> None:
     # `kcache --help` lists everything.
     from kcache import bench_cache
     from kcache.bench import bench_app
+    from kcache.cli_baseline_eval import register as register_baseline_eval
     from kcache.cli_finetune import register as register_finetune
     from kcache.cli_methods import register as register_methods
     from kcache.cli_stage3 import register as register_stage3
@@ -192,6 +193,7 @@ def _register_stage_commands() -> None:
     register_finetune(app)
     bench_cache.register(bench_app)
     register_methods(app)
+    register_baseline_eval(app)
 
 
 _register_stage_commands()
