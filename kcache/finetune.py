@@ -40,28 +40,16 @@ import torch
 
 from kcache.align import TemplateSpec, encode_sample, length_mask, pad_right, shift_left
 from kcache.encoders import EncoderConfig, EncoderStack, load_bundle, save_bundle
-from kcache.fit import _load_checkpoint, _save_checkpoint, lr_at, optimizer_step
+from kcache.fit import OptimConfig, _load_checkpoint, _save_checkpoint, lr_at, optimizer_step
 from kcache.inject import add_at_site, check_fingerprint, embed_ids
 from kcache.models import Decoder
 
 
 @dataclasses.dataclass
-class FinetuneConfig:
+class FinetuneConfig(OptimConfig):
     epochs: int = 1
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr_max: float = 1e-4
-    lr_min: float = 1e-5
-    warmup_fraction: float = 0.05
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.95)
-    clip_norm: float = 1.0
-    eval_every: int = 50  # optimizer steps
-    patience: int = 5  # evaluations without improvement before stopping
-    max_steps: int | None = None
     max_train_samples: int | None = None  # first N usable train samples (demo budget)
     val_max_samples: int = 256
-    seed: int = 0
     # --from-scratch (paper 6.2): fresh encoders; these say where and how
     from_scratch: bool = False
     layers: list[int] | str | None = None  # default "3-8" when from scratch

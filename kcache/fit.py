@@ -39,12 +39,9 @@ CHECKPOINT_FORMAT = "kcache-checkpoint"
 
 
 @dataclasses.dataclass
-class FitConfig:
-    layers: list[int] | None = None  # default: every cached layer
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 512
+class OptimConfig:
+    """Optimiser, schedule and loop settings shared by fit, finetune and edit."""
+
     epochs: int = 3
     batch_size: int = 8  # samples per micro-batch
     grad_accum: int = 1
@@ -56,13 +53,22 @@ class FitConfig:
     clip_norm: float = 1.0
     eval_every: int = 50  # optimizer steps
     patience: int = 5  # evaluations without improvement before stopping
+    max_steps: int | None = None
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class FitConfig(OptimConfig):
+    layers: list[int] | None = None  # default: every cached layer
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
     checkpoint_every: int = 50
     val_fraction: float = 0.1  # used only when the cache has no "validation" split
     val_max_samples: int = 512
     buffer_samples: int = 2048  # shuffling buffer (bounds memory)
-    seed: int = 0
     device: str | None = None
-    max_steps: int | None = None
 
     def encoder_config(self, d_model: int) -> EncoderConfig:
         return EncoderConfig(d_model=d_model, hidden_size=self.hidden_size, num_layers=self.num_layers,
