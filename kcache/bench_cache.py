@@ -156,7 +156,7 @@ def bench_fit(cache: Path, steps: int = 60, batch_size: int = 8, device: str | N
     import numpy as np
 
     from kcache.fit import BatchLoader, CacheReader, FitConfig, fit_encoders
-    from kcache.store import Cache
+    from kcache.cache import Cache
 
     c = Cache.open(cache)
     reader = CacheReader(c, c.layers)

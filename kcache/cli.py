@@ -56,27 +56,44 @@ def extract_cmd(
     shard_rows: int = typer.Option(None, "--shard-rows", help="rows per shard, a multiple of --chunk-rows (default: 8 chunks)"),
     device: str = DeviceOpt,
     model_dtype: str = DtypeOpt,
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing cache made with other settings"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an unfinished cache made with other settings (finalized caches are never replaced)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    distributed: bool = typer.Option(False, "--distributed", help="one rank of a torchrun/SLURM launch (implied when WORLD_SIZE > 1)"),
 ):
-    """Stage one: run the frozen decoder twice per sample and cache the per-layer differences."""
+    """Stage one: run the frozen decoder twice per sample and cache the per-layer differences.
+
+    Under torchrun (``torchrun --nproc-per-node N -m kcache extract ...``) each rank writes its
+    own part and rank 0 writes the manifest that joins them.
+    """
+    from kcache import distributed as dist
     from kcache.extract import ExtractConfig, extract
     from kcache.models import load_decoder
+
+    rank, world, local = dist.dist_env()
+    if distributed and world == 1:
+        typer.echo("error: --distributed needs a launcher that sets RANK/WORLD_SIZE (torchrun, srun)", err=True)
+        raise typer.Exit(2)
+    if world > 1:
+        dist.init()
+        if device is None:
+            import torch
+
+            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
 
     cfg = ExtractConfig(layers=layers, site=site, template=template, separator=separator, template_end=template_end,
                         max_length=max_length, dtype=dtype, skip_bos=skip_bos, token_budget=token_budget,
                         chunk_rows=chunk_rows, shard_rows=shard_rows)
     with errors():
         decoder = load_decoder(model, device=device, dtype=model_dtype, trust_remote_code=trust_remote_code)
-        report = extract(decoder, samples, out, cfg, overwrite=overwrite)
+        report = extract(decoder, samples, out, cfg, overwrite=overwrite, progress=rank == 0, rank=rank, world=world)
     for line in report.lines():
-        typer.echo(line)
+        typer.echo(f"[rank {rank}/{world}] {line}" if world > 1 else line)
 
 
 @app.command("inspect")
-def inspect_cmd(cache: Path = typer.Argument(..., help="cache directory"), card: bool = typer.Option(False, "--card", help="print the cache card")):
+def inspect_cmd(cache: str = typer.Argument(..., help="cache directory or URL"), card: bool = typer.Option(False, "--card", help="print the cache card")):
     """Summarise a cache: settings, counts, per-layer statistics."""
-    from kcache.store import Cache
+    from kcache.cache import Cache
 
     with errors():
         c = Cache.open(cache, require_complete=False)
@@ -85,6 +102,11 @@ def inspect_cmd(cache: Path = typer.Argument(..., help="cache directory"), card:
     typer.echo(f"model      {s['model'].get('name', '')} {s['model']['architecture']} weights {s['model']['weights_hash'][:19]}")
     typer.echo(f"site       {s['site']}   layers {','.join(map(str, s['layers']))}   dtype {s['dtype']}   max_length {s['max_length']}")
     typer.echo(f"template   {s['template']['template']!r} separator {s['template']['separator']!r} end {s['template']['end']}")
+    typer.echo(_storage_line(c))
+    if c.manifest is not None:
+        typer.echo(f"parts      {len(c.parts)}, finalized (immutable), metadata {c.manifest['metadata_digest'][:23]}…")
+    else:
+        typer.echo(f"parts      {len(c.parts)}, not finalized (no manifest.json)")
     cnt = a["counts"]
     typer.echo(f"samples    {cnt['samples']} of {cnt['samples_in']} ({cnt['skipped']} skipped {cnt.get('skip_reasons', {})}, {cnt['truncated']} truncated)")
     typer.echo(f"tokens     {cnt['input_tokens']} input, {cnt['encoder_tokens']} encoder, {cnt.get('target_tokens', 0)} target")
@@ -102,10 +124,20 @@ def inspect_cmd(cache: Path = typer.Argument(..., help="cache directory"), card:
         typer.echo(c.card())
 
 
+def _storage_line(c) -> str:
+    st = c.storage
+    if st["kind"] == "lossless":
+        return f"storage    lossless {c.dtype}"
+    err = c.attrs.get("storage_error", {})
+    per = ", ".join(f"{l}: {e['relative_rmse']:.3%}" for l, e in sorted(err.items(), key=lambda kv: int(kv[0])))
+    kind = st["kind"] + (f":{st['keepbits']}" if "keepbits" in st else "")
+    return f"storage    LOSSY {kind}; relative RMS error per layer {per or 'not recorded'}"
+
+
 @app.command("validate")
-def validate_cmd(cache: Path = typer.Argument(..., help="cache directory")):
-    """Check a cache end to end; exit 1 with the reasons when anything is wrong."""
-    from kcache.store import validate_cache
+def validate_cmd(cache: str = typer.Argument(..., help="cache directory or URL (http(s)://, s3://, gs://, hf://, memory://)")):
+    """Check a cache end to end (digests, structure, every value); exit 1 naming each problem."""
+    from kcache.integrity import validate_cache
 
     problems = validate_cache(cache, progress=True)
     if problems:
@@ -117,7 +149,7 @@ def validate_cmd(cache: Path = typer.Argument(..., help="cache directory")):
 
 @app.command("fit-encoders")
 def fit_cmd(
-    cache: Path = typer.Option(..., "--cache", "-c", help="stage-one cache directory"),
+    cache: str = typer.Option(..., "--cache", "-c", help="stage-one cache directory or URL"),
     out: Path = typer.Option(..., "--out", "-o", help="encoder bundle directory (resumes if a checkpoint is there)"),
     layers: str = typer.Option(None, "--layers", help="subset of the cached layers (default: all)"),
     epochs: int = typer.Option(3, "--epochs"),
@@ -139,7 +171,7 @@ def fit_cmd(
     """Stage two: train one encoder per cached layer from the cache alone (no decoder needed)."""
     from kcache.align import parse_layers
     from kcache.fit import FitConfig, fit_encoders, summary_table
-    from kcache.store import Cache
+    from kcache.cache import Cache
 
     with errors():
         lay = parse_layers(layers, 10**6) if layers else None
@@ -152,6 +184,34 @@ def fit_cmd(
     typer.echo(f"best step {summary['best_step']} of {summary['steps']} ({summary['stopped']}); {summary['wall_seconds']:.0f} s, "
                f"{summary['data_wait_seconds'] / max(summary['wall_seconds'], 1e-9):.1%} waiting for data")
     typer.echo(f"bundle: {out}/ (config.json, encoders.safetensors); curves: {out}/curves.png")
+
+
+@app.command("merge")
+def merge_cmd(
+    caches: list[str] = typer.Argument(..., help="two or more caches (directories or URLs) from the same model, site and template"),
+    out: Path = typer.Option(..., "--out", "-o", help="new cache directory"),
+    keep_first: bool = typer.Option(False, "--keep-first", help="a sample id in several caches keeps its first copy (default: error)"),
+):
+    """Combine caches extracted by different teams into one finalized cache."""
+    from kcache.merge import merge
+
+    with errors():
+        m = merge(caches, out, keep_first=keep_first)
+    ex = m["provenance"]["merged"]["excluded_duplicates"]
+    typer.echo(f"{out}: {len(m['parts'])} parts, {sum(p['samples'] for p in m['parts']) - ex} samples"
+               + (f" ({ex} duplicate(s) hidden, first copy kept)" if ex else "") + f"; metadata {m['metadata_digest'][:19]}")
+
+
+@app.command("finalize")
+def finalize_cmd(cache: Path = typer.Argument(..., help="a complete cache written before manifests existed")):
+    """Write the manifest (digests) of a complete cache and make it read-only."""
+    from kcache.cache import Cache
+    from kcache.integrity import finalize
+
+    with errors():
+        Cache.open(cache)
+        m = finalize(cache, provenance={"finalized_later": True})
+    typer.echo(f"{cache}: finalized, {sum(len(p['files']) for p in m['parts'])} files, metadata {m['metadata_digest'][:19]}")
 
 
 @app.command("run")
@@ -192,8 +252,16 @@ def _register_stage_commands() -> None:
     register_stage3(app)
     register_finetune(app)
     bench_cache.register(bench_app)
+    _optional_register("kcache.bench_store", bench_app)
+    _optional_register("kcache.remote", app)
     register_methods(app)
     register_baseline_eval(app)
+
+
+def _optional_register(module: str, target) -> None:
+    import importlib
+
+    importlib.import_module(module).register(target)
 
 
 _register_stage_commands()

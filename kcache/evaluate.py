@@ -433,7 +433,7 @@ def evaluate(
 
     from kcache.data.samples import read_samples
     from kcache.inject import Injector
-    from kcache.store import Cache
+    from kcache.cache import Cache
 
     table = samples if isinstance(samples, pa.Table) else read_samples(samples)
     n_in = table.num_rows

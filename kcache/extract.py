@@ -33,6 +33,9 @@ from kcache.store import (
 
 import zarr
 
+from kcache.cache import MANIFEST
+from kcache.integrity import finalize, refuse_if_finalized, write_part_record
+
 
 @dataclasses.dataclass
 class ExtractConfig:
@@ -162,6 +165,43 @@ def make_plan(tokenizer, samples: pa.Table, cfg: ExtractConfig) -> Plan:
     return Plan(order, encoded, skipped, batches)
 
 
+def batch_costs(plan: Plan) -> list[int]:
+    """Padded tokens of each batch over both passes: what a batch costs to run."""
+    out = []
+    for b in plan.batches:
+        xa = max(len(plan.encoded[i].x_ids) for i in b)
+        xb = max(len(plan.encoded[i].k_ids) + len(plan.encoded[i].x_ids) for i in b)
+        out.append(len(b) * (xa + xb))
+    return out
+
+
+def rank_batches(costs: list[int], world: int) -> list[tuple[int, int]]:
+    """Split batches into ``world`` contiguous ranges ``[lo, hi)`` of about equal cost.
+
+    Contiguous, so the parts in rank order are the single-process layout cut in pieces; the
+    batches themselves are unchanged, so every sample's values are bit-identical to a
+    single-process run. Depends only on the plan and ``world`` (deterministic on every rank).
+    """
+    cum = np.cumsum([0] + list(costs))
+    total = cum[-1]
+    cuts = [0] + [int(np.searchsorted(cum, total * k / world, side="left")) for k in range(1, world)] + [len(costs)]
+    cuts = np.maximum.accumulate(np.minimum(cuts, len(costs)))
+    return [(int(cuts[k]), int(cuts[k + 1])) for k in range(world)]
+
+
+def sub_plan(plan: Plan, lo_batch: int, hi_batch: int, keep_skipped: bool) -> Plan:
+    """The part of ``plan`` covering batches ``[lo_batch, hi_batch)`` (positions renumbered from 0)."""
+    batches = plan.batches[lo_batch:hi_batch]
+    if not batches:
+        return Plan([], [], plan.skipped if keep_skipped else [], [])
+    lo, hi = batches[0][0], batches[-1][-1] + 1
+    return Plan(plan.order[lo:hi], plan.encoded[lo:hi], plan.skipped if keep_skipped else [], [[i - lo for i in b] for b in batches])
+
+
+def part_name(rank: int, world: int) -> str:
+    return f"parts/{rank:05d}-of-{world:05d}"
+
+
 def useful_fraction(plan: Plan) -> float:
     """Real tokens / padded tokens over both passes of every batch."""
     real = padded = 0
@@ -241,11 +281,22 @@ def extract(
     cfg: ExtractConfig | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
 ) -> ExtractReport:
-    """Extract (or resume extracting) the delta cache for ``samples`` into ``out``."""
+    """Extract (or resume extracting) the delta cache for ``samples`` into ``out``.
+
+    With ``world > 1`` (one call per rank, e.g. under torchrun) rank ``r`` takes a contiguous,
+    cost-balanced run of the batches and writes ``out/parts/RRRRR-of-WWWWW``; once every rank
+    is done, rank 0 writes the manifest that makes the parts one cache. Ranks synchronise
+    through torch.distributed when it is initialised; see ``kcache.distributed``.
+    """
     cfg = cfg or ExtractConfig()
     t_start = time.perf_counter()
-    out = Path(out)
+    root = Path(out)
+    out = root / part_name(rank, world) if world > 1 else root
+    if world > 1 and (root / "zarr.json").exists():
+        raise CacheError(f"{root} holds a single-process cache; a {world}-rank extraction needs another --out")
     table = samples if isinstance(samples, pa.Table) else read_samples(samples)
     if cfg.site not in ("mlp", "block"):
         raise CacheError(f"--site must be 'mlp' or 'block', not {cfg.site!r}")
@@ -256,7 +307,26 @@ def extract(
     if shard % chunk:
         raise CacheError(f"shard rows ({shard}) must be a multiple of chunk rows ({chunk})")
     settings = _settings(decoder, cfg, layers, table, chunk, shard)
-    plan = make_plan(decoder.tokenizer, table, cfg)
+
+    def plan_for(c):
+        full = make_plan(decoder.tokenizer, table, c)
+        if world == 1:
+            return full
+        lo, hi = rank_batches(batch_costs(full), world)[rank]
+        return sub_plan(full, lo, hi, keep_skipped=rank == 0)
+
+    plan = plan_for(cfg)
+    if (root / MANIFEST).exists():
+        from kcache.cache import Cache
+
+        done = Cache.open(root)
+        diffs = _differences(done.settings, settings)
+        if diffs:
+            raise CacheError(f"{root} holds a finalized cache made with different settings ({'; '.join(diffs)}); finalized caches are immutable: use another --out")
+        if overwrite:
+            refuse_if_finalized(root, "overwrite it")
+        c = done.attrs["counts"]
+        return ExtractReport(root, c["samples"], c["skipped"], c.get("skip_reasons", {}), c["truncated"], c["input_tokens"], 0.0, 0.0, 0, "already complete")
 
     resume_row = 0
     if out.exists() and any(out.iterdir()):
@@ -273,6 +343,8 @@ def extract(
             if diffs:
                 raise CacheError(f"{out} holds a cache made with different settings ({'; '.join(diffs)}); use another --out or pass --overwrite")
             if existing["status"] == "complete":
+                # Killed between completing and finalizing: only the manifest is missing.
+                _finish(root, rank, world, existing)
                 counts = existing["counts"]
                 return ExtractReport(out, counts["samples"], counts["skipped"], counts.get("skip_reasons", {}), counts["truncated"], counts["input_tokens"], 0.0, 0.0, 0, "already complete")
             commit = read_last_commit(out)
@@ -281,7 +353,18 @@ def extract(
             stored_budget = existing.get("extraction", {}).get("token_budget", cfg.token_budget)
             if stored_budget != cfg.token_budget:
                 cfg = dataclasses.replace(cfg, token_budget=stored_budget)
-                plan = make_plan(decoder.tokenizer, table, cfg)
+                plan = plan_for(cfg)
+    if (root / MANIFEST).exists():
+        from kcache.cache import Cache
+
+        done = Cache.open(root)
+        diffs = _differences(done.settings, settings)
+        if diffs:
+            raise CacheError(f"{root} holds a finalized cache made with different settings ({'; '.join(diffs)}); finalized caches are immutable: use another --out")
+        if overwrite:
+            refuse_if_finalized(root, "overwrite it")
+        c = done.attrs["counts"]
+        return ExtractReport(root, c["samples"], c["skipped"], c.get("skip_reasons", {}), c["truncated"], c["input_tokens"], 0.0, 0.0, 0, "already complete")
 
     x_lens = plan.x_lens
     row_off = plan.row_offsets
@@ -289,7 +372,7 @@ def extract(
     ids_col = table["id"].to_pylist()
     skip_reasons = Counter(_reason_kind(r) for _, r in plan.skipped)
     counts = {
-        "samples_in": table.num_rows,
+        "samples_in": len(plan.encoded) + len(plan.skipped),  # this part's share when several ranks write
         "samples": len(plan.encoded),
         "skipped": len(plan.skipped),
         "skip_reasons": dict(skip_reasons),
@@ -302,6 +385,8 @@ def extract(
 
     if resume_row == 0 and not (out / "zarr.json").exists():
         attrs = _initial_attrs(decoder, settings, counts, cfg, plan)
+        if world > 1:
+            attrs["extraction"]["rank"] = {"rank": rank, "world": world}
         tok_lens = np.array([len(e.k_ids) + len(e.x_ids) for e in plan.encoded], dtype=np.int64)
         tok_off = np.concatenate([[0], np.cumsum(tok_lens)]).astype(np.int64)
         token_ids = np.array([t for e in plan.encoded for t in e.k_ids + e.x_ids], dtype=np.int32)
@@ -363,8 +448,24 @@ def extract(
     attrs["extraction"] = {**attrs.get("extraction", {}), "useful_token_fraction": useful_fraction(plan)}
     group.attrs[ATTRS_KEY] = attrs
     write_card(out, attrs)
+    _finish(root, rank, world, attrs)
     elapsed = time.perf_counter() - t_start
     return ExtractReport(out, counts["samples"], counts["skipped"], dict(skip_reasons), counts["truncated"], total, elapsed, fwd, resumed_from, "complete")
+
+
+def _finish(root: Path, rank: int, world: int, attrs: dict) -> None:
+    """Digest the part(s) and write the manifest (rank 0, after every rank has digested its own)."""
+    provenance = {"extracted": {"ranks": world, "kcache_version": __version__, "finished": attrs.get("finished")}}
+    if world == 1:
+        finalize(root, provenance=provenance)
+        return
+    from kcache import distributed
+
+    write_part_record(root, part_name(rank, world), origin=f"rank {rank} of {world}")
+    distributed.barrier()
+    if rank == 0:
+        finalize(root, [part_name(r, world) for r in range(world)], provenance=provenance)
+    distributed.barrier()
 
 
 def _initial_attrs(decoder: Decoder, settings: dict, counts: dict, cfg: ExtractConfig, plan: Plan) -> dict:

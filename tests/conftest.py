@@ -85,3 +85,21 @@ def demo_samples():
     from kcache.data.synth import synth_samples
 
     return synth_samples(24, seed=7)
+
+
+def unlock(root: Path) -> None:
+    """Give back the write bits that finalizing took away (tests that corrupt caches on purpose)."""
+    for p in Path(root).rglob("*"):
+        if p.is_file():
+            p.chmod(p.stat().st_mode | 0o200)
+
+
+@pytest.fixture
+def saved_model(tmp_path, tokenizer_nobos, monkeypatch):
+    """A tiny Llama saved as an HF directory (for commands run in subprocesses)."""
+    monkeypatch.setenv("KCACHE_HOME", str(tmp_path / "home"))
+    d = tmp_path / "tiny-llama"
+    model = make_model("llama", len(tokenizer_nobos), layers=4)
+    model.save_pretrained(d)
+    tokenizer_nobos.save_pretrained(d)
+    return d

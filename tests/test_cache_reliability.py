@@ -15,22 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_model
+from conftest import make_model, unlock
 from kcache.cli import app
 from kcache.data.samples import write_samples
 from kcache.data.synth import synth_samples
 from kcache.extract import ExtractConfig, extract
-from kcache.store import COMMIT_LOG, Cache, CacheError, validate_cache
+from kcache.cache import Cache
+from kcache.integrity import validate_cache
+from kcache.store import COMMIT_LOG, CacheError
 
-
-@pytest.fixture
-def saved_model(tmp_path, tokenizer_nobos, monkeypatch):
-    monkeypatch.setenv("KCACHE_HOME", str(tmp_path / "home"))
-    d = tmp_path / "tiny-llama"
-    model = make_model("llama", len(tokenizer_nobos), layers=4)
-    model.save_pretrained(d)
-    tokenizer_nobos.save_pretrained(d)
-    return d
 
 
 def _cli(args, env):
@@ -41,7 +34,7 @@ def _arrays_equal(a: Path, b: Path):
     ca, cb = Cache.open(a), Cache.open(b)
     assert ca.index.equals(cb.index)
     for name in ["tokens/ids", "tokens/offsets", "masks/loss", "masks/target", "embeddings"] + [f"deltas/layer_{l:02d}" for l in ca.layers]:
-        np.testing.assert_array_equal(ca.group[name][:], cb.group[name][:], err_msg=name)
+        np.testing.assert_array_equal(ca.parts[0].array(name)[:], cb.parts[0].array(name)[:], err_msg=name)
     assert ca.attrs["stats"] == cb.attrs["stats"]
 
 
@@ -90,8 +83,14 @@ def test_changed_settings_are_refused(tiny_decoder, demo_samples, tmp_path):
         extract(tiny_decoder, demo_samples, out, ExtractConfig(layers="1-2", site="block"), progress=False)
     again = extract(tiny_decoder, demo_samples, out, ExtractConfig(layers="1-2"), progress=False)
     assert again.status == "already complete"
-    extract(tiny_decoder, demo_samples, out, ExtractConfig(layers="1-3"), overwrite=True, progress=False)
-    assert Cache.open(out).layers == [1, 2, 3]
+    # A finalized cache is immutable: --overwrite is refused and nothing is touched.
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(CacheError, match="immutable"):
+        extract(tiny_decoder, demo_samples, out, ExtractConfig(layers="1-3"), overwrite=True, progress=False)
+    with pytest.raises(CacheError, match="immutable"):
+        extract(tiny_decoder, demo_samples, out, ExtractConfig(layers="1-2"), overwrite=True, progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert all(not (p.stat().st_mode & 0o222) for p in before), "finalized files must be read-only"
 
 
 @pytest.fixture
@@ -108,6 +107,7 @@ def good_cache(tokenizer_nobos, tmp_path):
 def test_validate_catches_deleted_shard(good_cache):
     shard = good_cache / "deltas" / "layer_02" / "c" / "1" / "0"
     assert shard.exists()
+    unlock(good_cache)
     shard.unlink()
     problems = validate_cache(good_cache)
     assert any("deltas/layer_02" in p and "missing" in p for p in problems), problems
@@ -116,6 +116,7 @@ def test_validate_catches_deleted_shard(good_cache):
 
 
 def test_validate_catches_flipped_offset(good_cache):
+    unlock(good_cache)
     t = pq.read_table(good_cache / "index.parquet")
     off = t["row_offset"].to_pylist()
     off[5] += 1
@@ -128,6 +129,7 @@ def test_validate_catches_flipped_offset(good_cache):
 def test_validate_catches_nan(good_cache):
     import zarr
 
+    unlock(good_cache)
     arr = zarr.open_array(str(good_cache / "deltas" / "layer_01"), mode="r+")
     block = arr[0:128]
     block[17, 3] = np.nan

@@ -11,7 +11,7 @@ from kcache.data.synth import synth_records, synth_samples
 from kcache.encoders import BundleError, EncoderConfig, EncoderStack, save_bundle
 from kcache.extract import ExtractConfig, capture, extract, run_blocks
 from kcache.inject import InjectError, Injector, encoder_additions, generate_tokens
-from kcache.store import Cache
+from kcache.cache import Cache
 
 SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 

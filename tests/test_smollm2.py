@@ -53,7 +53,7 @@ def test_default_model_is_real_and_uses_knowledge(smol):
 def test_exactness_on_smollm2(smol, tmp_path, site):
     from kcache.data.synth import synth_samples
     from kcache.extract import ExtractConfig, extract
-    from kcache.store import Cache
+    from kcache.cache import Cache
     from test_extract import _activations
 
     layer = 5
