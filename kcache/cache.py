@@ -231,7 +231,7 @@ class Part:
             import zarr
 
             try:
-                self._group = zarr.open_group(store=self.loc.zarr_store(), mode="r")
+                self._group = zarr.open_group(store=self.loc.zarr_store(), mode="r", zarr_format=3)
             except Exception as e:  # noqa: BLE001 - any zarr failure is a cache problem
                 raise CacheError(f"{self.loc}: cannot open as a zarr v3 group: {e}") from None
         return self._group
@@ -268,6 +268,20 @@ def combine_stats(parts: list[Part]) -> dict:
         mean, ms = s1 / n, s2 / n
         out[l] = {"mean": mean, "std": max(ms - mean * mean, 0.0) ** 0.5, "rms": ms ** 0.5, "n": int(n),
                   "position_norms": [acc[0] / acc[1] for _, acc in sorted(pos.items()) if acc[1]]}
+    return out
+
+
+def combine_errors(per_part: list[dict]) -> dict:
+    """Pool per-part storage errors (``sse``/``ssr`` sums) into one relative RMS error per layer."""
+    out: dict = {}
+    for errs in per_part:
+        for l, e in errs.items():
+            acc = out.setdefault(l, {"sse": 0.0, "ssr": 0.0, "max_abs_error": 0.0})
+            acc["sse"] += e.get("sse", 0.0)
+            acc["ssr"] += e.get("ssr", 0.0)
+            acc["max_abs_error"] = max(acc["max_abs_error"], e.get("max_abs_error", 0.0))
+    for acc in out.values():
+        acc["relative_rmse"] = (acc["sse"] / acc["ssr"]) ** 0.5 if acc["ssr"] else 0.0
     return out
 
 
@@ -367,6 +381,8 @@ class Cache:
             counts["excluded_duplicates"] = excluded
         a["counts"] = counts
         a["stats"] = combine_stats(self.parts)
+        if any("storage_error" in p.attrs for p in self.parts):
+            a["storage_error"] = combine_errors([p.attrs.get("storage_error", {}) for p in self.parts])
         a["status"] = "complete" if all(p.attrs["status"] == "complete" for p in self.parts) else "extracting"
         a["parts"] = len(self.parts)
         return a

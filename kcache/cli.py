@@ -58,6 +58,7 @@ def extract_cmd(
     model_dtype: str = DtypeOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an unfinished cache made with other settings (finalized caches are never replaced)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    storage: str = typer.Option("lossless", "--storage", help="lossless | bitround:N (keep N of float16's 10 mantissa bits) | int8 (per-row scale); lossy error is measured and recorded"),
     distributed: bool = typer.Option(False, "--distributed", help="one rank of a torchrun/SLURM launch (implied when WORLD_SIZE > 1)"),
 ):
     """Stage one: run the frozen decoder twice per sample and cache the per-layer differences.
@@ -82,7 +83,7 @@ def extract_cmd(
 
     cfg = ExtractConfig(layers=layers, site=site, template=template, separator=separator, template_end=template_end,
                         max_length=max_length, dtype=dtype, skip_bos=skip_bos, token_budget=token_budget,
-                        chunk_rows=chunk_rows, shard_rows=shard_rows)
+                        chunk_rows=chunk_rows, shard_rows=shard_rows, storage=storage)
     with errors():
         decoder = load_decoder(model, device=device, dtype=model_dtype, trust_remote_code=trust_remote_code)
         report = extract(decoder, samples, out, cfg, overwrite=overwrite, progress=rank == 0, rank=rank, world=world)
@@ -167,8 +168,13 @@ def fit_cmd(
     seed: int = typer.Option(0, "--seed"),
     device: str = DeviceOpt,
     max_steps: int = typer.Option(None, "--max-steps"),
+    parallel: str = typer.Option("layers", "--parallel", help="under torchrun/SLURM: 'layers' = each process trains its share of the layers"),
 ):
-    """Stage two: train one encoder per cached layer from the cache alone (no decoder needed)."""
+    """Stage two: train one encoder per cached layer from the cache alone (no decoder needed).
+
+    Under torchrun (``torchrun --nproc-per-node N -m kcache fit-encoders ...``) process r trains
+    layers[r::N]; the bundle is the same as a single process would write.
+    """
     from kcache.align import parse_layers
     from kcache.fit import FitConfig, fit_encoders, summary_table
     from kcache.cache import Cache
@@ -177,9 +183,14 @@ def fit_cmd(
         lay = parse_layers(layers, 10**6) if layers else None
         cfg = FitConfig(layers=lay, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr_max=lr_max, lr_min=lr_min,
                         hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, intermediate_size=intermediate_size,
-                        eval_every=eval_every, patience=patience, buffer_samples=buffer_samples, seed=seed, device=device, max_steps=max_steps)
+                        eval_every=eval_every, patience=patience, buffer_samples=buffer_samples, seed=seed, device=device, max_steps=max_steps,
+                        parallel=parallel)
         Cache.open(cache)
         summary = fit_encoders(cache, out, cfg)
+    from kcache import distributed
+
+    if not distributed.is_main():
+        return
     typer.echo(summary_table(summary))
     typer.echo(f"best step {summary['best_step']} of {summary['steps']} ({summary['stopped']}); {summary['wall_seconds']:.0f} s, "
                f"{summary['data_wait_seconds'] / max(summary['wall_seconds'], 1e-9):.1%} waiting for data")

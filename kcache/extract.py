@@ -34,6 +34,7 @@ from kcache.store import (
 import zarr
 
 from kcache.cache import MANIFEST
+from kcache.storage import ErrorAccumulator, parse_storage
 from kcache.integrity import finalize, refuse_if_finalized, write_part_record
 
 
@@ -53,6 +54,7 @@ class ExtractConfig:
     chunk_rows: int | None = None
     shard_rows: int | None = None
     chunks_per_shard: int = 8
+    storage: str = "lossless"  # lossless | bitround:N | int8 (kcache.storage); lossy is for caches that travel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,6 +232,8 @@ def _settings(decoder: Decoder, cfg: ExtractConfig, layers: list[int], samples: 
         "chunk_rows": chunk,
         "shard_rows": shard,
         "codecs": codecs_description(),
+        # Only lossy storage is recorded, so lossless settings stay comparable with older caches.
+        **({"storage": parse_storage(cfg.storage)} if parse_storage(cfg.storage)["kind"] != "lossless" else {}),
     }
 
 
@@ -420,7 +424,9 @@ def extract(
     positions = np.minimum(np.concatenate([np.arange(n) for n in x_lens]) if len(x_lens) else np.zeros(0), 255).astype(np.uint8)
     commit = read_last_commit(out)
     stats = RunningStats(layers, commit["stats"] if commit and resume_row else None)
-    writer = DeltaWriter(out, group, layers, cfg.dtype, shard, total, resume_row, positions, stats)
+    storage = settings.get("storage")
+    errors = ErrorAccumulator(layers, commit.get("errors") if commit and resume_row else None) if storage else None
+    writer = DeltaWriter(out, group, layers, cfg.dtype, shard, total, resume_row, positions, stats, storage=storage, errors=errors)
 
     # first batch that still has rows past the last commit
     first_batch = next((bi for bi, b in enumerate(plan.batches) if row_off[b[-1] + 1] > resume_row), len(plan.batches))
@@ -432,7 +438,12 @@ def extract(
         for b in todo:
             t0 = time.perf_counter()
             deltas = batch_deltas(decoder, [plan.encoded[i] for i in b], cfg.site, layers)
-            rows = {l: encode_rows(d, cfg.dtype, f"layer {l} deltas of samples {[ids_col[plan.order[i]] for i in b][:3]}") for l, d in deltas.items()}
+            what = f"deltas of samples {[ids_col[plan.order[i]] for i in b][:3]}"
+            if storage:
+                # Lossy: the writer quantizes whole shards and measures the error against these.
+                rows = {l: encode_rows(d, "float32", f"layer {l} {what}") for l, d in deltas.items()}
+            else:
+                rows = {l: encode_rows(d, cfg.dtype, f"layer {l} {what}") for l, d in deltas.items()}
             fwd += time.perf_counter() - t0
             writer.put(int(row_off[b[0]]), rows)
             end = int(row_off[b[-1] + 1])
@@ -443,6 +454,10 @@ def extract(
         writer.close()
 
     attrs["stats"] = stats.summary()
+    if errors is not None:
+        # Sums kept beside the figures so parts can be pooled (kcache.cache.combine_errors).
+        sums = errors.state()
+        attrs["storage_error"] = {l: {**e, "sse": sums[l]["sse"], "ssr": sums[l]["ssr"]} for l, e in errors.summary().items()}
     attrs["status"] = "complete"
     attrs["finished"] = now()
     attrs["extraction"] = {**attrs.get("extraction", {}), "useful_token_fraction": useful_fraction(plan)}

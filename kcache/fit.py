@@ -20,6 +20,7 @@ import json
 import math
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -29,10 +30,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from kcache import distributed
 from kcache.align import length_mask
-from kcache.encoders import EncoderConfig, EncoderStack, save_bundle
+from kcache.encoders import CONFIG_FILE, WEIGHTS_FILE, EncoderConfig, EncoderStack, save_bundle
 from kcache.schemas import validate_document
-from kcache.store import Cache, CacheError, decode_rows, now
+from kcache.cache import Cache
+from kcache.store import CacheError, now
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FORMAT = "kcache-checkpoint"
@@ -69,6 +72,12 @@ class FitConfig(OptimConfig):
     val_max_samples: int = 512
     buffer_samples: int = 2048  # shuffling buffer (bounds memory)
     device: str | None = None
+    parallel: str = "layers"  # on several processes: "layers" (each trains its own layers); ignored in one
+
+    def run_config(self) -> dict:
+        """The settings that define the run (resume check, bundle metadata). ``parallel`` is left
+        out: in one process it means nothing, and on several the results do not depend on it."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "parallel"}
 
     def encoder_config(self, d_model: int) -> EncoderConfig:
         return EncoderConfig(d_model=d_model, hidden_size=self.hidden_size, num_layers=self.num_layers,
@@ -142,6 +151,30 @@ def split_samples(cache: Cache, val_fraction: float, seed: int) -> tuple[np.ndar
     return np.nonzero(pool & (h >= val_fraction))[0], np.nonzero(pool & (h < val_fraction))[0]
 
 
+def layers_of_rank(layers: list[int], rank: int, world: int) -> list[int]:
+    """Layers trained by process ``rank`` of ``world`` in layer-parallel mode (round robin)."""
+    return list(layers[rank::world])
+
+
+VAL_KEYS = ("mse", "fvu", "fvu_mean_baseline", "fvu_zero_baseline")
+
+
+def share_layer_values(values: dict[int, list[float]], layers: list[int], width: int) -> dict[int, list[float]]:
+    """Give every process the per-layer numbers each process computed for its own layers.
+
+    All-reduces (SUM) a float64 table with one row per global layer that is zero in the rows of
+    layers this process does not own. Adding zeros is exact, so every process ends with the very
+    floats the owner computed (hence identical global decisions, and sums taken afterwards in
+    global layer order equal the single-process ones bit for bit).
+    """
+    t = torch.zeros(len(layers), width, dtype=torch.float64)
+    for i, l in enumerate(layers):
+        if l in values:
+            t[i] = torch.tensor(values[l], dtype=torch.float64)
+    distributed.all_reduce_sum(t)
+    return {l: t[i].tolist() for i, l in enumerate(layers)}
+
+
 # ---------------------------------------------------------------------------------------------
 # reading the cache
 
@@ -168,8 +201,8 @@ class CacheReader:
         self.row_off = cache.index["row_offset"].to_numpy()
         self.x_len = cache.index["x_len"].to_numpy().astype(np.int64)
         self.chunk = cache.settings["chunk_rows"]
-        self.ids = cache._flat("tokens/ids")
-        self.loss = cache._flat("masks/loss")
+        self.ids = cache.flat("tokens/ids")
+        self.loss = cache.flat("masks/loss")
         self.bytes_read = 0
 
     def blocks(self, samples: np.ndarray) -> list[list[int]]:
@@ -184,9 +217,8 @@ class CacheReader:
         b = int(self.row_off[block[-1]] + self.x_len[block[-1]])
         rows = {}
         for l in self.layers:
-            raw = self.cache.delta_array(l)[a:b]
-            self.bytes_read += raw.nbytes
-            rows[l] = decode_rows(raw, self.cache.dtype)
+            rows[l], stored = self.cache.read_rows(l, a, b, with_bytes=True)
+            self.bytes_read += stored
         out = {}
         for s in block:
             r0 = int(self.row_off[s]) - a
@@ -338,10 +370,17 @@ def _train_mean(reader: CacheReader, samples: np.ndarray, max_blocks: int, seed:
     return {l: torch.from_numpy(np.asarray(sums[l] / max(count, 1), dtype=np.float32)) for l in reader.layers}
 
 
-def _save_checkpoint(out: Path, stack, opt, state: dict):
+def _save_checkpoint(out: Path, stack, opt, state: dict, where: Path | None = None, before_publish=None):
+    """Write the training state to ``where`` (default ``out/checkpoint``) atomically.
+
+    ``before_publish()`` runs after the new checkpoint is complete on disk and before it
+    replaces the old one: several processes pass a barrier, so that a crash while writing never
+    leaves them at different steps.
+    """
     from safetensors.torch import save_file
 
-    tmp = out / (CHECKPOINT_DIR + ".saving")
+    final = Path(where) if where is not None else final_dir(out)
+    tmp = final.with_name(final.name + ".saving")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in stack.state_dict().items()}, str(tmp / "model.safetensors"))
@@ -357,9 +396,10 @@ def _save_checkpoint(out: Path, stack, opt, state: dict):
     tensors["__rng_cpu"] = torch.get_rng_state()
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     doc = json.loads(json.dumps({**state, "format": CHECKPOINT_FORMAT, "schema_version": 1, "optimizer": meta}))
-    validate_document(doc, "fit-checkpoint-v1", str(final_dir(out) / "state.json"))
+    validate_document(doc, "fit-checkpoint-v1", str(final / "state.json"))
     (tmp / "state.json").write_text(json.dumps(doc, indent=1))
-    final = out / CHECKPOINT_DIR
+    if before_publish is not None:
+        before_publish()
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -369,11 +409,11 @@ def final_dir(out: Path) -> Path:
     return Path(out) / CHECKPOINT_DIR
 
 
-def _load_checkpoint(out: Path, stack, opt) -> dict | None:
+def _load_checkpoint(out: Path, stack, opt, where: Path | None = None) -> dict | None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    d = final_dir(out)
+    d = Path(where) if where is not None else final_dir(out)
     if not (d / "state.json").exists():
         return None
     try:
@@ -399,21 +439,88 @@ def _load_checkpoint(out: Path, stack, opt) -> dict | None:
     return state
 
 
+_RANK_DIR = re.compile(r"rank-(\d{5})-of-(\d{5})$")
+
+
+def rank_checkpoint_dir(out: Path, rank: int, world: int) -> Path:
+    """Checkpoint of process ``rank`` of ``world``; one process keeps ``out/checkpoint`` itself."""
+    return final_dir(out) if world == 1 else final_dir(out) / f"rank-{rank:05d}-of-{world:05d}"
+
+
+def best_part_dir(out: Path, rank: int, world: int) -> Path:
+    """Best weights of process ``rank`` of ``world`` (its layers only), merged into ``out``."""
+    d = rank_checkpoint_dir(out, rank, world)
+    return d.with_name(d.name + ".best")
+
+
+def _check_checkpoint_layout(out: Path, world: int) -> None:
+    """Refuse to resume (or overwrite) a checkpoint written by a different number of processes:
+    each process's checkpoint holds only its own layers."""
+    base = final_dir(out)
+    if not base.is_dir():
+        return
+    found = {int(m.group(2)) for p in base.iterdir() if p.is_dir() and (m := _RANK_DIR.match(p.name))}
+    if (base / "state.json").exists():
+        found.add(1)
+    if found - {world}:
+        raise CacheError(f"{base}: holds the checkpoint of a run on {', '.join(map(str, sorted(found - {world})))} process(es), this run has {world}; "
+                         "rerun with that many processes, use another --out, or delete it")
+
+
+def _resume_together(load, where: Path, rank: int, world: int):
+    """``load()`` on every process, then make sure all of them resume from the same step (a
+    process that starts over while the others resume would train on a different schedule)."""
+    err, state = None, None
+    try:
+        state = load()
+    except CacheError as e:
+        err = e
+    steps = torch.zeros(world, dtype=torch.float64)
+    steps[rank] = -2 if err else (-1 if state is None else state["step"])
+    steps = distributed.all_reduce_sum(steps).tolist()
+    if err:
+        raise err
+    if -2 in steps:
+        raise CacheError(f"{where}: process(es) {[r for r, s in enumerate(steps) if s == -2]} cannot resume (see their error)")
+    if len(set(steps)) > 1:
+        shown = ", ".join(f"rank {r}: {'none' if s < 0 else int(s)}" for r, s in enumerate(steps))
+        raise CacheError(f"{where}: the processes' checkpoints are at different steps ({shown}); delete it to start over")
+    return state
+
+
 def fit_encoders(cache_path: str | Path, out: str | Path, cfg: FitConfig | None = None, progress: bool = True,
                  on_step=None) -> dict:
     """Train encoders on a cache; writes the best bundle to ``out`` and returns the summary.
 
     Rerunning with the same arguments resumes from ``out/checkpoint``. ``on_step(step)`` is
     called after every optimizer step (tests use it to simulate a crash).
+
+    Under a launcher (torchrun: RANK / WORLD_SIZE set, see ``kcache.distributed``) with ``cfg.parallel
+    == "layers"``, process r trains layers ``layers[r::world]``: encoders are independent, so each
+    ends exactly as in a single-process run. Validation numbers are shared after every evaluation
+    so all processes take the same decisions (best step, early stop); each keeps its own
+    checkpoint (``out/checkpoint/rank-RRRRR-of-WWWWW``) and best weights (``...WWWWW.best``); the
+    first process merges the latter into ``out`` and alone writes the shared files.
     """
     cfg = cfg or FitConfig()
     out = Path(out)
+    if cfg.parallel not in ("layers",):
+        raise ValueError(f"parallel={cfg.parallel!r}: expected 'layers'")
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, local = distributed.dist_env()
+    if world > 1:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local)  # one GPU per process on its node
+        rank, world, local = distributed.init(backend="nccl" if device.type == "cuda" else "gloo")
+    main = rank == 0
     cache = Cache.open(cache_path)
     layers = cfg.layers or cache.layers
     missing = [l for l in layers if l not in cache.layers]
     if missing:
         raise CacheError(f"{cache_path}: layer(s) {missing} not in this cache (it has {cache.layers})")
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if world > len(layers):
+        raise CacheError(f"{world} processes for {len(layers)} layer(s): each process trains whole layers, so run at most {len(layers)}")
+    mine = layers_of_rank(layers, rank, world)  # all of them in one process
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else (lambda: torch.autocast("cpu", enabled=False))
     torch.manual_seed(cfg.seed)
 
@@ -421,9 +528,10 @@ def fit_encoders(cache_path: str | Path, out: str | Path, cfg: FitConfig | None 
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise CacheError(f"{cache_path}: need training and validation samples (have {len(train_idx)} / {len(val_idx)})")
     val_idx = val_idx[: cfg.val_max_samples]
-    reader = CacheReader(cache, layers)
+    reader = CacheReader(cache, mine)
     emb = cache.embeddings().to(device)
-    stack = EncoderStack(cfg.encoder_config(cache.hidden_size), layers, seed=cfg.seed).to(device)
+    # Each encoder is seeded by (seed, layer): a process building only its layers gets the same weights.
+    stack = EncoderStack(cfg.encoder_config(cache.hidden_size), mine, seed=cfg.seed).to(device)
     opt = torch.optim.AdamW(stack.parameters(), lr=cfg.lr_max, betas=cfg.betas, weight_decay=cfg.weight_decay)
     batches_per_epoch = -(-len(train_idx) // cfg.batch_size)
     steps_per_epoch = -(-batches_per_epoch // cfg.grad_accum)
@@ -431,11 +539,19 @@ def fit_encoders(cache_path: str | Path, out: str | Path, cfg: FitConfig | None 
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     warmup = int(round(cfg.warmup_fraction * total_steps))
-    run_id = {"cache": cache.fingerprint(), "config": dataclasses.asdict(cfg) | {"layers": layers}}
+    run_id = {"cache": cache.fingerprint(), "config": cfg.run_config() | {"layers": layers}}
 
-    state = _load_checkpoint(out, stack, opt)
-    if state and state.get("run") != json.loads(json.dumps(run_id)):
-        raise CacheError(f"{out}/{CHECKPOINT_DIR}: a checkpoint of a different run (other cache or settings) is there; use another --out or delete it")
+    ckpt_dir = rank_checkpoint_dir(out, rank, world)
+    parts = [best_part_dir(out, r, world) for r in range(world)]  # world > 1 only
+    _check_checkpoint_layout(out, world)
+
+    def load():
+        st = _load_checkpoint(out, stack, opt, where=ckpt_dir)
+        if st and st.get("run") != json.loads(json.dumps(run_id)):
+            raise CacheError(f"{out}/{CHECKPOINT_DIR}: a checkpoint of a different run (other cache or settings) is there; use another --out or delete it")
+        return st
+
+    state = load() if world == 1 else _resume_together(load, final_dir(out), rank, world)
     state = state or {"run": run_id, "step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": None, "bad_evals": 0, "history": []}
     mean = _train_mean(reader, train_idx, 64, cfg.seed)
     mean = {l: m.to(device) for l, m in mean.items()}
@@ -443,17 +559,33 @@ def fit_encoders(cache_path: str | Path, out: str | Path, cfg: FitConfig | None 
     def val_loader():
         return BatchLoader(reader, val_idx, cfg.batch_size, cfg.buffer_samples, cfg.seed, 0, shuffle=False)
 
-    def evaluate_now():
+    def evaluate_now(train_mse: dict[int, float]):
         res = evaluate_layers(stack, emb, val_loader(), device, mean, autocast)
+        if world > 1:  # every process needs every layer's numbers: history, best step, early stop
+            table = share_layer_values({l: [r[k] for k in VAL_KEYS] + [train_mse[l]] for l, r in res.items()}, layers, len(VAL_KEYS) + 1)
+            res = {l: dict(zip(VAL_KEYS, row[:-1])) for l, row in table.items()}
+            train_mse = {l: row[-1] for l, row in table.items()}
         total = sum(r["mse"] for r in res.values())
-        return res, total
+        return res, total, train_mse
 
-    params = {l: list(stack.encoder(l).parameters()) for l in layers}
+    def save_best(res):
+        if world == 1:
+            _save_bundle(out, stack, cache, cfg, layers, state, res)
+            return
+        save_bundle(parts[rank], stack, _bundle_meta(cache, cfg, state, res))
+        distributed.barrier()  # every part is on disk
+        if main:
+            _combine_parts(out, parts, layers, state["best_step"])
+
+    def checkpoint():
+        _save_checkpoint(out, stack, opt, state, where=ckpt_dir, before_publish=distributed.barrier if world > 1 else None)
+
+    params = {l: list(stack.encoder(l).parameters()) for l in mine}
     stack.train()
     step, t_start, wait, tokens_seen = state["step"], time.perf_counter(), 0.0, 0
     stop = step >= total_steps
-    bar = tqdm(total=total_steps, initial=step, desc="fit", unit="step", disable=not progress, dynamic_ncols=True)
-    train_acc = {l: 0.0 for l in layers}
+    bar = tqdm(total=total_steps, initial=step, desc="fit", unit="step", disable=not (progress and main), dynamic_ncols=True)
+    train_acc = {l: 0.0 for l in mine}
     n_acc = 0
     while not stop:
         epoch = state["epoch"]
@@ -463,10 +595,10 @@ def fit_encoders(cache_path: str | Path, out: str | Path, cfg: FitConfig | None 
             batch = batch.to(device)
             with autocast():
                 preds = predict(stack, emb, batch)
-                losses = {l: masked_mse(preds[l].float(), batch.targets[l], batch.loss_mask) for l in layers}
+                losses = {l: masked_mse(preds[l].float(), batch.targets[l], batch.loss_mask) for l in mine}
             (sum(losses.values()) / cfg.grad_accum).backward()
             tokens_seen += int(batch.valid.sum())
-            for l in layers:
+            for l in mine:
                 train_acc[l] += float(losses[l].detach())
             n_acc += 1
             micro += 1
@@ -478,15 +610,15 @@ def fit_encoders(cache_path: str | Path, out: str | Path, cfg: FitConfig | None 
             state.update(step=step, batch_in_epoch=bi + 1)
             bar.update(1)
             if step % cfg.eval_every == 0 or step == total_steps:
-                res, total = evaluate_now()
-                entry = {"step": step, "lr": lr, "train_mse": {str(l): train_acc[l] / max(n_acc, 1) for l in layers},
+                res, total, train_mse = evaluate_now({l: train_acc[l] / max(n_acc, 1) for l in mine})
+                entry = {"step": step, "lr": lr, "train_mse": {str(l): train_mse[l] for l in layers},
                          "val": {str(l): r for l, r in res.items()}, "val_total_mse": total}
                 state["history"].append(entry)
-                train_acc, n_acc = {l: 0.0 for l in layers}, 0
+                train_acc, n_acc = {l: 0.0 for l in mine}, 0
                 bar.set_postfix(val_fvu=" ".join(f"{r['fvu']:.3f}" for r in res.values()))
                 if state["best"] is None or total < state["best"]:
                     state.update(best=total, best_step=step, bad_evals=0)
-                    _save_bundle(out, stack, cache, cfg, layers, state, res)
+                    save_best(res)
                 else:
                     state["bad_evals"] += 1
                 if not math.isfinite(total):
@@ -496,7 +628,7 @@ def fit_encoders(cache_path: str | Path, out: str | Path, cfg: FitConfig | None 
                     state["stopped"] = f"early stop: no improvement in {cfg.patience} evaluations"
                     stop = True
             if step % cfg.checkpoint_every == 0 or stop or step == total_steps:
-                _save_checkpoint(out, stack, opt, state)
+                checkpoint()
             if on_step:
                 on_step(step)
             if stop or step >= total_steps:
@@ -508,25 +640,37 @@ def fit_encoders(cache_path: str | Path, out: str | Path, cfg: FitConfig | None 
             state.update(epoch=state["epoch"] + 1, batch_in_epoch=0)
     bar.close()
     state.setdefault("stopped", "finished all steps")
-    _save_checkpoint(out, stack, opt, state)
+    checkpoint()
+    if world > 1 and main and state["best_step"] is not None:
+        # Again at the end: a crash between the parts and their merge must not leave out/ stale.
+        _combine_parts(out, parts, layers, state["best_step"])
     summary = _summary(out, state, layers)
     summary["wall_seconds"] = time.perf_counter() - t_start
     summary["data_wait_seconds"] = wait
     summary["tokens_per_second"] = tokens_seen / max(summary["wall_seconds"], 1e-9)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_history(state["history"], out / "curves.png", layers)
-    (out / "history.json").write_text(json.dumps(state["history"], indent=1))
+    if main:  # the other processes hold the same state: they return the same summary, write nothing shared
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot_history(state["history"], out / "curves.png", layers)
+        (out / "history.json").write_text(json.dumps(state["history"], indent=1))
+    distributed.barrier()  # out/ is complete when fit_encoders returns on any process
     return summary
 
 
-def _save_bundle(out: Path, stack, cache: Cache, cfg: FitConfig, layers, state, res):
+def _bundle_meta(cache: Cache, cfg: FitConfig, state, res) -> dict:
     s = cache.settings
-    meta = {
+    return {
         "site": s["site"], "template": s["template"], "max_length": s["max_length"], "model": s["model"],
         "cache": cache.fingerprint(), "created": now(),
-        "training": {"step": state["step"], "epoch": state["epoch"], "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"},
+        "training": {"step": state["step"], "epoch": state["epoch"], "config": {k: v for k, v in cfg.run_config().items() if k != "device"},
                      "val": {str(l): r for l, r in res.items()}},
     }
+
+
+def _save_bundle(out: Path, stack, cache: Cache, cfg: FitConfig, layers, state, res):
+    _publish_bundle(out, stack, _bundle_meta(cache, cfg, state, res))
+
+
+def _publish_bundle(out: Path, stack, meta: dict):
     # The bundle lives in out/ beside the checkpoint; save_bundle writes it atomically.
     tmp_bundle = out.with_name(out.name + ".bundle")
     save_bundle(tmp_bundle, stack, meta)
@@ -534,6 +678,30 @@ def _save_bundle(out: Path, stack, cache: Cache, cfg: FitConfig, layers, state, 
     for name in ("config.json", "encoders.safetensors"):
         os.replace(tmp_bundle / name, out / name)
     shutil.rmtree(tmp_bundle, ignore_errors=True)
+
+
+# Keys save_bundle derives from the stack; the rest of a bundle's config.json is its metadata.
+_DERIVED_KEYS = ("format", "schema_version", "kcache_version", "encoder", "layers", "parameters_per_encoder")
+
+
+def _combine_parts(out: Path, parts: list[Path], layers: list[int], best_step) -> None:
+    """Merge the per-process best bundles (one per process, each holding its own layers) into
+    the single bundle in ``out``, exactly as one process would have written it: same layers in
+    the same order, same metadata (that of the first part, which every part shares but for
+    ``created``)."""
+    from safetensors.torch import load_file
+
+    docs = [json.loads((p / CONFIG_FILE).read_text()) for p in parts]
+    steps = {d["training"]["step"] for d in docs}
+    if steps != {best_step}:
+        raise CacheError(f"{parts[0].parent}: the processes' best bundles are from steps {sorted(steps)}, the run's best is step {best_step}; "
+                         "rerun to finish the run")
+    stack = EncoderStack(EncoderConfig(**docs[0]["encoder"]), layers)
+    weights = {}
+    for p in parts:
+        weights.update(load_file(str(p / WEIGHTS_FILE)))  # not load_bundle: a diverged first best may hold NaN
+    stack.load_state_dict(weights)  # strict: every layer exactly once
+    _publish_bundle(out, stack, {k: v for k, v in docs[0].items() if k not in _DERIVED_KEYS})
 
 
 def _summary(out: Path, state: dict, layers: list[int]) -> dict:

@@ -160,8 +160,11 @@ def create_cache(
     hidden = attrs["hidden_size"]
     chunk, shard = s["chunk_rows"], s["shard_rows"]
     np_dtype = DTYPES[s["dtype"]][0]
+    int8 = s.get("storage", {}).get("kind") == "int8"
     for layer in s["layers"]:
-        _array(group, f"deltas/layer_{layer:02d}", (total, hidden), (chunk, hidden), (shard, hidden), np_dtype)
+        _array(group, f"deltas/layer_{layer:02d}", (total, hidden), (chunk, hidden), (shard, hidden), np.int8 if int8 else np_dtype)
+        if int8:
+            _array(group, f"deltas/scale_{layer:02d}", (total,), (chunk,), (shard,), np.float32)
     flat_chunk = 1 << 20
     for name, arr in (("tokens/ids", token_ids), ("tokens/offsets", token_offsets), ("masks/loss", loss_mask), ("masks/target", target_mask)):
         n = max(1, len(arr))
@@ -237,9 +240,13 @@ class DeltaWriter:
     """
 
     def __init__(self, path: Path, group, layers: list[int], dtype: str, shard_rows: int, total_rows: int,
-                 start_row: int, positions: np.ndarray, stats: RunningStats, extra_commit: dict | None = None, max_queue: int = 8):
+                 start_row: int, positions: np.ndarray, stats: RunningStats, extra_commit: dict | None = None, max_queue: int = 8,
+                 storage: dict | None = None, errors=None):
         self.path, self.layers, self.dtype = Path(path), layers, dtype
         self.arrays = {l: group[f"deltas/layer_{l:02d}"] for l in layers}
+        # Lossy storage: rows arrive as float32 and are quantized here, a whole shard at a time.
+        self.storage, self.errors = storage, errors
+        self.scales = {l: group[f"deltas/scale_{l:02d}"] for l in layers} if storage and storage["kind"] == "int8" else {}
         self.shard_rows, self.total = shard_rows, total_rows
         self.buf_start = start_row
         self.buf: dict[int, list[np.ndarray]] = {l: [] for l in layers}
@@ -296,8 +303,22 @@ class DeltaWriter:
         for l in self.layers:
             data = np.concatenate(self.buf[l]) if len(self.buf[l]) > 1 else self.buf[l][0]
             block, rest = data[:n], data[n:]
-            self.arrays[l][a:b] = block
-            self.stats.update(l, decode_rows(block, self.dtype), self.positions[a:b])
+            if self.storage is None:
+                self.arrays[l][a:b] = block
+                decoded = decode_rows(block, self.dtype)
+            else:
+                from kcache.storage import decode_block, encode_block
+
+                enc = encode_block(block, self.storage, self.dtype)
+                self.arrays[l][a:b] = enc["values"]
+                if "scale" in enc:
+                    self.scales[l][a:b] = enc["scale"]
+                decoded = decode_block(enc, self.storage, self.dtype)
+                self.errors.update(l, block, decoded)
+            self.stats.update(l, decoded, self.positions[a:b])
             self.buf[l] = [rest] if len(rest) else []
         self.buf_start, self.buf_rows = b, self.buf_rows - n
-        append_commit(self.path, {"rows": b, "stats": self.stats.state(), **self.extra})
+        entry = {"rows": b, "stats": self.stats.state(), **self.extra}
+        if self.errors is not None:
+            entry["errors"] = self.errors.state()
+        append_commit(self.path, entry)
