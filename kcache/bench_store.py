@@ -25,7 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from kcache.storage import ErrorAccumulator, bits_per_value, decode_block, encode_block, parse_storage, storage_spec
+from kcache.storage import (
+    ErrorAccumulator,
+    bits_per_value,
+    decode_block,
+    encode_block,
+    parse_storage,
+    storage_spec,
+)
 
 DEFAULT_OPTIONS = ("lossless", "bitround:8", "bitround:6", "bitround:4", "int8")
 
@@ -250,12 +257,13 @@ def plot_png(res: dict, path: Path) -> None:
         a.annotate(s, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     # Reference: what the rows would take uncompressed as float16 (2 bytes per value).
     a.axhline(2 * res["hidden"], color="#888", ls="--", lw=1)
-    a.annotate("raw float16", (0, 2 * res["hidden"]), textcoords="offset points", xytext=(2, -11), fontsize=7, color="#666")
+    a.text(0.98, 2 * res["hidden"], "raw float16", transform=a.get_yaxis_transform(), ha="right", va="bottom", fontsize=7, color="#666")
     nonzero = [e for e in errs if e > 0]
     a.set_xscale("symlog", linthresh=(min(nonzero) / 2 if nonzero else 1e-6))
     a.set(xlabel="relative RMSE vs cache (symlog)", ylabel="bytes per token-layer on disk",
           title=f"size vs error ({res['rows']} rows x {len(res['layers'])} layers, hidden {res['hidden']})")
-    a.set_ylim(bottom=0)
+    a.set_ylim(0, 2.25 * res["hidden"])
+    a.set_xlim(left=0, right=max(errs) * 3 if nonzero else 1e-5)  # room for the last label
     a.grid(alpha=0.3)
     x = np.arange(len(specs))
     bw = b.bar(x - 0.2, [r[s]["write_mb_per_s"] for s in specs], 0.4, label="encode + write", color="#4a7")

@@ -56,7 +56,7 @@ def evaluate_cmd(
     samples: Path = typer.Option(..., "--samples", "-s", help="samples .parquet or .jsonl"),
     encoders: Path = typer.Option(None, "--encoders", "-e", help="encoder bundle directory (needed by ekx)"),
     split: str = typer.Option("test", "--split", help="evaluate this split only ('' for all rows)"),
-    cache: Path = typer.Option(None, "--cache", help="stage-one cache for the oracle (exact deltas)"),
+    cache: str = typer.Option(None, "--cache", help="stage-one cache (directory or URL) for the oracle (exact deltas)"),
     methods: str = typer.Option(None, "--methods", help="comma-separated: x, kx, ekx, oracle (default: x,kx,ekx, plus oracle with --cache)"),
     out: Path = typer.Option(Path("eval-results"), "--out", "-o", help="directory for evaluation.json / .md / .png"),
     limit: int = typer.Option(None, "--limit", help="first N samples of the split"),

@@ -239,7 +239,7 @@ class ErrorAccumulator:
                 self.s[l] = {"sse": float(st["sse"]), "ssr": float(st["ssr"]), "max_abs": float(st["max_abs"]), "n": int(st["n"])}
 
     @classmethod
-    def from_state(cls, state: dict) -> "ErrorAccumulator":
+    def from_state(cls, state: dict) -> ErrorAccumulator:
         return cls([int(l) for l in state], state)
 
     def update(self, layer: int, reference_f32: np.ndarray, decoded_f32: np.ndarray) -> None:
