@@ -241,7 +241,7 @@ def test_bench_store_on_a_small_cache(tiny_decoder, demo_samples, tmp_path):
     # Fewer kept bits: never more error, and the zeroed bits compress.
     assert 0 < r["bitround:8"]["relative_rmse"] <= r["bitround:6"]["relative_rmse"] <= r["bitround:4"]["relative_rmse"]
     assert r["bitround:4"]["bytes_per_token_layer"] < r["lossless"]["bytes_per_token_layer"]
-    for spec, x in r.items():
+    for x in r.values():
         assert x["ratio_vs_float32"] == pytest.approx(2 * x["ratio_vs_float16"])
         assert x["bytes_per_token_layer"] * doc["rows"] * 2 == pytest.approx(x["bytes"])
         assert x["write_mb_per_s"] > 0 and x["read_mb_per_s"] > 0
