@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kcache.cache import Cache
+from kcache.store import compressors_for_cache
 from kcache.storage import (
     ErrorAccumulator,
     bits_per_value,
@@ -35,34 +37,6 @@ from kcache.storage import (
 )
 
 DEFAULT_OPTIONS = ("lossless", "bitround:8", "bitround:6", "bitround:4", "int8")
-
-
-def _open_cache(path):
-    # The Cache class is moving from kcache.store to kcache.cache with the same API.
-    try:
-        from kcache.cache import Cache
-    except ImportError:
-        from kcache.store import Cache
-    return Cache.open(path)
-
-
-def _compressors(codecs: list[dict] | None):
-    """zarr codecs from the cache's ``settings.codecs`` description, so the bench writes exactly
-    what the cache was written with; an unknown description falls back to kcache's defaults."""
-    from zarr.codecs import BloscCodec, Crc32cCodec
-
-    out = []
-    for c in codecs or []:
-        if c.get("name") == "blosc":
-            out.append(BloscCodec(cname=c.get("cname", "zstd"), clevel=int(c.get("clevel", 3)), shuffle=c.get("shuffle", "shuffle")))
-        elif c.get("name") == "crc32c":
-            out.append(Crc32cCodec())
-        else:
-            out = None
-            break
-    if not out:
-        return (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec())
-    return tuple(out)
 
 
 def _dir_bytes(path: Path) -> int:
@@ -129,14 +103,14 @@ def bench_store(cache_path, rows: int = 200_000, options=DEFAULT_OPTIONS, out_js
     from tqdm.auto import tqdm
 
     storages = [(storage_spec(parse_storage(o)), parse_storage(o)) for o in options]  # bad specs fail before any work
-    cache = _open_cache(cache_path)
+    cache = Cache.open(cache_path)
     s = cache.settings
     layers, dtype, hidden = list(cache.layers), cache.dtype, int(cache.hidden_size)
     chunk, shard = int(s["chunk_rows"]), int(s["shard_rows"])
     n = int(min(rows, cache.total_rows))
     if n <= 0:
         raise ValueError(f"{cache_path}: no rows to benchmark (cache has {cache.total_rows}, asked for {rows})")
-    compressors = _compressors(s.get("codecs"))
+    compressors = compressors_for_cache()  # every kcache cache uses these (settings.codecs)
     machine = _machine_info()
 
     runnable, skipped = [], {}

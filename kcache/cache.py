@@ -19,7 +19,6 @@ import io
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -410,7 +409,7 @@ class Cache:
         return self.manifest is not None
 
     def fingerprint(self) -> str:
-        """Identity of this cache's content: settings + counts + sample set (+ manifest digest)."""
+        """Identity of this cache's content: settings (sample set included) + counts."""
         doc = {"settings": self.settings, "counts": self.attrs["counts"]}
         return "sha256:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -497,8 +496,3 @@ class Cache:
 def open_cache(spec: str | os.PathLike) -> Cache:
     """Open a complete cache for reading (see ``Cache``)."""
     return Cache.open(spec)
-
-
-def local_root(spec: str | os.PathLike) -> Path | None:
-    loc = Location(spec)
-    return loc.local_path

@@ -33,7 +33,7 @@ from kcache.store import (
 
 import zarr
 
-from kcache.cache import MANIFEST
+from kcache.cache import MANIFEST, settings_differences
 from kcache.storage import ErrorAccumulator, parse_storage
 from kcache.integrity import finalize, refuse_if_finalized, write_part_record
 
@@ -237,19 +237,6 @@ def _settings(decoder: Decoder, cfg: ExtractConfig, layers: list[int], samples: 
     }
 
 
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        if k == "name":
-            continue
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _differences(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k}: cache has {va!r}, asked {vb!r}")
-    return out
-
-
 @dataclasses.dataclass
 class ExtractReport:
     path: Path
@@ -311,6 +298,17 @@ def extract(
     if shard % chunk:
         raise CacheError(f"shard rows ({shard}) must be a multiple of chunk rows ({chunk})")
     settings = _settings(decoder, cfg, layers, table, chunk, shard)
+    if (root / MANIFEST).exists():
+        from kcache.cache import Cache
+
+        done = Cache.open(root)
+        diffs = settings_differences(done.settings, settings, ignore=("name",))
+        if diffs:
+            raise CacheError(f"{root} holds a finalized cache made with different settings (cache vs asked: {'; '.join(diffs)}); finalized caches are immutable: use another --out")
+        if overwrite:
+            refuse_if_finalized(root, "overwrite it")
+        c = done.attrs["counts"]
+        return ExtractReport(root, c["samples"], c["skipped"], c.get("skip_reasons", {}), c["truncated"], c["input_tokens"], 0.0, 0.0, 0, "already complete")
 
     def plan_for(c):
         full = make_plan(decoder.tokenizer, table, c)
@@ -320,17 +318,6 @@ def extract(
         return sub_plan(full, lo, hi, keep_skipped=rank == 0)
 
     plan = plan_for(cfg)
-    if (root / MANIFEST).exists():
-        from kcache.cache import Cache
-
-        done = Cache.open(root)
-        diffs = _differences(done.settings, settings)
-        if diffs:
-            raise CacheError(f"{root} holds a finalized cache made with different settings ({'; '.join(diffs)}); finalized caches are immutable: use another --out")
-        if overwrite:
-            refuse_if_finalized(root, "overwrite it")
-        c = done.attrs["counts"]
-        return ExtractReport(root, c["samples"], c["skipped"], c.get("skip_reasons", {}), c["truncated"], c["input_tokens"], 0.0, 0.0, 0, "already complete")
 
     resume_row = 0
     if out.exists() and any(out.iterdir()):
@@ -343,9 +330,9 @@ def extract(
                 existing = None
             if not isinstance(existing, dict) or existing.get("format") != FORMAT:
                 raise CacheError(f"{out} exists and is not a kcache cache; choose another --out or pass --overwrite")
-            diffs = _differences(existing.get("settings", {}), settings)
+            diffs = settings_differences(existing.get("settings", {}), settings, ignore=("name",))
             if diffs:
-                raise CacheError(f"{out} holds a cache made with different settings ({'; '.join(diffs)}); use another --out or pass --overwrite")
+                raise CacheError(f"{out} holds a cache made with different settings (cache vs asked: {'; '.join(diffs)}); use another --out or pass --overwrite")
             if existing["status"] == "complete":
                 # Killed between completing and finalizing: only the manifest is missing.
                 _finish(root, rank, world, existing)
@@ -358,17 +345,6 @@ def extract(
             if stored_budget != cfg.token_budget:
                 cfg = dataclasses.replace(cfg, token_budget=stored_budget)
                 plan = plan_for(cfg)
-    if (root / MANIFEST).exists():
-        from kcache.cache import Cache
-
-        done = Cache.open(root)
-        diffs = _differences(done.settings, settings)
-        if diffs:
-            raise CacheError(f"{root} holds a finalized cache made with different settings ({'; '.join(diffs)}); finalized caches are immutable: use another --out")
-        if overwrite:
-            refuse_if_finalized(root, "overwrite it")
-        c = done.attrs["counts"]
-        return ExtractReport(root, c["samples"], c["skipped"], c.get("skip_reasons", {}), c["truncated"], c["input_tokens"], 0.0, 0.0, 0, "already complete")
 
     x_lens = plan.x_lens
     row_off = plan.row_offsets

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from kcache import __version__
-from kcache.cache import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, Cache, Part, read_manifest
+from kcache.cache import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, Cache, Part
 from kcache.location import Location
 from kcache.schemas import validate_document
 from kcache.store import CacheError, decode_rows, now
@@ -350,7 +350,3 @@ def validate_cache(spec: str | os.PathLike, progress: bool = False, require_mani
     for j in range(len(cache.parts)):
         problems += part_problems(cache, j, progress)
     return problems
-
-
-def read_manifest_at(spec: str | os.PathLike) -> dict | None:
-    return read_manifest(Location(spec))

@@ -202,16 +202,6 @@ def decode_block(arrays: dict[str, np.ndarray], storage: dict, dtype: str = "flo
     return decode_rows(arrays["values"], dtype)
 
 
-def stored_arrays(storage: dict, dtype: str = "float16") -> dict[str, tuple[str, str]]:
-    """Array name -> (numpy dtype name, shape kind ``"rows_hidden"`` | ``"rows"``) that
-    ``encode_block`` returns, so a writer can create the zarr arrays before the first block."""
-    if storage["kind"] == "int8":
-        return {"values": ("int8", "rows_hidden"), "scale": ("float32", "rows")}
-    if storage["kind"] == "bitround" and dtype != "float16":
-        raise ValueError(f"storage bitround:{storage['keepbits']} needs dtype float16, not {dtype!r}")
-    return {"values": ({"float16": "float16", "bfloat16": "uint16", "float32": "float32"}[dtype], "rows_hidden")}
-
-
 # ---------------------------------------------------------------------------------------------
 # error accounting
 

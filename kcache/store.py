@@ -35,7 +35,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from kcache.schemas import SchemaError, arrow_schema, validate_document
+from kcache.schemas import arrow_schema, validate_document
 
 FORMAT = "kcache-cache"
 SCHEMA_VERSION = 1
@@ -96,7 +96,7 @@ def codecs_description() -> list[dict]:
     return [{"name": "blosc", "cname": "zstd", "clevel": 3, "shuffle": "shuffle"}, {"name": "crc32c"}]
 
 
-def _compressors():
+def compressors_for_cache():
     return (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec())
 
 
@@ -133,7 +133,7 @@ def append_commit(path: Path, entry: dict) -> None:
 
 
 def _array(group, name, shape, chunks, shards, dtype, fill=0):
-    return group.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, compressors=_compressors(), fill_value=fill, overwrite=True)
+    return group.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, compressors=compressors_for_cache(), fill_value=fill, overwrite=True)
 
 
 def create_cache(

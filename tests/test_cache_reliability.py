@@ -77,7 +77,7 @@ def test_resume_after_sigkill_gives_identical_cache(saved_model, tmp_path):
 def test_changed_settings_are_refused(tiny_decoder, demo_samples, tmp_path):
     out = tmp_path / "c.zarr"
     extract(tiny_decoder, demo_samples, out, ExtractConfig(layers="1-2"), progress=False)
-    with pytest.raises(CacheError, match=r"different settings \(layers"):
+    with pytest.raises(CacheError, match=r"different settings \(cache vs asked: layers: \[1, 2\] vs \[1, 2, 3\]\)"):
         extract(tiny_decoder, demo_samples, out, ExtractConfig(layers="1-3"), progress=False)
     with pytest.raises(CacheError, match="site"):
         extract(tiny_decoder, demo_samples, out, ExtractConfig(layers="1-2", site="block"), progress=False)
