@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo test test-random clean-demo
 
 setup: $(VENV)/.kcache-installed
 
@@ -23,8 +23,13 @@ $(VENV)/.kcache-installed: pyproject.toml
 demo: setup
 	$(BIN)/kcache run pipelines/demo.toml
 
+# File order (pytest-randomly off); `make test-random` shuffles (the seed is printed: rerun one
+# order with `$(BIN)/python -m pytest -q --randomly-seed=N`).
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -p no:randomly
+
+test-random: setup
+	$(BIN)/python -m pytest -q -p randomly
 
 clean-demo:
 	rm -rf runs/demo

@@ -194,10 +194,48 @@ def encode_sample(tokenizer, knowledge: list[str], source: str, target: str, spe
     return Encoded(k_ids, x_ids, tmask, truncated=dropped > 0, knowledge_tokens_dropped=dropped)
 
 
-def loss_mask(x_len: int, skip_first: bool) -> list[bool]:
-    """Input positions that count in the stage-two loss: all of them, or all but position 0
-    (``skip_first`` - a leading BOS, whose delta is dominated by attention-sink activations)."""
-    return [not (skip_first and j == 0) for j in range(x_len)]
+def loss_mask(x_len: int, skip_first: bool, sink: int = 0) -> list[bool]:
+    """Input positions that count in the stage-two loss: all of them, all but position 0
+    (``skip_first`` - a leading BOS, whose delta is dominated by attention-sink activations), and
+    never the first ``sink`` positions (``sink_keep``: nothing is written there)."""
+    return [not (skip_first and j == 0) and j >= sink for j in range(x_len)]
+
+
+# ---------------------------------------------------------------------------------------------
+# what the cache's targets are, and the positions nothing is ever written to
+
+TARGETS = ("independent", "cascade", "distilled")
+DEFAULT_TARGETS = "cascade"
+DEFAULT_SINK = 1
+
+
+def targets_of(settings: dict) -> str:
+    """The target kind of a cache or bundle (``settings["targets"]``); caches and bundles written
+    before targets were recorded hold independent targets."""
+    return settings.get("targets", "independent")
+
+
+def sink_of(settings: dict) -> int:
+    """Leading input positions a cache or bundle never writes (``settings["sink"]``); 0 for older ones."""
+    return int(settings.get("sink", 0))
+
+
+def sink_keep(positions: torch.Tensor, sink: int) -> torch.Tensor:
+    """Bool mask, same shape as ``positions`` (input positions ``j``): ``j >= sink``.
+
+    The first input position is the attention sink of ``D(x)`` (a model without BOS sinks on x's
+    first token; one with BOS on the BOS). In ``D(K, x)`` that token sits mid-sequence and is no
+    sink, so writing its with-knowledge state there breaks every later layer. With ``sink = 1``
+    extraction stores zeros there, the loss skips it and injection adds nothing there.
+    """
+    return positions >= sink
+
+
+def input_keep(x_lens: torch.Tensor, length: int, sink: int) -> torch.Tensor:
+    """(B, length) bool: real input positions that may be written (``sink <= j < x_len``)."""
+    x_lens = torch.as_tensor(x_lens)
+    j = torch.arange(length, device=x_lens.device)[None, :]
+    return (j < x_lens[:, None]) & sink_keep(j, sink)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -260,9 +260,10 @@ def inject_cmd(
     out: Path = typer.Option(Path("bench-results/inject"), "--out", "-o", help="directory for bench-inject.json / .png"),
 ):
     """D(E(K,x)+x) vs D(K,x): time and peak memory as the knowledge grows, ratios side by side."""
-    from kcache.models import ModelError, load_decoder
+    from kcache.cli_errors import errors
+    from kcache.models import load_decoder
 
-    try:
+    with errors():
         decoder = load_decoder(model, device=device)
         stack = None
         if encoders is not None:
@@ -270,7 +271,4 @@ def inject_cmd(
 
             stack = Injector.from_bundle(decoder, encoders).stack
         size_list = tuple(int(s) for s in sizes.split(",") if s.strip())
-    except (ModelError, ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
     bench_inject(decoder, sizes=size_list, input_tokens=input_tokens, layers=layers, stack=stack, repeats=repeats, threads=threads, out=out, echo=typer.echo)

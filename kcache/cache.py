@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from kcache.location import Location
+from kcache.paths import check_manifest_paths, local_tree_problems, safe_local_path
 from kcache.schemas import SchemaError, arrow_schema, validate_document
 from kcache.store import ATTRS_KEY, DTYPES, FORMAT, SCHEMA_VERSION, CacheError, decode_rows
 
@@ -36,6 +37,12 @@ MANIFEST_VERSION = 1
 # Codecs a cache may use (zarr v3 names). Anything else — numcodecs' pickle, object codecs,
 # codecs this kcache does not know — is refused before zarr would instantiate it.
 SAFE_CODECS = {"bytes", "blosc", "zstd", "gzip", "crc32c", "transpose", "sharding_indexed"}
+# A claimed array may hold at most this many times the bytes of its stored chunk files (plus
+# CAPACITY_SLACK): compressed float deltas, token ids and embeddings never come close, and it keeps a
+# hostile index or shape (x_len 2e9, vocab_size 1e8) from making a reader allocate what no file holds.
+MAX_COMPRESSION = 1000
+CAPACITY_SLACK = 1 << 20
+BOUNDED_ARRAYS = ("deltas/", "tokens/ids", "embeddings")
 FLAT_ARRAYS = {"tokens/ids": "int32", "tokens/offsets": "int64", "masks/loss": "bool", "masks/target": "bool"}
 
 
@@ -102,6 +109,21 @@ def array_meta_problems(doc: dict, where: str, shape: tuple[int, ...], dtype: st
     if grid.get("name") != "regular":
         out.append(f"{where}: chunk grid {grid.get('name')!r} is not 'regular'")
     return out
+
+
+def capacity_problems(name: str, doc: dict, shape: tuple[int, ...], dtype: str, sizes: dict[str, int] | None, where: str) -> list[str]:
+    """A claimed shape that its stored chunk files cannot hold (``sizes``: every file of the part -> bytes)."""
+    grid = (doc.get("chunk_grid") or {}).get("configuration", {}).get("chunk_shape")
+    if not (isinstance(grid, list) and len(grid) == len(shape) and all(isinstance(g, int) and g > 0 for g in grid)):
+        return [f"{where}: chunk shape {grid!r} is not {len(shape)} positive integers"]
+    if sizes is None or not name.startswith(BOUNDED_ARRAYS):
+        return []
+    claimed = int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
+    stored = sum(n for rel, n in sizes.items() if rel.startswith(f"{name}/c/"))
+    if claimed > MAX_COMPRESSION * stored + CAPACITY_SLACK:
+        return [f"{where}: shape {tuple(shape)} ({claimed:,} bytes) is more than its chunk files ({stored:,} bytes) can hold; "
+                "refusing a size the files do not back (edited index x_len/k_len, vocab_size or hidden_size?)"]
+    return []
 
 
 def index_problems(index: pa.Table, rows: int, tokens: int, where: str) -> list[str]:
@@ -183,7 +205,25 @@ def read_manifest(loc: Location) -> dict | None:
         validate_document(doc, "cache-manifest-v1", loc.url(MANIFEST))
     except SchemaError as e:
         raise CacheError(str(e)) from None
+    check_manifest_paths(doc, loc.url(MANIFEST))
     return doc
+
+
+def local_part_sizes(root: Location, part: Location, files: dict[str, dict] | None) -> dict[str, int] | None:
+    """For a local part: refuse links, non-regular files and missing listed files; return file -> size.
+
+    Nothing is read (one lstat per entry), so every open checks that each file the index needs is
+    present before zarr would return fill values for a missing shard. None for a remote part.
+    """
+    if part.local_path is None:
+        return None
+    if part is not root:
+        safe_local_path(root.local_path, os.path.relpath(part.local_path, root.local_path), str(root))
+    problems, sizes = local_tree_problems(part.local_path, files, skip_dirs=("parts",) if files is None else ())
+    if problems:
+        raise CacheError("untrusted cache rejected:\n  " + "\n  ".join(problems[:20])
+                         + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+    return sizes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +245,8 @@ class Part:
     _arrays: dict = field(default_factory=dict)
 
     @classmethod
-    def open(cls, loc: Location, name: str = ".", exclude=(), require_complete: bool = True) -> "Part":
+    def open(cls, loc: Location, name: str = ".", exclude=(), require_complete: bool = True, sizes: dict[str, int] | None = None) -> "Part":
+        """Open and check one store; ``sizes`` (file -> bytes: the manifest's, or a local listing) bounds every claimed shape."""
         attrs = read_group_attrs(loc)
         if require_complete and attrs["status"] != "complete":
             raise CacheError(f"{loc}: extraction is not complete (status {attrs['status']!r}); rerun the same `kcache extract` command to resume")
@@ -218,7 +259,10 @@ class Part:
             if not loc.exists(rel):
                 problems.append(f"{loc.url(arr)}: array missing")
                 continue
-            problems += array_meta_problems(read_json(loc, rel), loc.url(rel), shape, dtype)
+            doc = read_json(loc, rel)
+            problems += array_meta_problems(doc, loc.url(rel), shape, dtype)
+            if isinstance(doc, dict):
+                problems += capacity_problems(arr, doc, shape, dtype, sizes, loc.url(rel))
         problems += index_problems(index, rows, tokens, loc.url("index.parquet"))
         if problems:
             raise CacheError("untrusted cache rejected:\n  " + "\n  ".join(problems))
@@ -349,8 +393,14 @@ class Cache:
         loc = spec if isinstance(spec, Location) else Location(spec)
         manifest = read_manifest(loc)
         if manifest is None:
-            return cls(loc, [Part.open(loc, require_complete=require_complete)], None)
-        parts = [Part.open(loc.child(p["path"]), p["path"], p.get("exclude", ()), require_complete) for p in manifest["parts"]]
+            return cls(loc, [Part.open(loc, require_complete=require_complete, sizes=local_part_sizes(loc, loc, None))], None)
+        parts = []
+        for p in manifest["parts"]:
+            ploc = loc.child(p["path"])
+            local_part_sizes(loc, ploc, p["files"])
+            # The manifest is the authority on this part's files and their sizes from here on.
+            ploc.sizes = {rel: int(f["size"]) for rel, f in p["files"].items()}
+            parts.append(Part.open(ploc, p["path"], p.get("exclude", ()), require_complete, sizes=ploc.sizes))
         return cls(loc, parts, manifest)
 
     def _combined_attrs(self) -> dict:

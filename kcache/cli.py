@@ -3,12 +3,12 @@ after its stage (extract, fit, inject, evaluate, data, kg)."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import typer
 
 from kcache import __version__
+from kcache.cli_errors import EXIT_ENVIRONMENT, EXIT_INVALID, KCacheGroup, ensure_writable_dir, errors, exit_code, fail, message
 from kcache.data.cli import app as data_app
 from kcache.kg.cli import app as kg_app
 
@@ -17,6 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=KCacheGroup,  # every command runs inside kcache.cli_errors.errors(): one error line and exit code per kind
 )
 app.add_typer(data_app, name="data")
 app.add_typer(kg_app, name="kg", help="Knowledge graphs as Arrow tables: import, embed, link entities.")
@@ -29,8 +30,14 @@ def _version(value: bool):
 
 
 @app.callback()
-def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit")):
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+    threads: int = typer.Option(None, "--threads", envvar="KCACHE_THREADS", help="torch CPU threads for any command (default: torch's; a warning when more than the free cores)"),
+):
     """kcache command line."""
+    from kcache.runtime import set_threads
+
+    set_threads(threads, warn=lambda m: typer.echo(f"warning: {m}", err=True))
 
 
 ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="hub id, local HF directory, .gguf file, or smollm2-135m")
@@ -60,6 +67,10 @@ def extract_cmd(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     storage: str = typer.Option("lossless", "--storage", help="lossless | bitround:N (keep N of float16's 10 mantissa bits) | int8 (per-row scale); lossy error is measured and recorded"),
     distributed: bool = typer.Option(False, "--distributed", help="one rank of a torchrun/SLURM launch (implied when WORLD_SIZE > 1)"),
+    targets: str = typer.Option("cascade", "--targets", help="cascade (each layer given the ones below already injected) | independent (the paper's, each against the clean pass) | distilled (cascade refined by KL to D(K,x); full-depth passes)"),
+    sink: int = typer.Option(1, "--sink", help="leading input positions never written (x's first token is D(x)'s attention sink); 0 writes every position"),
+    distill_steps: int = typer.Option(8, "--distill-steps", help="--targets distilled: Adam steps on the deltas per batch"),
+    distill_lr: float = typer.Option(0.05, "--distill-lr", help="--targets distilled: learning rate, times each layer's delta RMS"),
 ):
     """Stage one: run the frozen decoder twice per sample and cache the per-layer differences.
 
@@ -72,8 +83,7 @@ def extract_cmd(
 
     rank, world, local = dist.dist_env()
     if distributed and world == 1:
-        typer.echo("error: --distributed needs a launcher that sets RANK/WORLD_SIZE (torchrun, srun)", err=True)
-        raise typer.Exit(2)
+        fail("--distributed needs a launcher that sets RANK/WORLD_SIZE (torchrun, srun)")
     if world > 1:
         dist.init()
         if device is None:
@@ -83,7 +93,8 @@ def extract_cmd(
 
     cfg = ExtractConfig(layers=layers, site=site, template=template, separator=separator, template_end=template_end,
                         max_length=max_length, dtype=dtype, skip_bos=skip_bos, token_budget=token_budget,
-                        chunk_rows=chunk_rows, shard_rows=shard_rows, storage=storage)
+                        chunk_rows=chunk_rows, shard_rows=shard_rows, storage=storage, targets=targets, sink=sink,
+                        distill_steps=distill_steps, distill_lr=distill_lr)
     with errors():
         decoder = load_decoder(model, device=device, dtype=model_dtype, trust_remote_code=trust_remote_code)
         report = extract(decoder, samples, out, cfg, overwrite=overwrite, progress=rank == 0, rank=rank, world=world)
@@ -104,6 +115,7 @@ def inspect_cmd(cache: str = typer.Argument(..., help="cache directory or URL"),
     typer.echo(f"site       {s['site']}   layers {','.join(map(str, s['layers']))}   dtype {s['dtype']}   max_length {s['max_length']}")
     typer.echo(f"template   {s['template']['template']!r} separator {s['template']['separator']!r} end {s['template']['end']}")
     typer.echo(_storage_line(c))
+    typer.echo(_extraction_line(a.get("extraction") or {}))
     if c.manifest is not None:
         typer.echo(f"parts      {len(c.parts)}, finalized (immutable), metadata {c.manifest['metadata_digest'][:23]}…")
     else:
@@ -125,6 +137,16 @@ def inspect_cmd(cache: str = typer.Argument(..., help="cache directory or URL"),
         typer.echo(c.card())
 
 
+def _extraction_line(ex: dict) -> str:
+    """How the deltas were computed: what a bit-identical re-extraction must match (docs/cache-format.md)."""
+    threads = ex.get("threads")
+    world = (ex.get("rank") or {}).get("world", 1)
+    return (f"extracted  torch {ex.get('torch', '?')} on {ex.get('device', '?')}, {ex.get('model_dtype', '?')} weights, "
+            + (f"{threads} thread(s)" if threads is not None else "thread count not recorded")
+            + f", {ex.get('batches', '?')} batches" + (f", {world} ranks" if world > 1 else "")
+            + " (bit-identical re-extraction needs the same torch, device and thread count)")
+
+
 def _storage_line(c) -> str:
     st = c.storage
     if st["kind"] == "lossless":
@@ -140,11 +162,16 @@ def validate_cmd(cache: str = typer.Argument(..., help="cache directory or URL (
     """Check a cache end to end (digests, structure, every value); exit 1 naming each problem."""
     from kcache.integrity import validate_cache
 
-    problems = validate_cache(cache, progress=True)
+    try:
+        problems = validate_cache(cache, progress=True)
+    except Exception as e:  # noqa: BLE001 - a dropped connection, a vanished file: say what stopped, then the usual line
+        if exit_code(e) != EXIT_ENVIRONMENT:
+            raise
+        fail(f"validating {cache} stopped before the end, no verdict on the cache: {message(e)}", EXIT_ENVIRONMENT)
     if problems:
         for p in problems:
             typer.echo(f"invalid: {p}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_INVALID)
     typer.echo(f"{cache}: valid")
 
 
@@ -180,6 +207,7 @@ def fit_cmd(
     from kcache.cache import Cache
 
     with errors():
+        ensure_writable_dir(out, "encoder bundle directory")  # before any training
         lay = parse_layers(layers, 10**6) if layers else None
         cfg = FitConfig(layers=lay, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr_max=lr_max, lr_min=lr_min,
                         hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, intermediate_size=intermediate_size,
@@ -232,22 +260,6 @@ def run_cmd(config: Path = typer.Argument(..., help="pipeline config, e.g. pipel
 
     with errors():
         run_pipeline(config, log=typer.echo)
-
-
-@contextlib.contextmanager
-def errors():
-    """Known error types become one clean line on stderr and exit code 2."""
-    from kcache.data.samples import SampleError
-    from kcache.encoders import BundleError
-    from kcache.models import ModelError
-    from kcache.schemas import SchemaError
-    from kcache.store import CacheError
-
-    try:
-        yield
-    except (SampleError, BundleError, ModelError, SchemaError, CacheError, ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
 
 
 def _register_stage_commands() -> None:

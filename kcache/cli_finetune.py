@@ -5,29 +5,14 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import typer
 
+from kcache.cli_errors import ensure_writable_dir, errors as _errors  # the one CLI error handler
+
 _MODEL_HELP = "hub id, local HF directory, .gguf file, or smollm2-135m"
 _DEVICE_HELP = "cpu | cuda | cuda:N (default: cuda when available)"
-
-
-@contextlib.contextmanager
-def _errors():
-    """Known error types -> one line on stderr, exit code 2 (as ``kcache.cli.errors``)."""
-    from kcache.data.samples import SampleError
-    from kcache.encoders import BundleError
-    from kcache.models import ModelError
-    from kcache.schemas import SchemaError
-    from kcache.store import CacheError
-
-    try:
-        yield
-    except (SampleError, BundleError, ModelError, SchemaError, CacheError, ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
 
 
 def _common(epochs, batch_size, grad_accum, lr, lr_min, eval_every, patience, max_steps, seed, from_scratch, layers, site,
@@ -69,6 +54,7 @@ def finetune_cmd(
     from kcache.models import load_decoder
 
     with _errors():
+        ensure_writable_dir(out, "output bundle directory")  # before loading the model or training
         cfg = FinetuneConfig(**_common(epochs, batch_size, grad_accum, lr, lr_min, eval_every, patience, max_steps, seed, from_scratch,
                                        layers, site, max_length, max_train_samples, val_max_samples))
         if not from_scratch and encoders is None:
@@ -106,6 +92,7 @@ def edit_cmd(
     from kcache.models import load_decoder
 
     with _errors():
+        ensure_writable_dir(out)  # before loading the model or training
         if not from_scratch and encoders is None:
             raise ValueError("give --encoders DIR or --from-scratch")
         cfg = EditConfig(epochs=epochs, batch_size=batch_size, lr_max=lr, lr_min=lr_min, max_steps=max_steps, max_edits=max_edits,

@@ -6,12 +6,13 @@ Thin wrappers over :mod:`kcache.baselines` and :mod:`kcache.knowla`; mounted on 
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from kcache.cli_errors import errors as _errors  # the one CLI error handler
 
 knowla_app = typer.Typer(help="KnowLA: a knowledgeable adaptation layer over KG entity links, trained with LoRA.", no_args_is_help=True)
 
@@ -20,21 +21,6 @@ _DEVICE = typer.Option(None, "--device", help="cpu | cuda | cuda:N (default: cud
 _DTYPE = typer.Option(None, "--model-dtype", help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)")
 _SPLIT = typer.Option(None, "--split", help="use only samples of this split")
 _LIMIT = typer.Option(None, "--limit", help="use only the first N samples (after --split)")
-
-
-@contextlib.contextmanager
-def _errors():
-    """Known error types become one line on stderr and exit code 2 (as ``kcache.cli.errors``)."""
-    from kcache.data.samples import SampleError
-    from kcache.kg.tables import KGError
-    from kcache.models import ModelError
-    from kcache.schemas import SchemaError
-
-    try:
-        yield
-    except (SampleError, ModelError, SchemaError, KGError, ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
 
 
 def _samples(path: Path, split: str | None, limit: int | None) -> list[dict]:

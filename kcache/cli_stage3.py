@@ -6,28 +6,14 @@ commands are thin: the work is in ``kcache.generate``, ``kcache.evaluate`` and `
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import typer
 
+from kcache.cli_errors import ensure_writable_dir, errors as _errors  # the one CLI error handler
+
 _MODEL_HELP = "hub id, local HF directory, .gguf file, or smollm2-135m"
 _DEVICE_HELP = "cpu | cuda | cuda:N (default: cuda when available)"
-
-
-@contextlib.contextmanager
-def _errors():
-    """Known error types -> one line on stderr, exit code 2 (as ``kcache.cli.errors``)."""
-    from kcache.data.samples import SampleError
-    from kcache.models import ModelError
-    from kcache.schemas import SchemaError
-    from kcache.store import CacheError
-
-    try:
-        yield
-    except (SampleError, ModelError, SchemaError, CacheError, ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
 
 
 def generate_cmd(
@@ -75,6 +61,7 @@ def evaluate_cmd(
     else:
         names = [m.strip() for m in methods.split(",") if m.strip()]
     with _errors():
+        ensure_writable_dir(out, "report directory")  # before the evaluation, not after it
         decoder = load_decoder(model, device=device, dtype=model_dtype)
         res = evaluate(decoder, samples, encoders, names, cache=cache, split=split or None, limit=limit,
                        token_budget=token_budget, max_length=max_length, progress=True)

@@ -136,7 +136,15 @@ def _edit_rows(table, split: str, limit: int | None) -> list[dict]:
 def edit(decoder: Decoder, samples, out, encoders=None, cfg: EditConfig | None = None, progress: bool = True, log=None) -> dict:
     """Train encoders (from a bundle, or fresh with ``cfg.from_scratch``) to carry the train-split
     edits with no knowledge input, measure ES/PS/NS before and after, and write the bundle,
-    ``edit.json``, ``edit.md``, ``edit.png``, ``history.json``, ``curves.png`` into ``out``."""
+    ``edit.json``, ``edit.md``, ``edit.png``, ``history.json``, ``curves.png`` into ``out``.
+    Holds the output lock on ``out`` throughout (kcache.lock): one writer per output."""
+    from kcache.lock import output_lock
+
+    with output_lock(out, "write edited encoders into it"):
+        return _edit(decoder, samples, out, encoders, cfg, progress, log)
+
+
+def _edit(decoder: Decoder, samples, out, encoders, cfg, progress, log) -> dict:
     from kcache.data.samples import read_samples, sample_set_fingerprint
 
     cfg = cfg or EditConfig()

@@ -31,7 +31,10 @@ WEIGHTS_FILE = "encoders.safetensors"
 CONFIG_FILE = "config.json"
 
 
-class BundleError(ValueError):
+from kcache.errors import KCacheError  # noqa: E402
+
+
+class BundleError(KCacheError, ValueError):
     """An encoder bundle is missing, corrupt, or belongs to another model / cache."""
 
 
@@ -180,6 +183,9 @@ class EncoderStack(nn.Module):
     def __init__(self, config: EncoderConfig, layers: list[int], seed: int = 0):
         super().__init__()
         self.config, self.layers = config, list(layers)
+        # Leading input positions this stack's output is never added to: the bundle's sink policy
+        # (kcache.align.sink_keep), carried here so every consumer applies the same one.
+        self.sink = 0
         self.encoders = nn.ModuleDict()
         for l in self.layers:
             g = torch.Generator().manual_seed(seed * 100_003 + l)
@@ -227,15 +233,17 @@ def save_bundle(path: str | Path, stack: EncoderStack, meta: dict) -> Path:
         **meta,
     }
     validate_document(doc, "encoders-v1", str(path / CONFIG_FILE))
-    tmp = path.with_name(path.name + ".saving")
-    shutil.rmtree(tmp, ignore_errors=True)
+    from kcache.lock import remove_stale_tmp, tmp_path
+
+    remove_stale_tmp(path, "saving")  # left by a killed save (never a live process's)
+    remove_stale_tmp(path, "old")
+    tmp = tmp_path(path, "saving")
     tmp.mkdir(parents=True)
     state = {k: v.detach().contiguous().cpu() for k, v in stack.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": BUNDLE_FORMAT})
     (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True))
     if path.exists():
-        old = path.with_name(path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
+        old = tmp_path(path, "old")
         os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
@@ -297,6 +305,7 @@ def load_bundle(path: str | Path, model_fingerprint: dict | None = None) -> tupl
         if not torch.isfinite(v).all():
             raise BundleError(f"{wpath}: tensor {k} holds NaN/inf")
     stack.load_state_dict(state)
+    stack.sink = int(doc.get("sink", 0))
     return stack, doc
 
 

@@ -34,7 +34,7 @@ from typing import Callable
 import pyarrow as pa
 import torch
 
-from kcache.align import TemplateSpec, encode_sample, pad_right, plan_batches
+from kcache.align import TemplateSpec, encode_knowledge, encode_sample, pad_right, plan_batches, scaffold_length
 from kcache.models import Decoder
 
 # ---------------------------------------------------------------------------------------------
@@ -94,14 +94,16 @@ class Method:
     label: str
     fn: MethodFn
     needs: tuple[str, ...] = ()
+    reads_knowledge: bool = False  # scores depend on each item's k_ids: run with swapped / empty knowledge too
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, fn: MethodFn, label: str | None = None, needs: tuple[str, ...] = ()) -> Method:
-    """Add (or replace) a method in the registry; ``evaluate(..., methods=[name])`` then runs it."""
-    m = Method(name, label or name, fn, tuple(needs))
+def register_method(name: str, fn: MethodFn, label: str | None = None, needs: tuple[str, ...] = (), reads_knowledge: bool = False) -> Method:
+    """Add (or replace) a method in the registry; ``evaluate(..., methods=[name])`` then runs it.
+    ``reads_knowledge``: the method uses ``item.k_ids``, so ``evaluate`` also runs its controls."""
+    m = Method(name, label or name, fn, tuple(needs), reads_knowledge)
     METHODS[name] = m
     return m
 
@@ -204,9 +206,9 @@ def method_oracle(decoder: Decoder, batch: EvalBatch) -> list[torch.Tensor]:
 
 
 register_method("x", method_x, "D(x)")
-register_method("kx", method_kx, "D(K,x)")
-register_method("ekx", method_ekx, "D(E(K,x)+x)", needs=("encoders",))
-register_method("oracle", method_oracle, "oracle D(x)+Δ", needs=("cache",))
+register_method("kx", method_kx, "D(K,x)", reads_knowledge=True)
+register_method("ekx", method_ekx, "D(E(K,x)+x)", needs=("encoders",), reads_knowledge=True)
+register_method("oracle", method_oracle, "oracle: cached Δ injected", needs=("cache",))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +228,74 @@ def perplexity(logprobs: list[torch.Tensor], masks: list[list[bool]]) -> tuple[f
         return float("nan"), float("nan"), 0
     mean = total / n
     return (math.exp(mean) if mean < 700 else float("inf")), mean, n
+
+
+def derangement(n: int) -> list[int]:
+    """A fixed derangement of ``range(n)`` (``n >= 2``): item ``i`` is paired with ``(i + n // 2) % n``,
+    so no sample keeps its own knowledge and partners are far apart in the file's order."""
+    if n < 2:
+        raise ValueError("a knowledge-swap control needs at least 2 samples")
+    return [(i + n // 2) % n for i in range(n)]
+
+
+def sample_nll(items: list[ScoreItem], scores: list[torch.Tensor]) -> dict[str, tuple[float, int]]:
+    """Per sample (target items only): (sum of -log p over scored tokens, token count); samples a
+    method could not score (NaN) are left out."""
+    out = {}
+    for it, lp in zip(items, scores):
+        if it.kind != "target":
+            continue
+        sel = torch.tensor(it.score_mask, dtype=torch.bool)
+        if not sel.any() or torch.isnan(lp[sel]).any():
+            continue
+        out[it.sample_id] = (float(-lp[sel].double().sum()), int(sel.sum()))
+    return out
+
+
+def paired_difference(a: dict[str, tuple[float, int]], b: dict[str, tuple[float, int]], n_boot: int = 2000, seed: int = 0) -> dict:
+    """Pooled per-token NLL of ``a`` minus that of ``b`` over the samples both scored, in nats,
+    with a 95 % bootstrap CI over samples (resampling samples, pooling tokens within each draw).
+    Used for knowledge use: ``a`` = another sample's knowledge, ``b`` = the right one."""
+    import numpy as np
+
+    ids = sorted(set(a) & set(b))
+    if not ids:
+        return {"nats": None, "ci": [None, None], "samples": 0}
+    na = np.array([a[i][0] for i in ids])
+    nb = np.array([b[i][0] for i in ids])
+    t = np.array([a[i][1] for i in ids], dtype=float)
+    value = (na.sum() - nb.sum()) / t.sum()
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(ids), size=(n_boot, len(ids)))
+    boot = (na[draws].sum(1) - nb[draws].sum(1)) / t[draws].sum(1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"nats": float(value), "ci": [float(lo), float(hi)], "samples": len(ids)}
+
+
+def gap_fraction(x: dict, kx: dict, m: dict, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Fraction of the pooled log-perplexity gap ``D(x) -> D(K,x)`` that method ``m`` closes,
+    ``(nll_x - nll_m) / (nll_x - nll_kx)``, with a 95 % bootstrap CI over samples (per-sample
+    ``(sum nll, tokens)`` dicts as from ``sample_nll``)."""
+    import numpy as np
+
+    ids = sorted(set(x) & set(kx) & set(m))
+    if not ids:
+        return {"fraction": None, "ci": [None, None], "samples": 0}
+    t = np.array([x[i][1] for i in ids], dtype=float)
+    v = {k: np.array([d[i][0] for i in ids]) for k, d in (("x", x), ("kx", kx), ("m", m))}
+
+    def frac(sel):
+        tt = t[sel].sum(-1)
+        nx, nk, nm = (v[k][sel].sum(-1) / tt for k in ("x", "kx", "m"))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (nx - nm) / (nx - nk)
+
+    value = float(frac(np.arange(len(ids))))
+    draws = np.random.default_rng(seed).integers(0, len(ids), size=(n_boot, len(ids)))
+    boot = frac(draws)
+    boot = boot[np.isfinite(boot)]
+    lo, hi = (np.percentile(boot, [2.5, 97.5]) if boot.size else (float("nan"), float("nan")))
+    return {"fraction": value, "ci": [float(lo), float(hi)], "samples": len(ids)}
 
 
 def option_prediction(option_scores: list[float]) -> int:
@@ -253,12 +323,28 @@ class PeakMemory:
     fallback without psutil (only meaningful for the first, largest measurement).
     """
 
-    def __init__(self, device: torch.device | str, interval: float = 0.001):
+    def __init__(self, device: torch.device | str, interval: float = 0.001, base: int | None = None):
         self.device = torch.device(device)
         self.interval = interval
         self.peak = 0
         self.base = 0
+        self.common_base = base  # measure from this level (``baseline()``) rather than the level at entry
         self.kind = ""
+
+    def baseline(self) -> int:
+        """The current level (after a collection and trim): a common base for several measurements."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            return torch.cuda.memory_allocated(self.device)
+        _malloc_trim()
+        try:
+            import psutil
+
+            return psutil.Process().memory_info().rss
+        except ImportError:  # pragma: no cover - psutil is a dependency
+            return 0
 
     def __enter__(self):
         gc.collect()
@@ -300,7 +386,7 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak = max(0, torch.cuda.max_memory_allocated(self.device) - self.base)
+            self.peak = max(0, torch.cuda.max_memory_allocated(self.device) - (self.base if self.common_base is None else self.common_base))
             self.absolute = torch.cuda.max_memory_allocated(self.device)
             return False
         if self._proc is None:
@@ -313,7 +399,7 @@ class PeakMemory:
         self._thread.join()
         r = self._proc.memory_info().rss
         self._max = max(self._max, r)
-        self.peak = self._max - self.base
+        self.peak = max(0, self._max - (self.base if self.common_base is None else self.common_base))
         self.absolute = self._max
         return False
 
@@ -392,6 +478,25 @@ def _filter(table: pa.Table, split: str | None, limit: int | None) -> pa.Table:
     return table
 
 
+CONTROLS = ("other", "empty")
+
+
+def control_items(tokenizer, items: list[ScoreItem], knowledge: list[list[str]], spec: TemplateSpec, max_length: int, kind: str) -> list[ScoreItem]:
+    """The same items with their knowledge replaced: ``"other"`` - the knowledge of another
+    evaluated sample (``derangement`` over the evaluated rows in file order), ``"empty"`` - none
+    (the template's scaffold alone). Knowledge is cut to the same budget stage one allows;
+    ``x_ids`` and the scored positions are unchanged."""
+    rows = sorted({it.row for it in items})
+    partner = dict(zip(rows, [rows[j] for j in derangement(len(rows))])) if kind == "other" else {}
+    scaffold = scaffold_length(tokenizer, spec)
+    out = []
+    for it in items:
+        k = knowledge[partner[it.row]] if kind == "other" else []
+        k_ids, _ = encode_knowledge(tokenizer, k or [], spec, max_length - len(it.x_ids) - scaffold)
+        out.append(dataclasses.replace(it, k_ids=k_ids))
+    return out
+
+
 def _methods(methods) -> list[Method]:
     out = []
     for m in methods:
@@ -405,6 +510,10 @@ def _methods(methods) -> list[Method]:
             out.append(Method(getattr(m, "__name__", "custom"), getattr(m, "__name__", "custom"), m))
         else:
             raise TypeError(f"method must be a name, a Method or a callable, not {type(m).__name__}")
+    names = [m.name for m in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"method(s) {', '.join(dup)} given more than once; each method is one row of the report")
     return out
 
 
@@ -422,12 +531,17 @@ def evaluate(
     template: TemplateSpec | None = None,
     extras: dict | None = None,
     progress: bool = False,
+    controls: bool = True,
 ) -> dict:
     """Evaluate ``methods`` on held-out ``samples`` (table or path) -> a JSON-ready dict.
 
     ``bundle``: encoder bundle directory, ``Injector`` or ``(stack, meta)`` (needed by ``ekx``);
     ``cache``: a stage-one cache path or ``Cache`` (needed by ``oracle``). Template and
     ``max_length`` come from the bundle, else the cache, else the defaults (1024), unless given.
+
+    ``controls``: every method that reads the knowledge is also run with another sample's
+    knowledge and with none (``control_items``); ``result["controls"]`` holds their perplexities
+    and the knowledge use, ``NLL(other K) - NLL(right K)`` per token with a bootstrap CI.
     """
     from tqdm.auto import tqdm
 
@@ -442,6 +556,9 @@ def evaluate(
     if cache is not None and not hasattr(cache, "deltas"):
         cache = Cache.open(cache)
     oracle = Injector.oracle(decoder, cache) if cache is not None else None
+    if injector is not None and oracle is not None and injector.sink != oracle.sink:
+        raise ValueError(f"the encoders write from input position {injector.sink}, the cache {cache.path} from {oracle.sink}: "
+                         "evaluate encoders next to the oracle of the cache they were fitted on")
     ms = _methods(methods)
     for m in ms:
         if "encoders" in m.needs and injector is None:
@@ -457,30 +574,52 @@ def evaluate(
     items, skipped, rows = prepare_items(decoder.tokenizer, table, template, max_length)
     lengths = [len(it.k_ids) + len(it.x_ids) for it in items]
     batches = plan_batches(lengths, token_budget)
+
     dev = decoder.device
 
+    def run(m: Method, its: list[ScoreItem], desc: str) -> list[torch.Tensor]:
+        scores: list[torch.Tensor | None] = [None] * len(its)
+        bs = batches if its is items else plan_batches([len(it.k_ids) + len(it.x_ids) for it in its], token_budget)
+        for b in tqdm(bs, desc=desc, disable=not progress, dynamic_ncols=True):
+            out = m.fn(decoder, EvalBatch([its[i] for i in b], injector, oracle, extras or {}))
+            if len(out) != len(b):
+                raise ValueError(f"method {m.name!r} returned {len(out)} results for {len(b)} items")
+            for i, lp in zip(b, out):
+                scores[i] = lp.detach().float().cpu()
+        return scores
+
+    # Memory is measured from one baseline taken after a warm-up forward pass (weights paged in,
+    # allocator warm), so no method is charged for loading the model, whatever the order.
+    if items:
+        method_x(decoder, EvalBatch([items[i] for i in batches[0]]))
+    base = PeakMemory(dev).baseline()
     per_method: dict[str, list[torch.Tensor]] = {}
     cost: dict[str, dict] = {}
     for m in ms:
-        scores: list[torch.Tensor | None] = [None] * len(items)
         synchronize(dev)
-        with PeakMemory(dev) as mem:
+        with PeakMemory(dev, base=base) as mem:
             t0 = time.perf_counter()
-            for b in tqdm(batches, desc=f"evaluate {m.name}", disable=not progress, dynamic_ncols=True):
-                batch = EvalBatch([items[i] for i in b], injector, oracle, extras or {})
-                out = m.fn(decoder, batch)
-                if len(out) != len(b):
-                    raise ValueError(f"method {m.name!r} returned {len(out)} results for {len(b)} items")
-                for i, lp in zip(b, out):
-                    scores[i] = lp.detach().float().cpu()
+            per_method[m.name] = run(m, items, f"evaluate {m.name}")
             synchronize(dev)
             seconds = time.perf_counter() - t0
-        per_method[m.name] = scores
         cost[m.name] = {"label": m.label, "seconds": seconds, "peak_memory_bytes": int(mem.peak), "memory_kind": mem.kind,
                         "tokens_per_second": sum(len(it.x_ids) for it in items) / max(seconds, 1e-9)}
+    if "oracle" in per_method and not sample_nll(items, per_method["oracle"]):
+        raise ValueError("oracle: the cache holds none of the evaluated samples (or none of their scored positions); "
+                         "evaluate a split the cache was extracted from, or leave oracle out")
+
+    control_scores: dict[str, dict[str, list[torch.Tensor]]] = {}
+    readers = [m for m in ms if m.reads_knowledge]
+    n_target = sum(1 for it in items if it.kind == "target")
+    if controls and readers and n_target >= 2:
+        knowledge = [k or [] for k in table["knowledge"].to_pylist()]
+        for kind in CONTROLS:
+            its = control_items(decoder.tokenizer, items, knowledge, template, max_length, kind)
+            control_scores[kind] = {m.name: run(m, its, f"evaluate {m.name} ({kind} K)") for m in readers}
 
     results = aggregate(items, rows, per_method, {m.name: m.label for m in ms})
     return {
+        "controls": knowledge_controls(items, per_method, control_scores, {m.name: m.label for m in ms}),
         "settings": {
             "model": decoder.fingerprint.to_dict(),
             "device": str(dev),
@@ -496,6 +635,8 @@ def evaluate(
             "token_budget": token_budget,
             "methods": [m.name for m in ms],
             "labels": {m.name: m.label for m in ms},
+            "targets": injector.info.targets if injector is not None else (oracle.info.targets if oracle is not None else None),
+            "sink": injector.sink if injector is not None else (oracle.sink if oracle is not None else None),
         },
         "counts": {
             "samples_in": n_in,
@@ -511,6 +652,28 @@ def evaluate(
         "methods": cost,
         "results": results,
     }
+
+
+def knowledge_controls(items: list[ScoreItem], per_method: dict, control_scores: dict, labels: dict) -> dict:
+    """Per knowledge-reading method: perplexity with the right, another sample's and no knowledge,
+    ``knowledge_use`` = pooled NLL(other K) - NLL(right K) in nats per target token (95 % CI over
+    samples), ``empty_use`` likewise against no knowledge; plus each method's gap fraction with CI."""
+    out = {}
+    per_sample = {name: sample_nll(items, sc) for name, sc in per_method.items()}
+    for name in control_scores.get("other", {}):
+        right = per_sample[name]
+        row = {"label": labels.get(name, name)}
+        for kind in CONTROLS:
+            ctl = sample_nll(items, control_scores[kind][name])
+            tot, n = sum(v for v, _ in ctl.values()), sum(t for _, t in ctl.values())
+            row[kind] = {"perplexity": math.exp(tot / n) if n else None, "nll": tot / n if n else None, "tokens": n}
+            row["knowledge_use" if kind == "other" else "empty_use"] = paired_difference(ctl, right)
+        out[name] = row
+    if "x" in per_sample and "kx" in per_sample:
+        for name, sc in per_sample.items():
+            if name not in ("x", "kx"):
+                out.setdefault(name, {"label": labels.get(name, name)})["gap_closed"] = gap_fraction(per_sample["x"], per_sample["kx"], sc)
+    return out
 
 
 def aggregate(items: list[ScoreItem], rows: list[dict], per_method: dict[str, list[torch.Tensor]], labels: dict[str, str]) -> dict:
@@ -614,6 +777,56 @@ def markdown_report(res: dict) -> str:
     for m in methods:
         mm = res["methods"][m]
         lines.append(f"| {labels[m]} | {mm['seconds']:.2f} | {mm['tokens_per_second']:.0f} | {mm['peak_memory_bytes'] / 2**20:.1f} ({mm['memory_kind']}) |")
+    lines.append("")
+    lines.append("Memory: peak above one baseline taken after the model was loaded and warmed up (the same for every method).")
+    return "\n".join(lines) + "\n" + controls_markdown(res)
+
+
+def _ci(d: dict, key: str, fmt: str) -> str:
+    v, (lo, hi) = d.get(key), d.get("ci", [None, None])
+    if v is None:
+        return "–"
+    return f"{v:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]" if lo is not None and lo == lo else f"{v:{fmt}}"
+
+
+def controls_markdown(res: dict) -> str:
+    """The knowledge-swap table and the verdict: does each method use the knowledge?"""
+    ctl = res.get("controls") or {}
+    readers = [m for m in res["settings"]["methods"] if "knowledge_use" in ctl.get(m, {})]
+    if not readers:
+        return ""
+    labels = res["settings"]["labels"]
+    allr = res["results"]["all"]
+    lines = ["", "## Knowledge-swap control", "",
+             "Each method run again with another test sample's knowledge (a fixed derangement) and with none. "
+             "**Knowledge use** = NLL(other K) − NLL(right K), nats per target token, 95 % bootstrap CI over samples: "
+             "> 0 means the method uses *this* sample's knowledge; a gain over D(x) without it is task adaptation.", "",
+             "| method | right K | other K | empty K | knowledge use (nats) | vs empty K (nats) | gap closed |", "|---|---|---|---|---|---|---|"]
+    for m in readers:
+        c = ctl[m]
+        gap = c.get("gap_closed", {})
+        lines.append(f"| {labels[m]} | {_fmt_ppl(allr[m]['perplexity'])} | {_fmt_ppl(c['other']['perplexity'])} | {_fmt_ppl(c['empty']['perplexity'])} | "
+                     f"{_ci(c['knowledge_use'], 'nats', '+.3f')} | {_ci(c['empty_use'], 'nats', '+.3f')} | "
+                     f"{_ci(gap, 'fraction', '.3f') if gap else '–'} |")
+    if "oracle" in res["settings"]["methods"]:
+        o = allr["oracle"]
+        n = max(allr[m]["samples"] for m in res["settings"]["methods"])
+        note = f" — on {o['samples']} of {n} samples (the others are not in the cache)" if o["samples"] < n else ""
+        lines += ["", f"Oracle = the exact cached deltas injected at the cache's layers ({res['settings'].get('targets') or '?'} targets): "
+                  f"what stage two is fitted to, not a guaranteed bound. Perplexity {_fmt_ppl(o['perplexity'])}{note}."]
+    kx_use = ctl.get("kx", {}).get("knowledge_use", {}).get("nats")
+    lines.append("")
+    for m in readers:
+        if m == "kx":
+            continue
+        ku = ctl[m]["knowledge_use"]
+        lo = ku["ci"][0]
+        uses = lo is not None and lo > 0
+        share = f" ({100 * ku['nats'] / kx_use:.0f} % of D(K,x)'s {kx_use:+.3f})" if kx_use else ""
+        better = allr[m]["nll"] < allr["x"]["nll"] if "x" in allr else None
+        lines.append(f"**{labels[m]}: {'USES the knowledge' if uses else 'no evidence it uses the knowledge'} "
+                     f"(knowledge use {ku['nats']:+.3f} nats{share}, CI lower bound {lo:+.3f}); "
+                     f"{'beats' if better else 'does not beat'} D(x).**")
     return "\n".join(lines) + "\n"
 
 

@@ -23,8 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from kcache import __version__
-from kcache.align import TemplateSpec, adds_bos, encode_sample, length_mask, loss_mask, pad_right, parse_layers, plan_batches, shift_left
-from kcache.data.samples import read_samples, sample_set_fingerprint
+from kcache.align import (
+    DEFAULT_SINK, DEFAULT_TARGETS, TARGETS, TemplateSpec, adds_bos, encode_sample, input_keep, length_mask, loss_mask, pad_right,
+    parse_layers, plan_batches, shift_left,
+)
+from kcache.data.samples import read_samples, require_usable, sample_set_fingerprint
 from kcache.models import Decoder
 from kcache.store import (
     ATTRS_KEY, FORMAT, SCHEMA_VERSION, CacheError, DeltaWriter, RunningStats, codecs_description, create_cache,
@@ -55,6 +58,14 @@ class ExtractConfig:
     shard_rows: int | None = None
     chunks_per_shard: int = 8
     storage: str = "lossless"  # lossless | bitround:N | int8 (kcache.storage); lossy is for caches that travel
+    targets: str = DEFAULT_TARGETS  # independent | cascade | distilled (batch_deltas; docs/training.md)
+    sink: int = DEFAULT_SINK  # leading input positions never written (align.sink_keep)
+    distill_steps: int = 8  # targets = distilled: Adam steps on the deltas per batch
+    distill_lr: float = 0.05  # ... learning rate, times each layer's delta RMS
+    distill_tokens: int = 1024  # ... tokens per sub-batch (full-vocabulary logits are held for both passes)
+
+    def distill(self) -> dict:
+        return {"steps": self.distill_steps, "lr": self.distill_lr, "tokens": self.distill_tokens}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,30 +110,141 @@ def run_blocks(decoder: Decoder, ids: torch.Tensor, mask: torch.Tensor) -> None:
         pass
 
 
-@torch.inference_mode()
-def batch_deltas(decoder: Decoder, items: list, site: str, layers: list[int]) -> dict[int, torch.Tensor]:
+def _hidden(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace_hidden(out, h):
+    return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+
+
+@contextlib.contextmanager
+def _correct_to(decoder: Decoder, site: str, want: dict[int, torch.Tensor], keep: torch.Tensor, deltas: dict, stop: bool = True):
+    """Cascade hooks for pass A: at each layer (in forward order) record
+    ``delta = (want - act) * keep`` against the activation *as it arrives* (earlier layers already
+    corrected) and add it, so the layers above see pass B's values at every kept position."""
+    handles = []
+
+    def correct(layer):
+        def hook(_mod, _inp, out):
+            h = _hidden(out)
+            d = (want[layer] - h.float()) * keep
+            deltas[layer] = d
+            return _replace_hidden(out, h + d.to(h.dtype))
+        return hook
+
+    def halt(_mod, _inp, _out):
+        raise _StopForward
+
+    try:
+        for l in sorted(want):
+            handles.append(decoder.layers.site_module(site, l).register_forward_hook(correct(l)))
+        if stop:
+            handles.append(decoder.layers.block(max(want)).register_forward_hook(halt))
+        yield deltas
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def batch_deltas(decoder: Decoder, items: list, site: str, layers: list[int], targets: str = "independent", sink: int = 0,
+                 distill: dict | None = None) -> dict[int, torch.Tensor]:
     """Two passes over a batch of encoded samples -> ``{layer: (sum x_len, hidden) float32}``.
 
-    Rows are the input positions of each sample in turn (the cache's flat layout).
+    Rows are the input positions of each sample in turn (the cache's flat layout). With ``n`` the
+    longest input and ``keep = input_keep(x_lens, n, sink)`` (real positions past the sink):
+
+    * ``independent``: ``delta[l] = (shift_left(act_B[l], |K|) - act_A[l]) * keep``, every layer
+      against the clean pass A. Exact for one injected layer; with several, layer ``l`` sees the
+      injections below it, which its target never did.
+    * ``cascade``: pass A runs with the deltas of the earlier requested layers already added,
+      ``delta[l] = (shift_left(act_B[l], |K|) - act_A'[l]) * keep``; injecting all of them
+      together reproduces pass B's site activations at every injected layer (kept positions).
+    * ``distilled``: the cascade deltas, then ``distill["steps"]`` Adam steps on the deltas
+      themselves minimising ``KL(D(K,x) || D(x) + delta)`` over the input positions
+      (``distill_deltas``). Needs full-depth passes; the decoder stays frozen.
     """
+    if targets not in TARGETS:
+        raise CacheError(f"targets must be one of {', '.join(TARGETS)}, not {targets!r}")
     dev = decoder.device
     pad = decoder.tokenizer.pad_token_id if decoder.tokenizer.pad_token_id is not None else 0
     x_lens = torch.tensor([len(e.x_ids) for e in items], device=dev)
     k_lens = torch.tensor([len(e.k_ids) for e in items], device=dev)
     ids_a, mask_a = pad_right([e.x_ids for e in items], pad)
     ids_b, mask_b = pad_right([e.k_ids + e.x_ids for e in items], pad)
-    with capture(decoder, site, layers) as acts:
-        run_blocks(decoder, ids_a.to(dev), mask_a.to(dev))
-        act_a = {l: acts[l] for l in layers}
-        run_blocks(decoder, ids_b.to(dev), mask_b.to(dev))
-        act_b = {l: acts[l] for l in layers}
-    valid = length_mask(x_lens)
+    ids_a, mask_a, ids_b, mask_b = ids_a.to(dev), mask_a.to(dev), ids_b.to(dev), mask_b.to(dev)
     n = ids_a.shape[1]
-    out = {}
-    for l in layers:
-        d = shift_left(act_b[l].float(), k_lens, n) - act_a[l].float()
-        out[l] = d[valid]
-    return out
+    keep = input_keep(x_lens, n, sink)[..., None].float()
+    with capture(decoder, site, layers) as acts:
+        run_blocks(decoder, ids_b, mask_b)
+        want = {l: shift_left(acts[l].float(), k_lens, n) for l in layers}
+    deltas: dict[int, torch.Tensor] = {}
+    if targets == "independent":
+        with capture(decoder, site, layers) as acts:
+            run_blocks(decoder, ids_a, mask_a)
+            deltas = {l: (want[l] - acts[l].float()) * keep for l in layers}
+    else:
+        with _correct_to(decoder, site, want, keep, deltas):
+            run_blocks(decoder, ids_a, mask_a)
+    if targets == "distilled":
+        opts = dict(distill or {})
+        # Full-vocabulary logits of both passes: sub-batches of about ``tokens`` keep them bounded.
+        per = max(1, int(opts.pop("tokens", 1024)) // max(1, ids_b.shape[1]))
+        parts = []
+        for a in range(0, len(items), per):
+            sl = slice(a, a + per)
+            parts.append(distill_deltas(decoder, site, {l: d[sl] for l, d in deltas.items()}, keep[sl], (ids_a[sl], mask_a[sl]),
+                                        (ids_b[sl], mask_b[sl]), k_lens[sl], x_lens[sl], **opts))
+        deltas = {l: torch.cat([p[l] for p in parts]) for l in layers}
+    valid = length_mask(x_lens, n)
+    return {l: deltas[l][valid] for l in layers}
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over masked positions of ``KL(teacher || student)`` of the next-token distributions
+    (natural log). ``student_logits`` (B, n, V), ``teacher_logp`` (B, n, V) log-probabilities,
+    ``mask`` (B, n) bool."""
+    lp = student_logits.float().log_softmax(-1)
+    kl = (teacher_logp.exp() * (teacher_logp - lp)).sum(-1)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def distill_deltas(decoder: Decoder, site: str, deltas: dict[int, torch.Tensor], keep: torch.Tensor, pass_a, pass_b,
+                   k_lens: torch.Tensor, x_lens: torch.Tensor, steps: int = 8, lr: float = 0.05) -> dict[int, torch.Tensor]:
+    """Refine ``deltas`` ``{layer: (B, n, hidden)}`` by ``steps`` Adam steps (learning rate ``lr``
+    times each layer's delta RMS) on ``KL(D(K,x) || D(x)+delta)`` over every real input position;
+    returns the deltas of the step with the lowest KL (step 0 = the deltas given). Positions
+    outside ``keep`` stay zero. Only the deltas receive gradients; the decoder is frozen."""
+    from kcache.inject import add_at_site
+
+    model = decoder.model
+    n = pass_a[0].shape[1]
+    real = length_mask(x_lens, n)
+    with torch.no_grad():
+        logits_b = model(input_ids=pass_b[0], attention_mask=pass_b[1], use_cache=False).logits
+        teacher = shift_left(logits_b.float().log_softmax(-1), k_lens, n)
+        del logits_b
+    params = {l: d.detach().clone().requires_grad_(True) for l, d in deltas.items()}
+    scale = {l: float(d.pow(2).mean().sqrt().clamp(min=1e-6)) for l, d in deltas.items()}
+    opt = torch.optim.Adam([{"params": [params[l]], "lr": lr * scale[l]} for l in params])
+    best, best_loss = {l: d.detach().clone() for l, d in deltas.items()}, float("inf")
+    for step in range(steps + 1):
+        with torch.enable_grad():
+            add = {l: p * keep for l, p in params.items()}
+            with add_at_site(decoder, site, add):
+                logits = model(input_ids=pass_a[0], attention_mask=pass_a[1], use_cache=False).logits
+            loss = kl_to_teacher(logits, teacher, real)
+            value = float(loss.detach())
+            if value < best_loss:
+                best_loss = value
+                best = {l: a.detach().clone() for l, a in add.items()}
+            if step == steps:
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +350,9 @@ def _settings(decoder: Decoder, cfg: ExtractConfig, layers: list[int], samples: 
         "max_length": cfg.max_length,
         "dtype": cfg.dtype,
         "skip_bos": cfg.skip_bos,
+        "targets": cfg.targets,
+        "sink": cfg.sink,
+        **({"distill": {"steps": cfg.distill_steps, "lr": cfg.distill_lr}} if cfg.targets == "distilled" else {}),
         "sample_set": sample_set_fingerprint(samples),
         "chunk_rows": chunk,
         "shard_rows": shard,
@@ -281,7 +406,19 @@ def extract(
     cost-balanced run of the batches and writes ``out/parts/RRRRR-of-WWWWW``; once every rank
     is done, rank 0 writes the manifest that makes the parts one cache. Ranks synchronise
     through torch.distributed when it is initialised; see ``kcache.distributed``.
+
+    One writer per output: the whole call holds the lock on ``out`` (rank r > 0 of a
+    distributed run: the lock of its part), so a second extraction into the same ``out``
+    fails at once naming the process that writes it (``kcache.lock``).
     """
+    from kcache.lock import output_lock
+
+    tag = f"rank-{rank:05d}-of-{world:05d}" if world > 1 and rank > 0 else None
+    with output_lock(out, "extract into it", tag=tag):
+        return _extract(decoder, samples, out, cfg, overwrite, progress, rank, world)
+
+
+def _extract(decoder, samples, out, cfg, overwrite, progress, rank, world) -> ExtractReport:
     cfg = cfg or ExtractConfig()
     t_start = time.perf_counter()
     root = Path(out)
@@ -291,6 +428,10 @@ def extract(
     table = samples if isinstance(samples, pa.Table) else read_samples(samples)
     if cfg.site not in ("mlp", "block"):
         raise CacheError(f"--site must be 'mlp' or 'block', not {cfg.site!r}")
+    if cfg.targets not in TARGETS:
+        raise CacheError(f"--targets must be one of {', '.join(TARGETS)}, not {cfg.targets!r}")
+    if cfg.sink < 0:
+        raise CacheError(f"--sink must be >= 0, not {cfg.sink}")
     layers = parse_layers(cfg.layers, decoder.layers.num_layers)
     hidden = decoder.layers.hidden_size
     chunk = cfg.chunk_rows or default_chunk_rows(hidden, cfg.dtype)
@@ -312,6 +453,7 @@ def extract(
 
     def plan_for(c):
         full = make_plan(decoder.tokenizer, table, c)
+        require_usable(len(full.encoded), table.num_rows, full.skipped, "samples" if isinstance(samples, pa.Table) else str(samples))
         if world == 1:
             return full
         lo, hi = rank_batches(batch_costs(full), world)[rank]
@@ -371,7 +513,7 @@ def extract(
         tok_off = np.concatenate([[0], np.cumsum(tok_lens)]).astype(np.int64)
         token_ids = np.array([t for e in plan.encoded for t in e.k_ids + e.x_ids], dtype=np.int32)
         bos = decoder.tokenizer.bos_token_id if adds_bos(decoder.tokenizer) else None
-        lmask = np.array([m for e in plan.encoded for m in loss_mask(len(e.x_ids), cfg.skip_bos and bos is not None and e.x_ids[0] == bos)], dtype=bool)
+        lmask = np.array([m for e in plan.encoded for m in loss_mask(len(e.x_ids), cfg.skip_bos and bos is not None and e.x_ids[0] == bos, cfg.sink)], dtype=bool)
         tmask = np.array([m for e in plan.encoded for m in e.target_mask], dtype=bool)
         attrs["counts"]["loss_tokens"] = int(lmask.sum())
         index = pa.table({
@@ -408,12 +550,14 @@ def extract(
     first_batch = next((bi for bi, b in enumerate(plan.batches) if row_off[b[-1] + 1] > resume_row), len(plan.batches))
     todo = plan.batches[first_batch:]
     fwd = 0.0
-    resumed_from = done = resume_row
-    bar = tqdm(total=int(total - resume_row), unit="tok", desc="extract", disable=not progress, dynamic_ncols=True)
+    resumed_from = resume_row
+    # The bar counts pass-B tokens (knowledge + input), what a batch's time grows with, so its ETA holds.
+    cost = [sum(len(plan.encoded[i].k_ids) + len(plan.encoded[i].x_ids) for i in b) for b in todo]
+    bar = tqdm(total=sum(cost), unit="tok", desc="extract (pass-B tokens)", disable=not progress, dynamic_ncols=True)
     try:
-        for b in todo:
+        for bi, b in enumerate(todo):
             t0 = time.perf_counter()
-            deltas = batch_deltas(decoder, [plan.encoded[i] for i in b], cfg.site, layers)
+            deltas = batch_deltas(decoder, [plan.encoded[i] for i in b], cfg.site, layers, cfg.targets, cfg.sink, cfg.distill())
             what = f"deltas of samples {[ids_col[plan.order[i]] for i in b][:3]}"
             if storage:
                 # Lossy: the writer quantizes whole shards and measures the error against these.
@@ -422,9 +566,7 @@ def extract(
                 rows = {l: encode_rows(d, cfg.dtype, f"layer {l} {what}") for l, d in deltas.items()}
             fwd += time.perf_counter() - t0
             writer.put(int(row_off[b[0]]), rows)
-            end = int(row_off[b[-1] + 1])
-            bar.update(end - done)
-            done = end
+            bar.update(cost[bi])
     finally:
         bar.close()
         writer.close()
@@ -473,7 +615,7 @@ def _initial_attrs(decoder: Decoder, settings: dict, counts: dict, cfg: ExtractC
         "hidden_size": decoder.layers.hidden_size,
         "vocab_size": int(decoder.layers.embed_tokens().weight.shape[0]),
         "num_model_layers": decoder.layers.num_layers,
-        "extraction": {"token_budget": cfg.token_budget, "batches": len(plan.batches), "torch": torch.__version__, "model_dtype": str(decoder.dtype).replace("torch.", ""), "device": str(decoder.device)},
+        "extraction": {"token_budget": cfg.token_budget, "batches": len(plan.batches), "torch": torch.__version__, "model_dtype": str(decoder.dtype).replace("torch.", ""), "device": str(decoder.device), "threads": torch.get_num_threads()},
         "counts": counts,
         "stats": {},
     }

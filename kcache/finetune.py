@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kcache.align import TemplateSpec, encode_sample, length_mask, pad_right, shift_left
+from kcache.align import DEFAULT_SINK, TemplateSpec, encode_sample, input_keep, pad_right, shift_left, sink_of, targets_of
 from kcache.encoders import EncoderConfig, EncoderStack, load_bundle, save_bundle
 from kcache.fit import OptimConfig, _load_checkpoint, _save_checkpoint, lr_at, optimizer_step
 from kcache.inject import add_at_site, check_fingerprint, embed_ids
@@ -61,6 +61,7 @@ class FinetuneConfig(OptimConfig):
     template: str = TemplateSpec.template
     separator: str = TemplateSpec.separator
     template_end: str = "eos"
+    sink: int = DEFAULT_SINK  # from scratch: leading input positions never written (a bundle brings its own)
     max_length: int | None = None  # default: the bundle's (1024 from scratch)
     checkpoint_every: int = 50
 
@@ -71,7 +72,8 @@ class FinetuneConfig(OptimConfig):
 
 def trainable_additions(decoder: Decoder, stack: EncoderStack, k_ids: list[list[int]], x_ids: list[list[int]], layers: list[int]) -> dict[int, torch.Tensor]:
     """``inject.encoder_additions`` with gradients: ``{layer: (B, max len(x), hidden)}``,
-    right-padded, encoder output shifted left by ``len(k_ids[i])``, padding rows zero."""
+    right-padded, encoder output shifted left by ``len(k_ids[i])``, padding rows and the first
+    ``stack.sink`` input positions zero."""
     dev = decoder.device
     pdtype = next(stack.parameters()).dtype
     ids, mask = pad_right([list(k) + list(x) for k, x in zip(k_ids, x_ids)], 0)
@@ -80,7 +82,7 @@ def trainable_additions(decoder: Decoder, stack: EncoderStack, k_ids: list[list[
     k_lens = torch.tensor([len(k) for k in k_ids], device=dev)
     x_lens = torch.tensor([len(x) for x in x_ids], device=dev)
     n = int(x_lens.max()) if len(x_ids) else 0
-    keep = length_mask(x_lens, n)[..., None]
+    keep = input_keep(x_lens, n, stack.sink)[..., None]
     out = {}
     for l in layers:
         e = stack.encoder(l)(emb, valid)
@@ -310,7 +312,10 @@ def train_encoders(decoder: Decoder, stack: EncoderStack, site: str, layers: lis
 
 def _write_bundle(out: Path, stack: EncoderStack, meta: dict) -> None:
     """The bundle lives in ``out/`` beside the checkpoint (written atomically via a sibling dir)."""
-    tmp = out.with_name(out.name + ".bundle")
+    from kcache.lock import remove_stale_tmp, tmp_path
+
+    remove_stale_tmp(out, "bundle")
+    tmp = tmp_path(out, "bundle")
     save_bundle(tmp, stack, meta)
     for name in ("config.json", "encoders.safetensors"):
         os.replace(tmp / name, out / name)
@@ -352,8 +357,9 @@ def start_stack(decoder: Decoder, encoders, cfg) -> tuple[EncoderStack, dict, di
         econf = EncoderConfig(d_model=decoder.layers.hidden_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                               num_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size)
         stack = EncoderStack(econf, layers, seed=cfg.seed)
+        stack.sink = cfg.sink
         meta = {"site": cfg.site, "template": {"template": cfg.template, "separator": cfg.separator, "end": cfg.template_end},
-                "max_length": int(cfg.max_length or 1024), "model": fp, "cache": None}
+                "max_length": int(cfg.max_length or 1024), "model": fp, "cache": None, "targets": "none", "sink": cfg.sink}
         return stack, meta, {"from": "scratch", "seed": cfg.seed}
     if encoders is None:
         raise ValueError("give an encoder bundle to start from (--encoders DIR) or --from-scratch")
@@ -371,8 +377,9 @@ def start_stack(decoder: Decoder, encoders, cfg) -> tuple[EncoderStack, dict, di
         for l in want:
             sub.encoder(l).load_state_dict(stack.encoder(l).state_dict())
         stack = sub
+    stack.sink = sink_of(doc)
     meta = {"site": doc["site"], "template": doc["template"], "max_length": int(cfg.max_length or doc["max_length"]), "model": fp,
-            "cache": doc.get("cache")}
+            "cache": doc.get("cache"), "targets": targets_of(doc), "sink": stack.sink}
     prov = {"from": str(encoders), "source_weights": _file_hash(Path(encoders) / "encoders.safetensors"),
             "source_training": doc.get("training"), "source_created": doc.get("created")}
     return stack, meta, prov
@@ -382,7 +389,15 @@ def finetune(decoder: Decoder, samples, encoders, out, cfg: FinetuneConfig | Non
     """Fine-tune encoders (a bundle directory, or fresh with ``cfg.from_scratch``) on the target CE
     of ``D(E(K,x)+x)``; writes the best bundle, ``history.json``, ``curves.png`` and
     ``summary.json`` to ``out`` and returns the summary. A finished run with the same settings
-    is not repeated (``summary["skipped"]``); an interrupted one resumes."""
+    is not repeated (``summary["skipped"]``); an interrupted one resumes. Holds the output lock on
+    ``out`` throughout (kcache.lock): one writer per output."""
+    from kcache.lock import output_lock
+
+    with output_lock(out, "fine-tune into it"):
+        return _finetune(decoder, samples, encoders, out, cfg, progress, on_step, log)
+
+
+def _finetune(decoder: Decoder, samples, encoders, out, cfg, progress, on_step, log) -> dict:
     from kcache.data.samples import read_samples, sample_set_fingerprint
 
     cfg = cfg or FinetuneConfig()

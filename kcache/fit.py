@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kcache import distributed
-from kcache.align import length_mask
+from kcache import distributed, shutdown
+from kcache.align import length_mask, sink_of, targets_of
 from kcache.encoders import CONFIG_FILE, WEIGHTS_FILE, EncoderConfig, EncoderStack, save_bundle
 from kcache.schemas import validate_document
 from kcache.cache import Cache
@@ -217,7 +217,12 @@ class CacheReader:
         b = int(self.row_off[block[-1]] + self.x_len[block[-1]])
         rows = {}
         for l in self.layers:
-            rows[l], stored = self.cache.read_rows(l, a, b, with_bytes=True)
+            try:
+                rows[l], stored = self.cache.read_rows(l, a, b, with_bytes=True)
+            except ValueError as e:  # zarr's crc32c check: "Stored and computed checksum do not match"
+                if (err := self._corrupt(f"deltas/layer_{l:02d}", a, b, e)) is None:
+                    raise
+                raise err from e
             self.bytes_read += stored
         out = {}
         for s in block:
@@ -227,6 +232,18 @@ class CacheReader:
             out[s] = {"tokens": toks, "shift": shift, "loss": self.loss[int(self.row_off[s]): int(self.row_off[s]) + n],
                       "deltas": {l: rows[l][r0 : r0 + n] for l in self.layers}}
         return out
+
+    def _corrupt(self, array: str, a: int, b: int, e: ValueError) -> CacheError | None:
+        """A checksum failure as an error naming the cache, part, array and chunks (None for other ValueErrors)."""
+        if "checksum" not in str(e).lower():
+            return None
+        j = int(np.searchsorted(self.cache.row_base, a, side="right") - 1)
+        base = int(self.cache.row_base[j])
+        first, last = (a - base) // self.chunk, (min(b, int(self.cache.row_base[j + 1])) - 1 - base) // self.chunk
+        chunks = f"chunk {first}" if first == last else f"one of chunks {first}-{last}"
+        part = "" if self.cache.parts[j].name == "." else self.cache.parts[j].name + "/"
+        return CacheError(f"{self.cache.location}: array {part}{array}, {chunks} (rows {a - base}-{b - 1 - base}) is corrupt ({e}); "
+                          f"run `kcache validate {self.cache.location}` to list every damaged file, then re-extract or pull the cache again")
 
 
 def collate(items: list[dict], layers: list[int], samples: list[int]) -> Batch:
@@ -269,6 +286,7 @@ class BatchLoader:
         self._stop = False
         self.thread = threading.Thread(target=self._work, daemon=True, name="kcache-loader")
         self.thread.start()
+        shutdown.track(self)  # closed before the interpreter exits if a caller never closes it
 
     def __len__(self):
         return len(self.batches)
@@ -309,7 +327,16 @@ class BatchLoader:
             yield item
 
     def close(self):
+        """Stop reading ahead and wait for the worker thread (it finishes the block it is reading)."""
         self._stop = True
+        deadline = time.monotonic() + 60
+        while self.thread is not threading.current_thread() and self.thread.is_alive() and time.monotonic() < deadline:
+            try:  # drain: the worker may be blocked putting its last batch, None or an error
+                while True:
+                    self.q.get_nowait()
+            except queue.Empty:
+                pass
+            self.thread.join(timeout=0.05)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,9 +406,11 @@ def _save_checkpoint(out: Path, stack, opt, state: dict, where: Path | None = No
     """
     from safetensors.torch import save_file
 
+    from kcache.lock import remove_stale_tmp, tmp_path
+
     final = Path(where) if where is not None else final_dir(out)
-    tmp = final.with_name(final.name + ".saving")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_stale_tmp(final, "saving")  # left by a killed run (never a live process's)
+    tmp = tmp_path(final, "saving")
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in stack.state_dict().items()}, str(tmp / "model.safetensors"))
     osd = opt.state_dict()
@@ -501,7 +530,19 @@ def fit_encoders(cache_path: str | Path, out: str | Path, cfg: FitConfig | None 
     so all processes take the same decisions (best step, early stop); each keeps its own
     checkpoint (``out/checkpoint/rank-RRRRR-of-WWWWW``) and best weights (``...WWWWW.best``); the
     first process merges the latter into ``out`` and alone writes the shared files.
+
+    One writer per output: the call holds the lock on ``out`` (process r > 0 of a launch: the lock
+    of its rank), so a second run into the same ``out`` fails at once naming the holder (kcache.lock).
     """
+    from kcache.lock import output_lock
+
+    rank, world, _ = distributed.dist_env()
+    tag = f"rank-{rank:05d}-of-{world:05d}" if world > 1 and rank > 0 else None
+    with output_lock(out, "train encoders into it", tag=tag):
+        return _fit_encoders(cache_path, out, cfg, progress, on_step)
+
+
+def _fit_encoders(cache_path, out, cfg, progress, on_step) -> dict:
     cfg = cfg or FitConfig()
     out = Path(out)
     if cfg.parallel not in ("layers",):
@@ -532,6 +573,7 @@ def fit_encoders(cache_path: str | Path, out: str | Path, cfg: FitConfig | None 
     emb = cache.embeddings().to(device)
     # Each encoder is seeded by (seed, layer): a process building only its layers gets the same weights.
     stack = EncoderStack(cfg.encoder_config(cache.hidden_size), mine, seed=cfg.seed).to(device)
+    stack.sink = sink_of(cache.settings)
     opt = torch.optim.AdamW(stack.parameters(), lr=cfg.lr_max, betas=cfg.betas, weight_decay=cfg.weight_decay)
     batches_per_epoch = -(-len(train_idx) // cfg.batch_size)
     steps_per_epoch = -(-batches_per_epoch // cfg.grad_accum)
@@ -584,6 +626,11 @@ def fit_encoders(cache_path: str | Path, out: str | Path, cfg: FitConfig | None 
     stack.train()
     step, t_start, wait, tokens_seen = state["step"], time.perf_counter(), 0.0, 0
     stop = step >= total_steps
+    if stop and (out / "summary.json").exists():
+        # Finished by an earlier run: report its figures (wall time included), rewrite nothing.
+        done = json.loads((out / "summary.json").read_text())
+        distributed.barrier()
+        return {**done, "skipped": True}
     bar = tqdm(total=total_steps, initial=step, desc="fit", unit="step", disable=not (progress and main), dynamic_ncols=True)
     train_acc = {l: 0.0 for l in mine}
     n_acc = 0
@@ -660,6 +707,7 @@ def _bundle_meta(cache: Cache, cfg: FitConfig, state, res) -> dict:
     s = cache.settings
     return {
         "site": s["site"], "template": s["template"], "max_length": s["max_length"], "model": s["model"],
+        "targets": targets_of(s), "sink": sink_of(s),
         "cache": cache.fingerprint(), "created": now(),
         "training": {"step": state["step"], "epoch": state["epoch"], "config": {k: v for k, v in cfg.run_config().items() if k != "device"},
                      "val": {str(l): r for l, r in res.items()}},
@@ -672,7 +720,10 @@ def _save_bundle(out: Path, stack, cache: Cache, cfg: FitConfig, layers, state, 
 
 def _publish_bundle(out: Path, stack, meta: dict):
     # The bundle lives in out/ beside the checkpoint; save_bundle writes it atomically.
-    tmp_bundle = out.with_name(out.name + ".bundle")
+    from kcache.lock import remove_stale_tmp, tmp_path
+
+    remove_stale_tmp(out, "bundle")
+    tmp_bundle = tmp_path(out, "bundle")
     save_bundle(tmp_bundle, stack, meta)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "encoders.safetensors"):

@@ -40,11 +40,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kcache.align import length_mask, pad_right
+from kcache.align import input_keep, pad_right, sink_keep, sink_of, targets_of
 from kcache.models import Decoder
 
 
-class InjectError(ValueError):
+from kcache.errors import KCacheError  # noqa: E402
+
+
+class InjectError(KCacheError, ValueError):
     """The injector cannot be used as asked (wrong model, wrong call pattern); the message says why."""
 
 
@@ -110,12 +113,14 @@ def encoder_positions(base: torch.Tensor, new_valid: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def encoder_additions(decoder: Decoder, stack, k_ids: list[list[int]], x_ids: list[list[int]], layers: list[int] | None = None, pad_id: int = 0) -> dict[int, torch.Tensor]:
+def encoder_additions(decoder: Decoder, stack, k_ids: list[list[int]], x_ids: list[list[int]], layers: list[int] | None = None, pad_id: int = 0,
+                      sink: int = 0) -> dict[int, torch.Tensor]:
     """One-shot DIEKÆ additions for a batch: ``{layer: (B, max len(x_ids), hidden)}``, right-padded.
 
     Runs each encoder on the right-padded ``k_ids[i] + x_ids[i]``, shifts its output left by
-    ``len(k_ids[i])`` (``align.shift_left``) and zeroes padding positions. ``pad_id`` does not
-    change the result (padding keys are masked, padding rows zeroed).
+    ``len(k_ids[i])`` (``align.shift_left``) and zeroes padding positions and the first ``sink``
+    input positions (``align.input_keep``). ``pad_id`` does not change the result (padding keys
+    are masked, padding rows zeroed).
     """
     layers = list(stack.layers if layers is None else layers)
     dev = decoder.device
@@ -126,7 +131,7 @@ def encoder_additions(decoder: Decoder, stack, k_ids: list[list[int]], x_ids: li
     k_lens = torch.tensor([len(k) for k in k_ids], device=dev)
     x_lens = torch.tensor([len(x) for x in x_ids], device=dev)
     n = int(x_lens.max()) if len(x_ids) else 0
-    keep = length_mask(x_lens, n)[..., None]
+    keep = input_keep(x_lens, n, sink)[..., None]
     out = {}
     for l in layers:
         e = stack.encoder(l)(emb, valid, shifts=k_lens, length=n)
@@ -190,7 +195,10 @@ def _call_geometry(args, kwargs) -> tuple:
         past = am.shape[1] - n
         new_valid = am[:, -n:].bool() if n else am[:, :0].bool()
     else:
+        # transformers 5 hands generate()'s cache to the backbone as ``cache``; older versions as ``past_key_values``
         pkv = kwargs.get("past_key_values")
+        if pkv is None:
+            pkv = kwargs.get("cache")
         past = int(pkv.get_seq_length()) if pkv is not None and hasattr(pkv, "get_seq_length") else 0
         new_valid = torch.ones(b, n, dtype=torch.bool, device=ref.device)
     return b, n, past, new_valid, ids, embeds
@@ -270,11 +278,12 @@ class _Session:
         base = self.k_lens + self.valid[:, self.k_cols:].sum(1)
         pos = encoder_positions(base, new_valid)
         key_valid = torch.cat([self.valid, new_valid], 1)
+        write = new_valid & sink_keep(pos - self.k_lens[:, None], self.inj.sink)  # pos - |K| = input position
         out = {}
         with torch.no_grad():
             for l in self.inj.layers:
                 e, self.past[l] = self.inj.stack.encoder(l)(emb, key_valid, pos, past=self.past[l], use_cache=True)
-                out[l] = e * new_valid[..., None].to(e.dtype)
+                out[l] = e * write[..., None].to(e.dtype)
         self.valid = key_valid
         return out
 
@@ -290,6 +299,8 @@ class InjectorInfo:
     template: dict
     max_length: int
     source: str  # "encoders" | "oracle"
+    targets: str = "independent"  # what the encoders were fitted to (or the oracle cache holds); "none": no cache
+    sink: int = 0  # leading input positions never written
 
 
 class Injector:
@@ -316,6 +327,7 @@ class Injector:
         self.decoder, self.site, self.layers = decoder, site, list(layers)
         self.stack, self.cache = stack, cache
         self.meta = meta or {}
+        self.sink = sink_of(self.meta)
         self._handles: list = []
         self._source = None
         self._pending: dict[int, torch.Tensor] | None = None
@@ -360,7 +372,8 @@ class Injector:
         """Oracle mode: inject the exact deltas of a stage-one cache (the upper bound)."""
         check_fingerprint(cache.model_fingerprint, decoder, f"cache {cache.path}")
         s = cache.settings
-        meta = {"site": s["site"], "layers": list(layers or s["layers"]), "template": s["template"], "max_length": s["max_length"], "model": s["model"]}
+        meta = {"site": s["site"], "layers": list(layers or s["layers"]), "template": s["template"], "max_length": s["max_length"], "model": s["model"],
+                "targets": targets_of(s), "sink": sink_of(s)}
         return cls(decoder, s["site"], meta["layers"], cache=cache, meta=meta)
 
     @property
@@ -368,7 +381,8 @@ class Injector:
         from kcache.align import TemplateSpec
 
         t = self.meta.get("template") or {"template": TemplateSpec.template, "separator": TemplateSpec.separator, "end": "eos"}
-        return InjectorInfo(self.site, self.layers, t, int(self.meta.get("max_length", 1024)), "oracle" if self.stack is None else "encoders")
+        return InjectorInfo(self.site, self.layers, t, int(self.meta.get("max_length", 1024)), "oracle" if self.stack is None else "encoders",
+                            targets_of(self.meta), self.sink)
 
     def template_spec(self):
         from kcache.align import TemplateSpec
@@ -463,7 +477,7 @@ class Injector:
         """One-shot encoder additions for a right-padded batch (``encoder_additions``)."""
         if self.stack is None:
             raise InjectError("oracle mode: use oracle_additions(sample_ids, x_ids)")
-        return encoder_additions(self.decoder, self.stack, k_ids, x_ids, self.layers)
+        return encoder_additions(self.decoder, self.stack, k_ids, x_ids, self.layers, sink=self.sink)
 
     def oracle_additions(self, samples: list[int | str], x_ids: list[list[int]] | None = None) -> tuple[dict[int, torch.Tensor], list[int]]:
         """Cached deltas for a right-padded batch of cached samples, and per sample how many

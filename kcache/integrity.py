@@ -32,6 +32,8 @@ import numpy as np
 from kcache import __version__
 from kcache.cache import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, Cache, Part
 from kcache.location import Location
+from kcache.lock import is_tmp_name, output_lock, remove_stale_tmp, tmp_path
+from kcache.paths import check_manifest_paths, hash_regular, safe_relpath
 from kcache.schemas import validate_document
 from kcache.store import CacheError, decode_rows, now
 
@@ -83,12 +85,16 @@ def part_files(part_dir: Path, skip: tuple[str, ...] = (MANIFEST,)) -> dict[str,
         if rel_dir == Path(".") and "parts" in dirnames and not (part_dir / "zarr.json").exists():
             dirnames.remove("parts")
         dirnames.sort()
+        for d in dirnames:
+            if os.path.islink(os.path.join(dirpath, d)):
+                raise CacheError(f"{Path(dirpath) / d}: is a symbolic link; a cache never follows links")
         for f in sorted(filenames):
             rel = (rel_dir / f).as_posix()
-            if rel in skip or rel.endswith(RECORD_SUFFIX) or rel.endswith(".creating"):
+            # Temporary files (an interrupted write's leftovers) are never part of a cache.
+            if rel in skip or rel.endswith(RECORD_SUFFIX) or is_tmp_name(f):
                 continue
-            p = Path(dirpath) / f
-            out[rel] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
+            size, sha = hash_regular(Path(dirpath) / f)  # refuses links, fifos and devices
+            out[safe_relpath(rel, str(part_dir))] = {"size": size, "sha256": sha}
     return out
 
 
@@ -112,7 +118,7 @@ def write_part_record(root: Path, rel: str, origin: str | None = None) -> Path:
     """
     rec = part_record(root, rel, origin=origin)
     path = Path(root) / f"{rel}{RECORD_SUFFIX}"
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_path(path)
     tmp.write_text(json.dumps(rec, sort_keys=True))
     os.replace(tmp, path)
     return path
@@ -123,8 +129,22 @@ def finalize(root: str | os.PathLike, parts: list[str] | None = None, provenance
     """Write ``root/manifest.json`` for complete parts and make every file read-only.
 
     ``parts`` defaults to ``["."]`` (a single store at the root). Records already written by
-    ``write_part_record`` (or passed in ``records``) are used instead of re-hashing.
+    ``write_part_record`` (or passed in ``records``) are used instead of re-hashing. Holds the
+    output lock (kcache.lock) throughout; completes a finalize that was killed part-way (its
+    temporary manifest is dropped, files it already made read-only are only read).
     """
+    with output_lock(root, "finalize it"):
+        return _finalize(root, parts, provenance, records)
+
+
+def _drop_stale_manifest_tmp(root: Path) -> None:
+    """Temporary manifests of a finalize that was killed (under the lock, nobody else's)."""
+    remove_stale_tmp(root / MANIFEST)
+    for p in root.glob(MANIFEST + ".tmp"):  # the name older versions used
+        p.unlink(missing_ok=True)
+
+
+def _finalize(root: str | os.PathLike, parts: list[str] | None, provenance: dict | None, records: list[dict] | None) -> dict:
     root = Path(root)
     if (root / MANIFEST).exists():
         raise CacheError(f"{root}: already finalized ({MANIFEST} exists); a finalized cache is immutable")
@@ -149,7 +169,9 @@ def finalize(root: str | os.PathLike, parts: list[str] | None = None, provenance
         "provenance": provenance or {},
     }
     validate_document(doc, "cache-manifest-v1", str(root / MANIFEST))
-    tmp = root / (MANIFEST + ".tmp")
+    check_manifest_paths(doc, str(root / MANIFEST))
+    _drop_stale_manifest_tmp(root)
+    tmp = tmp_path(root / MANIFEST)
     tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
     make_read_only(root)
     os.replace(tmp, root / MANIFEST)
@@ -212,16 +234,20 @@ def digest_problems(cache: Cache) -> list[str]:
         files = {}
         for rel, want in sorted(prec["files"].items()):
             try:
-                data = loc.read_bytes(rel)
+                size, sha = loc.digest(rel, want["size"])  # streamed, never past the manifest's size
             except FileNotFoundError:
                 problems.append(f"{loc.url(rel)}: listed in {MANIFEST} but missing")
                 files[rel] = want
                 continue
-            got = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            except CacheError as e:  # a link, fifo or device: never read
+                problems.append(str(e))
+                files[rel] = want
+                continue
+            got = {"size": size, "sha256": sha}
             files[rel] = got
             if got == want:
                 continue
-            what = "truncated" if got["size"] < want["size"] else ("size differs" if got["size"] != want["size"] else "content differs")
+            what = "truncated" if got["size"] < want["size"] else ("longer than its manifest size" if got["size"] != want["size"] else "content differs")
             msg = f"{loc.url(rel)}: {what} (sha256 {got['sha256'][:12]}…, manifest {want['sha256'][:12]}…; {got['size']} of {want['size']} bytes)"
             mt = CHUNK_FILE.match(rel)
             if mt:
@@ -282,13 +308,15 @@ def part_problems(cache: Cache, j: int, progress: bool) -> list[str]:
     names = [f"deltas/layer_{l:02d}" for l in cache.layers] + ["tokens/ids", "tokens/offsets", "masks/loss", "masks/target", "embeddings"]
     if cache.storage["kind"] == "int8":
         names += [f"deltas/scale_{l:02d}" for l in cache.layers]
-    listed = None
-    if cache.manifest is not None:
-        listed = set(cache.manifest["parts"][j]["files"])
     for name in names:
         arr = part.array(name)
-        if listed is not None:
-            present = {tuple(int(x) for x in m["coord"].split("/")) for rel in listed if (m := CHUNK_FILE.match(rel)) and m["array"] == name}
+        if cache.manifest is not None:
+            # Finalized: the manifest is the authority. A listed shard that is gone is reported by
+            # the digest check (and refused on open); a shard it never listed was never written
+            # because it held only the fill value (e.g. tokens/offsets [0] of a part with no samples).
+            present = None
+        elif n == 0:
+            present = None  # an empty part: every chunk equals the fill value, zarr wrote none
         elif where.local_path is not None:
             base = where.local_path / name / "c"
             present = {tuple(int(x) for x in p.relative_to(base).parts) for p in base.rglob("*") if p.is_file()} if base.exists() else set()

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from kcache.cache import Cache, settings_differences
+from kcache.cache import MANIFEST, Cache, settings_differences
 from kcache.integrity import finalize, part_digest, part_files
+from kcache.lock import output_lock, remove_stale_tmp, tmp_path
+from kcache.paths import safe_local_path
 from kcache.store import CacheError
 
 
@@ -46,7 +47,15 @@ def duplicate_plan(id_lists: list[list[str]], names: list[str], keep_first: bool
 
 
 def merge(sources: list[str], out: str | os.PathLike, keep_first: bool = False, progress: bool = True) -> dict:
-    """Merge complete caches (paths or URLs) into a new finalized cache at ``out``; returns its manifest."""
+    """Merge complete caches (paths or URLs) into a new finalized cache at ``out``; returns its manifest.
+
+    Holds the output lock on ``out`` throughout (kcache.lock): one writer per output.
+    """
+    with output_lock(out, "merge into it"):
+        return _merge(sources, out, keep_first, progress)
+
+
+def _merge(sources: list[str], out: str | os.PathLike, keep_first: bool, progress: bool) -> dict:
     out = Path(out)
     if len(sources) < 2:
         raise CacheError("merge needs at least two caches")
@@ -62,9 +71,8 @@ def merge(sources: list[str], out: str | os.PathLike, keep_first: bool = False, 
             raise CacheError(f"cannot merge {name} with {names[0]}: hidden size {c.hidden_size} vs {caches[0].hidden_size}")
     exclude = duplicate_plan([c.index["sample_id"].to_pylist() for c in caches], names, keep_first)
 
-    tmp = out.with_name(out.name + ".merging")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    remove_stale_tmp(out, "merging")  # left by a merge that was killed (never a live process's)
+    tmp = tmp_path(out, "merging")
     tmp.mkdir(parents=True)
     records, rels = [], []
     total = sum(sum(f["size"] for f in _files_of(c, j).values()) for c in caches for j in range(len(c.parts)))
@@ -110,11 +118,14 @@ def _copy_part(cache: Cache, j: int, dest: Path, bar) -> dict[str, dict]:
     loc = cache.parts[j].loc
     out = {}
     for rel, want in sorted(_files_of(cache, j).items()):
-        data = loc.read_bytes(rel)
+        target = safe_local_path(dest, rel, str(loc))  # checked before a byte is read or written
+        try:
+            data = loc.read_bytes(rel, want["size"])  # never more than the manifest's size
+        except FileNotFoundError:
+            raise CacheError(f"{loc.url(rel)}: listed in {MANIFEST} but missing (run `kcache validate {loc}`)") from None
         got = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         if got != want:
             raise CacheError(f"{loc.url(rel)}: does not match its manifest entry (corrupt source; run `kcache validate {loc}`)")
-        target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
         out[rel] = got

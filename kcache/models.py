@@ -27,7 +27,10 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-class ModelError(RuntimeError):
+from kcache.errors import KCacheError  # noqa: E402
+
+
+class ModelError(KCacheError, RuntimeError):
     """A model cannot be found, loaded or used; the message says what to do."""
 
 
@@ -119,6 +122,9 @@ def _resolve_spec(spec: str) -> tuple[Path, str | None]:
         return default_model_dir(), None
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ModelError(f"{spec}: not a GGUF file (it does not start with the GGUF magic bytes)")
         out = kcache_home() / "models" / ("gguf-" + _sha256_file(path)[:16])
         if not (out / "config.json").exists():
             _convert_gguf(path, out)
@@ -127,6 +133,9 @@ def _resolve_spec(spec: str) -> tuple[Path, str | None]:
         if not (path / "config.json").exists():
             raise ModelError(f"{path}: not a Hugging Face model directory (no config.json)")
         return path, None
+    if path.exists():
+        raise ModelError(f"{spec}: exists but is not a model; --model takes a Hugging Face model directory (with config.json), "
+                         f"a .gguf file, a hub id or '{DEFAULT_MODEL}'")
     if path.suffix == ".gguf" or spec.startswith((".", "/")):
         raise ModelError(f"{spec}: no such model file or directory")
     try:  # a hub id: resolve to the local snapshot so everything below works on files

@@ -6,8 +6,9 @@ Conventions:
   cache-manifest-v1) lists every file with its size and sha256. Nothing is listed remotely (plain
   HTTP cannot list directories); the manifest is the list.
 - A file of part ``P`` listed as ``R`` lands at ``DIR/P/R`` (``P`` = '.' is the root itself).
-  Manifest paths are untrusted: absolute paths, '..', '.', empty components, backslashes, and
-  anything that resolves outside ``DIR`` are refused before a single byte is fetched.
+  Manifest paths are untrusted: absolute paths, '..', '.', empty components, backslashes, NUL, and
+  a symlink anywhere on the way into ``DIR`` are refused before a single byte is fetched
+  (``kcache.paths.safe_relpath``/``safe_local_path``, the checks every cache reader uses).
 - A file already at its destination with the manifest's size and sha256 is skipped. Any other file
   is downloaded into ``DIR/.kcache-pull/P/R.part`` by byte-range reads of ``block_size`` bytes,
   appended in order, so an interrupted pull keeps every completed block and the next pull of the
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 from kcache.location import Location
+from kcache.paths import hash_regular, safe_local_path, safe_relpath
 from kcache.schemas import SchemaError, validate_document
 from kcache.store import CacheError
 
@@ -71,22 +73,6 @@ class FileEntry:
 # the manifest and its (untrusted) paths
 
 
-def check_relpath(path: str, what: str) -> str:
-    """``path`` if it is a plain relative '/'-path with no '.', '..' or empty components; else CacheError."""
-    if not isinstance(path, str) or not path:
-        raise CacheError(f"{MANIFEST}: {what} {path!r} is not a relative path")
-    bad = (
-        path.startswith("/")
-        or "\\" in path
-        or "\x00" in path
-        or (len(path) > 1 and path[1] == ":")  # a Windows drive
-        or any(c in ("", ".", "..") for c in path.split("/"))
-    )
-    if bad:
-        raise CacheError(f"{MANIFEST}: refusing unsafe {what} {path!r} (absolute, '..', '.' or empty components are not allowed)")
-    return path
-
-
 def parse_manifest(raw: bytes, where: str) -> dict:
     """The manifest document, schema-checked; CacheError (naming ``where``) when it is not one."""
     try:
@@ -106,9 +92,9 @@ def manifest_files(doc: dict) -> list[FileEntry]:
     """Every file the manifest lists, with its paths checked; refuses duplicates and reserved names."""
     out, seen = [], set()
     for part in doc["parts"]:
-        p = part["path"] if part["path"] == "." else check_relpath(part["path"], "part path")
+        p = part["path"] if part["path"] == "." else safe_relpath(part["path"], MANIFEST, "part path")
         for rel, meta in part["files"].items():
-            entry = FileEntry(p, check_relpath(rel, f"file path (part {p!r})"), int(meta["size"]), meta["sha256"])
+            entry = FileEntry(p, safe_relpath(rel, MANIFEST, f"file path (part {p!r})"), int(meta["size"]), meta["sha256"])
             head = entry.key.split("/")[0]
             if entry.key == MANIFEST or head == STAGING:
                 raise CacheError(f"{MANIFEST}: refusing file {entry.key!r}: the name is reserved for kcache pull")
@@ -117,15 +103,6 @@ def manifest_files(doc: dict) -> list[FileEntry]:
             seen.add(entry.key)
             out.append(entry)
     return out
-
-
-def inside(dest: Path, key: str, suffix: str = "") -> Path:
-    """``dest/key + suffix``, refusing a path that resolves outside ``dest`` (e.g. through a symlink)."""
-    root = dest.resolve()
-    target = dest / (key + suffix)
-    if not target.resolve().is_relative_to(root):
-        raise CacheError(f"{MANIFEST}: refusing {key!r}: it resolves outside {dest}")
-    return target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,8 +118,11 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
 
 
 def is_complete(path: Path, size: int, sha256: str) -> bool:
-    """True when ``path`` is a regular file with exactly this size and digest."""
-    return path.is_file() and path.stat().st_size == size and sha256_file(path) == sha256
+    """True when ``path`` is a regular file (not a link) with exactly this size and digest."""
+    try:
+        return hash_regular(path, size) == (size, sha256)
+    except (FileNotFoundError, CacheError):
+        return False
 
 
 def fetch(fs, url: str, partial: Path, size: int, block_size: int, advance=lambda n: None) -> tuple[int, int]:
@@ -203,7 +183,9 @@ def start_staging(staging: Path, raw: bytes) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    from kcache.lock import tmp_path
+
+    tmp = tmp_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -216,12 +198,44 @@ def _write_atomic(path: Path, data: bytes) -> None:
 # pull
 
 
+def check_destination(dest: Path, raw: bytes) -> None:
+    """Refuse a ``dest`` that holds anything but a pull of the manifest ``raw`` (or an unfinished pull).
+
+    Allowed: no ``dest``, an empty directory, an unfinished pull (staging directory, no manifest;
+    partials of another version are dropped) or a finished pull of this very manifest (a rerun
+    only verifies). Anything else, a finalized cache of other samples above all, is never replaced.
+    """
+    if not dest.exists() and not dest.is_symlink():
+        return
+    if not dest.is_dir():
+        raise CacheError(f"{dest} exists and is not a directory; pull into a new directory")
+    old = dest / MANIFEST
+    if old.exists() or old.is_symlink():
+        if old.is_file() and not old.is_symlink() and old.read_bytes() == raw:
+            return
+        raise CacheError(f"{dest} already holds a cache with another {MANIFEST} (other samples or another version); "
+                         f"pull never replaces a cache: pull into a new directory, or delete {dest} yourself first")
+    if (dest / STAGING).is_dir():
+        return
+    if any(dest.iterdir()):
+        raise CacheError(f"{dest} exists, is not empty and is not an unfinished pull; pull into a new or empty directory")
+
+
 def pull(url: str, dest: str | os.PathLike, progress: bool = True, block_size: int = BLOCK_SIZE) -> dict:
     """Copy the finalized cache at ``url`` (any fsspec URL or a local path) into directory ``dest``.
 
     Rerunning resumes (verified files are skipped, partial files continue where they stopped).
     Returns ``{"files", "files_skipped", "bytes_downloaded", "bytes_resumed", "seconds"}``.
+    Holds the output lock on ``dest`` throughout (kcache.lock) and refuses a ``dest`` holding
+    anything but a pull of the same manifest (``check_destination``).
     """
+    from kcache.lock import output_lock
+
+    with output_lock(dest, "pull into it"):
+        return _pull(url, dest, progress, block_size)
+
+
+def _pull(url: str, dest: str | os.PathLike, progress: bool, block_size: int) -> dict:
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -234,12 +248,10 @@ def pull(url: str, dest: str | os.PathLike, progress: bool = True, block_size: i
     doc = parse_manifest(raw, src.url(MANIFEST))
     entries = manifest_files(doc)
     # Every path is checked before anything is written.
-    targets = [(e, inside(dest, e.key), inside(dest / STAGING, e.key, ".part")) for e in entries]
+    targets = [(e, safe_local_path(dest, e.key, MANIFEST), safe_local_path(dest / STAGING, e.key + ".part", MANIFEST)) for e in entries]
 
+    check_destination(dest, raw)  # before anything is written there
     dest.mkdir(parents=True, exist_ok=True)
-    old = dest / MANIFEST
-    if old.exists() and old.read_bytes() != raw:
-        old.unlink()  # dest now holds an unfinished pull of another version: say so until done
     start_staging(dest / STAGING, raw)
     fs = src.fs
     report = {"files": len(entries), "files_skipped": 0, "bytes_downloaded": 0, "bytes_resumed": 0}
@@ -292,9 +304,8 @@ def register(app) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     ):
         """Download a finalized cache, verifying every file against its manifest; resumes where it stopped."""
-        try:
+        from kcache.cli_errors import errors
+
+        with errors():
             report = pull(url, dest, progress=not quiet)
-        except CacheError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
         typer.echo(summary_line(url, dest, report))

@@ -16,7 +16,10 @@ import jsonschema
 import pyarrow as pa
 
 
-class SchemaError(ValueError):
+from kcache.errors import KCacheError  # noqa: E402
+
+
+class SchemaError(KCacheError, ValueError):
     """A document or table does not match its declared schema (message names the file)."""
 
 

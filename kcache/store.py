@@ -48,7 +48,10 @@ DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.
 FLOAT16_MAX = 65504.0
 
 
-class CacheError(ValueError):
+from kcache.errors import KCacheError  # noqa: E402
+
+
+class CacheError(KCacheError, ValueError):
     """A cache is missing, malformed, incomplete or does not match what was asked for."""
 
 
@@ -151,10 +154,12 @@ def create_cache(
     s = attrs["settings"]
     validate_document(attrs, "cache-v1", f"{path}/zarr.json")
     final = Path(path)
-    # Built under a temporary name and renamed, so a kill during creation leaves no half store.
-    path = final.with_name(final.name + ".creating")
-    if path.exists():
-        shutil.rmtree(path)
+    # Built under a process-unique temporary name and renamed, so a kill during creation leaves no
+    # half store and two processes never share (or delete) each other's (kcache.lock).
+    from kcache.lock import remove_stale_tmp, tmp_path
+
+    remove_stale_tmp(final, "creating")
+    path = tmp_path(final, "creating")
     group = zarr.open_group(str(path), mode="w")
     total = int(index["x_len"].to_numpy().sum()) if index.num_rows else 0
     hidden = attrs["hidden_size"]

@@ -15,6 +15,18 @@ torch.set_num_threads(1)
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread(request):
+    """Every test starts single-threaded, whatever ran before it (the order is shuffled under
+    pytest-randomly) and whatever OMP_NUM_THREADS says: results compared bit for bit within a test
+    are then computed at one thread count. Subprocesses get OMP_NUM_THREADS=1 from the tests that
+    compare their output (docs/cache-format.md, "What is bit-identical to what"). Tests marked
+    slow (the real SmolLM2) keep the count their fixtures choose."""
+    if request.node.get_closest_marker("slow") is None:
+        torch.set_num_threads(1)
+    yield
+
+
 def _corpus():
     from kcache.data.synth import synth_records
 
@@ -92,6 +104,25 @@ def unlock(root: Path) -> None:
     for p in Path(root).rglob("*"):
         if p.is_file():
             p.chmod(p.stat().st_mode | 0o200)
+
+
+def relist(root: Path, *rels: str, part: str = ".") -> None:
+    """Record edited files' new size and sha256 in the manifest, as a forger would.
+
+    Readers never read a file past its manifest size; tests of the checks behind that (shapes,
+    offsets, codecs) edit a file and then the manifest, like a hostile cache would.
+    """
+    import hashlib
+    import json
+
+    man = Path(root) / "manifest.json"
+    doc = json.loads(man.read_text())
+    (p,) = [q for q in doc["parts"] if q["path"] == part]
+    for rel in rels:
+        data = (Path(root) / part / rel).read_bytes()
+        p["files"][rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    man.chmod(0o644)
+    man.write_text(json.dumps(doc))
 
 
 @pytest.fixture

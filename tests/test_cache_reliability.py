@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_model, unlock
+from conftest import make_model, relist, unlock
 from kcache.cli import app
 from kcache.data.samples import write_samples
 from kcache.data.synth import synth_samples
@@ -122,6 +122,7 @@ def test_validate_catches_flipped_offset(good_cache):
     off[5] += 1
     t = t.set_column(t.column_names.index("row_offset"), "row_offset", __import__("pyarrow").array(off, "int64"))
     pq.write_table(t, good_cache / "index.parquet")
+    relist(good_cache, "index.parquet")
     problems = validate_cache(good_cache)
     assert any("row 5" in p and "row_offset" in p for p in problems), problems
 

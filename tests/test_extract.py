@@ -23,7 +23,8 @@ def _activations(decoder, seqs, site, layer, additions=None):
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_injecting_cached_delta_reproduces_pass_b(tiny_decoder, demo_samples, tmp_path, site, dtype):
     layer = 2
-    cfg = ExtractConfig(layers=[1, layer], site=site, dtype=dtype, token_budget=256)
+    # the single-layer invariant of independent targets, at every input position (sink 0)
+    cfg = ExtractConfig(layers=[1, layer], site=site, dtype=dtype, token_budget=256, targets="independent", sink=0)
     extract(tiny_decoder, demo_samples, tmp_path / "c.zarr", cfg, progress=False)
     cache = Cache.open(tmp_path / "c.zarr")
     n = cache.num_samples

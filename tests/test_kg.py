@@ -452,15 +452,15 @@ def test_cli_import_stats_link(tmp_path, tiny_tokenizer):
     r = runner.invoke(app, ["stats", str(tmp_path / "l.parquet")])
     assert r.exit_code == 0 and '"links": 4' in r.output
     r = runner.invoke(app, ["import-openke", str(tmp_path), "--out", str(tmp_path / "x")])
-    assert r.exit_code == 1 and "entity2id.txt: no such entity file" in r.output
+    assert r.exit_code == 2 and "entity2id.txt: no such entity file" in r.output  # bad input: 2 in every command
     r = runner.invoke(app, ["link", "--samples", str(FIX / "samples.jsonl"), "--kg", str(tmp_path), "--out", str(tmp_path / "z.parquet")])
-    assert r.exit_code == 1 and "not a kcache KG directory" in r.output
+    assert r.exit_code == 2 and "not a kcache KG directory" in r.output
 
 
 def test_cli_embed_without_pykeen_names_the_extra(tmp_path, tiny_dir, monkeypatch):
     monkeypatch.setattr(kg_embed, "pykeen_available", lambda: False)
     r = CliRunner().invoke(app, ["embed", "--kg", str(tiny_dir), "--dim", "4", "--epochs", "1", "--out", str(tmp_path / "e.parquet")])
-    assert r.exit_code == 1 and "kcache[kg]" in r.output and "pip install pykeen" in r.output
+    assert r.exit_code == 2 and "kcache[kg]" in r.output and "pip install pykeen" in r.output
 
 
 @pytest.mark.skipif(not kg_embed.pykeen_available(), reason="PyKEEN not installed (optional extra: pip install 'kcache[kg]')")

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_model, unlock
+from conftest import make_model, relist, unlock
 from kcache.cache import Cache
 from kcache.cli import app
 from kcache.data.samples import write_samples
@@ -243,6 +243,7 @@ def test_edited_index_is_rejected_before_use(cache, monkeypatch):
     rows = sum(xl)
     xl[3] = 10**6
     pq.write_table(t.set_column(t.column_names.index("x_len"), "x_len", pa.array(xl, pa.int32())), cache / "index.parquet")
+    relist(cache, "index.parquet")
     _no_zarr(monkeypatch)
     with pytest.raises(CacheError, match=rf"(?s)untrusted cache rejected.*layer_01/zarr.json: shape \({rows}, 64\) disagrees with the index"):
         Cache.open(cache)
@@ -254,6 +255,7 @@ def test_offset_out_of_range_is_rejected(cache, monkeypatch):
     ro = t["row_offset"].to_pylist()
     ro[-1] = ro[-1] + 5
     pq.write_table(t.set_column(t.column_names.index("row_offset"), "row_offset", pa.array(ro, pa.int64())), cache / "index.parquet")
+    relist(cache, "index.parquet")
     _no_zarr(monkeypatch)
     with pytest.raises(CacheError, match=rf"(?s)row {len(ro) - 1} .*row_offset out of range"):
         Cache.open(cache)

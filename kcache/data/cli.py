@@ -32,17 +32,41 @@ def convert_cmd(
     input_path: str = typer.Option(..., "--input", help="the dataset's raw file or folder (see docs/data.md), or hf:NAME[:CONFIG] for hub-layout datasets"),
     out: Path = typer.Option(..., "--out", help="output .parquet or .jsonl"),
     split: str | None = typer.Option(None, "--split", help="train | validation | test; default: the split the input's name announces (dev.json -> validation)"),
+    reference: bool = typer.Option(False, "--reference-preprocessing", help="the paper's preprocessing (dream: first question per dialogue, no fill-in-the-blank, W:/M: -> Woman:/Man:)"),
 ):
     """Convert a public dataset's raw files into knowledge samples and print what was kept and dropped."""
+    from kcache.cli_errors import errors
     from kcache.data.convert import convert, format_report
-    from kcache.data.samples import SampleError
 
-    try:
-        report = convert(name, input_path, out, split)
-    except SampleError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1)
+    with errors():
+        report = convert(name, input_path, out, split, reference=reference)
     typer.echo(format_report(report))
+
+
+@app.command("split")
+def split_cmd(
+    file: Path = typer.Argument(..., help="a samples .parquet or .jsonl"),
+    out: Path = typer.Option(..., "--out", help="output .parquet or .jsonl"),
+    sizes: str = typer.Option(..., "--sizes", help="minimum samples in train,validation,test, e.g. 600,100,150"),
+    by: str = typer.Option("dialogue_id", "--by", help="meta field whose samples stay together (absent: each sample alone)"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Re-split samples by whole groups (e.g. DREAM dialogues), so no knowledge is shared across splits."""
+    from kcache.cli_errors import errors
+    from kcache.data.samples import read_samples, write_samples
+    from kcache.data.split import SPLITS, split_by_group
+
+    with errors():
+        try:
+            n = [int(v) for v in sizes.split(",")]
+        except ValueError:
+            raise typer.BadParameter(f"--sizes: expected three integers like 600,100,150, got {sizes!r}") from None
+        if len(n) != 3:
+            raise typer.BadParameter(f"--sizes: expected three integers (train,validation,test), got {sizes!r}")
+        table = split_by_group(read_samples(file), dict(zip(SPLITS, n)), by, seed)
+        write_samples(table, out)
+    counts = {s: table["split"].to_pylist().count(s) for s in SPLITS}
+    typer.echo(f"wrote {table.num_rows} samples to {out} ({', '.join(f'{k} {v}' for k, v in counts.items())}), grouped by {by}")
 
 
 @app.command("stats")
@@ -53,12 +77,9 @@ def stats_cmd(
     """Per dataset/split counts, knowledge / source / target lengths, labels and optional fields present."""
     import json
 
+    from kcache.cli_errors import errors
     from kcache.data.convert import format_stats, stats
-    from kcache.data.samples import SampleError
 
-    try:
+    with errors():
         s = stats(file)
-    except SampleError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1)
     typer.echo(json.dumps(s, indent=2, ensure_ascii=False) if as_json else format_stats(s))

@@ -200,8 +200,20 @@ def _tfu_label(value: Any, where: str) -> int:
 # --------------------------------------------------------------------------- converters
 
 
-def dream(path: Path, split: str) -> Iterator[dict | Drop]:
-    """DREAM ``[lines, [{question, choice, answer}], dialogue_id]`` records."""
+_SPEAKERS = {"W": "Woman", "M": "Man"}
+
+
+def reference_dream_line(line: str) -> str:
+    """The reference implementation's speaker names: ``W: …`` -> ``Woman: …``, ``M: …`` -> ``Man: …``."""
+    head, sep, rest = line.partition(":")
+    return f"{_SPEAKERS[head.strip()]}:{rest}" if sep and head.strip() in _SPEAKERS else line
+
+
+def dream(path: Path, split: str, reference: bool = False) -> Iterator[dict | Drop]:
+    """DREAM ``[lines, [{question, choice, answer}], dialogue_id]`` records.
+
+    ``reference``: the paper's preprocessing - the first question of each dialogue only, no
+    fill-in-the-blank questions (``_`` in the question), speakers ``W``/``M`` spelled out."""
     data = _read_json(path)
     if not isinstance(data, list):
         raise ConvertError(f"{path}: expected a JSON list of [dialogue, questions, id] records")
@@ -210,10 +222,18 @@ def dream(path: Path, split: str) -> Iterator[dict | Drop]:
         if not (isinstance(item, list) and len(item) == 3 and isinstance(item[1], list) and isinstance(item[2], str)):
             raise ConvertError(f"{where}: expected [dialogue lines, questions, dialogue id]")
         lines = [ln for ln in _strings(item[0], where, "dialogue") if ln]
+        if reference:
+            lines = [reference_dream_line(ln) for ln in lines]
         did = item[2]
         for qi, q in enumerate(item[1]):
             qwhere = f"{where}: question {qi}"
             question = _field(q, "question", qwhere)
+            if reference and qi > 0:
+                yield Drop("not the dialogue's first question (reference preprocessing)")
+                continue
+            if reference and "_" in question:
+                yield Drop("fill-in-the-blank question (reference preprocessing)")
+                continue
             choices = _strings(_field(q, "choice", qwhere, list), qwhere, "choice")
             answer = _field(q, "answer", qwhere).strip()
             if answer not in choices:
@@ -694,12 +714,18 @@ def _hub_to_jsonl(spec: str, split: str | None, tmp: Path) -> Path:
     return out
 
 
-def convert(name: str, input_path: str | Path, out_path: str | Path, split: str | None = None) -> ConvertReport:
+REFERENCE_READY = ("dream",)  # converters with the paper's own preprocessing (reference=True)
+
+
+def convert(name: str, input_path: str | Path, out_path: str | Path, split: str | None = None, reference: bool = False) -> ConvertReport:
     """Convert dataset ``name`` from its raw files at ``input_path`` (or ``hf:NAME[:CONFIG]``)
     into a samples file ``out_path`` (.parquet or .jsonl). The split is ``split`` when given,
-    else the one the input's file or folder name announces (``dev.json`` -> validation)."""
+    else the one the input's file or folder name announces (``dev.json`` -> validation).
+    ``reference``: the reference implementation's preprocessing (datasets in ``REFERENCE_READY``)."""
     if name not in CONVERTERS:
         raise ConvertError(f"unknown dataset {name!r}; known: {', '.join(sorted(CONVERTERS))}")
+    if reference and name not in REFERENCE_READY:
+        raise ConvertError(f"{name}: --reference-preprocessing is defined for {', '.join(REFERENCE_READY)} only")
     spec = str(input_path)
     with tempfile.TemporaryDirectory(prefix="kcache-convert-") as tmp:
         if spec.startswith("hf:"):
@@ -714,7 +740,7 @@ def convert(name: str, input_path: str | Path, out_path: str | Path, split: str 
         if resolved is None:
             raise ConvertError(f"{path}: cannot tell the split from the name '{path.name}'; pass --split (train, validation or test)")
         records, dropped, seen, rows_in = [], Counter(), set(), 0
-        for item in CONVERTERS[name](path, resolved):
+        for item in (CONVERTERS[name](path, resolved, reference=True) if reference else CONVERTERS[name](path, resolved)):
             rows_in += 1
             if isinstance(item, Drop):
                 dropped[item.reason] += 1

@@ -21,7 +21,10 @@ from kcache.schemas import arrow_schema, table_fields
 SCHEMA_NAME = "samples-v1"
 
 
-class SampleError(ValueError):
+from kcache.errors import KCacheError  # noqa: E402
+
+
+class SampleError(KCacheError, ValueError):
     """Bad sample data; the message names file, row and field."""
 
 
@@ -146,6 +149,23 @@ def read_samples(source: str | os.PathLike | pa.Table | Any) -> pa.Table:
     if path.suffix == ".parquet":
         return samples_from_records(_read_parquet(path), str(path))
     raise SampleError(f"{path}: unknown samples format (expected .parquet or .jsonl)")
+
+
+def require_usable(usable: int, total: int, skipped: list[tuple[int, str]] = (), where: str = "samples") -> None:
+    """Refuse an extraction with no usable sample (an empty file, or every sample skipped) up front.
+
+    A 0-sample cache is of no use to anyone and does not validate; say why instead of writing one.
+    ``skipped`` holds (row, reason) pairs, as ``extract.make_plan`` records them.
+    """
+    if usable > 0:
+        return
+    if total == 0:
+        raise SampleError(f"{where}: no samples (the file is empty); nothing to extract")
+    reasons: dict[str, int] = {}
+    for _, r in skipped:
+        reasons[r.split(":")[0]] = reasons.get(r.split(":")[0], 0) + 1
+    why = ", ".join(f"{r}: {n}" for r, n in sorted(reasons.items()))
+    raise SampleError(f"{where}: none of the {total} samples can be extracted (all skipped{': ' + why if why else ''}); nothing to extract")
 
 
 def write_samples(table: pa.Table | Iterable[dict], path: str | os.PathLike) -> Path:

@@ -12,19 +12,11 @@ import typer
 app = typer.Typer(help="Knowledge graphs: import (OpenKE, word2vec, numpy), train embeddings, link entities, inspect.", no_args_is_help=True)
 
 
-def _fail(msg: str, code: int = 1):
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(code)
-
-
 def _run(fn):
-    from kcache.kg.tables import KGError
-    from kcache.schemas import SchemaError
+    from kcache.cli_errors import errors  # the one CLI error handler: same line and exit code as every command
 
-    try:
+    with errors():
         return fn()
-    except (KGError, SchemaError) as e:
-        _fail(str(e))
 
 
 def _summary(kg, out) -> str:

@@ -52,7 +52,10 @@ META_EMB_SOURCE = "kcache.embedding.source"
 META_EMB_PARAMS = "kcache.embedding.params"
 
 
-class KGError(ValueError):
+from kcache.errors import KCacheError  # noqa: E402
+
+
+class KGError(KCacheError, ValueError):
     """Bad KG input or table; the message names the file (and line or row where it applies)."""
 
 

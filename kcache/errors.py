@@ -1,0 +1,26 @@
+"""The root of kcache's error types.
+
+Every domain has one error type, and all of them derive from :class:`KCacheError` (as well as
+from the builtin they always derived from, so ``except ValueError`` keeps working):
+
+=====================  ===========================  =====================================
+type                   module                       builtin base
+=====================  ===========================  =====================================
+``CacheError``         ``kcache.store``             ``ValueError``
+``BundleError``        ``kcache.encoders``          ``ValueError``
+``ModelError``         ``kcache.models``            ``RuntimeError``
+``SchemaError``        ``kcache.schemas``           ``ValueError``
+``SampleError``        ``kcache.data.samples``      ``ValueError`` (``ConvertError`` below it)
+``KGError``            ``kcache.kg.tables``         ``ValueError``
+``InjectError``        ``kcache.inject``            ``ValueError``
+=====================  ===========================  =====================================
+
+The command line turns them into one ``error: …`` line and an exit code in one place,
+``kcache.cli_errors`` (see there for the codes).
+"""
+
+from __future__ import annotations
+
+
+class KCacheError(Exception):
+    """An error the user can act on: the message says what is wrong and, where possible, what to do."""
