@@ -81,7 +81,7 @@ def _bare(decoder, plan, layers, site) -> float:
     return time.perf_counter() - t0
 
 
-def bench_extract(model: str = "smollm2-135m", n: int = 300, layers: str = "3-8", site: str = "mlp", token_budget: int = 8192,
+def bench_extract(model: str = "smollm2-135m", n: int = 300, layers: str = "3-8", site: str = "block", token_budget: int = 8192,
                   device: str | None = None, model_dtype: str | None = None, out: Path | None = None, repeats: int = 1,
                   decoder=None, log=print) -> dict:
     """Time full-depth extraction (reference), kcache extraction, and bare truncated passes."""
@@ -206,7 +206,7 @@ def register(bench_app) -> None:
         model: str = typer.Option("smollm2-135m", "--model", "-m"),
         n: int = typer.Option(300, "--samples", help="synthetic samples to extract"),
         layers: str = typer.Option("3-8", "--layers"),
-        site: str = typer.Option("mlp", "--site"),
+        site: str = typer.Option("block", "--site"),
         token_budget: int = typer.Option(8192, "--token-budget"),
         repeats: int = typer.Option(1, "--repeats", help="take the best of this many runs"),
         device: str = typer.Option(None, "--device"),

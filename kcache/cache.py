@@ -220,6 +220,13 @@ def local_part_sizes(root: Location, part: Location, files: dict[str, dict] | No
     if part is not root:
         safe_local_path(root.local_path, os.path.relpath(part.local_path, root.local_path), str(root))
     problems, sizes = local_tree_problems(part.local_path, files, skip_dirs=("parts",) if files is None else ())
+    for rel, f in sorted((files or {}).items()):
+        # The manifest's sizes bound every claimed shape (capacity_problems) and every read: a local
+        # file must have exactly that size, so a forged manifest cannot vouch for bytes that are not there.
+        real, want = sizes.get(rel), int(f["size"])
+        if real is not None and real != want:
+            problems.append(f"{part.local_path / rel}: " + (f"longer than the {want} bytes its manifest records ({real} bytes)" if real > want
+                            else f"truncated: {real} of the {want} bytes its manifest records"))
     if problems:
         raise CacheError("untrusted cache rejected:\n  " + "\n  ".join(problems[:20])
                          + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))

@@ -51,7 +51,7 @@ def extract_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="cache directory (zarr v3)"),
     model: str = ModelOpt,
     layers: str = typer.Option("3-8", "--layers", help="0-based blocks: 3-8, 3,5,7 or all"),
-    site: str = typer.Option("mlp", "--site", help="mlp (MLP output before the residual add) or block (block output)"),
+    site: str = typer.Option("block", "--site", help="block (block output = residual stream; default, see docs/training.md) or mlp (MLP output before the residual add; the paper's)"),
     max_length: int = typer.Option(1024, "--max-length", help="bound on len(k_ids + x_ids); knowledge is cut, never the input"),
     dtype: str = typer.Option("float16", "--dtype", help="storage dtype: float16 | bfloat16 | float32"),
     template: str = typer.Option("Imagine that { <knowledge> } ", "--template"),

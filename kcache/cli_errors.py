@@ -12,8 +12,9 @@ code  meaning
       KG, injection), ``ValueError``, a missing file (``FileNotFoundError``) or a wrong kind of
       path; also click's own usage errors (unknown option, missing argument)
 3     the environment stopped the work: permissions (``PermissionError``, a read-only output
-      directory), a full disk or another ``OSError``, a dropped network connection. Fix the
-      cause and rerun; interrupted extractions, fits and pulls resume.
+      directory), a full disk or another ``OSError``, a dropped network connection, another
+      kcache process writing the same output (``kcache.lock.OutputLocked``). Fix the cause and
+      rerun; interrupted extractions, fits and pulls resume.
 ====  ==========================================================================================
 
 ``KCACHE_TRACEBACK=1`` re-raises instead (full traceback, for bug reports).
@@ -41,7 +42,7 @@ _INPUT_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Fi
 
 def exit_code(e: BaseException) -> int | None:
     """The exit code for ``e``, or None when ``e`` is not an error a user can act on (a bug)."""
-    if isinstance(e, KCacheError):
+    if isinstance(e, KCacheError):  # a subclass may say otherwise (OutputLocked: EXIT_ENVIRONMENT)
         return getattr(e, "exit_code", EXIT_INPUT)
     if isinstance(e, _INPUT_OS_ERRORS):
         return EXIT_INPUT

@@ -32,7 +32,7 @@ def finetune_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="output bundle directory (resumes if a checkpoint is there)"),
     from_scratch: bool = typer.Option(False, "--from-scratch", help="freshly initialised encoders (paper 6.2 ablation); site/layers from flags"),
     layers: str = typer.Option(None, "--layers", help="layers (from scratch: default 3-8; with --encoders: a subset of the bundle's)"),
-    site: str = typer.Option("mlp", "--site", help="from scratch: mlp | block"),
+    site: str = typer.Option("block", "--site", help="from scratch: block | mlp"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=_MODEL_HELP),
     epochs: int = typer.Option(1, "--epochs"),
     batch_size: int = typer.Option(8, "--batch-size"),
@@ -48,15 +48,16 @@ def finetune_cmd(
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option(None, "--device", help=_DEVICE_HELP),
     model_dtype: str = typer.Option(None, "--model-dtype", help="float32 | bfloat16 | float16"),
+    objective: str = typer.Option("ce", "--objective", help="ce (target cross-entropy, the paper's) | kl (KL to D(K,x) at every input position) | ce+kl"),
 ):
-    """DIEKÆ 3.3: fine-tune encoders on the target cross-entropy through the frozen decoder."""
+    """DIEKÆ 3.3: fine-tune encoders through the frozen decoder (target cross-entropy, or KL to D(K,x))."""
     from kcache.finetune import FinetuneConfig, finetune
     from kcache.models import load_decoder
 
     with _errors():
         ensure_writable_dir(out, "output bundle directory")  # before loading the model or training
         cfg = FinetuneConfig(**_common(epochs, batch_size, grad_accum, lr, lr_min, eval_every, patience, max_steps, seed, from_scratch,
-                                       layers, site, max_length, max_train_samples, val_max_samples))
+                                       layers, site, max_length, max_train_samples, val_max_samples), objective=objective)
         if not from_scratch and encoders is None:
             raise ValueError("give --encoders DIR (a fitted bundle) or --from-scratch")
         decoder = load_decoder(model, device=device, dtype=model_dtype)
@@ -73,7 +74,7 @@ def edit_cmd(
     encoders: Path = typer.Option(None, "--encoders", "-e", help="encoder bundle to start from"),
     from_scratch: bool = typer.Option(False, "--from-scratch", help="freshly initialised encoders; site/layers from flags"),
     layers: str = typer.Option(None, "--layers", help="layers (from scratch: default 3-8)"),
-    site: str = typer.Option("mlp", "--site"),
+    site: str = typer.Option("block", "--site"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=_MODEL_HELP),
     epochs: int = typer.Option(5, "--epochs"),
     batch_size: int = typer.Option(8, "--batch-size"),

@@ -51,8 +51,9 @@ def evaluate_cmd(
     max_length: int = typer.Option(None, "--max-length", help="bound on len(k_ids + x_ids) (default: the bundle's / cache's)"),
     device: str = typer.Option(None, "--device", help=_DEVICE_HELP),
     model_dtype: str = typer.Option(None, "--model-dtype", help="float32 | bfloat16 | float16"),
+    controls: bool = typer.Option(True, "--controls/--no-controls", help="also run knowledge-reading methods with another sample's knowledge and with none (knowledge use)"),
 ):
-    """Perplexity over target tokens (and option accuracy) of D(x), D(K,x), D(E(K,x)+x), oracle."""
+    """Perplexity over target tokens (and option accuracy) of D(x), D(K,x), D(E(K,x)+x), oracle, with knowledge-swap controls."""
     from kcache.evaluate import evaluate, markdown_report, write_report
     from kcache.models import load_decoder
 
@@ -64,7 +65,7 @@ def evaluate_cmd(
         ensure_writable_dir(out, "report directory")  # before the evaluation, not after it
         decoder = load_decoder(model, device=device, dtype=model_dtype)
         res = evaluate(decoder, samples, encoders, names, cache=cache, split=split or None, limit=limit,
-                       token_budget=token_budget, max_length=max_length, progress=True)
+                       token_budget=token_budget, max_length=max_length, progress=True, controls=controls)
         paths = write_report(res, out)
     typer.echo(markdown_report(res))
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -233,11 +233,10 @@ def save_bundle(path: str | Path, stack: EncoderStack, meta: dict) -> Path:
         **meta,
     }
     validate_document(doc, "encoders-v1", str(path / CONFIG_FILE))
-    from kcache.lock import remove_stale_tmp, tmp_path
+    from kcache.lock import fresh_tmp, remove_stale_tmp, tmp_path
 
-    remove_stale_tmp(path, "saving")  # left by a killed save (never a live process's)
     remove_stale_tmp(path, "old")
-    tmp = tmp_path(path, "saving")
+    tmp = fresh_tmp(path, "saving")  # after removing those of a killed save (never a live process's)
     tmp.mkdir(parents=True)
     state = {k: v.detach().contiguous().cpu() for k, v in stack.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": BUNDLE_FORMAT})
@@ -251,6 +250,25 @@ def save_bundle(path: str | Path, stack: EncoderStack, meta: dict) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, path)
     return path
+
+
+def publish_bundle(out: str | Path, stack: EncoderStack, meta: dict) -> Path:
+    """Write the bundle's two files into directory ``out``, which may hold more (fit and finetune keep
+    their checkpoint there): built complete in a sibling temporary (:func:`save_bundle`), then each
+    file renamed into place, so ``out`` never holds a half-written file."""
+    import os
+    import shutil
+
+    from kcache.lock import fresh_tmp
+
+    out = Path(out)
+    tmp = fresh_tmp(out, "bundle")
+    save_bundle(tmp, stack, meta)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        os.replace(tmp / name, out / name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def read_bundle_config(path: str | Path) -> dict:

@@ -291,11 +291,13 @@ def gap_fraction(x: dict, kx: dict, m: dict, n_boot: int = 2000, seed: int = 0) 
             return (nx - nm) / (nx - nk)
 
     value = float(frac(np.arange(len(ids))))
+    if not math.isfinite(value):  # no gap (D(K,x) no better than D(x)): undefined
+        return {"fraction": None, "ci": [None, None], "samples": len(ids)}
     draws = np.random.default_rng(seed).integers(0, len(ids), size=(n_boot, len(ids)))
     boot = frac(draws)
     boot = boot[np.isfinite(boot)]
-    lo, hi = (np.percentile(boot, [2.5, 97.5]) if boot.size else (float("nan"), float("nan")))
-    return {"fraction": value, "ci": [float(lo), float(hi)], "samples": len(ids)}
+    lo, hi = np.percentile(boot, [2.5, 97.5]) if boot.size else (None, None)
+    return {"fraction": value, "ci": [None if lo is None else float(lo), None if hi is None else float(hi)], "samples": len(ids)}
 
 
 def option_prediction(option_scores: list[float]) -> int:
@@ -399,7 +401,9 @@ class PeakMemory:
         self._thread.join()
         r = self._proc.memory_info().rss
         self._max = max(self._max, r)
-        self.peak = max(0, self._max - (self.base if self.common_base is None else self.common_base))
+        # From the common baseline, or from the level at entry when that is higher (memory an earlier
+        # method left resident is not this method's).
+        self.peak = max(0, self._max - (self.base if self.common_base is None else max(self.common_base, self.base)))
         self.absolute = self._max
         return False
 
@@ -572,6 +576,11 @@ def evaluate(
         max_length = src.info.max_length if src is not None else 1024
 
     items, skipped, rows = prepare_items(decoder.tokenizer, table, template, max_length)
+    if oracle is not None and any(m.name == "oracle" for m in ms):
+        cached = set(cache.index["sample_id"].to_pylist())
+        if not any(it.sample_id in cached for it in items):
+            raise ValueError(f"oracle: the cache {cache.path} holds none of the evaluated samples; "
+                             "evaluate a split the cache was extracted from, or leave oracle out")
     lengths = [len(it.k_ids) + len(it.x_ids) for it in items]
     batches = plan_batches(lengths, token_budget)
 
@@ -605,7 +614,7 @@ def evaluate(
         cost[m.name] = {"label": m.label, "seconds": seconds, "peak_memory_bytes": int(mem.peak), "memory_kind": mem.kind,
                         "tokens_per_second": sum(len(it.x_ids) for it in items) / max(seconds, 1e-9)}
     if "oracle" in per_method and not sample_nll(items, per_method["oracle"]):
-        raise ValueError("oracle: the cache holds none of the evaluated samples (or none of their scored positions); "
+        raise ValueError("oracle: the cache covers none of the evaluated samples' scored positions; "
                          "evaluate a split the cache was extracted from, or leave oracle out")
 
     control_scores: dict[str, dict[str, list[torch.Tensor]]] = {}
@@ -666,7 +675,7 @@ def knowledge_controls(items: list[ScoreItem], per_method: dict, control_scores:
         for kind in CONTROLS:
             ctl = sample_nll(items, control_scores[kind][name])
             tot, n = sum(v for v, _ in ctl.values()), sum(t for _, t in ctl.values())
-            row[kind] = {"perplexity": math.exp(tot / n) if n else None, "nll": tot / n if n else None, "tokens": n}
+            row[kind] = {"perplexity": (math.exp(tot / n) if tot / n < 700 else float("inf")) if n else None, "nll": tot / n if n else None, "tokens": n}
             row["knowledge_use" if kind == "other" else "empty_use"] = paired_difference(ctl, right)
         out[name] = row
     if "x" in per_sample and "kx" in per_sample:
@@ -812,21 +821,28 @@ def controls_markdown(res: dict) -> str:
         o = allr["oracle"]
         n = max(allr[m]["samples"] for m in res["settings"]["methods"])
         note = f" — on {o['samples']} of {n} samples (the others are not in the cache)" if o["samples"] < n else ""
+        og = ctl.get("oracle", {}).get("gap_closed")
         lines += ["", f"Oracle = the exact cached deltas injected at the cache's layers ({res['settings'].get('targets') or '?'} targets): "
-                  f"what stage two is fitted to, not a guaranteed bound. Perplexity {_fmt_ppl(o['perplexity'])}{note}."]
+                  f"what stage two is fitted to, not a guaranteed bound. Perplexity {_fmt_ppl(o['perplexity'])}"
+                  f"{', gap closed ' + _ci(og, 'fraction', '.3f') if og else ''}{note}."]
     kx_use = ctl.get("kx", {}).get("knowledge_use", {}).get("nats")
     lines.append("")
     for m in readers:
         if m == "kx":
             continue
         ku = ctl[m]["knowledge_use"]
+        if ku.get("nats") is None:
+            lines.append(f"**{labels[m]}: knowledge use not measured (no sample scored with both knowledge sets).**")
+            continue
         lo = ku["ci"][0]
         uses = lo is not None and lo > 0
         share = f" ({100 * ku['nats'] / kx_use:.0f} % of D(K,x)'s {kx_use:+.3f})" if kx_use else ""
-        better = allr[m]["nll"] < allr["x"]["nll"] if "x" in allr else None
+        vs_x = ""
+        if "x" in allr and allr["x"]["nll"] is not None and allr[m]["nll"] is not None:
+            vs_x = "; beats D(x)" if allr[m]["nll"] < allr["x"]["nll"] else "; does not beat D(x)"
+        bound = f", CI lower bound {lo:+.3f}" if lo is not None else ""
         lines.append(f"**{labels[m]}: {'USES the knowledge' if uses else 'no evidence it uses the knowledge'} "
-                     f"(knowledge use {ku['nats']:+.3f} nats{share}, CI lower bound {lo:+.3f}); "
-                     f"{'beats' if better else 'does not beat'} D(x).**")
+                     f"(knowledge use {ku['nats']:+.3f} nats{share}{bound}){vs_x}.**")
     return "\n".join(lines) + "\n"
 
 

@@ -111,7 +111,7 @@ def register_baseline_methods(paths, strict: bool = True) -> list[str]:
         label = f"{LABELS.get(kind, kind)} D(K,x)"
         if kinds.count(kind) > 1:
             label = f"{LABELS.get(kind, kind)} ({p.resolve().name}) D(K,x)"
-        register_method(name, baseline_method_fn(p, strict=strict), label)
+        register_method(name, baseline_method_fn(p, strict=strict), label, reads_knowledge=True)
         names.append(name)
     return names
 

@@ -46,7 +46,7 @@ class ExtractConfig:
     """Settings that define a cache (all but ``token_budget`` are recorded and compared on resume)."""
 
     layers: str | list[int] = "3-8"
-    site: str = "mlp"
+    site: str = "block"  # block output (residual stream; cascade targets force it to pass B's) | mlp (the paper's)
     template: str = TemplateSpec.template
     separator: str = TemplateSpec.separator
     template_end: str = "eos"
@@ -202,20 +202,24 @@ def batch_deltas(decoder: Decoder, items: list, site: str, layers: list[int], ta
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over masked positions of ``KL(teacher || student)`` of the next-token distributions
-    (natural log). ``student_logits`` (B, n, V), ``teacher_logp`` (B, n, V) log-probabilities,
-    ``mask`` (B, n) bool."""
+    """Per sample, the mean over its masked positions of ``KL(teacher || student)`` of the
+    next-token distributions (natural log) -> (B,). ``student_logits`` (B, n, V), ``teacher_logp``
+    (B, n, V) log-probabilities (``-inf`` allowed: ``0 * log 0`` counts as 0), ``mask`` (B, n) bool."""
     lp = student_logits.float().log_softmax(-1)
-    kl = (teacher_logp.exp() * (teacher_logp - lp)).sum(-1)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+    kl = torch.nn.functional.kl_div(lp, teacher_logp, log_target=True, reduction="none").sum(-1)
+    return (kl * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 def distill_deltas(decoder: Decoder, site: str, deltas: dict[int, torch.Tensor], keep: torch.Tensor, pass_a, pass_b,
                    k_lens: torch.Tensor, x_lens: torch.Tensor, steps: int = 8, lr: float = 0.05) -> dict[int, torch.Tensor]:
-    """Refine ``deltas`` ``{layer: (B, n, hidden)}`` by ``steps`` Adam steps (learning rate ``lr``
-    times each layer's delta RMS) on ``KL(D(K,x) || D(x)+delta)`` over every real input position;
-    returns the deltas of the step with the lowest KL (step 0 = the deltas given). Positions
-    outside ``keep`` stay zero. Only the deltas receive gradients; the decoder is frozen."""
+    """Refine ``deltas`` ``{layer: (B, n, hidden)}`` by ``steps`` Adam steps on
+    ``KL(D(K,x) || D(x)+delta)`` over every real input position, and return, per sample, its
+    deltas at the step with its lowest KL (step 0 = the deltas given, so never worse).
+
+    Per sample: the loss is the sum over samples of each one's mean KL, and each layer's deltas
+    are optimised in units of that sample's own delta RMS (learning rate ``lr`` in those units),
+    so a sample's result does not depend on its batch neighbours (up to float rounding).
+    Positions outside ``keep`` stay zero. Only the deltas receive gradients; the decoder is frozen."""
     from kcache.inject import add_at_site
 
     model = decoder.model
@@ -225,24 +229,26 @@ def distill_deltas(decoder: Decoder, site: str, deltas: dict[int, torch.Tensor],
         logits_b = model(input_ids=pass_b[0], attention_mask=pass_b[1], use_cache=False).logits
         teacher = shift_left(logits_b.float().log_softmax(-1), k_lens, n)
         del logits_b
-    params = {l: d.detach().clone().requires_grad_(True) for l, d in deltas.items()}
-    scale = {l: float(d.pow(2).mean().sqrt().clamp(min=1e-6)) for l, d in deltas.items()}
-    opt = torch.optim.Adam([{"params": [params[l]], "lr": lr * scale[l]} for l in params])
-    best, best_loss = {l: d.detach().clone() for l, d in deltas.items()}, float("inf")
+    count = keep.sum(dim=(1, 2)).clamp(min=1)  # kept positions per sample
+    scale = {l: (d.pow(2).sum(dim=(1, 2)) / (count * d.shape[-1])).sqrt().clamp(min=1e-6)[:, None, None] for l, d in deltas.items()}
+    units = {l: (d / scale[l]).detach().clone().requires_grad_(True) for l, d in deltas.items()}
+    opt = torch.optim.Adam(list(units.values()), lr=lr)
+    best = {l: d.detach().clone() for l, d in deltas.items()}
+    best_kl = torch.full((keep.shape[0],), float("inf"), device=keep.device)
     for step in range(steps + 1):
         with torch.enable_grad():
-            add = {l: p * keep for l, p in params.items()}
+            add = {l: u * scale[l] * keep for l, u in units.items()}
             with add_at_site(decoder, site, add):
                 logits = model(input_ids=pass_a[0], attention_mask=pass_a[1], use_cache=False).logits
-            loss = kl_to_teacher(logits, teacher, real)
-            value = float(loss.detach())
-            if value < best_loss:
-                best_loss = value
-                best = {l: a.detach().clone() for l, a in add.items()}
+            kl = kl_to_teacher(logits, teacher, real)
+            better = kl.detach() < best_kl
+            best_kl = torch.where(better, kl.detach(), best_kl)
+            for l, a in add.items():
+                best[l] = torch.where(better[:, None, None], a.detach(), best[l])
             if step == steps:
                 break
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            kl.sum().backward()
             opt.step()
     return best
 
@@ -352,7 +358,7 @@ def _settings(decoder: Decoder, cfg: ExtractConfig, layers: list[int], samples: 
         "skip_bos": cfg.skip_bos,
         "targets": cfg.targets,
         "sink": cfg.sink,
-        **({"distill": {"steps": cfg.distill_steps, "lr": cfg.distill_lr}} if cfg.targets == "distilled" else {}),
+        **({"distill": cfg.distill()} if cfg.targets == "distilled" else {}),
         "sample_set": sample_set_fingerprint(samples),
         "chunk_rows": chunk,
         "shard_rows": shard,

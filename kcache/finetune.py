@@ -30,8 +30,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -39,7 +37,7 @@ import numpy as np
 import torch
 
 from kcache.align import DEFAULT_SINK, TemplateSpec, encode_sample, input_keep, pad_right, shift_left, sink_of, targets_of
-from kcache.encoders import EncoderConfig, EncoderStack, load_bundle, save_bundle
+from kcache.encoders import EncoderConfig, EncoderStack, load_bundle, publish_bundle
 from kcache.fit import OptimConfig, _load_checkpoint, _save_checkpoint, lr_at, optimizer_step
 from kcache.inject import add_at_site, check_fingerprint, embed_ids
 from kcache.models import Decoder
@@ -53,7 +51,7 @@ class FinetuneConfig(OptimConfig):
     # --from-scratch (paper 6.2): fresh encoders; these say where and how
     from_scratch: bool = False
     layers: list[int] | str | None = None  # default "3-8" when from scratch
-    site: str = "mlp"
+    site: str = "block"
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -64,6 +62,9 @@ class FinetuneConfig(OptimConfig):
     sink: int = DEFAULT_SINK  # from scratch: leading input positions never written (a bundle brings its own)
     max_length: int | None = None  # default: the bundle's (1024 from scratch)
     checkpoint_every: int = 50
+    # "ce": the target tokens' cross-entropy (DIEKÆ 3.3); "kl": KL to D(K,x)'s next-token
+    # distributions at every input position (batch_kl); "ce+kl": their sum. Validation: target NLL.
+    objective: str = "ce"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +121,46 @@ def scored_logprobs(decoder: Decoder, stack: EncoderStack | None, site: str, lay
     logits = decoder.model.get_output_embeddings()(hidden[rows, cols]).float()
     lp = logits.log_softmax(-1).gather(1, toks[:, None])[:, 0]
     return lp, [i for i, _ in pos]
+
+
+OBJECTIVES = ("ce", "kl", "ce+kl")
+
+
+def kl_positions(x_ids: list[list[int]]) -> list[tuple[int, int]]:
+    """(item, input position j) of every position that predicts a next input token: ``j < len(x) - 1``."""
+    return [(i, j) for i, x in enumerate(x_ids) for j in range(len(x) - 1)]
+
+
+def batch_kl(decoder: Decoder, stack: EncoderStack, site: str, layers: list[int], items: list["Item"], autocast) -> tuple[torch.Tensor, int]:
+    """(sum over positions of ``KL(D(K,x) || D(E(K,x)+x))``, position count): the next-token
+    distributions at every input position that predicts a next input token (source and target).
+
+    The teacher ``D(K, x)`` reads the knowledge in context; the student only through the encoders.
+    Unlike the target CE, this cannot be lowered by learning the targets' style alone: at every
+    position the teacher's distribution says what *this* knowledge changes.
+    """
+    dev = decoder.device
+    t = decoder.tokenizer
+    pad = t.pad_token_id if t.pad_token_id is not None else (t.eos_token_id or 0)
+    k_ids, x_ids = [it.k_ids for it in items], [it.x_ids for it in items]
+    pos = kl_positions(x_ids)
+    if not pos:
+        return torch.zeros((), device=dev), 0
+    rows = torch.tensor([i for i, _ in pos], device=dev)
+    head = decoder.model.get_output_embeddings()
+    backbone = decoder.layers.backbone()
+    ids_b, am_b = pad_right([list(k) + list(x) for k, x in zip(k_ids, x_ids)], pad)
+    with torch.no_grad(), autocast():
+        hb = backbone(input_ids=ids_b.to(dev), attention_mask=am_b.to(dev), use_cache=False).last_hidden_state
+        cols_b = torch.tensor([len(k_ids[i]) + j for i, j in pos], device=dev)
+        teacher = head(hb[rows, cols_b]).float().log_softmax(-1)
+    ids, am = pad_right([list(x) for x in x_ids], pad)
+    add = trainable_additions(decoder, stack, k_ids, x_ids, layers)
+    with autocast(), add_at_site(decoder, site, add):
+        h = backbone(input_ids=ids.to(dev), attention_mask=am.to(dev), use_cache=False).last_hidden_state
+        student = head(h[rows, torch.tensor([j for _, j in pos], device=dev)]).float().log_softmax(-1)
+    kl = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
+    return kl.sum(), len(pos)
 
 
 def autocast_for(device: torch.device):
@@ -239,7 +280,7 @@ def train_encoders(decoder: Decoder, stack: EncoderStack, site: str, layers: lis
             return entry
         if state["best"] is None or v < state["best"]:
             state.update(best=v, best_step=step, bad_evals=0)
-            _write_bundle(out, stack, save_meta(state))
+            publish_bundle(out, stack, save_meta(state))
         else:
             state["bad_evals"] += 1
         return entry
@@ -261,8 +302,13 @@ def train_encoders(decoder: Decoder, stack: EncoderStack, site: str, layers: lis
         for bi in range(state["batch_in_epoch"], len(batches)):
             items = [train[i] for i in batches[bi]]
             s, n = batch_nll(decoder, stack, site, layers, items, autocast)
-            if n:
-                (s / n / cfg.grad_accum).backward()
+            objective = getattr(cfg, "objective", "ce")  # EditConfig shares the loop: target CE
+            loss = s / max(n, 1) if "ce" in objective.split("+") else 0.0
+            if "kl" in objective.split("+"):
+                kl, m = batch_kl(decoder, stack, site, layers, items, autocast)
+                loss = loss + kl / max(m, 1)
+            if torch.is_tensor(loss) and loss.requires_grad:
+                (loss / cfg.grad_accum).backward()
             acc_loss += float(s.detach())
             acc_tok += n
             tokens += sum(len(it.k_ids) + len(it.x_ids) for it in items)
@@ -299,7 +345,7 @@ def train_encoders(decoder: Decoder, stack: EncoderStack, site: str, layers: lis
     state.setdefault("stopped", "finished all steps")
     if not val:  # no selection: the last weights
         state.update(best_step=state["step"])
-        _write_bundle(out, stack, save_meta(state))
+        publish_bundle(out, stack, save_meta(state))
     _save_checkpoint(out, stack, opt, state)
     state["_resumed"] = resumed
     state["_wall_seconds"] = time.perf_counter() - t0
@@ -308,18 +354,6 @@ def train_encoders(decoder: Decoder, stack: EncoderStack, site: str, layers: lis
     plot_history(state["history"], out / "curves.png")
     stack.eval()
     return state
-
-
-def _write_bundle(out: Path, stack: EncoderStack, meta: dict) -> None:
-    """The bundle lives in ``out/`` beside the checkpoint (written atomically via a sibling dir)."""
-    from kcache.lock import remove_stale_tmp, tmp_path
-
-    remove_stale_tmp(out, "bundle")
-    tmp = tmp_path(out, "bundle")
-    save_bundle(tmp, stack, meta)
-    for name in ("config.json", "encoders.safetensors"):
-        os.replace(tmp / name, out / name)
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def plot_history(history: list[dict], path: Path, title: str = "fine-tuning: target-token NLL") -> None:
@@ -401,6 +435,8 @@ def _finetune(decoder: Decoder, samples, encoders, out, cfg, progress, on_step, 
     from kcache.data.samples import read_samples, sample_set_fingerprint
 
     cfg = cfg or FinetuneConfig()
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}")
     out = Path(out)
     table = samples if not isinstance(samples, (str, Path)) else read_samples(samples)
     stack, base_meta, prov = start_stack(decoder, encoders, cfg)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from kcache import distributed, shutdown
 from kcache.align import length_mask, sink_of, targets_of
-from kcache.encoders import CONFIG_FILE, WEIGHTS_FILE, EncoderConfig, EncoderStack, save_bundle
+from kcache.encoders import CONFIG_FILE, WEIGHTS_FILE, EncoderConfig, EncoderStack, publish_bundle, save_bundle
 from kcache.schemas import validate_document
 from kcache.cache import Cache
 from kcache.store import CacheError, now
@@ -326,10 +326,10 @@ class BatchLoader:
                 raise item
             yield item
 
-    def close(self):
-        """Stop reading ahead and wait for the worker thread (it finishes the block it is reading)."""
+    def close(self, timeout: float = 60.0):
+        """Stop reading ahead and wait (up to ``timeout`` s) for the worker thread (it finishes the block it is reading)."""
         self._stop = True
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout
         while self.thread is not threading.current_thread() and self.thread.is_alive() and time.monotonic() < deadline:
             try:  # drain: the worker may be blocked putting its last batch, None or an error
                 while True:
@@ -406,11 +406,10 @@ def _save_checkpoint(out: Path, stack, opt, state: dict, where: Path | None = No
     """
     from safetensors.torch import save_file
 
-    from kcache.lock import remove_stale_tmp, tmp_path
+    from kcache.lock import fresh_tmp
 
     final = Path(where) if where is not None else final_dir(out)
-    remove_stale_tmp(final, "saving")  # left by a killed run (never a live process's)
-    tmp = tmp_path(final, "saving")
+    tmp = fresh_tmp(final, "saving")  # after removing those of a killed run (never a live process's)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in stack.state_dict().items()}, str(tmp / "model.safetensors"))
     osd = opt.state_dict()
@@ -715,20 +714,7 @@ def _bundle_meta(cache: Cache, cfg: FitConfig, state, res) -> dict:
 
 
 def _save_bundle(out: Path, stack, cache: Cache, cfg: FitConfig, layers, state, res):
-    _publish_bundle(out, stack, _bundle_meta(cache, cfg, state, res))
-
-
-def _publish_bundle(out: Path, stack, meta: dict):
-    # The bundle lives in out/ beside the checkpoint; save_bundle writes it atomically.
-    from kcache.lock import remove_stale_tmp, tmp_path
-
-    remove_stale_tmp(out, "bundle")
-    tmp_bundle = tmp_path(out, "bundle")
-    save_bundle(tmp_bundle, stack, meta)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "encoders.safetensors"):
-        os.replace(tmp_bundle / name, out / name)
-    shutil.rmtree(tmp_bundle, ignore_errors=True)
+    publish_bundle(out, stack, _bundle_meta(cache, cfg, state, res))  # in out/, beside the checkpoint
 
 
 # Keys save_bundle derives from the stack; the rest of a bundle's config.json is its metadata.
@@ -752,7 +738,7 @@ def _combine_parts(out: Path, parts: list[Path], layers: list[int], best_step) -
     for p in parts:
         weights.update(load_file(str(p / WEIGHTS_FILE)))  # not load_bundle: a diverged first best may hold NaN
     stack.load_state_dict(weights)  # strict: every layer exactly once
-    _publish_bundle(out, stack, {k: v for k, v in docs[0].items() if k not in _DERIVED_KEYS})
+    publish_bundle(out, stack, {k: v for k, v in docs[0].items() if k not in _DERIVED_KEYS})
 
 
 def _summary(out: Path, state: dict, layers: list[int]) -> dict:

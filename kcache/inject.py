@@ -114,14 +114,15 @@ def encoder_positions(base: torch.Tensor, new_valid: torch.Tensor) -> torch.Tens
 
 @torch.no_grad()
 def encoder_additions(decoder: Decoder, stack, k_ids: list[list[int]], x_ids: list[list[int]], layers: list[int] | None = None, pad_id: int = 0,
-                      sink: int = 0) -> dict[int, torch.Tensor]:
+                      sink: int | None = None) -> dict[int, torch.Tensor]:
     """One-shot DIEKÆ additions for a batch: ``{layer: (B, max len(x_ids), hidden)}``, right-padded.
 
     Runs each encoder on the right-padded ``k_ids[i] + x_ids[i]``, shifts its output left by
     ``len(k_ids[i])`` (``align.shift_left``) and zeroes padding positions and the first ``sink``
-    input positions (``align.input_keep``). ``pad_id`` does not change the result (padding keys
-    are masked, padding rows zeroed).
+    input positions (``align.input_keep``; default: the stack's own ``sink``). ``pad_id`` does not
+    change the result (padding keys are masked, padding rows zeroed).
     """
+    sink = stack.sink if sink is None else sink
     layers = list(stack.layers if layers is None else layers)
     dev = decoder.device
     pdtype = next(stack.parameters()).dtype
@@ -144,11 +145,16 @@ def oracle_rows(cache, sample: int | str, layers: list[int], x_ids: list[int] | 
 
     Without ``x_ids`` all ``x_len`` rows. With ``x_ids``, only the rows of the longest common
     prefix of ``x_ids`` and the cached input (delta at position ``j`` depends only on tokens
-    ``<= j``, so those rows are exact for ``x_ids`` too); ``m`` says how many that is.
+    ``<= j``, so those rows are exact for ``x_ids`` too); ``m`` says how many that is. Distilled
+    deltas depend on later positions too: for them only the cached input itself is covered.
     """
     toks, shift = cache.encoder_tokens(sample)
     cached_x = toks[shift:].tolist()
     m = len(cached_x)
+    if x_ids is not None and targets_of(cache.settings) == "distilled" and list(x_ids) != cached_x:
+        # Distilled deltas were optimised against every later position (the KL's gradient reaches
+        # back), so a prefix of them is not the exact delta for another continuation.
+        return {l: torch.zeros(0, cache.hidden_size) for l in layers}, 0
     if x_ids is not None:
         m = 0
         for a, b in zip(cached_x, x_ids):
@@ -327,7 +333,9 @@ class Injector:
         self.decoder, self.site, self.layers = decoder, site, list(layers)
         self.stack, self.cache = stack, cache
         self.meta = meta or {}
-        self.sink = sink_of(self.meta)
+        if stack is not None and "sink" in self.meta:
+            stack.sink = sink_of(self.meta)  # the bundle's record wins; the stack carries it from here on
+        self.sink = stack.sink if stack is not None else sink_of(self.meta)
         self._handles: list = []
         self._source = None
         self._pending: dict[int, torch.Tensor] | None = None

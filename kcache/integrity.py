@@ -19,6 +19,7 @@ Digest conventions (so other tools can recompute them):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
@@ -32,7 +33,7 @@ import numpy as np
 from kcache import __version__
 from kcache.cache import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, Cache, Part
 from kcache.location import Location
-from kcache.lock import is_tmp_name, output_lock, remove_stale_tmp, tmp_path
+from kcache.lock import fresh_tmp, is_tmp_name, output_lock, tmp_path
 from kcache.paths import check_manifest_paths, hash_regular, safe_relpath
 from kcache.schemas import validate_document
 from kcache.store import CacheError, decode_rows, now
@@ -43,14 +44,6 @@ RECORD_SUFFIX = ".record.json"
 
 # ---------------------------------------------------------------------------------------------
 # digests (pure over (path, size, sha) lists)
-
-
-def file_sha256(path: Path, block: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def is_chunk(rel: str) -> bool:
@@ -137,11 +130,11 @@ def finalize(root: str | os.PathLike, parts: list[str] | None = None, provenance
         return _finalize(root, parts, provenance, records)
 
 
-def _drop_stale_manifest_tmp(root: Path) -> None:
-    """Temporary manifests of a finalize that was killed (under the lock, nobody else's)."""
-    remove_stale_tmp(root / MANIFEST)
+def _fresh_manifest_tmp(root: Path) -> Path:
+    """A new temporary manifest name, after dropping those of a finalize that was killed (under the lock, nobody else's)."""
     for p in root.glob(MANIFEST + ".tmp"):  # the name older versions used
         p.unlink(missing_ok=True)
+    return fresh_tmp(root / MANIFEST)
 
 
 def _finalize(root: str | os.PathLike, parts: list[str] | None, provenance: dict | None, records: list[dict] | None) -> dict:
@@ -170,8 +163,7 @@ def _finalize(root: str | os.PathLike, parts: list[str] | None, provenance: dict
     }
     validate_document(doc, "cache-manifest-v1", str(root / MANIFEST))
     check_manifest_paths(doc, str(root / MANIFEST))
-    _drop_stale_manifest_tmp(root)
-    tmp = tmp_path(root / MANIFEST)
+    tmp = _fresh_manifest_tmp(root)
     tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
     make_read_only(root)
     os.replace(tmp, root / MANIFEST)
@@ -182,12 +174,31 @@ def _finalize(root: str | os.PathLike, parts: list[str] | None, provenance: dict
 
 
 def make_read_only(root: Path) -> None:
-    """Clear the write bits of every file (directories stay writable so the cache can be deleted)."""
-    for dirpath, _, filenames in os.walk(root):
+    """Clear the write bits of every file (directories stay writable so the cache can be deleted).
+
+    Never follows a link: a symbolic link (or any non-regular file) inside the cache is refused,
+    so finalize cannot be made to chmod a file outside it (records passed in skip ``part_files``,
+    which would have refused it).
+    """
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            if os.path.islink(os.path.join(dirpath, d)):
+                raise CacheError(f"{Path(dirpath) / d}: is a symbolic link; a cache never follows links")
         for f in filenames:
             p = Path(dirpath) / f
-            mode = p.stat().st_mode
-            os.chmod(p, mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+            try:
+                fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise CacheError(f"{p}: is a symbolic link; a cache never follows links") from None
+                raise
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise CacheError(f"{p}: not a regular file (a fifo, socket or device); refusing to finalize a cache holding it")
+                os.fchmod(fd, st.st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+            finally:
+                os.close(fd)
 
 
 def refuse_if_finalized(path: str | os.PathLike, action: str) -> None:

@@ -139,9 +139,25 @@ def manifest_store(store, loc: Location):
 
     A key the manifest does not list is absent (zarr reads the fill value, as it does for a chunk
     it never wrote) without touching the file system, so nothing unlisted is ever read; a listed
-    key the store cannot find is an error naming the file, never silently zeros.
+    key the store cannot find is an error naming the file, never silently zeros. No read goes past
+    a file's manifest size: a whole-file read asks for ``size + 1`` bytes and refuses a longer
+    file, explicit ranges are clamped to ``size`` (a grown file or an endless body is never read).
     """
+    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
     from zarr.storage import WrapperStore
+
+    def bounded(byte_range, size: int):
+        if byte_range is None:
+            return RangeByteRequest(0, size + 1)
+        if isinstance(byte_range, RangeByteRequest):
+            start = min(max(byte_range.start, 0), size)
+            return RangeByteRequest(start, max(start, min(byte_range.end, size)))
+        if isinstance(byte_range, OffsetByteRequest):
+            start = min(max(byte_range.offset, 0), size)
+            return RangeByteRequest(start, size)
+        if isinstance(byte_range, SuffixByteRequest):  # the manifest's end, not the file's
+            return RangeByteRequest(max(size - byte_range.suffix, 0), size)
+        raise TypeError(f"unexpected byte range {byte_range!r}")
 
     class ManifestStore(WrapperStore):
         def _with_store(self, inner):
@@ -150,9 +166,16 @@ def manifest_store(store, loc: Location):
         async def get(self, key, prototype, byte_range=None):
             if key not in loc.sizes:
                 return None
-            out = await self._store.get(key, prototype, byte_range)
+            size = int(loc.sizes[key])
+            rng = bounded(byte_range, size)
+            if rng.start >= rng.end:  # nothing to read (a range at or past the manifest's end)
+                return prototype.buffer.from_bytes(b"")
+            out = await self._store.get(key, prototype, rng)
             if out is None:
                 raise CacheError(f"{loc.url(key)}: listed in {MANIFEST} but missing; the cache is incomplete "
+                                 f"(run `kcache validate {loc}`)")
+            if len(out) > rng.end - rng.start or (byte_range is None and len(out) > size):
+                raise CacheError(f"{loc.url(key)}: longer than the {size} bytes its manifest records; refusing to read further "
                                  f"(run `kcache validate {loc}`)")
             return out
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from kcache.cache import MANIFEST, Cache, settings_differences
 from kcache.integrity import finalize, part_digest, part_files
-from kcache.lock import output_lock, remove_stale_tmp, tmp_path
+from kcache.lock import fresh_tmp, output_lock
 from kcache.paths import safe_local_path
 from kcache.store import CacheError
 
@@ -71,8 +71,7 @@ def _merge(sources: list[str], out: str | os.PathLike, keep_first: bool, progres
             raise CacheError(f"cannot merge {name} with {names[0]}: hidden size {c.hidden_size} vs {caches[0].hidden_size}")
     exclude = duplicate_plan([c.index["sample_id"].to_pylist() for c in caches], names, keep_first)
 
-    remove_stale_tmp(out, "merging")  # left by a merge that was killed (never a live process's)
-    tmp = tmp_path(out, "merging")
+    tmp = fresh_tmp(out, "merging")  # after removing those of a killed merge (never a live process's)
     tmp.mkdir(parents=True)
     records, rels = [], []
     total = sum(sum(f["size"] for f in _files_of(c, j).values()) for c in caches for j in range(len(c.parts)))

@@ -28,6 +28,7 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 from kcache.errors import KCacheError  # noqa: E402
+from kcache.paths import sha256_file  # noqa: E402
 
 
 class ModelError(KCacheError, RuntimeError):
@@ -99,7 +100,7 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    (tmp / "kcache-source.json").write_text(json.dumps({"gguf": gguf.name, "gguf_sha256": _sha256_file(gguf)}, indent=2))
+    (tmp / "kcache-source.json").write_text(json.dumps({"gguf": gguf.name, "gguf_sha256": sha256_file(gguf)}, indent=2))
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(tmp, out)
@@ -125,7 +126,7 @@ def _resolve_spec(spec: str) -> tuple[Path, str | None]:
         with open(path, "rb") as fh:
             if fh.read(4) != b"GGUF":
                 raise ModelError(f"{spec}: not a GGUF file (it does not start with the GGUF magic bytes)")
-        out = kcache_home() / "models" / ("gguf-" + _sha256_file(path)[:16])
+        out = kcache_home() / "models" / ("gguf-" + sha256_file(path)[:16])
         if not (out / "config.json").exists():
             _convert_gguf(path, out)
         return out, None
@@ -149,14 +150,6 @@ def _resolve_spec(spec: str) -> tuple[Path, str | None]:
 
 # ---------------------------------------------------------------------------------------------
 # fingerprints
-
-
-def _sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _canonical_config(config) -> dict:
@@ -198,7 +191,7 @@ def file_weight_hash(directory: Path) -> str:
         st = f.stat()
         key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         if key not in memo:
-            memo[key] = _sha256_file(f)
+            memo[key] = sha256_file(f)
             dirty = True
         h.update(f.name.encode())
         h.update(memo[key].encode())

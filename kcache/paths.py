@@ -29,6 +29,9 @@ MANIFEST = "manifest.json"
 BLOCK = 1 << 20
 # Files a manifest does not size (metadata of a cache that is not finalized) are still read with a limit.
 UNLISTED_LIMIT = 1 << 30
+# The largest file a manifest may list (schemas/cache-manifest-v1.json says the same): sizes beyond
+# it are refused before any capacity check trusts them.
+MAX_FILE_SIZE = 1 << 40
 
 
 def safe_relpath(key: object, where: str, what: str = "file path") -> str:
@@ -49,13 +52,17 @@ def safe_relpath(key: object, where: str, what: str = "file path") -> str:
 
 
 def check_manifest_paths(doc: dict, where: str) -> None:
-    """Every part path and file key of a manifest document, checked with ``safe_relpath``."""
+    """Every part path and file key of a manifest document, checked with ``safe_relpath``; every
+    file size an integer in ``0..MAX_FILE_SIZE`` (also in the schema: checked here whatever validated it)."""
     for part in doc.get("parts", []):
         path = part.get("path")
         if path != ".":
             safe_relpath(path, where, "part path")
-        for key in part.get("files", {}):
+        for key, f in part.get("files", {}).items():
             safe_relpath(key, where, f"file path (part {path!r})")
+            size = f.get("size") if isinstance(f, dict) else None
+            if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_FILE_SIZE:
+                raise CacheError(f"{where}: file {key!r} (part {path!r}): size {size!r} is not an integer in 0..{MAX_FILE_SIZE}")
 
 
 def safe_local_path(root: str | os.PathLike, key: str, where: str | None = None) -> Path:
@@ -124,18 +131,32 @@ def read_regular(path: Path, size: int | None = None) -> bytes:
         return read_limited(fh, size, str(path))
 
 
+def hash_stream(fh, size: int | None = None) -> tuple[int, str]:
+    """(bytes, sha256 hex) of a binary file object, read in blocks; stops after ``size + 1`` bytes.
+
+    The one streaming hash of kcache: memory stays at one block whatever the file's size.
+    """
+    h, n = hashlib.sha256(), 0
+    limit = float("inf") if size is None else size
+    while n <= limit:
+        chunk = fh.read(int(min(BLOCK, limit + 1 - n)))
+        if not chunk:
+            break
+        h.update(chunk)
+        n += len(chunk)
+    return n, h.hexdigest()
+
+
 def hash_regular(path: Path, size: int | None = None) -> tuple[int, str]:
     """(bytes, sha256 hex) of regular file ``path`` in blocks; stops after ``size + 1`` bytes (reported as longer)."""
-    h, n = hashlib.sha256(), 0
-    limit = float("inf") if size is None else size  # streaming: memory stays at one block either way
     with _open_regular(path) as fh:
-        while n <= limit:
-            chunk = fh.read(int(min(BLOCK, limit + 1 - n)))
-            if not chunk:
-                break
-            h.update(chunk)
-            n += len(chunk)
-    return n, h.hexdigest()
+        return hash_stream(fh, size)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a trusted local file (links followed: e.g. model files in the Hugging Face cache)."""
+    with open(path, "rb") as fh:
+        return hash_stream(fh)[1]
 
 
 def local_tree_problems(root: Path, listed: dict[str, dict] | None, skip_dirs: tuple[str, ...] = ()) -> tuple[list[str], dict[str, int]]:

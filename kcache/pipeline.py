@@ -138,7 +138,9 @@ def run_pipeline(config: str | Path, log=print) -> dict:
         from kcache.extract import ExtractConfig, extract
 
         t0 = time.perf_counter()
-        ecfg = ExtractConfig(**cfg["extract"])
+        from kcache.stages import _config_from
+
+        ecfg = _config_from(ExtractConfig, cfg["extract"], "extract")
         key = _extract_key(run.get("model", "smollm2-135m"), ecfg, samples)
         old = _previous_stage(run_dir / "report.json", "extract")
         if old.get("key") == key and (cache / "manifest.json").exists():
@@ -158,10 +160,9 @@ def run_pipeline(config: str | Path, log=print) -> dict:
         from kcache.fit import FitConfig, fit_encoders, summary_table
 
         t0 = time.perf_counter()
-        fcfg = dict(cfg["fit"])
-        if "lr" in fcfg:
-            fcfg["lr_max"] = fcfg.pop("lr")
-        summary = fit_encoders(cache, encoders, FitConfig(**fcfg))
+        from kcache.stages import _config_from
+
+        summary = fit_encoders(cache, encoders, _config_from(FitConfig, cfg["fit"], "fit"))
         log("fit:\n" + summary_table(summary))
         timed("fit", t0, bool(summary.get("skipped")))
         report["stages"]["fit"] = summary

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 
 from kcache.location import Location
-from kcache.paths import hash_regular, safe_local_path, safe_relpath
+from kcache.paths import hash_regular, safe_local_path, safe_relpath, sha256_file
 from kcache.schemas import SchemaError, validate_document
 from kcache.store import CacheError
 
@@ -107,14 +106,6 @@ def manifest_files(doc: dict) -> list[FileEntry]:
 
 # ---------------------------------------------------------------------------------------------
 # files
-
-
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def is_complete(path: Path, size: int, sha256: str) -> bool:

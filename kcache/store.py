@@ -156,10 +156,9 @@ def create_cache(
     final = Path(path)
     # Built under a process-unique temporary name and renamed, so a kill during creation leaves no
     # half store and two processes never share (or delete) each other's (kcache.lock).
-    from kcache.lock import remove_stale_tmp, tmp_path
+    from kcache.lock import fresh_tmp
 
-    remove_stale_tmp(final, "creating")
-    path = tmp_path(final, "creating")
+    path = fresh_tmp(final, "creating")
     group = zarr.open_group(str(path), mode="w")
     total = int(index["x_len"].to_numpy().sum()) if index.num_rows else 0
     hidden = attrs["hidden_size"]

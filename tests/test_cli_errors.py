@@ -271,3 +271,99 @@ def test_background_threads_are_stopped_before_exit(tiny_cache):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ALIVE \n" in r.stdout or r.stdout.rstrip().endswith("ALIVE"), r.stdout
     assert "terminate called" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# the output lock: held elsewhere or not creatable is the environment (3), never bad input (2)
+
+
+def test_a_locked_or_unwritable_output_exits_environment(tiny_cache, tmp_path, monkeypatch):
+    import threading
+
+    import kcache.lock as lk
+    from kcache.cli_errors import exit_code
+
+    assert exit_code(lk.OutputLocked("x")) == EXIT_ENVIRONMENT
+    cache = str(tiny_cache[0])
+    out = tmp_path / "m.zarr"
+    taken, release = threading.Event(), threading.Event()
+
+    def holder():  # another writer (a thread here: the lock is per thread)
+        with lk.output_lock(out, "hold it"):
+            taken.set()
+            release.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        assert taken.wait(30)
+        r = CliRunner().invoke(app, ["merge", cache, cache, "--out", str(out)], terminal_width=300)
+    finally:
+        release.set()
+        t.join(30)
+    assert r.exit_code == EXIT_ENVIRONMENT and f"pid {os.getpid()}" in r.output, (r.output, r.exception)
+
+    real_open = os.open
+
+    def no_lock_files(path, flags, *a, **k):  # a read-only --out directory (root ignores mode bits)
+        if str(path).endswith(lk.LOCK_SUFFIX):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(lk.os, "open", no_lock_files)
+    r = CliRunner().invoke(app, ["merge", cache, cache, "--out", str(tmp_path / "ro" / "m.zarr")], terminal_width=300)
+    monkeypatch.undo()
+    assert r.exit_code == EXIT_ENVIRONMENT, (r.output, r.exception)
+    assert "m.zarr.lock" in r.output and "Permission denied" in r.output, r.output
+
+
+def test_exit_cleanup_has_one_deadline_even_with_stuck_threads(monkeypatch):
+    """A tracked reader that takes long to close and a stuck zarr pool task cannot hold the exit:
+    everything shares one deadline; zarr is left alone while another non-daemon thread runs."""
+    import threading
+    import time
+
+    import zarr.core.sync as zs
+
+    from kcache import shutdown
+
+    given = []
+
+    class SlowReader:
+        def close(self, timeout=60.0):
+            given.append(timeout)
+            time.sleep(min(timeout, 5.0))
+
+    readers = [SlowReader(), SlowReader()]
+    for r in readers:
+        shutdown.track(r)
+    stuck = threading.Event()
+    timer = threading.Timer(15, stuck.set)  # unblocks the task in any case (so the test fails, never hangs)
+    timer.daemon = True
+    timer.start()
+    fut = zs._get_executor().submit(stuck.wait)
+    try:
+        t0 = time.monotonic()
+        shutdown.stop_background_threads(timeout=1.0)
+        took = time.monotonic() - t0
+    finally:
+        stuck.set()
+        fut.result(30)
+        for r in readers:
+            shutdown._tracked.discard(r)
+    assert took < 3.0, took
+    assert zs._executor is None  # the pool was shut down (its stuck task cancelled from waiting on)
+    assert len(given) == 2 and all(g <= 1.0 for g in given), given
+
+    # another non-daemon thread still working: zarr's loop is not stopped under it
+    zs._get_loop()
+    assert zs.iothread[0] is not None and zs.iothread[0].is_alive()
+    busy = threading.Event()
+    worker = threading.Thread(target=busy.wait, args=(30,))
+    worker.start()
+    try:
+        shutdown.stop_background_threads(timeout=1.0)
+        assert zs.iothread[0] is not None and zs.iothread[0].is_alive()
+    finally:
+        busy.set()
+        worker.join(30)

@@ -394,3 +394,127 @@ def test_pull_onto_another_cache_is_refused_and_leaves_it_untouched(two_caches, 
     assert (mine / "notes.txt").read_text() == "keep me" and [p.name for p in mine.iterdir()] == ["notes.txt"]
     assert again["bytes_downloaded"] == 0 and validate_cache(same) == []
     assert not lock_path(b).exists() and not lock_path(mine).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# review fixes: the lock file, threads, leaked fds, a killed merge's lock files, fresh_tmp
+
+
+def test_a_symlink_planted_at_the_lock_path_is_refused_and_its_target_untouched(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out.zarr"
+    lock_path(out).symlink_to(victim)
+    with pytest.raises(CacheError, match=rf"lock file .*out\.zarr\.lock is a symbolic link"):
+        with output_lock(out, "write it"):
+            pass
+    assert victim.read_text() == "precious" and lock_path(out).is_symlink()
+    # a directory (any non-regular file) at the lock path is refused the same way
+    lock_path(out).unlink()
+    lock_path(out).mkdir()
+    with pytest.raises(CacheError, match="is not a regular file"):
+        with output_lock(out, "write it"):
+            pass
+
+
+def test_the_lock_is_per_thread_not_per_process(tmp_path):
+    import threading
+
+    out = tmp_path / "c.zarr"
+    taken, release, done = threading.Event(), threading.Event(), threading.Event()
+    errors_seen = []
+
+    def holder():
+        try:
+            with output_lock(out, "hold it"):
+                taken.set()
+                release.wait(30)
+        except BaseException as e:  # noqa: BLE001
+            errors_seen.append(e)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        assert taken.wait(30)
+        with pytest.raises(OutputLocked, match=rf"pid {os.getpid()} on .*another thread"):
+            with output_lock(out, "write it"):
+                pass
+        assert lock_path(out).exists()  # the holder's lock file is intact: the refused thread did not release it
+        assert json.loads(lock_path(out).read_text())["pid"] == os.getpid()
+    finally:
+        release.set()
+        t.join(30)
+    assert not errors_seen and not lock_path(out).exists()
+    with output_lock(out, "write it"):  # free again once the other thread let go
+        pass
+
+
+def test_a_live_thread_s_temporary_is_not_stale_but_an_unregistered_one_of_this_pid_is(tmp_path):
+    import threading
+
+    final = tmp_path / "c.zarr"
+    made, release = threading.Event(), threading.Event()
+    box = []
+
+    def worker():
+        p = tmp_name(final, "creating")
+        p.mkdir()
+        box.append(p)
+        made.set()
+        release.wait(30)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    try:
+        assert made.wait(30)
+        leftover = final.with_name(f"c.zarr.creating.{os.getpid()}-dead.tmp")  # never named by tmp_path here
+        leftover.mkdir()
+        assert remove_stale_tmp(final, "creating") == [leftover]
+        assert box[0].exists()
+    finally:
+        release.set()
+        t.join(30)
+    assert remove_stale_tmp(final, "creating") == [box[0]]  # its thread is gone: stale now
+
+
+def test_the_lock_is_released_when_writing_the_holder_info_fails(tmp_path, monkeypatch):
+    import kcache.lock as lk
+
+    out = tmp_path / "c.zarr"
+    fds = len(os.listdir("/proc/self/fd"))
+
+    def boom(fd, n):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lk.os, "ftruncate", boom)
+    with pytest.raises(OSError, match="No space"):
+        with output_lock(out, "write it"):
+            pass
+    monkeypatch.undo()
+    assert len(os.listdir("/proc/self/fd")) == fds and not lk.holds_lock(out)
+    r = subprocess.run([sys.executable, "-c", HOLDER, str(out)], input="", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "locked" in r.stdout, r.stderr[-2000:]  # another process can take it: not leaked
+
+
+def test_lock_files_of_a_killed_merge_are_removed_with_its_temporaries(tmp_path):
+    from kcache.lock import fresh_tmp
+
+    final = tmp_path / "m.zarr"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        gone = final.with_name(f"m.zarr.merging.{dead.pid}-0000.tmp")
+        gone_lock = final.with_name(f"m.zarr.merging.{dead.pid}-0000.tmp.lock")
+        live_lock = final.with_name(f"m.zarr.merging.{live.pid}-0000.tmp.lock")
+        gone.mkdir()
+        gone_lock.write_text("{}")
+        live_lock.write_text("{}")
+        new = fresh_tmp(final, "merging")  # = remove_stale_tmp + tmp_path
+        assert not gone.exists() and not gone_lock.exists() and live_lock.exists()
+        assert new.name.startswith(f"m.zarr.merging.{os.getpid()}-") and not new.exists()
+    finally:
+        live.stdin.close()
+        live.wait()

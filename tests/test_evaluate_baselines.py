@@ -54,7 +54,7 @@ def test_baseline_method_runs_through_evaluate_and_leaves_decoder_alone(tokenize
     names = register_baseline_methods([trained["lora"]])
     assert names == ["base_lora"] and METHODS["base_lora"].label == "LoRA D(K,x)"
     try:
-        res = evaluate(dec, table, None, ["x", "kx", "base_lora", "x"], token_budget=256)
+        res = evaluate(dec, table, None, ["kx", "base_lora", "x"], token_budget=256)
     finally:
         release()
     a, p = res["results"]["all"], plain["results"]["all"]

@@ -251,3 +251,32 @@ def test_cli_finetune_and_edit(dec, table, tmp_path, monkeypatch):
                                  "--max-steps", "1", "--max-edits", "2", "--max-eval-edits", "1"])
     assert r.exit_code == 0, r.output
     assert "ES" in r.output and (tmp_path / "ed" / "edit.json").exists()
+
+
+def test_kl_objective_is_the_kl_to_d_k_x_at_every_input_position(dec, table):
+    """With encoders that add nothing, batch_kl is KL(D(K,x) || D(x)) summed over every input
+    position that predicts a next input token, computed here directly from the two models' logits."""
+    from kcache.finetune import batch_kl
+
+    spec = TemplateSpec()
+    items, _ = knowledge_items(dec.tokenizer, [r for r in table.to_pylist() if r["split"] == "train"], spec, 512)
+    zero = _stack(dec)  # up-projection starts at zero: injects nothing
+    total, n = batch_kl(dec, zero, "mlp", [1, 2], items[:3], autocast_for(dec.device))
+    want, m = 0.0, 0
+    with torch.no_grad():
+        for it in items[:3]:
+            t = dec.model(input_ids=torch.tensor([it.k_ids + it.x_ids])).logits[0, len(it.k_ids):-1].float().log_softmax(-1)
+            s = dec.model(input_ids=torch.tensor([it.x_ids])).logits[0, :-1].float().log_softmax(-1)
+            want += float((t.exp() * (t - s)).sum())
+            m += len(it.x_ids) - 1
+    total = float(total.detach())
+    assert n == m and total == pytest.approx(want, rel=1e-4)
+    assert total > 0
+
+
+def test_kl_objective_trains_and_bad_objective_is_refused(dec, table, tmp_path):
+    src = _bundle(dec, tmp_path / "fit", random_up=True)
+    s = finetune(dec, table, src, tmp_path / "ft", _cfg(max_steps=4, objective="kl"), progress=False)
+    assert s["steps"] == 4 and math.isfinite(s["val_nll_best"])
+    with pytest.raises(ValueError, match="objective must be one of"):
+        finetune(dec, table, src, tmp_path / "ft2", _cfg(objective="mse"), progress=False)

@@ -174,3 +174,25 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_cache, tmp_path):
     state.write_text(json.dumps(doc))
     with pytest.raises(CacheError, match=r"checkpoint: unreadable checkpoint .*state\.json.*'step'"):
         fit_encoders(tiny_cache, tmp_path / "e", cfg, progress=False)
+
+
+def test_publish_bundle_lands_beside_the_checkpoint_atomically(tiny_cache, tmp_path):
+    """fit and finetune share one publish_bundle: the bundle's files replace those in out/, the rest stays."""
+    from kcache.encoders import CONFIG_FILE, publish_bundle
+
+    out = tmp_path / "e"
+    fit_encoders(tiny_cache, out, FitConfig(**TINY, max_steps=1, eval_every=1000, checkpoint_every=1000), progress=False)
+    stack, _ = load_bundle(out)
+    doc = json.loads((out / CONFIG_FILE).read_text())
+    derived = ("format", "schema_version", "kcache_version", "encoder", "layers", "parameters_per_encoder")
+    meta = {k: v for k, v in doc.items() if k not in derived}
+    (out / "checkpoint-note").write_text("kept")
+    with torch.no_grad():
+        for p in stack.parameters():
+            p.add_(1.0)
+    assert publish_bundle(out, stack, {**meta, "created": "2000-01-01T00:00:00Z"}) == out
+    again, _ = load_bundle(out)
+    assert all(torch.equal(a, b) for a, b in zip(stack.state_dict().values(), again.state_dict().values()))
+    assert json.loads((out / CONFIG_FILE).read_text())["created"] == "2000-01-01T00:00:00Z"
+    assert (out / "checkpoint-note").read_text() == "kept"
+    assert not [p.name for p in tmp_path.iterdir() if ".bundle." in p.name]  # no temporary left beside out

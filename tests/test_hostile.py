@@ -309,3 +309,95 @@ def test_no_usable_samples_is_refused_up_front(llama, tmp_path):
     with pytest.raises(SampleError, match="no samples"):
         extract(llama, empty, tmp_path / "e.zarr", ExtractConfig(layers="1-2"), progress=False)
     assert not (tmp_path / "e.zarr" / "manifest.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# review fixes: manifest sizes are checked, not trusted; reads stop at them; finalize never chmods through a link
+
+
+def _inflate(cache: Path, prefix: str, size: int) -> None:
+    def edit(d):
+        for rel, f in d["parts"][0]["files"].items():
+            if rel.startswith(prefix) and "/c/" in rel:
+                f["size"] = size
+    _rewrite_manifest(cache, edit)
+
+
+def test_inflated_manifest_sizes_cannot_back_a_size_bomb(evil):
+    import time
+
+    from kcache.paths import MAX_FILE_SIZE, check_manifest_paths
+
+    cache = evil / "cache.zarr"
+    _x_len_bomb(cache)
+    _inflate(cache, "deltas/", 1 << 39)  # within the schema's maximum: only the files' real sizes tell
+    t0 = time.monotonic()
+    with pytest.raises(CacheError, match=r"(?s)deltas/layer_0[12]/c/0/0: truncated: \d+ of the 549755813888 bytes its manifest records"):
+        Cache.open(cache)
+    assert time.monotonic() - t0 < 30
+    assert any("549755813888 bytes its manifest records" in m for m in validate_cache(cache))
+    _inflate(cache, "deltas/", 10**15)  # beyond any sane file: refused by the schema
+    with pytest.raises(CacheError, match="1000000000000000"):
+        Cache.open(cache)
+    doc = json.loads((cache / "manifest.json").read_text())  # and by the code, whatever validated the document
+    with pytest.raises(CacheError, match=rf"size 1000000000000000 is not an integer in 0\.\.{MAX_FILE_SIZE}"):
+        check_manifest_paths(doc, "m")
+
+
+def _store_get(store, key, byte_range=None):
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    out = sync(store.get(key, default_buffer_prototype(), byte_range))
+    return None if out is None else out.to_bytes()
+
+
+@pytest.mark.parametrize("where", ["local", "http"])
+def test_zarr_reads_never_go_past_the_manifest_size(evil, where):
+    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+
+    cache = evil / "cache.zarr"
+    c = Cache.open(cache)  # opened while every file has its manifest size
+    data = (cache / SHARD).read_bytes()
+    size = len(data)
+    os.chmod(cache / SHARD, 0o644)
+    with open(cache / SHARD, "ab") as f:  # grown after finalize (and after open)
+        f.write(b"\xff" * (4 << 20))
+    with serve(evil) as (url, server):
+        if where == "local":
+            loc = c.parts[0].loc
+        else:
+            from kcache.location import Location
+
+            loc = Location(f"{url}/cache.zarr")
+            loc.sizes = dict(c.parts[0].loc.sizes)  # as Cache.open sets them from the manifest
+        store = loc.zarr_store()
+        with pytest.raises(CacheError, match=rf"{SHARD}: longer than the {size} bytes its manifest records"):
+            _store_get(store, SHARD)
+        assert _store_get(store, SHARD, SuffixByteRequest(16)) == data[-16:]  # the manifest's end, not the file's
+        assert _store_get(store, SHARD, OffsetByteRequest(size - 8)) == data[-8:]
+        assert _store_get(store, SHARD, RangeByteRequest(size - 4, size + 100)) == data[-4:]
+        assert _store_get(store, SHARD, RangeByteRequest(size + 10, size + 100)) == b""
+        if where == "http":
+            got = [r for m, p, r in server.log if m == "GET" and p.endswith(SHARD)]
+            assert got and all(r is not None for r in got), got  # every GET asked for a bounded range
+            assert f"bytes=0-{size}" in got, got
+
+
+def test_finalize_never_chmods_through_a_link(tmp_path):
+    from kcache.integrity import make_read_only
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("x")
+    victim.chmod(0o644)
+    root = tmp_path / "c.zarr"
+    (root / "deltas").mkdir(parents=True)
+    (root / "zarr.json").write_text("{}")
+    (root / "deltas" / "evil").symlink_to(victim)
+    with pytest.raises(CacheError, match=r"deltas/evil: is a symbolic link"):
+        make_read_only(root)
+    assert victim.stat().st_mode & 0o777 == 0o644
+    (root / "deltas" / "evil").unlink()
+    (root / "deltas" / "dir").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(CacheError, match=r"deltas/dir: is a symbolic link"):
+        make_read_only(root)

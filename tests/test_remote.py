@@ -331,3 +331,19 @@ def test_validate_over_http(served):
 
     with serve(served) as (url, _):
         assert validate_cache(f"{url}/cache.zarr") == []
+
+
+def test_one_streaming_sha256_for_every_file_hash(tmp_path):
+    import kcache.integrity
+    from kcache.paths import BLOCK, hash_regular, sha256_file
+
+    data = os.urandom(2 * BLOCK + 123)  # spans several blocks
+    f = tmp_path / "blob"
+    f.write_bytes(data)
+    link = tmp_path / "link"
+    link.symlink_to(f)  # model files in the Hugging Face cache are links: sha256_file follows them
+    want = hashlib.sha256(data).hexdigest()
+    assert sha256_file(f) == sha256_file(link) == want
+    assert hash_regular(f) == (len(data), want)
+    assert hash_regular(f, 10) == (11, hashlib.sha256(data[:11]).hexdigest())  # stops after size + 1 bytes
+    assert not hasattr(kcache.integrity, "file_sha256")

@@ -102,7 +102,7 @@ def test_distilled_deltas_lower_the_kl_to_d_k_x(tiny_decoder):
     layers = [1, 2]
 
     def kl(deltas):
-        model, pad = tiny_decoder.model, tiny_decoder.tokenizer.pad_token_id
+        model = tiny_decoder.model
         total = 0.0
         row = 0
         for e in items:
@@ -114,8 +114,7 @@ def test_distilled_deltas_lower_the_kl_to_d_k_x(tiny_decoder):
                 inj = Injector(tiny_decoder, "mlp", layers)
                 with inj.static(add):
                     logits = model(input_ids=torch.tensor([e.x_ids])).logits
-            total += float(kl_to_teacher(logits, teacher, torch.ones(1, n, dtype=torch.bool)))
-        del pad
+            total += float(kl_to_teacher(logits, teacher, torch.ones(1, n, dtype=torch.bool))[0])
         return total / len(items)
 
     cascade = batch_deltas(tiny_decoder, items, "mlp", layers, "cascade", 1)
@@ -123,7 +122,7 @@ def test_distilled_deltas_lower_the_kl_to_d_k_x(tiny_decoder):
     for l in layers:
         assert distilled[l].shape == cascade[l].shape
     k_c, k_d = kl(cascade), kl(distilled)
-    assert k_d <= k_c + 1e-6
+    assert k_d <= k_c * (1 + 1e-3)  # each sample keeps its best step (step 0 = cascade); padding changes rounding only
     assert k_d < 0.9 * k_c, (k_c, k_d)
 
 

@@ -1,0 +1,124 @@
+"""Group-wise re-splitting, DREAM's reference preprocessing, pipeline configs, thread choice."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from typer.testing import CliRunner
+
+from kcache.data.convert import ConvertError, convert, reference_dream_line
+from kcache.data.samples import SampleError, read_samples, samples_from_records
+from kcache.data.split import group_keys, split_by_group
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "datasets"
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT.parent / "shared" / "data"
+
+
+def _records(groups: dict[str, int]) -> pa.Table:
+    recs = []
+    for g, n in groups.items():
+        for q in range(n):
+            recs.append({"id": f"d-{g}-{q}", "dataset": "d", "split": "validation", "knowledge": [f"dialogue {g}"],
+                         "source": f"question {q}?", "target": " answer.", "meta": json.dumps({"dialogue_id": g})})
+    return samples_from_records(recs, "test")
+
+
+def test_split_keeps_groups_whole_and_meets_the_sizes():
+    table = _records({f"g{i}": 1 + i % 3 for i in range(40)})
+    out = split_by_group(table, {"train": 20, "validation": 5, "test": 10}, "dialogue_id", seed=3)
+    split_of: dict[str, set] = {}
+    for g, s in zip(group_keys(out, "dialogue_id"), out["split"].to_pylist()):
+        split_of.setdefault(g, set()).add(s)
+    assert all(len(v) == 1 for v in split_of.values())  # no group in two splits
+    counts = {s: out["split"].to_pylist().count(s) for s in ("train", "validation", "test")}
+    assert counts["train"] >= 20 and counts["validation"] >= 5 and counts["test"] >= 10
+    assert counts["train"] < 20 + 3 and counts["validation"] < 5 + 3 and counts["test"] < 10 + 3  # whole groups, then stop
+    again = split_by_group(table, {"train": 20, "validation": 5, "test": 10}, "dialogue_id", seed=3)
+    assert again.equals(out)
+    other = split_by_group(table, {"train": 20, "validation": 5, "test": 10}, "dialogue_id", seed=4)
+    assert other["id"].to_pylist() != out["id"].to_pylist() or other["split"].to_pylist() != out["split"].to_pylist()
+
+
+def test_split_refuses_too_few_samples_and_falls_back_to_ids():
+    table = _records({"a": 2, "b": 2})
+    with pytest.raises(SampleError, match="ask for 10"):
+        split_by_group(table, {"train": 5, "validation": 3, "test": 2}, "dialogue_id")
+    with pytest.raises(SampleError, match="not enough groups"):
+        split_by_group(table, {"train": 3, "validation": 0, "test": 1}, "dialogue_id")
+    assert group_keys(table, "no_such_field") == table["id"].to_pylist()
+
+
+def test_split_command(tmp_path):
+    from kcache.cli import app
+    from kcache.data.samples import write_samples
+
+    write_samples(_records({f"g{i}": 2 for i in range(10)}), tmp_path / "in.parquet")
+    r = CliRunner().invoke(app, ["data", "split", str(tmp_path / "in.parquet"), "--out", str(tmp_path / "out.parquet"), "--sizes", "8,4,4"])
+    assert r.exit_code == 0, r.output
+    assert "train 8, validation 4, test 4" in r.output
+    assert read_samples(tmp_path / "out.parquet").num_rows == 16
+    bad = CliRunner().invoke(app, ["data", "split", str(tmp_path / "in.parquet"), "--out", str(tmp_path / "o2.parquet"), "--sizes", "8,4"])
+    assert bad.exit_code == 2 and "three integers" in bad.output
+
+
+def test_dream_reference_preprocessing(tmp_path):
+    rep = convert("dream", FIX / "dream" / "dev.json", tmp_path / "ref.parquet", reference=True)
+    rows = {r["id"]: r for r in read_samples(tmp_path / "ref.parquet").to_pylist()}
+    assert rep.dropped == {"answer not among choices": 1, "not the dialogue's first question (reference preprocessing)": 1}
+    r = rows["dream-validation-1-101-0"]
+    assert r["knowledge"][0] == "Man: Excuse me, is this the way to the harbour museum?"
+    assert r["knowledge"][1].startswith("Woman: Yes")
+    assert reference_dream_line("W: hi") == "Woman: hi" and reference_dream_line("Mary: hi") == "Mary: hi"
+    with pytest.raises(ConvertError, match="defined for dream only"):
+        convert("folio", FIX / "folio" / "folio-validation.jsonl", tmp_path / "f.parquet", reference=True)
+
+
+@pytest.mark.skipif(not (REAL / "dream" / "dev.json").exists(), reason="../shared/data/dream/dev.json is not here (raw data lives outside the repo)")
+def test_dream_reference_preprocessing_on_the_real_file(tmp_path):
+    rep = convert("dream", REAL / "dream" / "dev.json", tmp_path / "ref.parquet", reference=True)
+    assert rep.rows_out < rep.rows_in
+    rows = read_samples(tmp_path / "ref.parquet").to_pylist()
+    assert all(json.loads(r["meta"])["question_index"] == 0 and "_" not in r["source"] for r in rows)
+    assert not any(k.startswith(("W:", "M:")) for r in rows for k in r["knowledge"])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "pipelines").rglob("*.toml")), ids=lambda p: p.name)
+def test_every_pipeline_config_loads_and_builds_its_configs(path):
+    from kcache.extract import ExtractConfig
+    from kcache.fit import FitConfig
+    from kcache.pipeline import load_config
+
+    cfg = load_config(path)
+    assert cfg["run"]["dir"]
+    if "extract" in cfg:
+        ExtractConfig(**cfg["extract"])
+    if "fit" in cfg:
+        f = dict(cfg["fit"])
+        f["lr_max"] = f.pop("lr", 1e-4)
+        FitConfig(**f)
+    assert tomllib.loads(path.read_text()) == cfg
+
+
+def test_set_threads_warns_when_oversubscribed(monkeypatch):
+    import torch
+
+    from kcache import runtime
+
+    n = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(runtime, "free_cores", lambda: 1)
+        seen = []
+        assert runtime.set_threads(2, warn=seen.append) == 2
+        assert seen and "--threads 1" in seen[0]
+        seen.clear()
+        assert runtime.set_threads(1, warn=seen.append) == 1 and not seen
+        with pytest.raises(ValueError, match=">= 1"):
+            runtime.set_threads(0)
+    finally:
+        torch.set_num_threads(n)
+    assert runtime.available_cores() >= 1
