@@ -80,7 +80,7 @@ def test_changed_settings_are_refused(tiny_decoder, demo_samples, tmp_path):
     with pytest.raises(CacheError, match=r"different settings \(cache vs asked: layers: \[1, 2\] vs \[1, 2, 3\]\)"):
         extract(tiny_decoder, demo_samples, out, ExtractConfig(layers="1-3"), progress=False)
     with pytest.raises(CacheError, match="site"):
-        extract(tiny_decoder, demo_samples, out, ExtractConfig(layers="1-2", site="block"), progress=False)
+        extract(tiny_decoder, demo_samples, out, ExtractConfig(layers="1-2", site="mlp"), progress=False)
     again = extract(tiny_decoder, demo_samples, out, ExtractConfig(layers="1-2"), progress=False)
     assert again.status == "already complete"
     # A finalized cache is immutable: --overwrite is refused and nothing is touched.

@@ -180,7 +180,7 @@ def test_from_scratch(dec, table, tmp_path):
     s = finetune(dec, table, None, out, cfg, progress=False)
     st, meta = load_bundle(out, dec.fingerprint.to_dict())
     assert st.layers == [1, 2] and meta["cache"] is None and meta["training"]["start"]["from"] == "scratch"
-    assert meta["site"] == "mlp" and st.config.hidden_size == 32
+    assert meta["site"] == "block" and st.config.hidden_size == 32
     # fresh encoders inject nothing at step 0, so the start equals D(x)
     items, _ = knowledge_items(dec.tokenizer, [r for r in table.to_pylist() if r["split"] == "validation"], TemplateSpec(), 1024)
     assert s["val_nll_start"] == pytest.approx(mean_nll(dec, None, "mlp", [], items, 8, autocast_for(dec.device)), rel=1e-5)

@@ -116,7 +116,7 @@ def test_a_handful_of_samples_overfits(tmp_path, tokenizer_nobos):
                           lambda: torch.autocast("cpu", enabled=False))
     for l in (1, 2):
         assert res[l]["fvu"] < 0.25, res  # from 1.0+ for the zero-initialised encoders
-    assert meta["model"] == cache.model_fingerprint and meta["site"] == "mlp"
+    assert meta["model"] == cache.model_fingerprint and meta["site"] == "block"
 
 
 def test_outputs_and_summary(tiny_cache, tmp_path):

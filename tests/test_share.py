@@ -180,8 +180,8 @@ def test_merge_duplicates_are_an_error_unless_keep_first(two_caches, tmp_path):
 
 def test_merge_refuses_other_settings_naming_the_field(llama, two_caches, tmp_path):
     a = two_caches[0]
-    extract(llama, synth_samples(8, seed=9), tmp_path / "blk.zarr", ExtractConfig(**{**SMALL, "layers": "1-2"}, site="block"), progress=False)
-    with pytest.raises(CacheError, match=r"settings differ \(site: 'mlp' vs 'block'\)"):
+    extract(llama, synth_samples(8, seed=9), tmp_path / "blk.zarr", ExtractConfig(**{**SMALL, "layers": "1-2"}, site="mlp"), progress=False)
+    with pytest.raises(CacheError, match=r"settings differ \(site: 'block' vs 'mlp'\)"):
         merge([str(a), str(tmp_path / "blk.zarr")], tmp_path / "m.zarr", progress=False)
     res = CliRunner().invoke(app, ["merge", str(a), str(tmp_path / "blk.zarr"), "--out", str(tmp_path / "m.zarr")])
     assert res.exit_code == 2 and "site" in res.output
