@@ -76,30 +76,47 @@ class _StopForward(Exception):
     """Raised by a hook after the last needed block: early exit, no later blocks, no LM head."""
 
 
-@contextlib.contextmanager
-def capture(decoder: Decoder, site: str, layers: list[int], stop: bool = True):
-    """Record the output of ``site`` at each layer into the yielded dict; with ``stop`` the forward
-    pass ends right after block ``max(layers)``."""
-    acts: dict[int, torch.Tensor] = {}
-    handles = []
+def _hidden(out):
+    return out[0] if isinstance(out, tuple) else out
 
-    def grab(layer):
-        def hook(_mod, _inp, out):
-            acts[layer] = out[0] if isinstance(out, tuple) else out
-        return hook
+
+def _replace_hidden(out, h):
+    return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+
+
+@contextlib.contextmanager
+def site_hooks(decoder: Decoder, site: str, layers: list[int], make_hook, stop: bool = True):
+    """``make_hook(layer)`` as a forward hook on ``site`` at each layer (in forward order); with
+    ``stop`` the forward pass ends right after block ``max(layers)`` (``run_blocks`` catches it)."""
+    handles = []
 
     def halt(_mod, _inp, _out):
         raise _StopForward
 
     try:
-        for l in layers:
-            handles.append(decoder.layers.site_module(site, l).register_forward_hook(grab(l)))
+        for l in sorted(layers):
+            handles.append(decoder.layers.site_module(site, l).register_forward_hook(make_hook(l)))
         if stop:
             handles.append(decoder.layers.block(max(layers)).register_forward_hook(halt))
-        yield acts
+        yield
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def capture(decoder: Decoder, site: str, layers: list[int], stop: bool = True):
+    """Record the output of ``site`` at each layer into the yielded dict; with ``stop`` the forward
+    pass ends right after block ``max(layers)``."""
+    acts: dict[int, torch.Tensor] = {}
+
+    def grab(layer):
+        def hook(_mod, _inp, out):
+            acts[layer] = _hidden(out)
+        return hook
+
+    with site_hooks(decoder, site, layers, grab, stop):
+        yield acts
 
 
 def run_blocks(decoder: Decoder, ids: torch.Tensor, mask: torch.Tensor) -> None:
@@ -110,20 +127,11 @@ def run_blocks(decoder: Decoder, ids: torch.Tensor, mask: torch.Tensor) -> None:
         pass
 
 
-def _hidden(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _replace_hidden(out, h):
-    return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
-
-
 @contextlib.contextmanager
 def _correct_to(decoder: Decoder, site: str, want: dict[int, torch.Tensor], keep: torch.Tensor, deltas: dict, stop: bool = True):
     """Cascade hooks for pass A: at each layer (in forward order) record
     ``delta = (want - act) * keep`` against the activation *as it arrives* (earlier layers already
     corrected) and add it, so the layers above see pass B's values at every kept position."""
-    handles = []
 
     def correct(layer):
         def hook(_mod, _inp, out):
@@ -133,18 +141,8 @@ def _correct_to(decoder: Decoder, site: str, want: dict[int, torch.Tensor], keep
             return _replace_hidden(out, h + d.to(h.dtype))
         return hook
 
-    def halt(_mod, _inp, _out):
-        raise _StopForward
-
-    try:
-        for l in sorted(want):
-            handles.append(decoder.layers.site_module(site, l).register_forward_hook(correct(l)))
-        if stop:
-            handles.append(decoder.layers.block(max(want)).register_forward_hook(halt))
+    with site_hooks(decoder, site, list(want), correct, stop):
         yield deltas
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()
