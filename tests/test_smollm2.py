@@ -57,7 +57,9 @@ def test_exactness_on_smollm2(smol, tmp_path, site):
     from test_extract import _activations
 
     layer = 5
-    extract(smol, synth_samples(6, seed=4), tmp_path / "c.zarr", ExtractConfig(layers=[3, layer], site=site), progress=False)
+    # the single-layer invariant of independent targets, at every input position
+    extract(smol, synth_samples(6, seed=4), tmp_path / "c.zarr", ExtractConfig(layers=[3, layer], site=site, targets="independent", sink=0),
+            progress=False)
     cache = Cache.open(tmp_path / "c.zarr")
     for i in range(cache.num_samples):
         toks, shift = cache.encoder_tokens(i)
@@ -71,3 +73,32 @@ def test_exactness_on_smollm2(smol, tmp_path, site):
         bound = float(np.abs(cache.deltas(i, layer)).max()) * 2 ** -10
         assert err <= bound, (err, bound)
         assert (plain - act_b).abs().max().item() > 50 * bound
+
+
+def test_cascade_on_smollm2_reproduces_pass_b_at_every_injected_layer(smol, tmp_path):
+    """The defaults (cascade targets, block site, sink 1): all cached layers injected at once give
+    pass B's residual stream at every injected layer, from input position 1 on."""
+    from kcache.data.synth import synth_samples
+    from kcache.extract import ExtractConfig, capture, extract, run_blocks
+    from kcache.cache import Cache
+    from kcache.inject import Injector
+
+    layers = [3, 4, 5]
+    extract(smol, synth_samples(4, seed=4), tmp_path / "c.zarr", ExtractConfig(layers="3-5", dtype="float32"), progress=False)
+    cache = Cache.open(tmp_path / "c.zarr")
+    oracle = Injector.oracle(smol, cache)
+    assert oracle.site == "block" and oracle.sink == 1
+    for i in range(cache.num_samples):
+        toks, shift = cache.encoder_tokens(i)
+        toks = toks.tolist()
+        x = toks[shift:]
+        with torch.no_grad(), capture(smol, "block", layers, stop=False) as acts:
+            run_blocks(smol, torch.tensor([toks]), torch.ones(1, len(toks), dtype=torch.long))
+            b = {l: acts[l][0, shift + 1:].float() for l in layers}
+        add, _ = oracle.oracle_additions([i], [x])
+        with torch.no_grad(), oracle.static(add), capture(smol, "block", layers, stop=False) as acts:
+            run_blocks(smol, torch.tensor([x]), torch.ones(1, len(x), dtype=torch.long))
+            a = {l: acts[l][0, 1:].float() for l in layers}
+        for l in layers:
+            err = ((a[l] - b[l]).abs().max() / b[l].abs().max()).item()
+            assert err < 1e-4, (i, l, err)
