@@ -21,6 +21,10 @@ def _row(run: Path) -> dict | None:
     report, res = json.loads(rep.read_text()), json.loads(ev.read_text())
     r = res["results"]["all"]
     ctl = res.get("controls") or {}
+    if "ekx" in r and "ekx_fit" not in r:  # evaluated with `kcache evaluate --encoders RUN/encoders` (fit only)
+        r["ekx_fit"] = r.pop("ekx")
+        if "ekx" in ctl:
+            ctl["ekx_fit"] = ctl.pop("ekx")
 
     def ppl(m):
         return (r.get(m) or {}).get("perplexity")
