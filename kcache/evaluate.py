@@ -10,9 +10,13 @@ aggregates per dataset and overall:
   position 0 is never scored because ``D(x)`` has nothing to predict it from);
 * **accuracy** for classification samples (``options`` + ``label``): the option with the largest
   summed log-likelihood of its tokens is the prediction;
-* **seconds** (wall, CUDA-synchronised) and **peak memory** above the level at the method's
-  start (``torch.cuda.max_memory_allocated`` on GPU; on CPU the peak resident set size sampled
-  every millisecond in a thread after returning freed heap to the OS).
+* **seconds** (wall, CUDA-synchronised) and **peak memory** above one baseline taken after a
+  warm-up forward pass, the same for every method (``torch.cuda.max_memory_allocated`` on GPU; on
+  CPU the peak resident set size sampled every millisecond in a thread after returning freed
+  heap to the OS);
+* **knowledge-swap controls**: every method that reads the knowledge also runs with another
+  sample's knowledge and with none; ``knowledge use`` = NLL(other K) - NLL(right K) per target
+  token with a bootstrap CI (``knowledge_controls``).
 
 Methods are a registry of callables ``fn(decoder, batch) -> list[Tensor]``; see ``Method`` and
 ``register_method``, and docs/inject.md for adding one (e.g. a LoRA baseline).

@@ -17,7 +17,9 @@ deltas; default false), ``token_budget``, ``out`` (default ``RUN/eval``). Method
 ``gap_closed`` holds, per dataset and injected method, the fraction of the log-perplexity gap
 between ``D(x)`` and ``D(K,x)`` the method closes: ``(log ppl_x - log ppl_m) / (log ppl_x -
 log ppl_kx)`` (1 = as good as knowledge in context, 0 = no better than no knowledge, < 0 worse),
-and ``closes_half`` whether the fine-tuned encoders reach >= 0.5 over all samples.
+``closes_half`` whether the fine-tuned encoders reach >= 0.5 over all samples, and
+``knowledge_use`` per knowledge-reading method (the swap control: a method that closes the gap
+without using the knowledge has adapted to the task).
 An ``[evaluate.edit]`` sub-table (options of ``kcache.edit.EditConfig``) also runs editing
 (``RUN/edit``); ``run_stage("edit", ...)`` runs it from a top-level ``[edit]`` table.
 """
