@@ -12,7 +12,8 @@ from pathlib import Path
 
 import typer
 
-from kcache.cli_stage3 import _DEVICE_HELP, _MODEL_HELP, _errors
+from kcache.cli_errors import errors as _errors  # the one CLI error handler
+from kcache.cli_stage3 import _DEVICE_HELP, _MODEL_HELP
 
 
 def evaluate_baselines_cmd(

@@ -1,7 +1,9 @@
 """The one place where the command line turns exceptions into ``error: …`` lines and exit codes.
 
 Every ``kcache`` command runs inside :func:`errors` (the root typer group wraps each invocation,
-see ``KCacheGroup``), so the same error gives the same line and exit code in every command:
+see ``KCacheGroup``; the sub-apps' commands also enter it themselves, for when their app is
+invoked on its own), so the same error gives the same line and exit code in every command. Which
+exception gets which code is decided in one table, :data:`EXIT_CODES`:
 
 ====  ==========================================================================================
 code  meaning
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -40,18 +43,36 @@ EXIT_ENVIRONMENT = 3
 _INPUT_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
 
+def _output_locked(e: BaseException) -> bool:
+    """A :class:`kcache.lock.OutputLocked` (looked up lazily: kcache.lock imports torch, and such an
+    exception can only exist once its module has been imported)."""
+    lock = sys.modules.get("kcache.lock")
+    return lock is not None and isinstance(e, lock.OutputLocked)
+
+
+def _aiohttp(e: BaseException) -> bool:
+    """Remote reads: aiohttp's ServerDisconnectedError etc. are not OSErrors."""
+    return type(e).__module__.split(".")[0] == "aiohttp"
+
+
+# The one table: exception kind -> exit code; the first row that matches wins (so more specific
+# kinds come first). A row matches an exception type (or tuple of types) by isinstance, or is a
+# predicate. An exception no row matches is a bug: re-raised with its traceback.
+EXIT_CODES = (
+    (_output_locked, EXIT_ENVIRONMENT),  # another kcache process writes the same output (a CacheError)
+    (KCacheError, EXIT_INPUT),  # cache, bundle, model, schema, samples, KG, injection
+    (_INPUT_OS_ERRORS, EXIT_INPUT),  # a missing file, a wrong kind of path
+    (OSError, EXIT_ENVIRONMENT),  # PermissionError, disk full, ConnectionError, TimeoutError, ...
+    (_aiohttp, EXIT_ENVIRONMENT),  # a dropped connection during a remote read
+    (ValueError, EXIT_INPUT),  # a bad value that no domain check named
+)
+
+
 def exit_code(e: BaseException) -> int | None:
-    """The exit code for ``e``, or None when ``e`` is not an error a user can act on (a bug)."""
-    if isinstance(e, KCacheError):  # a subclass may say otherwise (OutputLocked: EXIT_ENVIRONMENT)
-        return getattr(e, "exit_code", EXIT_INPUT)
-    if isinstance(e, _INPUT_OS_ERRORS):
-        return EXIT_INPUT
-    if isinstance(e, OSError):  # PermissionError, disk full, ConnectionError, TimeoutError, …
-        return EXIT_ENVIRONMENT
-    if type(e).__module__.split(".")[0] == "aiohttp":  # remote reads: ServerDisconnectedError etc. are not OSErrors
-        return EXIT_ENVIRONMENT
-    if isinstance(e, ValueError):
-        return EXIT_INPUT
+    """The exit code for ``e`` (:data:`EXIT_CODES`), or None when ``e`` is not an error a user can act on (a bug)."""
+    for kind, code in EXIT_CODES:
+        if isinstance(e, kind) if isinstance(kind, (type, tuple)) else kind(e):
+            return code
     return None
 
 
@@ -61,7 +82,7 @@ def message(e: BaseException) -> str:
         text = e.strerror if e.filename is None or str(e.filename) in e.strerror else f"{e.filename}: {e.strerror}"
     if not text:
         text = type(e).__name__
-    if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.split(".")[0] == "aiohttp":
+    if isinstance(e, (ConnectionError, TimeoutError)) or _aiohttp(e):
         text = f"connection failed ({type(e).__name__}: {text}); rerun the command"
     return text
 

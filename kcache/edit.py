@@ -38,12 +38,12 @@ from kcache.finetune import (
     FinetuneConfig,
     Item,
     _now,
-    autocast_for,
     scored_logprobs,
     start_stack,
     train_encoders,
 )
 from kcache.models import Decoder
+from kcache.precision import autocast_for
 
 
 @dataclasses.dataclass
@@ -68,7 +68,8 @@ def full_string_logprobs(decoder: Decoder, stack, site: str, layers: list[int], 
     The encoders read the input only (no knowledge). Input position 0 is never scored."""
     tok = decoder.tokenizer
     enc = [encode_input(tok, p, t) for p, t in zip(prompts, targets)]
-    autocast = autocast_for(decoder.device)
+    # scoring keeps the evaluation's precision: bf16 on CUDA, float32 on CPU
+    autocast = autocast_for(decoder.device, "bfloat16" if decoder.device.type == "cuda" else "float32")
     out = [0.0] * len(enc)
     order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))
     was = stack.training if stack is not None else False

@@ -101,10 +101,24 @@ class Block(nn.Module):
         q, k = rope(q, *rope_cs), rope(k, *rope_cs)
         if past is not None:
             k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        att = attend(q, k, v, mask)
         x = x + self.o(att.transpose(1, 2).reshape(b, n, -1))
         y = self.mlp_norm(x)
         return x + self.down(F.silu(self.gate(y)) * self.up(y)), (k, v)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax attention, ``mask`` True where a query may see a key. (B, H, L, D) in and out.
+
+    On CPU the explicit product is used: for the encoders' short, narrow heads it is faster than
+    SDPA's CPU flash kernel, whose bf16 backward is several times slower than its float32 one.
+    The softmax runs in float32 either way.
+    """
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1).to(v.dtype) @ v
 
 
 def attention_mask(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:

@@ -13,10 +13,13 @@ type                   module                       builtin base
 ``SampleError``        ``kcache.data.samples``      ``ValueError`` (``ConvertError`` below it)
 ``KGError``            ``kcache.kg.tables``         ``ValueError``
 ``InjectError``        ``kcache.inject``            ``ValueError``
+``ConfigError``        ``kcache.config``            ``ValueError``
+``OutputLocked``       ``kcache.lock``              ``ValueError`` (a ``CacheError``)
 =====================  ===========================  =====================================
 
 The command line turns them into one ``error: …`` line and an exit code in one place,
-``kcache.cli_errors`` (see there for the codes).
+``kcache.cli_errors`` (its ``EXIT_CODES`` table: 2 bad input for all of these, except
+``OutputLocked``, 3: another process, not the input, stopped the work).
 """
 
 from __future__ import annotations

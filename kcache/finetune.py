@@ -17,7 +17,7 @@ Conventions (shared with ``kcache.evaluate``):
 * ``train`` split for training, ``validation`` split for picking the best step (lowest
   validation NLL, evaluated every ``eval_every`` steps and at step 0, so the output is never
   worse on validation than the bundle it started from). ``test`` is never read.
-* bf16 autocast on CUDA, float32 on CPU; ``seed`` fixes the encoder init (``--from-scratch``)
+* bf16 autocast where the hardware has it (``compute``, kcache.precision), float32 master weights; ``seed`` fixes the encoder init (``--from-scratch``)
   and the sample order; reruns resume from ``out/checkpoint`` (``fit``'s checkpoint format).
 
 Helpers used by ``kcache.edit`` too: ``trainable_additions`` (``inject.encoder_additions``
@@ -41,6 +41,7 @@ from kcache.encoders import EncoderConfig, EncoderStack, load_bundle, publish_bu
 from kcache.fit import OptimConfig, _load_checkpoint, _save_checkpoint, lr_at, optimizer_step
 from kcache.inject import add_at_site, check_fingerprint, embed_ids
 from kcache.models import Decoder
+from kcache.precision import autocast_for
 
 
 @dataclasses.dataclass
@@ -163,12 +164,6 @@ def batch_kl(decoder: Decoder, stack: EncoderStack, site: str, layers: list[int]
     return kl.sum(), len(pos)
 
 
-def autocast_for(device: torch.device):
-    if device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return lambda: torch.autocast("cpu", enabled=False)
-
-
 @dataclasses.dataclass
 class Item:
     """One training/validation sequence: knowledge prefix, input, target mask."""
@@ -246,7 +241,7 @@ def train_encoders(decoder: Decoder, stack: EncoderStack, site: str, layers: lis
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = decoder.device
-    autocast = autocast_for(dev)
+    autocast = autocast_for(dev, cfg.compute, frozen=decoder.dtype)
     torch.manual_seed(cfg.seed)
     decoder.model.eval()
     for p in decoder.model.parameters():  # frozen, whatever the caller did

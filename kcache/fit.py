@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from kcache import distributed, shutdown
 from kcache.align import length_mask, sink_of, targets_of
+from kcache.precision import autocast_for
 from kcache.encoders import CONFIG_FILE, WEIGHTS_FILE, EncoderConfig, EncoderStack, publish_bundle, save_bundle
 from kcache.schemas import validate_document
 from kcache.cache import Cache
@@ -58,6 +59,8 @@ class OptimConfig:
     patience: int = 5  # evaluations without improvement before stopping
     max_steps: int | None = None
     seed: int = 0
+    # matmul dtype under autocast (float32 master weights and losses): auto | float32 | bfloat16
+    compute: str = "auto"
 
 
 @dataclasses.dataclass
@@ -561,7 +564,7 @@ def _fit_encoders(cache_path, out, cfg, progress, on_step) -> dict:
     if world > len(layers):
         raise CacheError(f"{world} processes for {len(layers)} layer(s): each process trains whole layers, so run at most {len(layers)}")
     mine = layers_of_rank(layers, rank, world)  # all of them in one process
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else (lambda: torch.autocast("cpu", enabled=False))
+    autocast = autocast_for(device, cfg.compute)
     torch.manual_seed(cfg.seed)
 
     train_idx, val_idx = split_samples(cache, cfg.val_fraction, cfg.seed)

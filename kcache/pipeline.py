@@ -4,47 +4,141 @@ Stages run in order (data -> extract -> fit -> finetune -> evaluate -> edit) und
 stage whose output is already complete for the same settings is skipped (extraction and
 training also resume after an interruption). Each stage is the same Python function its CLI
 command calls.
+
+``load_pipeline(path)`` reads the TOML and builds every section into its settings (through
+``kcache.config.config_from``: ``lr`` for ``lr_max``, unknown keys and wrong types refused with
+the file, section and key named) before anything runs; ``run_pipeline`` starts with it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import tomllib
 from pathlib import Path
 
+from kcache.config import ConfigError, config_from
+
 STAGES = ("data", "extract", "fit", "finetune", "evaluate", "edit")
 
 
+@dataclasses.dataclass
+class RunOptions:
+    """``[run]``."""
+
+    dir: str
+    model: str = "smollm2-135m"
+    device: str | None = None  # default: cuda when available
+    model_dtype: str | None = None
+
+
+@dataclasses.dataclass
+class DataOptions:
+    """``[data]``: one of ``samples`` (a samples file), ``convert`` (``ConvertOptions``) or
+    ``synth`` (``SynthOptions``; the default)."""
+
+    samples: str | None = None
+    convert: dict | None = None
+    synth: dict | None = None
+
+
+@dataclasses.dataclass
+class SynthOptions:
+    """``[data] synth = {n, seed, distractors}``: ``kcache data synth``."""
+
+    n: int = 1200
+    seed: int = 0
+    distractors: int = 3
+
+
+@dataclasses.dataclass
+class ConvertOptions:
+    """``[data] convert = {name, input, split?, reference?, split_sizes?, by?, seed?}``: a public
+    dataset converted (``kcache data convert``), then optionally re-split by whole groups
+    (``kcache data split``: ``split_sizes = [train, validation, test]`` grouped by meta ``by``)."""
+
+    name: str
+    input: str
+    split: str | None = None
+    reference: bool = False
+    split_sizes: tuple[int, int, int] | None = None
+    by: str = "dialogue_id"
+    seed: int = 0
+
+
 def load_config(path: str | Path) -> dict:
+    """The TOML of a pipeline config, its sections checked (not their keys: ``load_pipeline``)."""
     path = Path(path)
     try:
         cfg = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"{path}: cannot read pipeline config: {e}") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read pipeline config: {e}") from None
     unknown = set(cfg) - {"run", *STAGES}
     if unknown:
-        raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}; expected run, {', '.join(STAGES)}")
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; expected run, {', '.join(STAGES)}")
+    for name, table in cfg.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: {name} must be a section ([{name}]), got {table!r}")
     if "run" not in cfg or "dir" not in cfg["run"]:
-        raise ValueError(f"{path}: [run] dir = \"...\" is required")
+        raise ConfigError(f"{path}: [run] dir = \"...\" is required")
     return cfg
 
 
-def _data(cfg: dict, run_dir: Path, log) -> Path:
+def data_options(cfg: dict, file=None) -> Path | ConvertOptions | SynthOptions:
+    """Where ``[data]`` of ``cfg`` takes the samples from: a samples file, a conversion or the
+    synthetic set (the default)."""
+    d = config_from(DataOptions, cfg.get("data") or {}, "data", file)
+    given = [k for k in ("samples", "convert", "synth") if getattr(d, k) is not None]
+    if len(given) > 1:
+        raise ConfigError(f"{f'{file}: ' if file is not None else ''}[data] give one of samples, convert, synth, not {' and '.join(given)}")
+    if d.samples is not None:
+        return Path(d.samples)
+    if d.convert is not None:
+        return config_from(ConvertOptions, d.convert, "data.convert", file)
+    return config_from(SynthOptions, d.synth or {}, "data.synth", file)
+
+
+def load_pipeline(path: str | Path) -> dict:
+    """Read and check a whole pipeline config without running anything: every section built into
+    its settings, every error a ``ConfigError`` naming the file, the section and the key.
+
+    Returns ``{"path", "raw"`` (the TOML as read), ``"run"`` (``RunOptions``), ``"data"``
+    (``data_options``) and, for each stage section present, ``"extract"`` (``ExtractConfig``),
+    ``"fit"`` (``FitConfig``), ``"finetune"`` (``(FinetuneConfig, StageIO)``), ``"evaluate"``
+    (``(EvaluateOptions, (EditConfig, StageIO) or None)``), ``"edit"`` (``(EditConfig, StageIO)``)``}``."""
+    from kcache import stages
+    from kcache.extract import ExtractConfig
+    from kcache.fit import FitConfig
+
+    path = Path(path)
+    cfg = load_config(path)
+    out: dict = {"path": path, "raw": cfg, "run": config_from(RunOptions, cfg["run"], "run", path), "data": data_options(cfg, path)}
+    if "extract" in cfg:
+        out["extract"] = config_from(ExtractConfig, cfg["extract"], "extract", path)
+    if "fit" in cfg:
+        out["fit"] = config_from(FitConfig, cfg["fit"], "fit", path)
+    if "finetune" in cfg:
+        out["finetune"] = stages.finetune_options(cfg, path)
+    if "evaluate" in cfg:
+        out["evaluate"] = stages.evaluate_options(cfg, path)
+    if "edit" in cfg:
+        out["edit"] = stages.edit_options(cfg["edit"], "edit", path)
+    return out
+
+
+def _data(source, run_dir: Path, log) -> Path:
     from kcache.data.samples import read_samples, sample_set_fingerprint, write_samples
     from kcache.data.synth import synth_samples
 
-    d = cfg.get("data", {})
-    if "samples" in d:
-        path = Path(d["samples"])
-        read_samples(path)  # validate up front
-        log(f"data: using {path}")
-        return path
-    if "convert" in d:
-        table = _converted(d["convert"], run_dir)
+    if isinstance(source, Path):
+        read_samples(source)  # validate up front
+        log(f"data: using {source}")
+        return source
+    if isinstance(source, ConvertOptions):
+        table = _converted(source, run_dir)
     else:
-        s = d.get("synth", {})
-        table = synth_samples(s.get("n", 1200), s.get("seed", 0), s.get("distractors", 3))
+        table = synth_samples(source.n, source.seed, source.distractors)
     path = run_dir / "samples.parquet"
     if path.exists() and sample_set_fingerprint(read_samples(path)) == sample_set_fingerprint(table):
         log(f"data: {path} up to date (skipped)")
@@ -81,32 +175,25 @@ def _extract_key(model: str, ecfg, samples: Path) -> dict:
     return {**ident, "extract": json.loads(json.dumps(dataclasses.asdict(ecfg))), "samples": sample_set_fingerprint(read_samples(samples))}
 
 
-def _converted(c: dict, run_dir: Path):
-    """``[data] convert = {name, input, split?, reference?, split_sizes?, by?, seed?}``: a public
-    dataset converted (``kcache data convert``), then optionally re-split by whole groups
-    (``kcache data split``: ``split_sizes = [train, validation, test]`` grouped by meta ``by``)."""
+def _converted(c: ConvertOptions, run_dir: Path):
     from kcache.data.convert import convert
     from kcache.data.samples import read_samples
     from kcache.data.split import SPLITS, split_by_group
 
-    known = {"name", "input", "split", "reference", "split_sizes", "by", "seed"}
-    unknown = sorted(set(c) - known)
-    if unknown or "name" not in c or "input" not in c:
-        raise ValueError(f"[data] convert: needs name and input; unknown key(s) {unknown}; known: {', '.join(sorted(known))}")
     raw = run_dir / "converted.parquet"
-    convert(c["name"], c["input"], raw, c.get("split"), reference=bool(c.get("reference", False)))
+    convert(c.name, c.input, raw, c.split, reference=c.reference)
     table = read_samples(raw)
-    if "split_sizes" in c:
-        table = split_by_group(table, dict(zip(SPLITS, c["split_sizes"])), c.get("by", "dialogue_id"), int(c.get("seed", 0)))
+    if c.split_sizes is not None:
+        table = split_by_group(table, dict(zip(SPLITS, c.split_sizes)), c.by, c.seed)
     return table
 
 
 def run_pipeline(config: str | Path, log=print) -> dict:
     """Run (or resume) every stage of a pipeline config; returns the report (also written to
     ``[run].dir/report.json``)."""
-    cfg = load_config(config)
-    run = cfg["run"]
-    run_dir = Path(run["dir"])
+    built = load_pipeline(config)  # every section checked before any work
+    cfg, run = built["raw"], built["run"]
+    run_dir = Path(run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     report: dict = {"config": str(config), "stages": {}}
     timings = {}
@@ -120,7 +207,7 @@ def run_pipeline(config: str | Path, log=print) -> dict:
             skipped.append(stage)
 
     t0 = time.perf_counter()
-    samples = _data(cfg, run_dir, log)
+    samples = _data(built["data"], run_dir, log)
     timings["data"] = time.perf_counter() - t0
 
     decoder = None
@@ -130,18 +217,16 @@ def run_pipeline(config: str | Path, log=print) -> dict:
         if decoder is None:
             from kcache.models import load_decoder
 
-            decoder = load_decoder(run.get("model", "smollm2-135m"), device=run.get("device"), dtype=run.get("model_dtype"))
+            decoder = load_decoder(run.model, device=run.device, dtype=run.model_dtype)
         return decoder
 
     cache = run_dir / "cache.zarr"
     if "extract" in cfg:
-        from kcache.extract import ExtractConfig, extract
+        from kcache.extract import extract
 
         t0 = time.perf_counter()
-        from kcache.stages import _config_from
-
-        ecfg = _config_from(ExtractConfig, cfg["extract"], "extract")
-        key = _extract_key(run.get("model", "smollm2-135m"), ecfg, samples)
+        ecfg = built["extract"]
+        key = _extract_key(run.model, ecfg, samples)
         old = _previous_stage(run_dir / "report.json", "extract")
         if old.get("key") == key and (cache / "manifest.json").exists():
             # Same model, settings and samples as the run that finalized the cache: no decoder needed.
@@ -157,12 +242,10 @@ def run_pipeline(config: str | Path, log=print) -> dict:
 
     encoders = run_dir / "encoders"
     if "fit" in cfg:
-        from kcache.fit import FitConfig, fit_encoders, summary_table
+        from kcache.fit import fit_encoders, summary_table
 
         t0 = time.perf_counter()
-        from kcache.stages import _config_from
-
-        summary = fit_encoders(cache, encoders, _config_from(FitConfig, cfg["fit"], "fit"))
+        summary = fit_encoders(cache, encoders, built["fit"])
         log("fit:\n" + summary_table(summary))
         timed("fit", t0, bool(summary.get("skipped")))
         report["stages"]["fit"] = summary

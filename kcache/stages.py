@@ -22,6 +22,10 @@ log ppl_kx)`` (1 = as good as knowledge in context, 0 = no better than no knowle
 without using the knowledge has adapted to the task).
 An ``[evaluate.edit]`` sub-table (options of ``kcache.edit.EditConfig``) also runs editing
 (``RUN/edit``); ``run_stage("edit", ...)`` runs it from a top-level ``[edit]`` table.
+
+Every table is built by ``kcache.config`` (``finetune_options``, ``evaluate_options``,
+``edit_options``): unknown keys and wrong types are refused naming section and key, and
+``kcache.pipeline.load_pipeline`` builds them all, naming the file, before any stage runs.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from kcache.config import config_from, configs_from
 from kcache.evaluate import (
     METHODS,
     EvalBatch,
@@ -94,17 +99,46 @@ def _file_hash(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _config_from(cls, opts: dict, section: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    opts = dict(opts)
-    if "lr" in opts:
-        opts["lr_max"] = opts.pop("lr")
-    if "betas" in opts:
-        opts["betas"] = tuple(opts["betas"])
-    unknown = sorted(set(opts) - names)
-    if unknown:
-        raise ValueError(f"[{section}]: unknown option(s) {unknown}; known: {', '.join(sorted(names | {'lr', 'encoders', 'out'}))}")
-    return cls(**opts)
+@dataclasses.dataclass
+class StageIO:
+    """The keys of ``[finetune]`` / ``[edit]`` that are not training settings."""
+
+    encoders: str | None = None  # bundle to start from (default RUN/encoders)
+    out: str | None = None  # output bundle / folder (default RUN/encoders-ft, RUN/edit)
+
+
+@dataclasses.dataclass
+class EvaluateOptions:
+    """``[evaluate]`` (see the module docstring)."""
+
+    split: str = "test"  # "" = every split
+    limit: int | None = None
+    oracle: bool = False
+    token_budget: int = 4096
+    out: str | None = None  # default RUN/eval
+    encoders: str | None = None  # the fitted bundle (default RUN/encoders)
+    finetuned: str | None = None  # the fine-tuned bundle (default [finetune].out or RUN/encoders-ft)
+    edit: dict | None = None  # [evaluate.edit]: EditConfig options (+ encoders, out)
+
+
+def finetune_options(cfg: dict, file=None):
+    """``[finetune]`` of pipeline config ``cfg`` -> ``(FinetuneConfig, StageIO)``; ConfigError names ``file``."""
+    from kcache.finetune import FinetuneConfig
+
+    return configs_from((FinetuneConfig, StageIO), cfg.get("finetune") or {}, "finetune", file)
+
+
+def edit_options(table: dict | None, where: str = "edit", file=None):
+    """An ``[edit]`` / ``[evaluate.edit]`` table -> ``(EditConfig, StageIO)``."""
+    from kcache.edit import EditConfig
+
+    return configs_from((EditConfig, StageIO), table or {}, where, file)
+
+
+def evaluate_options(cfg: dict, file=None):
+    """``[evaluate]`` of ``cfg`` -> ``(EvaluateOptions, (EditConfig, StageIO) or None)``."""
+    opts = config_from(EvaluateOptions, cfg.get("evaluate") or {}, "evaluate", file)
+    return opts, (edit_options(opts.edit, "evaluate.edit", file) if opts.edit is not None else None)
 
 
 def _samples_key(samples) -> str:
@@ -118,12 +152,11 @@ def _samples_key(samples) -> str:
 
 
 def run_finetune(cfg: dict, run_dir: Path, get_decoder, samples, log) -> dict:
-    from kcache.finetune import FinetuneConfig, finetune
+    from kcache.finetune import finetune
 
-    opts = dict(cfg.get("finetune") or {})
-    source = opts.pop("encoders", None)
-    out = Path(opts.pop("out", run_dir / "encoders-ft"))
-    fcfg = _config_from(FinetuneConfig, opts, "finetune")
+    fcfg, io = finetune_options(cfg)
+    source = io.encoders
+    out = Path(io.out) if io.out is not None else run_dir / "encoders-ft"
     if not fcfg.from_scratch:
         source = Path(source) if source else run_dir / "encoders"
         if not _bundle_ready(source):
@@ -136,17 +169,14 @@ def run_evaluate(cfg: dict, run_dir: Path, get_decoder, samples, cache, log) -> 
     from kcache.evaluate import evaluate, markdown_report, write_report
     from kcache.inject import Injector
 
-    opts = dict(cfg.get("evaluate") or {})
-    edit_opts = opts.pop("edit", None)
-    split = opts.pop("split", "test") or None
-    limit = opts.pop("limit", None)
-    use_oracle = bool(opts.pop("oracle", False))
-    token_budget = int(opts.pop("token_budget", 4096))
-    out = Path(opts.pop("out", run_dir / "eval"))
-    fit_dir = Path(opts.pop("encoders", run_dir / "encoders"))
-    ft_dir = Path(opts.pop("finetuned", (cfg.get("finetune") or {}).get("out", run_dir / "encoders-ft")))
-    if opts:
-        raise ValueError(f"[evaluate]: unknown option(s) {sorted(opts)}; known: split, limit, oracle, token_budget, out, encoders, finetuned, edit")
+    opts, edit_opts = evaluate_options(cfg)
+    split = opts.split or None
+    limit = opts.limit
+    use_oracle = opts.oracle
+    token_budget = opts.token_budget
+    out = Path(opts.out) if opts.out is not None else run_dir / "eval"
+    fit_dir = Path(opts.encoders) if opts.encoders is not None else run_dir / "encoders"
+    ft_dir = Path(opts.finetuned if opts.finetuned is not None else (cfg.get("finetune") or {}).get("out", run_dir / "encoders-ft"))
     have_fit, have_ft = _bundle_ready(fit_dir), _bundle_ready(ft_dir)
     cache_path = Path(cache) if cache is not None else None
     use_oracle = use_oracle and cache_path is not None and cache_path.exists()
@@ -164,7 +194,7 @@ def run_evaluate(cfg: dict, run_dir: Path, get_decoder, samples, cache, log) -> 
             summary = _eval_summary(old, out)
             summary["skipped"] = True
             if edit_opts is not None:
-                summary["edit"] = run_edit(cfg | {"edit": edit_opts}, run_dir, get_decoder, samples, log)
+                summary["edit"] = _run_edit(edit_opts, run_dir, get_decoder, samples, log)
             return summary
     if not (have_fit or have_ft):
         log("evaluate: no encoder bundle found (fit / finetune not run): evaluating D(x) and D(K,x) only")
@@ -200,7 +230,7 @@ def run_evaluate(cfg: dict, run_dir: Path, get_decoder, samples, cache, log) -> 
     summary = _eval_summary(res, out)
     summary["skipped"] = False
     if edit_opts is not None:
-        summary["edit"] = run_edit(cfg | {"edit": edit_opts}, run_dir, get_decoder, samples, log)
+        summary["edit"] = _run_edit(edit_opts, run_dir, get_decoder, samples, log)
     return summary
 
 
@@ -232,12 +262,15 @@ def _eval_summary(res: dict, out: Path) -> dict:
 
 
 def run_edit(cfg: dict, run_dir: Path, get_decoder, samples, log) -> dict:
-    from kcache.edit import EditConfig, edit
+    return _run_edit(edit_options(cfg.get("edit")), run_dir, get_decoder, samples, log)
 
-    opts = dict(cfg.get("edit") or {})
-    source = opts.pop("encoders", None)
-    out = Path(opts.pop("out", run_dir / "edit"))
-    ecfg = _config_from(EditConfig, opts, "edit")
+
+def _run_edit(options, run_dir: Path, get_decoder, samples, log) -> dict:
+    from kcache.edit import edit
+
+    ecfg, io = options
+    source = io.encoders
+    out = Path(io.out) if io.out is not None else run_dir / "edit"
     if not ecfg.from_scratch:
         source = Path(source) if source else run_dir / "encoders"
         if not _bundle_ready(source):

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Fit/finetune/edit pick bf16 on CPUs that have it ("auto"); tests must not depend on the CPU.
+os.environ.setdefault("KCACHE_COMPUTE", "float32")
 # Tiny models run fastest single-threaded (and do not fight over cores); the SmolLM2 tests raise it.
 torch.set_num_threads(1)
 

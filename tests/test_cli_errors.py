@@ -41,15 +41,40 @@ def tiny_cache(tmp_path_factory, tokenizer_nobos):
 
 @pytest.fixture
 def bad_inputs(tmp_path, tiny_cache, saved_model):
-    """Paths the table below refers to by name."""
+    """Paths the table below refers to by name (tiny files: each case runs in well under a second)."""
+    import fcntl
+
+    from kcache.lock import lock_path
+
     text = tmp_path / "notes.txt"
     text.write_text("not a model\n")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "knowledge": ["x"], "source": "q", "target": "t"}\n{not json\n')
+    good_row = synth_samples(1, seed=3).to_pylist()[0]
+    bad_row = tmp_path / "bad-row.jsonl"  # line 1 a valid sample, line 2 one with a mistyped field
+    bad_row.write_text(json.dumps(good_row) + "\n" + json.dumps({**good_row, "id": "b", "knowledge": "not a list"}) + "\n")
+    samples_parquet = tmp_path / "samples.parquet"  # a valid table, but not one of kcache's KG tables
+    write_samples(synth_samples(2, seed=3), samples_parquet)
+    csqa = tmp_path / "dev_rand_split.jsonl"  # CommonsenseQA layout, a row without its question
+    csqa.write_text(json.dumps({"id": "q1", "answerKey": "A"}) + "\n")
+    openke = tmp_path / "openke"  # OpenKE layout, a triple whose tail is no entity
+    openke.mkdir()
+    (openke / "entity2id.txt").write_text("2\na\t0\nb\t1\n")
+    (openke / "relation2id.txt").write_text("1\nr\t0\n")
+    (openke / "train2id.txt").write_text("1\n0 5 0\n")
+    not_cache = tmp_path / "not-a-cache"
+    not_cache.mkdir()
+    (not_cache / "readme.txt").write_text("hello\n")
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    return {"tmp": tmp_path, "text": text, "bad": bad, "blocker": blocker, "cache": tiny_cache[0], "samples": tiny_cache[1],
-            "model": saved_model}
+    locked = tmp_path / "locked.zarr"  # its lock held by "another process" (another open file description)
+    fd = os.open(lock_path(locked), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, json.dumps({"pid": 4242, "host": "elsewhere", "command": "kcache merge a b --out locked.zarr"}).encode())
+    yield {"tmp": tmp_path, "text": text, "bad": bad, "bad_row": bad_row, "samples_parquet": samples_parquet, "csqa": csqa,
+           "openke": openke, "not_cache": not_cache, "blocker": blocker, "locked": locked, "cache": tiny_cache[0],
+           "samples": tiny_cache[1], "model": saved_model}
+    os.close(fd)
 
 
 def _fmt(args, p):
@@ -100,16 +125,86 @@ TABLE = [
     ("pull: not a finalized cache",
      ["pull", "{tmp}", "{tmp}/pulled"],
      EXIT_INPUT, "error:"),
+    # issue 14: one case per command family, each the code of its kind
+    ("fit-encoders: a directory that is not a cache",
+     ["fit-encoders", "--cache", "{not_cache}", "--out", "{tmp}/enc"],
+     EXIT_INPUT, "not-a-cache: not a kcache cache"),
+    ("evaluate: a samples row with a mistyped field",
+     ["evaluate", "--model", "{model}", "--samples", "{bad_row}", "--out", "{tmp}/eval", "--device", "cpu"],
+     EXIT_INPUT, "bad-row.jsonl: line 2: field 'knowledge': expected a list of strings"),
+    ("data convert: a row without a required field (a SampleError, once exit 1)",
+     ["data", "convert", "commonsenseqa", "--input", "{csqa}", "--out", "{tmp}/o.jsonl"],
+     EXIT_INPUT, "dev_rand_split.jsonl: line 1: missing field 'question'"),
+    ("data split: a samples row with a mistyped field",
+     ["data", "split", "{bad_row}", "--out", "{tmp}/split.jsonl", "--sizes", "1,0,0"],
+     EXIT_INPUT, "bad-row.jsonl: line 2: field 'knowledge'"),
+    ("validate: a directory that is not a cache (a verdict on the thing checked)",
+     ["validate", "{not_cache}"],
+     EXIT_INVALID, "not-a-cache: not a kcache cache"),
+    ("inspect: a directory that is not a cache",
+     ["inspect", "{not_cache}"],
+     EXIT_INPUT, "not-a-cache: not a kcache cache"),
+    ("finalize: a directory that is not a cache",
+     ["finalize", "{not_cache}"],
+     EXIT_INPUT, "not-a-cache: not a kcache cache"),
+    ("merge: into an output another process is writing",
+     ["merge", "{cache}", "{cache}", "--out", "{locked}"],
+     EXIT_ENVIRONMENT, "another kcache process (pid 4242 on elsewhere) is writing"),
+    ("kg import-openke: a triple naming no entity",
+     ["kg", "import-openke", "{openke}", "--out", "{tmp}/kg"],
+     EXIT_INPUT, "train2id.txt: line 2: tail 5 is not an entity id"),
+    ("kg stats: a table that is not a KG table",
+     ["kg", "stats", "{samples_parquet}"],
+     EXIT_INPUT, "samples.parquet: neither a kcache embeddings nor a links file"),
+    ("bench store: a directory that is not a cache",
+     ["bench", "store", "--cache", "{not_cache}", "--json", "{tmp}/b.json", "--png", "{tmp}/b.png"],
+     EXIT_INPUT, "not-a-cache: not a kcache cache"),
+    ("bench inject: --model is a text file",
+     ["bench", "inject", "--model", "{text}", "--out", "{tmp}/bench"],
+     EXIT_INPUT, "notes.txt: exists but is not a model"),
+    ("eval-choice: a samples row with a mistyped field",
+     ["eval-choice", "--model", "{model}", "--samples", "{bad_row}"],
+     EXIT_INPUT, "bad-row.jsonl: line 2: field 'knowledge'"),
 ]
 
 
 @pytest.mark.parametrize("name,args,code,fragment", TABLE, ids=[t[0] for t in TABLE])
 def test_bad_input_gives_one_error_line_and_the_code_of_its_kind(bad_inputs, name, args, code, fragment):
-    r = CliRunner().invoke(app, _fmt(args, bad_inputs))
+    r = CliRunner().invoke(app, _fmt(args, bad_inputs), terminal_width=300)
     assert r.exit_code == code, (r.exit_code, r.output, r.exception)
-    lines = [l for l in r.output.splitlines() if l.startswith("error: ")]
-    assert len(lines) == 1 and fragment in lines[0], r.output
+    prefix = "invalid: " if code == EXIT_INVALID else "error: "  # validate's verdict, else the one handler's line
+    lines = [l for l in r.output.splitlines() if l.startswith(("error: ", "invalid: "))]
+    assert len(lines) == 1 and lines[0].startswith(prefix) and fragment in lines[0], r.output
     assert "Traceback" not in r.output
+
+
+def test_usage_errors_keep_clicks_own_code():
+    """Click's usage errors (a missing option, a bad value) exit 2 with click's usage text, not an ``error:`` line."""
+    r = CliRunner().invoke(app, ["extract", "--out", "x.zarr"], terminal_width=300)
+    assert r.exit_code == 2 and "Missing option" in r.output and "--samples" in r.output, r.output
+    assert not any(l.startswith("error: ") for l in r.output.splitlines()), r.output
+
+
+def test_the_one_table_maps_each_kind_to_its_code():
+    from kcache.cli_errors import exit_code
+    from kcache.data.convert import ConvertError
+    from kcache.data.samples import SampleError
+    from kcache.inject import InjectError
+    from kcache.kg.embed import MissingExtraError
+    from kcache.kg.tables import KGError
+    from kcache.lock import OutputLocked
+    from kcache.models import ModelError
+    from kcache.schemas import SchemaError
+    from kcache.store import CacheError
+
+    for e, code in [(CacheError("x"), EXIT_INPUT), (SchemaError("x"), EXIT_INPUT), (SampleError("x"), EXIT_INPUT),
+                    (ConvertError("x"), EXIT_INPUT), (KGError("x"), EXIT_INPUT), (MissingExtraError("x"), EXIT_INPUT),
+                    (InjectError("x"), EXIT_INPUT), (ModelError("x"), EXIT_INPUT), (OutputLocked("x"), EXIT_ENVIRONMENT),
+                    (FileNotFoundError(2, "No such file", "f"), EXIT_INPUT), (NotADirectoryError(20, "Not a dir", "d"), EXIT_INPUT),
+                    (PermissionError(13, "Permission denied", "p"), EXIT_ENVIRONMENT), (ConnectionResetError(), EXIT_ENVIRONMENT),
+                    (TimeoutError(), EXIT_ENVIRONMENT), (ValueError("x"), EXIT_INPUT),
+                    (RuntimeError("a bug"), None), (KeyError("a bug"), None), (TypeError("a bug"), None)]:
+        assert exit_code(e) == code, (type(e).__name__, exit_code(e), code)
 
 
 def test_sample_errors_exit_alike_in_evaluate_and_data(bad_inputs):

@@ -222,7 +222,7 @@ def test_stage_finetune(dec, table, tmp_path):
     s = run_stage("finetune", cfg, run, lambda: dec, table, None, lambda m: None)
     assert s["steps"] == 2 and (run / "encoders-ft" / "config.json").exists()
     assert run_stage("finetune", cfg, run, lambda: dec, table, None, lambda m: None)["skipped"] is True
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(ValueError, match=r"\[finetune\] unknown key 'bogus'"):
         run_stage("finetune", {"finetune": {"bogus": 1}}, run, lambda: dec, table, None, lambda m: None)
 
 

@@ -75,5 +75,6 @@ def test_unknown_key_in_a_pipeline_section_is_named(tmp_path):
 
     cfg = tmp_path / "bad.toml"
     cfg.write_text(f'[run]\ndir = "{tmp_path / "r"}"\n[data]\nsynth = {{ n = 10 }}\n[extract]\nlayer = "1-2"\n')
-    with pytest.raises(ValueError, match=r"\[extract\]: unknown option\(s\) \['layer'\]"):
+    with pytest.raises(ValueError, match=r"bad\.toml: \[extract\] unknown key 'layer' \(did you mean 'layers'\?"):
         run_pipeline(cfg, log=lambda m: None)
+    assert not (tmp_path / "r").exists()  # refused before any stage ran
