@@ -3,7 +3,7 @@
 The encoders see the input only - no knowledge (``k_ids = []``, shift 0): ``D(E(_, x) + x)``.
 They are trained with the target cross-entropy of each edit's rewrite prompt (``source``) ->
 new target (``target``) on the ``train`` split, so the edits end up in the encoders' weights;
-the decoder stays frozen. Training shares ``kcache.finetune``'s loop (AdamW, ``fit.lr_at``
+the decoder stays frozen. Training shares ``kcache.finetune``'s loop (AdamW, ``train.lr_at``
 schedule, per-encoder clipping, bf16 autocast on CUDA, seeds, resume) and keeps the last step.
 
 Metrics (ROME / MEMIT definitions), every probability is the probability of the *whole* target
@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 
+from kcache._io import now, pyplot, save_png
 from kcache.align import encode_input
 from kcache.finetune import (
     FinetuneConfig,
     Item,
-    _now,
     scored_logprobs,
     start_stack,
     train_encoders,
@@ -174,12 +174,13 @@ def _edit(decoder: Decoder, samples, out, encoders, cfg, progress, log) -> dict:
               "config": dataclasses.asdict(cfg) | {"layers": layers}, "kind": "edit"}
 
     def save_meta(state):
-        return base_meta | {"created": _now(), "training": {
+        return base_meta | {"created": now(), "training": {
             "edited": True, "objective": "cross-entropy of target given source, encoders see no knowledge (DIEKAE 3.4)",
             "start": prov, "step": state["step"], "epoch": state["epoch"], "edits": len(trained),
             "config": dataclasses.asdict(cfg) | {"layers": layers}}}
 
-    state = train_encoders(decoder, stack, site, layers, items, None, cfg, out, run_id, save_meta, progress, None, log)
+    state = train_encoders(decoder, stack, site=site, layers=layers, train=items, val=None, cfg=cfg, out=out, run_id=run_id,
+                           save_meta=save_meta, progress=progress, on_step=None, log=log)
     after = {"trained": edit_metrics(score_with(stack), trained), "held_out": edit_metrics(score_with(stack), held) if held else None}
     res = {
         "settings": {"model": decoder.fingerprint.to_dict(), "site": site, "layers": layers, "start": {k: v for k, v in prov.items() if k != "source_training"},
@@ -224,11 +225,7 @@ def markdown_edit(res: dict) -> str:
 
 
 def plot_edit(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     groups = [("before, trained", res["before"]["trained"]), ("before, held-out", res["before"]["held_out"]),
               ("after, trained", res["after"]["trained"]), ("after, held-out", res["after"]["held_out"])]
     groups = [(n, m) for n, m in groups if m is not None]
@@ -242,9 +239,7 @@ def plot_edit(res: dict, path: Path) -> None:
     ax.set_ylabel("%")
     ax.set_title("editing metrics (whole-string probabilities)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 del math

@@ -18,7 +18,7 @@ type                   module                       builtin base
 =====================  ===========================  =====================================
 
 The command line turns them into one ``error: …`` line and an exit code in one place,
-``kcache.cli_errors`` (its ``EXIT_CODES`` table: 2 bad input for all of these, except
+``kcache.cli.errors`` (its ``EXIT_CODES`` table: 2 bad input for all of these, except
 ``OutputLocked``, 3: another process, not the input, stopped the work).
 """
 

@@ -38,6 +38,7 @@ from typing import Callable
 import pyarrow as pa
 import torch
 
+from kcache._io import pyplot, save_png
 from kcache.align import TemplateSpec, encode_knowledge, encode_sample, pad_right, plan_batches, scaffold_length
 from kcache.models import Decoder
 
@@ -852,11 +853,7 @@ def controls_markdown(res: dict) -> str:
 
 def plot_report(res: dict, path: Path) -> Path:
     """Bar chart: perplexity per dataset and method (log scale), accuracy when present, cost."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     methods = res["settings"]["methods"]
     labels = res["settings"]["labels"]
     datasets = [d for d in res["results"] if d != "all"] + ["all"]
@@ -896,11 +893,7 @@ def plot_report(res: dict, path: Path) -> Path:
     ax2.set_ylabel("peak memory above start (MiB)")
     ax.set_xticks(list(xs), [labels[m] for m in methods], rotation=30, ha="right")
     ax.set_title("cost: seconds (blue), peak memory (orange)")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def _json_safe(o):

@@ -31,8 +31,9 @@ from kcache.data.samples import read_samples, require_usable, sample_set_fingerp
 from kcache.models import Decoder
 from kcache.store import (
     ATTRS_KEY, FORMAT, SCHEMA_VERSION, CacheError, DeltaWriter, RunningStats, codecs_description, create_cache,
-    default_chunk_rows, encode_rows, now, read_last_commit,
+    default_chunk_rows, encode_rows, read_last_commit,
 )
+from kcache._io import now
 
 import zarr
 

@@ -13,12 +13,12 @@ Conventions (shared with ``kcache.evaluate``):
   batch's loss is its log-perplexity). Source tokens, knowledge and padding never count.
 * Learning rate and optimizer exactly as ``kcache.fit``: AdamW, linear warm-up from ``lr_min``
   to ``lr_max`` over ``warmup_fraction`` of the optimizer steps, cosine back to ``lr_min``
-  (``fit.lr_at``), per-encoder gradient clipping.
+  (``train.lr_at``), per-encoder gradient clipping.
 * ``train`` split for training, ``validation`` split for picking the best step (lowest
   validation NLL, evaluated every ``eval_every`` steps and at step 0, so the output is never
   worse on validation than the bundle it started from). ``test`` is never read.
 * bf16 autocast where the hardware has it (``compute``, kcache.precision), float32 master weights; ``seed`` fixes the encoder init (``--from-scratch``)
-  and the sample order; reruns resume from ``out/checkpoint`` (``fit``'s checkpoint format).
+  and the sample order; reruns resume from ``out/checkpoint`` (``train.save_checkpoint``, fit's format).
 
 Helpers used by ``kcache.edit`` too: ``trainable_additions`` (``inject.encoder_additions``
 without ``no_grad``), ``scored_logprobs``, ``train_encoders``.
@@ -27,7 +27,6 @@ without ``no_grad``), ``scored_logprobs``, ``train_encoders``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -36,9 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kcache._io import now, pyplot, save_png, sha256_file
 from kcache.align import DEFAULT_SINK, TemplateSpec, encode_sample, input_keep, pad_right, shift_left, sink_of, targets_of
 from kcache.encoders import EncoderConfig, EncoderStack, load_bundle, publish_bundle
-from kcache.fit import OptimConfig, _load_checkpoint, _save_checkpoint, lr_at, optimizer_step
+from kcache.train import OptimConfig, load_checkpoint, lr_at, optimizer_step, save_checkpoint
 from kcache.inject import add_at_site, check_fingerprint, embed_ids
 from kcache.models import Decoder
 from kcache.precision import autocast_for
@@ -218,21 +218,13 @@ def knowledge_items(tokenizer, rows: list[dict], spec: TemplateSpec, max_length:
     return items, skipped
 
 
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------
 # the training loop (fine-tuning and editing)
 
 
-def train_encoders(decoder: Decoder, stack: EncoderStack, site: str, layers: list[int], train: list[Item], val: list[Item] | None,
+def train_encoders(decoder: Decoder, stack: EncoderStack, *, site: str, layers: list[int], train: list[Item], val: list[Item] | None,
                    cfg, out: Path, run_id: dict, save_meta, progress: bool = True, on_step=None, log=None) -> dict:
-    """AdamW + warm-up/cosine (``fit.lr_at``) on the target CE of ``train``; every ``eval_every``
+    """AdamW + warm-up/cosine (``train.lr_at``) on the target CE of ``train``; every ``eval_every``
     steps (and at step 0) the validation NLL picks the best weights, written with
     ``save_meta(state) -> meta`` as a bundle in ``out``. Without ``val`` the last step is kept.
     Resumes from ``out/checkpoint`` when it holds the same ``run_id``. -> final state dict."""
@@ -259,7 +251,7 @@ def train_encoders(decoder: Decoder, stack: EncoderStack, site: str, layers: lis
     warmup = int(round(cfg.warmup_fraction * total_steps))
     run_id = json.loads(json.dumps(run_id, default=str))
 
-    state = _load_checkpoint(out, stack, opt)
+    state = load_checkpoint(out, stack, opt)
     if state and state.get("run") != run_id:
         raise ValueError(f"{out}/checkpoint: a checkpoint of a different run (other samples, encoders or settings) is there; use another --out or delete it")
     resumed = state is not None
@@ -328,7 +320,7 @@ def train_encoders(decoder: Decoder, stack: EncoderStack, site: str, layers: lis
                     state["stopped"] = f"early stop: no improvement in {cfg.patience} evaluations"
                     stop = True
             if step % cfg.checkpoint_every == 0 or stop or step == total_steps:
-                _save_checkpoint(out, stack, opt, state)
+                save_checkpoint(out, stack, opt, state)
             if on_step:
                 on_step(step)
             if stop or step >= total_steps:
@@ -341,7 +333,7 @@ def train_encoders(decoder: Decoder, stack: EncoderStack, site: str, layers: lis
     if not val:  # no selection: the last weights
         state.update(best_step=state["step"])
         publish_bundle(out, stack, save_meta(state))
-    _save_checkpoint(out, stack, opt, state)
+    save_checkpoint(out, stack, opt, state)
     state["_resumed"] = resumed
     state["_wall_seconds"] = time.perf_counter() - t0
     state["_tokens_per_second"] = tokens / max(state["_wall_seconds"], 1e-9)
@@ -352,11 +344,7 @@ def train_encoders(decoder: Decoder, stack: EncoderStack, site: str, layers: lis
 
 
 def plot_history(history: list[dict], path: Path, title: str = "fine-tuning: target-token NLL") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     tr = [(h["step"], h["train_nll"]) for h in history if h.get("train_nll") is not None]
     va = [(h["step"], h["val_nll"]) for h in history if h.get("val_nll") is not None and h["val_nll"] == h["val_nll"]]
@@ -366,9 +354,7 @@ def plot_history(history: list[dict], path: Path, title: str = "fine-tuning: tar
         ax.plot(*zip(*va), marker="o", label="validation")
     ax.set(title=title, xlabel="optimizer step", ylabel="mean NLL per target token (nats)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,7 +395,7 @@ def start_stack(decoder: Decoder, encoders, cfg) -> tuple[EncoderStack, dict, di
     stack.sink = sink_of(doc)
     meta = {"site": doc["site"], "template": doc["template"], "max_length": int(cfg.max_length or doc["max_length"]), "model": fp,
             "cache": doc.get("cache"), "targets": targets_of(doc), "sink": stack.sink}
-    prov = {"from": str(encoders), "source_weights": _file_hash(Path(encoders) / "encoders.safetensors"),
+    prov = {"from": str(encoders), "source_weights": sha256_file(Path(encoders) / "encoders.safetensors"),
             "source_training": doc.get("training"), "source_created": doc.get("created")}
     return stack, meta, prov
 
@@ -460,7 +446,7 @@ def _finetune(decoder: Decoder, samples, encoders, out, cfg, progress, on_step, 
     def save_meta(state):
         best = state["best"]
         return base_meta | {
-            "created": _now(),
+            "created": now(),
             "training": {"finetuned": True, "objective": "cross-entropy on target tokens of D(E(K,x)+x), decoder frozen (DIEKAE 3.3)",
                          "start": prov, "step": state["step"], "epoch": state["epoch"],
                          "config": {k: v for k, v in dataclasses.asdict(cfg).items()} | {"layers": layers},
@@ -468,7 +454,8 @@ def _finetune(decoder: Decoder, samples, encoders, out, cfg, progress, on_step, 
                          "train_samples": len(train), "val_samples": len(val)},
         }
 
-    state = train_encoders(decoder, stack, site, layers, train, val, cfg, out, run_id, save_meta, progress, on_step, log)
+    state = train_encoders(decoder, stack, site=site, layers=layers, train=train, val=val, cfg=cfg, out=out, run_id=run_id,
+                           save_meta=save_meta, progress=progress, on_step=on_step, log=log)
     hist = state["history"]
     first = hist[0]["val_nll"] if hist else float("nan")
     summary = {
@@ -487,8 +474,3 @@ def _finetune(decoder: Decoder, samples, encoders, out, cfg, progress, on_step, 
             f"of {state['step']} ({state['stopped']}); bundle {out}")
     return summary
 
-
-def _now() -> str:
-    from kcache.store import now
-
-    return now()

@@ -10,7 +10,7 @@ Conventions
   positions: 1.0 is what predicting the mean delta scores, < 1 is learning.
 * Learning rate: linear warm-up from ``lr_min`` to ``lr_max`` over ``warmup`` optimizer steps,
   then cosine back to ``lr_min`` at the last step; steps are optimizer steps, i.e.
-  ``ceil(batches_per_epoch / grad_accum) * epochs``.
+  ``ceil(batches_per_epoch / grad_accum) * epochs`` (``kcache.train.lr_at``, shared with finetune and edit).
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import queue
 import re
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -31,36 +29,25 @@ import torch
 from tqdm.auto import tqdm
 
 from kcache import distributed, shutdown
+from kcache._io import now, pyplot, save_png
 from kcache.align import length_mask, sink_of, targets_of
 from kcache.precision import autocast_for
 from kcache.encoders import CONFIG_FILE, WEIGHTS_FILE, EncoderConfig, EncoderStack, publish_bundle, save_bundle
-from kcache.schemas import validate_document
 from kcache.cache import Cache
-from kcache.store import CacheError, now
+from kcache.store import CacheError
+from kcache.train import (  # noqa: F401 - OptimConfig, lr_at, optimizer_step, CHECKPOINT_* are also re-exported
+    CHECKPOINT_DIR,
+    CHECKPOINT_FORMAT,
+    OptimConfig,
+    checkpoint_dir,
+    load_checkpoint,
+    lr_at,
+    optimizer_step,
+    save_checkpoint,
+)
 
-CHECKPOINT_DIR = "checkpoint"
-CHECKPOINT_FORMAT = "kcache-checkpoint"
-
-
-@dataclasses.dataclass
-class OptimConfig:
-    """Optimiser, schedule and loop settings shared by fit, finetune and edit."""
-
-    epochs: int = 3
-    batch_size: int = 8  # samples per micro-batch
-    grad_accum: int = 1
-    lr_max: float = 1e-4
-    lr_min: float = 1e-5
-    warmup_fraction: float = 0.05
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.95)
-    clip_norm: float = 1.0
-    eval_every: int = 50  # optimizer steps
-    patience: int = 5  # evaluations without improvement before stopping
-    max_steps: int | None = None
-    seed: int = 0
-    # matmul dtype under autocast (float32 master weights and losses): auto | float32 | bfloat16
-    compute: str = "auto"
+# Shared with finetune and edit (kcache.train); the old names stay importable from here.
+_save_checkpoint, _load_checkpoint, final_dir = save_checkpoint, load_checkpoint, checkpoint_dir
 
 
 @dataclasses.dataclass
@@ -89,26 +76,6 @@ class FitConfig(OptimConfig):
 
 # ---------------------------------------------------------------------------------------------
 # pure pieces
-
-
-def lr_at(step: int, total: int, warmup: int, lr_min: float, lr_max: float) -> float:
-    """Learning rate for optimizer step ``step`` (0-based) of ``total``."""
-    if warmup > 0 and step < warmup:
-        return lr_min + (lr_max - lr_min) * step / warmup
-    span = max(1, total - 1 - warmup)
-    progress = min(1.0, max(0, step - warmup) / span)
-    return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * progress))
-
-
-def optimizer_step(opt, params: dict[int, list], clip_norm: float, lr: float) -> None:
-    """Clip each encoder's gradients on its own (so each trains exactly as it would alone), set
-    the learning rate, step and clear the gradients."""
-    for ps in params.values():
-        torch.nn.utils.clip_grad_norm_(ps, clip_norm)
-    for g in opt.param_groups:
-        g["lr"] = lr
-    opt.step()
-    opt.zero_grad(set_to_none=True)
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -400,82 +367,12 @@ def _train_mean(reader: CacheReader, samples: np.ndarray, max_blocks: int, seed:
     return {l: torch.from_numpy(np.asarray(sums[l] / max(count, 1), dtype=np.float32)) for l in reader.layers}
 
 
-def _save_checkpoint(out: Path, stack, opt, state: dict, where: Path | None = None, before_publish=None):
-    """Write the training state to ``where`` (default ``out/checkpoint``) atomically.
-
-    ``before_publish()`` runs after the new checkpoint is complete on disk and before it
-    replaces the old one: several processes pass a barrier, so that a crash while writing never
-    leaves them at different steps.
-    """
-    from safetensors.torch import save_file
-
-    from kcache.lock import fresh_tmp
-
-    final = Path(where) if where is not None else final_dir(out)
-    tmp = fresh_tmp(final, "saving")  # after removing those of a killed run (never a live process's)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in stack.state_dict().items()}, str(tmp / "model.safetensors"))
-    osd = opt.state_dict()
-    tensors, meta = {}, {"param_groups": osd["param_groups"], "state": {}}
-    for pid, st in osd["state"].items():
-        meta["state"][str(pid)] = {}
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.contiguous()
-            else:
-                meta["state"][str(pid)][k] = v
-    tensors["__rng_cpu"] = torch.get_rng_state()
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    doc = json.loads(json.dumps({**state, "format": CHECKPOINT_FORMAT, "schema_version": 1, "optimizer": meta}))
-    validate_document(doc, "fit-checkpoint-v1", str(final / "state.json"))
-    (tmp / "state.json").write_text(json.dumps(doc, indent=1))
-    if before_publish is not None:
-        before_publish()
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
-def final_dir(out: Path) -> Path:
-    return Path(out) / CHECKPOINT_DIR
-
-
-def _load_checkpoint(out: Path, stack, opt, where: Path | None = None) -> dict | None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    d = Path(where) if where is not None else final_dir(out)
-    if not (d / "state.json").exists():
-        return None
-    try:
-        state = json.loads((d / "state.json").read_text())
-        validate_document(state, "fit-checkpoint-v1", str(d / "state.json"))
-        stack.load_state_dict(load_file(str(d / "model.safetensors")))
-        tensors = load_file(str(d / "optimizer.safetensors"))
-    except (ValueError, OSError, RuntimeError, SafetensorError) as e:
-        raise CacheError(f"{d}: unreadable checkpoint ({e}); delete it to start over") from None
-    state.pop("format", None)
-    state.pop("schema_version", None)
-    meta = state.pop("optimizer")
-    osd = {"param_groups": meta["param_groups"], "state": {}}
-    for pid, st in meta["state"].items():
-        full = dict(st)
-        for key, v in tensors.items():
-            p, _, name = key.partition(".")
-            if p == pid:
-                full[name] = v
-        osd["state"][int(pid)] = full
-    opt.load_state_dict(osd)
-    torch.set_rng_state(tensors["__rng_cpu"])
-    return state
-
-
 _RANK_DIR = re.compile(r"rank-(\d{5})-of-(\d{5})$")
 
 
 def rank_checkpoint_dir(out: Path, rank: int, world: int) -> Path:
     """Checkpoint of process ``rank`` of ``world``; one process keeps ``out/checkpoint`` itself."""
-    return final_dir(out) if world == 1 else final_dir(out) / f"rank-{rank:05d}-of-{world:05d}"
+    return checkpoint_dir(out) if world == 1 else checkpoint_dir(out) / f"rank-{rank:05d}-of-{world:05d}"
 
 
 def best_part_dir(out: Path, rank: int, world: int) -> Path:
@@ -487,7 +384,7 @@ def best_part_dir(out: Path, rank: int, world: int) -> Path:
 def _check_checkpoint_layout(out: Path, world: int) -> None:
     """Refuse to resume (or overwrite) a checkpoint written by a different number of processes:
     each process's checkpoint holds only its own layers."""
-    base = final_dir(out)
+    base = checkpoint_dir(out)
     if not base.is_dir():
         return
     found = {int(m.group(2)) for p in base.iterdir() if p.is_dir() and (m := _RANK_DIR.match(p.name))}
@@ -590,12 +487,12 @@ def _fit_encoders(cache_path, out, cfg, progress, on_step) -> dict:
     _check_checkpoint_layout(out, world)
 
     def load():
-        st = _load_checkpoint(out, stack, opt, where=ckpt_dir)
+        st = load_checkpoint(out, stack, opt, where=ckpt_dir)
         if st and st.get("run") != json.loads(json.dumps(run_id)):
             raise CacheError(f"{out}/{CHECKPOINT_DIR}: a checkpoint of a different run (other cache or settings) is there; use another --out or delete it")
         return st
 
-    state = load() if world == 1 else _resume_together(load, final_dir(out), rank, world)
+    state = load() if world == 1 else _resume_together(load, checkpoint_dir(out), rank, world)
     state = state or {"run": run_id, "step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": None, "bad_evals": 0, "history": []}
     mean = _train_mean(reader, train_idx, 64, cfg.seed)
     mean = {l: m.to(device) for l, m in mean.items()}
@@ -622,7 +519,7 @@ def _fit_encoders(cache_path, out, cfg, progress, on_step) -> dict:
             _combine_parts(out, parts, layers, state["best_step"])
 
     def checkpoint():
-        _save_checkpoint(out, stack, opt, state, where=ckpt_dir, before_publish=distributed.barrier if world > 1 else None)
+        save_checkpoint(out, stack, opt, state, where=ckpt_dir, before_publish=distributed.barrier if world > 1 else None)
 
     params = {l: list(stack.encoder(l).parameters()) for l in mine}
     stack.train()
@@ -764,11 +661,7 @@ def _summary(out: Path, state: dict, layers: list[int]) -> dict:
 
 
 def plot_history(history: list[dict], path: Path, layers: list[int]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [h["step"] for h in history]
     for l in layers:
@@ -778,9 +671,7 @@ def plot_history(history: list[dict], path: Path, layers: list[int]) -> None:
     b.axhline(1.0, color="grey", ls="--", lw=1)
     b.set(title="validation FVU (1 = predict the mean delta)", xlabel="optimizer step")
     b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def summary_table(summary: dict) -> str:

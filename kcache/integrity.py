@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from kcache import __version__
+from kcache._io import atomic_path, atomic_write_json, now
 from kcache.cache import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, Cache, Part
 from kcache.location import Location
-from kcache.lock import fresh_tmp, is_tmp_name, output_lock, tmp_path
+from kcache.lock import is_tmp_name, output_lock
 from kcache.paths import check_manifest_paths, hash_regular, safe_relpath
 from kcache.schemas import validate_document
-from kcache.store import CacheError, decode_rows, now
+from kcache.store import CacheError, decode_rows
 
 CHUNK_FILE = re.compile(r"^(?P<array>.+)/c/(?P<coord>\d+(?:/\d+)*)$")
 RECORD_SUFFIX = ".record.json"
@@ -110,11 +111,7 @@ def write_part_record(root: Path, rel: str, origin: str | None = None) -> Path:
     assembles the manifest.
     """
     rec = part_record(root, rel, origin=origin)
-    path = Path(root) / f"{rel}{RECORD_SUFFIX}"
-    tmp = tmp_path(path)
-    tmp.write_text(json.dumps(rec, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(Path(root) / f"{rel}{RECORD_SUFFIX}", rec, sort_keys=True)
 
 
 def finalize(root: str | os.PathLike, parts: list[str] | None = None, provenance: dict | None = None,
@@ -130,11 +127,11 @@ def finalize(root: str | os.PathLike, parts: list[str] | None = None, provenance
         return _finalize(root, parts, provenance, records)
 
 
-def _fresh_manifest_tmp(root: Path) -> Path:
-    """A new temporary manifest name, after dropping those of a finalize that was killed (under the lock, nobody else's)."""
+def _drop_legacy_manifest_tmp(root: Path) -> None:
+    """Drop the temporary manifest of a killed finalize of an older version (under the lock, nobody else's);
+    those of the current naming go when the next one is named (``kcache._io.atomic_path``)."""
     for p in root.glob(MANIFEST + ".tmp"):  # the name older versions used
         p.unlink(missing_ok=True)
-    return fresh_tmp(root / MANIFEST)
 
 
 def _finalize(root: str | os.PathLike, parts: list[str] | None, provenance: dict | None, records: list[dict] | None) -> dict:
@@ -163,11 +160,11 @@ def _finalize(root: str | os.PathLike, parts: list[str] | None, provenance: dict
     }
     validate_document(doc, "cache-manifest-v1", str(root / MANIFEST))
     check_manifest_paths(doc, str(root / MANIFEST))
-    tmp = _fresh_manifest_tmp(root)
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
-    make_read_only(root)
-    os.replace(tmp, root / MANIFEST)
-    os.chmod(root / MANIFEST, 0o444)
+    _drop_legacy_manifest_tmp(root)
+    # Written first, then every file is made read-only, then the (read-only) manifest renamed into place.
+    with atomic_path(root / MANIFEST, mode=0o444) as tmp:
+        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
+        make_read_only(root)
     for rel in parts:
         (root / f"{rel}{RECORD_SUFFIX}").unlink(missing_ok=True)
     return doc

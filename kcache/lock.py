@@ -44,7 +44,7 @@ _live_tmp: dict[str, int] = {}  # temporaries this process named (tmp_path) -> i
 class OutputLocked(CacheError):
     """Another process (or another thread of this one) holds the lock on an output this command would write.
 
-    The command line exits 3 (the environment stopped the work), not 2: see ``kcache.cli_errors.EXIT_CODES``."""
+    The command line exits 3 (the environment stopped the work), not 2: see ``kcache.cli.errors.EXIT_CODES``."""
 
 
 def lock_path(out: str | os.PathLike, tag: str | None = None) -> Path:

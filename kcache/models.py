@@ -28,7 +28,7 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 from kcache.errors import KCacheError  # noqa: E402
-from kcache.paths import sha256_file  # noqa: E402
+from kcache._io import atomic_write_json, sha256_file  # noqa: E402
 
 
 class ModelError(KCacheError, RuntimeError):
@@ -96,11 +96,12 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    from kcache.lock import fresh_tmp
+
+    tmp = fresh_tmp(out, "converting")  # after removing those of a killed conversion (never a live process's)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    (tmp / "kcache-source.json").write_text(json.dumps({"gguf": gguf.name, "gguf_sha256": sha256_file(gguf)}, indent=2))
+    (tmp / "kcache-source.json").write_text(json.dumps({"gguf": gguf.name, "gguf_sha256": sha256_file(gguf, prefix=False)}, indent=2))
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(tmp, out)
@@ -126,7 +127,7 @@ def _resolve_spec(spec: str) -> tuple[Path, str | None]:
         with open(path, "rb") as fh:
             if fh.read(4) != b"GGUF":
                 raise ModelError(f"{spec}: not a GGUF file (it does not start with the GGUF magic bytes)")
-        out = kcache_home() / "models" / ("gguf-" + sha256_file(path)[:16])
+        out = kcache_home() / "models" / ("gguf-" + sha256_file(path, prefix=False)[:16])
         if not (out / "config.json").exists():
             _convert_gguf(path, out)
         return out, None
@@ -191,16 +192,14 @@ def file_weight_hash(directory: Path) -> str:
         st = f.stat()
         key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         if key not in memo:
-            memo[key] = sha256_file(f)
+            memo[key] = sha256_file(f, prefix=False)  # bare hex: what the memo and the weights hash have always used
             dirty = True
         h.update(f.name.encode())
         h.update(memo[key].encode())
     if dirty:
         try:
             memo_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo_path.with_name(f"fingerprints.json.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(memo, indent=0))
-            os.replace(tmp, memo_path)
+            atomic_write_json(memo_path, memo, indent=0)
         except OSError:
             pass  # a read-only home only costs re-hashing next time
     return "sha256:" + h.hexdigest()

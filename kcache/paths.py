@@ -18,15 +18,15 @@ reading a manifest see them too.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from pathlib import Path
 
+from kcache._io import BLOCK, hash_stream  # noqa: F401 - re-exported: the one streaming hash
+from kcache._io import sha256_file as _sha256_file
 from kcache.store import CacheError
 
 MANIFEST = "manifest.json"
-BLOCK = 1 << 20
 # Files a manifest does not size (metadata of a cache that is not finalized) are still read with a limit.
 UNLISTED_LIMIT = 1 << 30
 # The largest file a manifest may list (schemas/cache-manifest-v1.json says the same): sizes beyond
@@ -131,22 +131,6 @@ def read_regular(path: Path, size: int | None = None) -> bytes:
         return read_limited(fh, size, str(path))
 
 
-def hash_stream(fh, size: int | None = None) -> tuple[int, str]:
-    """(bytes, sha256 hex) of a binary file object, read in blocks; stops after ``size + 1`` bytes.
-
-    The one streaming hash of kcache: memory stays at one block whatever the file's size.
-    """
-    h, n = hashlib.sha256(), 0
-    limit = float("inf") if size is None else size
-    while n <= limit:
-        chunk = fh.read(int(min(BLOCK, limit + 1 - n)))
-        if not chunk:
-            break
-        h.update(chunk)
-        n += len(chunk)
-    return n, h.hexdigest()
-
-
 def hash_regular(path: Path, size: int | None = None) -> tuple[int, str]:
     """(bytes, sha256 hex) of regular file ``path`` in blocks; stops after ``size + 1`` bytes (reported as longer)."""
     with _open_regular(path) as fh:
@@ -154,9 +138,10 @@ def hash_regular(path: Path, size: int | None = None) -> tuple[int, str]:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a trusted local file (links followed: e.g. model files in the Hugging Face cache)."""
-    with open(path, "rb") as fh:
-        return hash_stream(fh)[1]
+    """Bare hex sha256 of a trusted local file (links followed: e.g. model files in the Hugging Face cache).
+
+    The form manifests store; ``kcache._io.sha256_file`` gives the ``sha256:``-prefixed one."""
+    return _sha256_file(path, prefix=False)
 
 
 def local_tree_problems(root: Path, listed: dict[str, dict] | None, skip_dirs: tuple[str, ...] = ()) -> tuple[list[str], dict[str, int]]:

@@ -30,8 +30,9 @@ import stat
 import time
 from pathlib import Path
 
+from kcache._io import atomic_write_bytes, sha256_file
 from kcache.location import Location
-from kcache.paths import hash_regular, safe_local_path, safe_relpath, sha256_file
+from kcache.paths import hash_regular, safe_local_path, safe_relpath
 from kcache.schemas import SchemaError, validate_document
 from kcache.store import CacheError
 
@@ -173,18 +174,6 @@ def start_staging(staging: Path, raw: bytes) -> None:
         record.write_bytes(raw)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    from kcache.lock import tmp_path
-
-    tmp = tmp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, READ_ONLY)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------
 # pull
 
@@ -257,7 +246,7 @@ def _pull(url: str, dest: str | os.PathLike, progress: bool, block_size: int) ->
             report["bytes_downloaded"] += downloaded
             report["bytes_resumed"] += resumed
             got_size = partial.stat().st_size
-            got = sha256_file(partial)
+            got = sha256_file(partial, prefix=False)  # bare hex, as the manifest lists it
             if got_size != entry.size or got != entry.sha256:
                 partial.unlink()
                 raise CacheError(f"{entry.key}: downloaded content does not match the manifest: {got_size} bytes, sha256 {got} "
@@ -265,7 +254,7 @@ def _pull(url: str, dest: str | os.PathLike, progress: bool, block_size: int) ->
             os.chmod(partial, READ_ONLY)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(partial, final)
-    _write_atomic(dest / MANIFEST, raw)  # last: its presence means every file above is in place
+    atomic_write_bytes(dest / MANIFEST, raw, fsync=True, mode=READ_ONLY)  # last: its presence means every file above is in place
     shutil.rmtree(dest / STAGING, ignore_errors=True)
 
     from kcache.integrity import validate_cache
@@ -283,20 +272,3 @@ def summary_line(url: str, dest: Path, report: dict) -> str:
     return (f"{url} -> {dest}: {report['files']} files{skipped}; {report['bytes_downloaded']:,} bytes downloaded{resumed} "
             f"in {report['seconds']:.1f} s")
 
-
-def register(app) -> None:
-    """Add ``kcache pull URL DIR`` to the typer ``app``."""
-    import typer
-
-    @app.command("pull")
-    def pull_cmd(
-        url: str = typer.Argument(..., help="finalized cache: http(s)://, s3://, gs://, hf://, ... or a local path"),
-        dest: Path = typer.Argument(..., help="local directory to pull into (rerun to resume)"),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
-    ):
-        """Download a finalized cache, verifying every file against its manifest; resumes where it stopped."""
-        from kcache.cli_errors import errors
-
-        with errors():
-            report = pull(url, dest, progress=not quiet)
-        typer.echo(summary_line(url, dest, report))

@@ -31,10 +31,10 @@ Every table is built by ``kcache.config`` (``finetune_options``, ``evaluate_opti
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
+from kcache._io import sha256_file
 from kcache.config import config_from, configs_from
 from kcache.evaluate import (
     METHODS,
@@ -89,14 +89,6 @@ def gap_closed(results: dict, methods: list[str]) -> dict:
 
 def _bundle_ready(path: Path) -> bool:
     return (path / "config.json").exists() and (path / "encoders.safetensors").exists()
-
-
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 @dataclasses.dataclass
@@ -182,8 +174,8 @@ def run_evaluate(cfg: dict, run_dir: Path, get_decoder, samples, cache, log) -> 
     use_oracle = use_oracle and cache_path is not None and cache_path.exists()
     methods = ["x", "kx"] + (["ekx_fit"] if have_fit else []) + (["ekx_ft"] if have_ft else []) + (["oracle"] if use_oracle else [])
     key = {"samples": _samples_key(samples), "split": split, "limit": limit, "token_budget": token_budget, "methods": methods,
-           "fit": _file_hash(fit_dir / "encoders.safetensors") if have_fit else None,
-           "finetuned": _file_hash(ft_dir / "encoders.safetensors") if have_ft else None,
+           "fit": sha256_file(fit_dir / "encoders.safetensors") if have_fit else None,
+           "finetuned": sha256_file(ft_dir / "encoders.safetensors") if have_ft else None,
            "cache": str(cache_path) if use_oracle else None, "controls": "other,empty"}
     summary: dict
     done = out / "evaluation.json"
@@ -275,7 +267,7 @@ def _run_edit(options, run_dir: Path, get_decoder, samples, log) -> dict:
         source = Path(source) if source else run_dir / "encoders"
         if not _bundle_ready(source):
             raise ValueError(f"[edit]: no encoder bundle at {source} to start from (set encoders = \"...\" or from_scratch = true)")
-        src_key = _file_hash(source / "encoders.safetensors")
+        src_key = sha256_file(source / "encoders.safetensors")
     else:
         src_key = None
     key = {"samples": _samples_key(samples), "config": json.loads(json.dumps(dataclasses.asdict(ecfg))), "source": src_key}

@@ -20,7 +20,6 @@ the last commit is rewritten.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import queue
@@ -48,15 +47,12 @@ DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.
 FLOAT16_MAX = 65504.0
 
 
+from kcache._io import now  # noqa: E402,F401 - re-exported: kcache.store.now is the timestamp of every record
 from kcache.errors import KCacheError  # noqa: E402
 
 
 class CacheError(KCacheError, ValueError):
     """A cache is missing, malformed, incomplete or does not match what was asked for."""
-
-
-def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from kcache import baselines as B
+from kcache.methods import baselines as B
 from kcache.align import TemplateSpec
 from kcache.models import ModelError, wrap_decoder
 from conftest import make_model
@@ -164,7 +164,7 @@ def test_cli_train_and_eval(tokenizer_nobos, samples, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from kcache.cli_methods import register
+    from kcache.cli import mount
     from kcache.data.samples import write_samples
 
     tok = tokenizer_nobos
@@ -174,7 +174,7 @@ def test_cli_train_and_eval(tokenizer_nobos, samples, tmp_path):
     recs = [dict(r, options=[r["target"], r["target_true"]], label=0) for r in samples.to_pylist()]
     write_samples(recs, tmp_path / "s.jsonl")
     app = typer.Typer()
-    register(app)
+    mount(app, names=("train-baseline", "eval-choice", "knowla"))
     run = CliRunner().invoke
     r = run(app, ["train-baseline", "--method", "lora", "--samples", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "out"),
                   "--model", str(model_dir), "--steps", "2", "--rank", "4", "--batch-size", "4", "--device", "cpu"])

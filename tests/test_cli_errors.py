@@ -1,5 +1,5 @@
 """Errors a user can act on: one error type per domain (all KCacheError), one CLI handler that turns
-them into ``error: …`` and the same exit code in every command (kcache/cli_errors.py), output
+them into ``error: …`` and the same exit code in every command (kcache/cli/errors.py), output
 directories checked before any work, corrupt chunks and dropped connections named, and no
 background thread left running at interpreter exit."""
 
@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from conftest import make_model, unlock
 from httpserver import serve
 from kcache.cli import app
-from kcache.cli_errors import EXIT_ENVIRONMENT, EXIT_INPUT, EXIT_INVALID
+from kcache.cli.errors import EXIT_ENVIRONMENT, EXIT_INPUT, EXIT_INVALID
 from kcache.data.samples import write_samples
 from kcache.data.synth import synth_samples
 
@@ -186,7 +186,7 @@ def test_usage_errors_keep_clicks_own_code():
 
 
 def test_the_one_table_maps_each_kind_to_its_code():
-    from kcache.cli_errors import exit_code
+    from kcache.cli.errors import exit_code
     from kcache.data.convert import ConvertError
     from kcache.data.samples import SampleError
     from kcache.inject import InjectError
@@ -243,7 +243,7 @@ def test_read_only_output_directory_is_refused_before_training(bad_inputs, monke
 
     Root ignores permission bits, so the refusal is forced through os.access (the check's first
     step); the probe-file step is tested below with a real read-only directory when not root."""
-    import kcache.cli_errors as ce
+    import kcache.cli.errors as ce
     import kcache.fit
 
     p = bad_inputs
@@ -376,7 +376,7 @@ def test_a_locked_or_unwritable_output_exits_environment(tiny_cache, tmp_path, m
     import threading
 
     import kcache.lock as lk
-    from kcache.cli_errors import exit_code
+    from kcache.cli.errors import exit_code
 
     assert exit_code(lk.OutputLocked("x")) == EXIT_ENVIRONMENT
     cache = str(tiny_cache[0])

@@ -347,7 +347,7 @@ def test_cli_convert_and_stats(tmp_path):
     res = runner.invoke(app, ["data", "stats", str(out), "--json"])
     assert json.loads(res.output)["groups"][0]["rows"] == 2
     res = runner.invoke(app, ["data", "convert", "counterfact", "--input", str(FIX / "counterfact" / "counterfact_stems.json"), "--out", str(out)])
-    assert res.exit_code == 2 and "pass --split" in res.output  # bad input: 2 in every command (kcache/cli_errors.py)
+    assert res.exit_code == 2 and "pass --split" in res.output  # bad input: 2 in every command (kcache/cli/errors.py)
 
 
 def test_hf_input_goes_through_the_same_converter(tmp_path, monkeypatch):

@@ -190,7 +190,7 @@ def test_evaluate_command(tmp_path, monkeypatch, tokenizer_nobos):
     from typer.testing import CliRunner
 
     from conftest import make_model
-    from kcache.cli_stage3 import register
+    from kcache.cli import mount
     from kcache.data.samples import write_samples
     from kcache.encoders import save_bundle
     from kcache.models import load_decoder
@@ -206,7 +206,7 @@ def test_evaluate_command(tmp_path, monkeypatch, tokenizer_nobos):
     save_bundle(tmp_path / "enc", stack, meta)
     write_samples(synth_samples(20, seed=4), tmp_path / "s.parquet")
     app = typer.Typer()
-    register(app)
+    mount(app, names=("generate", "evaluate", "bench"))
     r = CliRunner().invoke(app, ["evaluate", "--samples", str(tmp_path / "s.parquet"), "--encoders", str(tmp_path / "enc"), "--model", str(model_dir),
                                  "--split", "train", "--limit", "5", "--out", str(tmp_path / "ev"), "--device", "cpu"])
     assert r.exit_code == 0, r.output
@@ -220,7 +220,7 @@ def test_evaluate_command(tmp_path, monkeypatch, tokenizer_nobos):
 
 def test_bench_inject_runs_and_writes(tokenizer_bos, tmp_path):
     from conftest import make_model
-    from kcache.bench import bench_inject
+    from kcache.bench.inject import bench_inject
     from kcache.models import wrap_decoder
 
     dec = wrap_decoder(make_model("llama", len(tokenizer_bos)), tokenizer_bos, name="tiny-llama")

@@ -1,4 +1,4 @@
-"""LoRA / KaSA / SFT baselines scored through ``kcache.evaluate`` (``kcache.evaluate_baselines``)."""
+"""LoRA / KaSA / SFT baselines scored through ``kcache.evaluate`` (``kcache.methods.scoring``)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import make_model
 
-from kcache import baselines as B
+from kcache.methods import baselines as B
 from kcache.data.synth import synth_samples
 from kcache.evaluate import METHODS, evaluate
-from kcache.evaluate_baselines import register_baseline_methods, release
+from kcache.methods.scoring import register_baseline_methods, release
 from kcache.models import wrap_decoder
 
 
@@ -82,7 +82,7 @@ def test_sft_baseline_and_cli(tokenizer_nobos, tmp_path, monkeypatch):
     import typer
     from typer.testing import CliRunner
 
-    from kcache.cli_baseline_eval import register
+    from kcache.cli import mount
     from kcache.data.samples import write_samples
 
     monkeypatch.setenv("KCACHE_HOME", str(tmp_path / "home"))
@@ -98,7 +98,7 @@ def test_sft_baseline_and_cli(tokenizer_nobos, tmp_path, monkeypatch):
                          batch_size=4, lr=lr, rank=4, alpha=8, warmup=0.0, log=lambda s: None)
         dirs[method] = tmp_path / method
     app = typer.Typer()
-    register(app)
+    mount(app, names=("evaluate-baselines",))
 
     @app.command("noop")
     def _noop():  # a second command so typer keeps sub-command names

@@ -231,7 +231,7 @@ def test_cli_finetune_and_edit(dec, table, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     import kcache.models
-    from kcache.cli_finetune import register
+    from kcache.cli import mount
 
     monkeypatch.setattr(kcache.models, "load_decoder", lambda *a, **k: dec)
     samples = tmp_path / "s.parquet"
@@ -240,7 +240,7 @@ def test_cli_finetune_and_edit(dec, table, tmp_path, monkeypatch):
     write_samples(table, samples)
     src = _bundle(dec, tmp_path / "fit", random_up=True)
     app = typer.Typer()
-    register(app)
+    mount(app, names=("finetune", "edit"))
     r = CliRunner().invoke(app, ["finetune", "--samples", str(samples), "--encoders", str(src), "--out", str(tmp_path / "ft"),
                                  "--max-steps", "2", "--eval-every", "1", "--batch-size", "3"])
     assert r.exit_code == 0, r.output

@@ -290,7 +290,7 @@ def test_generate_command_end_to_end(tmp_path, monkeypatch, tokenizer_nobos):
     from typer.testing import CliRunner
 
     from conftest import make_model
-    from kcache.cli_stage3 import register
+    from kcache.cli import mount
     from kcache.generate import generate, side_by_side
     from kcache.models import load_decoder
 
@@ -310,7 +310,7 @@ def test_generate_command_end_to_end(tmp_path, monkeypatch, tokenizer_nobos):
     assert "│" in side_by_side(g.columns(), 90)
 
     app = typer.Typer()
-    register(app)
+    mount(app, names=("generate", "evaluate", "bench"))
     args = ["generate", "--model", str(model_dir), "--encoders", str(tmp_path / "enc"), "--knowledge", "The capital of Zorbia is Quelt.",
             "--prompt", "[USR] What is the capital of Zorbia? [SYS]", "--max-new-tokens", "4", "--compare", "--device", "cpu"]
     r = CliRunner().invoke(app, args)

@@ -20,7 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from kcache.kg import embed as kg_embed
-from kcache.kg.cli import app
+from kcache.cli import kg_app as app
 from kcache.kg.importers import (
     import_numpy,
     import_openke,

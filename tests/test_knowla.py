@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from kcache import baselines as B
-from kcache import knowla as K
+from kcache.methods import baselines as B
+from kcache.methods import knowla as K
 from kcache.align import TemplateSpec
 from kcache.models import ModelError, wrap_decoder
 from conftest import make_model

@@ -77,7 +77,7 @@ def test_bf16_fit_tracks_float32(tiny_cache, tmp_path):  # noqa: F811
 
 
 def test_bench_fit_runs_each_precision_side_by_side(tiny_cache, tmp_path):  # noqa: F811
-    from kcache.bench_cache import bench_fit
+    from kcache.bench.stages import bench_fit
 
     lines = []
     res = bench_fit(tiny_cache, steps=3, batch_size=4, out=tmp_path / "fit.json", log=lines.append, computes=("float32", "bfloat16"))

@@ -223,7 +223,7 @@ def test_error_accumulator_zeros_and_bad_state():
 
 @pytest.mark.parametrize("tiny_decoder", ["llama"], indirect=True)
 def test_bench_store_on_a_small_cache(tiny_decoder, demo_samples, tmp_path):
-    from kcache.bench_store import bench_store
+    from kcache.bench.storage import bench_store
     from kcache.extract import ExtractConfig, extract
 
     extract(tiny_decoder, demo_samples, tmp_path / "c.zarr", ExtractConfig(layers="1-2"), progress=False)
@@ -250,7 +250,7 @@ def test_bench_store_on_a_small_cache(tiny_decoder, demo_samples, tmp_path):
 
 
 def test_bench_store_rejects_bad_option_before_work(tmp_path):
-    from kcache.bench_store import bench_store
+    from kcache.bench.storage import bench_store
 
     with pytest.raises(ValueError, match="int4"):
         bench_store(tmp_path / "missing.zarr", options=("lossless", "int4"), progress=False, log=lambda *a: None)

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kcache._io import atomic_path
 from kcache.schemas import arrow_schema, table_fields
 
 SCHEMA_NAME = "samples-v1"
@@ -176,17 +177,16 @@ def write_samples(table: pa.Table | Iterable[dict], path: str | os.PathLike) -> 
         table = read_samples(table)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".parquet":
-        pq.write_table(table, tmp)
-    elif path.suffix == ".jsonl":
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for rec in table.to_pylist():
-                rec = {k: v for k, v in rec.items() if v is not None}
-                fh.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
-    else:
+    if path.suffix not in (".parquet", ".jsonl"):
         raise SampleError(f"{path}: unknown samples format (expected .parquet or .jsonl)")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".parquet":
+            pq.write_table(table, tmp)
+        else:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for rec in table.to_pylist():
+                    rec = {k: v for k, v in rec.items() if v is not None}
+                    fh.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
     return path
 
 

@@ -6,7 +6,7 @@
   numpy matrix + names.
 - :mod:`kcache.kg.embed` — training embeddings with PyKEEN (optional extra ``kcache[kg]``).
 - :mod:`kcache.kg.link` — linking words of sample texts to entities with token spans.
-- :mod:`kcache.kg.cli` — the ``kcache kg`` commands. See docs/kg.md.
+- The ``kcache kg`` commands are in :mod:`kcache.cli.kg`. See docs/kg.md.
 """
 
 from kcache.kg.tables import (

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from kcache._io import atomic_path, atomic_write_json
 from kcache.schemas import SchemaError, _parse_type, load_schema, validate_document
 
 ENTITIES = "kg-entities-v1"
@@ -137,13 +138,12 @@ def write_table_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
     """Write Parquet (or Arrow IPC for ``.arrow``) via a temporary file + rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    if path.suffix == ".arrow":
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-    else:
-        pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".arrow":
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+        else:
+            pq.write_table(table, tmp)
     return path
 
 
@@ -381,9 +381,7 @@ class KG:
                 pass
         doc = self.manifest(written)
         validate_document(doc, MANIFEST, str(d / MANIFEST_FILE))
-        tmp = d / (MANIFEST_FILE + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, d / MANIFEST_FILE)
+        atomic_write_json(d / MANIFEST_FILE, doc, indent=2, sort_keys=True, end="\n")
         return d
 
     @classmethod

@@ -1,5 +1,8 @@
-"""The ``kcache`` command line. Each command is a thin layer over a function in the module named
-after its stage (extract, fit, inject, evaluate, data, kg)."""
+"""Stage one and the cache itself: ``extract``, ``inspect``, ``validate``, ``merge``, ``finalize``, ``pull``.
+
+Thin layers over :mod:`kcache.extract`, :mod:`kcache.cache`, :mod:`kcache.integrity`,
+:mod:`kcache.merge` and :mod:`kcache.remote`.
+"""
 
 from __future__ import annotations
 
@@ -7,45 +10,10 @@ from pathlib import Path
 
 import typer
 
-from kcache import __version__
-from kcache.cli_errors import EXIT_ENVIRONMENT, EXIT_INVALID, KCacheGroup, ensure_writable_dir, errors, exit_code, fail, message
-from kcache.data.cli import app as data_app
-from kcache.kg.cli import app as kg_app
-
-app = typer.Typer(
-    help="kcache: inject external knowledge into a frozen decoder (DIEKÆ), cache-first.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-    cls=KCacheGroup,  # every command runs inside kcache.cli_errors.errors(): one error line and exit code per kind
-)
-app.add_typer(data_app, name="data")
-app.add_typer(kg_app, name="kg", help="Knowledge graphs as Arrow tables: import, embed, link entities.")
+from kcache.cli._options import DeviceOpt, DtypeOpt, ModelOpt
+from kcache.cli.errors import EXIT_ENVIRONMENT, EXIT_INVALID, errors, exit_code, fail, message
 
 
-def _version(value: bool):
-    if value:
-        typer.echo(f"kcache {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
-    threads: int = typer.Option(None, "--threads", envvar="KCACHE_THREADS", help="torch CPU threads for any command (default: torch's; a warning when more than the free cores)"),
-):
-    """kcache command line."""
-    from kcache.runtime import set_threads
-
-    set_threads(threads, warn=lambda m: typer.echo(f"warning: {m}", err=True))
-
-
-ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="hub id, local HF directory, .gguf file, or smollm2-135m")
-DeviceOpt = typer.Option(None, "--device", help="cpu | cuda | cuda:N (default: cuda when available)")
-DtypeOpt = typer.Option(None, "--model-dtype", help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)")
-
-
-@app.command("extract")
 def extract_cmd(
     samples: Path = typer.Option(..., "--samples", "-s", help="samples .parquet or .jsonl"),
     out: Path = typer.Option(..., "--out", "-o", help="cache directory (zarr v3)"),
@@ -102,7 +70,6 @@ def extract_cmd(
         typer.echo(f"[rank {rank}/{world}] {line}" if world > 1 else line)
 
 
-@app.command("inspect")
 def inspect_cmd(cache: str = typer.Argument(..., help="cache directory or URL"), card: bool = typer.Option(False, "--card", help="print the cache card")):
     """Summarise a cache: settings, counts, per-layer statistics."""
     from kcache.cache import Cache
@@ -157,7 +124,6 @@ def _storage_line(c) -> str:
     return f"storage    LOSSY {kind}; relative RMS error per layer {per or 'not recorded'}"
 
 
-@app.command("validate")
 def validate_cmd(cache: str = typer.Argument(..., help="cache directory or URL (http(s)://, s3://, gs://, hf://, memory://)")):
     """Check a cache end to end (digests, structure, every value); exit 1 naming each problem."""
     from kcache.integrity import validate_cache
@@ -175,57 +141,6 @@ def validate_cmd(cache: str = typer.Argument(..., help="cache directory or URL (
     typer.echo(f"{cache}: valid")
 
 
-@app.command("fit-encoders")
-def fit_cmd(
-    cache: str = typer.Option(..., "--cache", "-c", help="stage-one cache directory or URL"),
-    out: Path = typer.Option(..., "--out", "-o", help="encoder bundle directory (resumes if a checkpoint is there)"),
-    layers: str = typer.Option(None, "--layers", help="subset of the cached layers (default: all)"),
-    epochs: int = typer.Option(3, "--epochs"),
-    batch_size: int = typer.Option(8, "--batch-size", help="samples per micro-batch"),
-    grad_accum: int = typer.Option(1, "--grad-accum"),
-    lr_max: float = typer.Option(1e-4, "--lr", help="peak learning rate (warm-up from --lr-min, cosine back to it)"),
-    lr_min: float = typer.Option(1e-5, "--lr-min"),
-    hidden_size: int = typer.Option(128, "--hidden-size"),
-    num_layers: int = typer.Option(4, "--encoder-layers"),
-    num_heads: int = typer.Option(4, "--heads"),
-    intermediate_size: int = typer.Option(512, "--intermediate-size"),
-    eval_every: int = typer.Option(50, "--eval-every", help="optimizer steps between validations"),
-    patience: int = typer.Option(5, "--patience", help="validations without improvement before stopping"),
-    buffer_samples: int = typer.Option(2048, "--buffer-samples", help="shuffling buffer size (bounds memory)"),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = DeviceOpt,
-    max_steps: int = typer.Option(None, "--max-steps"),
-    parallel: str = typer.Option("layers", "--parallel", help="under torchrun/SLURM: 'layers' = each process trains its share of the layers"),
-):
-    """Stage two: train one encoder per cached layer from the cache alone (no decoder needed).
-
-    Under torchrun (``torchrun --nproc-per-node N -m kcache fit-encoders ...``) process r trains
-    layers[r::N]; the bundle is the same as a single process would write.
-    """
-    from kcache.align import parse_layers
-    from kcache.fit import FitConfig, fit_encoders, summary_table
-    from kcache.cache import Cache
-
-    with errors():
-        ensure_writable_dir(out, "encoder bundle directory")  # before any training
-        lay = parse_layers(layers, 10**6) if layers else None
-        cfg = FitConfig(layers=lay, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr_max=lr_max, lr_min=lr_min,
-                        hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, intermediate_size=intermediate_size,
-                        eval_every=eval_every, patience=patience, buffer_samples=buffer_samples, seed=seed, device=device, max_steps=max_steps,
-                        parallel=parallel)
-        Cache.open(cache)
-        summary = fit_encoders(cache, out, cfg)
-    from kcache import distributed
-
-    if not distributed.is_main():
-        return
-    typer.echo(summary_table(summary))
-    typer.echo(f"best step {summary['best_step']} of {summary['steps']} ({summary['stopped']}); {summary['wall_seconds']:.0f} s, "
-               f"{summary['data_wait_seconds'] / max(summary['wall_seconds'], 1e-9):.1%} waiting for data")
-    typer.echo(f"bundle: {out}/ (config.json, encoders.safetensors); curves: {out}/curves.png")
-
-
-@app.command("merge")
 def merge_cmd(
     caches: list[str] = typer.Argument(..., help="two or more caches (directories or URLs) from the same model, site and template"),
     out: Path = typer.Option(..., "--out", "-o", help="new cache directory"),
@@ -241,7 +156,6 @@ def merge_cmd(
                + (f" ({ex} duplicate(s) hidden, first copy kept)" if ex else "") + f"; metadata {m['metadata_digest'][:19]}")
 
 
-@app.command("finalize")
 def finalize_cmd(cache: Path = typer.Argument(..., help="a complete cache written before manifests existed")):
     """Write the manifest (digests) of a complete cache and make it read-only."""
     from kcache.cache import Cache
@@ -253,38 +167,14 @@ def finalize_cmd(cache: Path = typer.Argument(..., help="a complete cache writte
     typer.echo(f"{cache}: finalized, {sum(len(p['files']) for p in m['parts'])} files, metadata {m['metadata_digest'][:19]}")
 
 
-@app.command("run")
-def run_cmd(config: Path = typer.Argument(..., help="pipeline config, e.g. pipelines/demo.toml")):
-    """Run a whole pipeline recipe (data -> extract -> fit -> finetune -> evaluate), skipping finished stages."""
-    from kcache.pipeline import run_pipeline
+def pull_cmd(
+    url: str = typer.Argument(..., help="finalized cache: http(s)://, s3://, gs://, hf://, ... or a local path"),
+    dest: Path = typer.Argument(..., help="local directory to pull into (rerun to resume)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+):
+    """Download a finalized cache, verifying every file against its manifest; resumes where it stopped."""
+    from kcache.remote import pull, summary_line
 
     with errors():
-        run_pipeline(config, log=typer.echo)
-
-
-def _register_stage_commands() -> None:
-    # Stage-three commands and benchmarks live in their own modules; registered here so
-    # `kcache --help` lists everything.
-    from kcache import bench_cache
-    from kcache.bench import bench_app
-    from kcache.cli_baseline_eval import register as register_baseline_eval
-    from kcache.cli_finetune import register as register_finetune
-    from kcache.cli_methods import register as register_methods
-    from kcache.cli_stage3 import register as register_stage3
-
-    register_stage3(app)
-    register_finetune(app)
-    bench_cache.register(bench_app)
-    _optional_register("kcache.bench_store", bench_app)
-    _optional_register("kcache.remote", app)
-    register_methods(app)
-    register_baseline_eval(app)
-
-
-def _optional_register(module: str, target) -> None:
-    import importlib
-
-    importlib.import_module(module).register(target)
-
-
-_register_stage_commands()
+        report = pull(url, dest, progress=not quiet)
+    typer.echo(summary_line(url, dest, report))

@@ -1,12 +1,11 @@
-"""Benchmarks (``kcache bench ...``). This module owns the ``bench`` sub-app; other stages add
-their commands to ``bench_app``.
-
-``bench_inject``: the cost of reading knowledge through encoders, ``D(E(K, x) + x)`` (encoders
-over ``K + x``, decoder over ``x``), against reading it in context, ``D(K, x)`` (decoder over
-``K + x``), as ``|K|`` grows with ``x`` fixed. Both compute logits for the ``x`` positions only
+"""``kcache bench inject``: the cost of reading knowledge through encoders, ``D(E(K, x) + x)``
+(encoders over ``K + x``, decoder over ``x``), against reading it in context, ``D(K, x)`` (decoder
+over ``K + x``), as ``|K|`` grows with ``x`` fixed. Both compute logits for the ``x`` positions only
 (``logits_to_keep``) without a KV cache, so the baseline is not charged for work it does not
 need. Measurements are interleaved (baseline, injected, baseline, ...) in one process and the
 median of the repeats is reported, so ratios are taken side by side under the same conditions.
+
+The command is in ``kcache/cli/bench.py``.
 """
 
 from __future__ import annotations
@@ -15,10 +14,6 @@ import json
 import statistics
 import time
 from pathlib import Path
-
-import typer
-
-bench_app = typer.Typer(help="Benchmarks: time and memory of the stages.", no_args_is_help=True, pretty_exceptions_enable=False)
 
 TIME_TARGET = 0.5  # injected / in-context wall time at >= 512 knowledge tokens
 MEMORY_TARGET = 0.75  # injected / in-context peak memory at >= 512 knowledge tokens
@@ -245,30 +240,3 @@ def plot_bench(res: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
-
-
-@bench_app.command("inject")
-def inject_cmd(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="hub id, local HF directory, .gguf file, or smollm2-135m"),
-    device: str = typer.Option(None, "--device", help="cpu | cuda | cuda:N (default: cuda when available)"),
-    sizes: str = typer.Option("64,128,256,512,1024", "--sizes", help="knowledge lengths in tokens"),
-    input_tokens: int = typer.Option(32, "--input-tokens", help="fixed input length |x|"),
-    layers: str = typer.Option("3-8", "--layers", help="encoder layers (fresh encoders; ignored with --encoders)"),
-    encoders: Path = typer.Option(None, "--encoders", help="time a trained encoder bundle instead of fresh encoders"),
-    repeats: int = typer.Option(5, "--repeats", help="timed runs per size and method (median reported)"),
-    threads: int = typer.Option(None, "--threads", help="torch intra-op CPU threads (default: torch's choice)"),
-    out: Path = typer.Option(Path("bench-results/inject"), "--out", "-o", help="directory for bench-inject.json / .png"),
-):
-    """D(E(K,x)+x) vs D(K,x): time and peak memory as the knowledge grows, ratios side by side."""
-    from kcache.cli_errors import errors
-    from kcache.models import load_decoder
-
-    with errors():
-        decoder = load_decoder(model, device=device)
-        stack = None
-        if encoders is not None:
-            from kcache.inject import Injector
-
-            stack = Injector.from_bundle(decoder, encoders).stack
-        size_list = tuple(int(s) for s in sizes.split(",") if s.strip())
-    bench_inject(decoder, sizes=size_list, input_tokens=input_tokens, layers=layers, stack=stack, repeats=repeats, threads=threads, out=out, echo=typer.echo)

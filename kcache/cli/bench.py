@@ -1,0 +1,86 @@
+"""``kcache bench inject|extract|fit|store``: thin layers over :mod:`kcache.bench`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from kcache.bench.storage import DEFAULT_OPTIONS
+from kcache.cli._options import DEVICE_HELP, MODEL_HELP
+from kcache.cli.errors import errors
+
+HELP = "Benchmarks: time and memory of the stages."
+
+
+def inject_cmd(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
+    sizes: str = typer.Option("64,128,256,512,1024", "--sizes", help="knowledge lengths in tokens"),
+    input_tokens: int = typer.Option(32, "--input-tokens", help="fixed input length |x|"),
+    layers: str = typer.Option("3-8", "--layers", help="encoder layers (fresh encoders; ignored with --encoders)"),
+    encoders: Path = typer.Option(None, "--encoders", help="time a trained encoder bundle instead of fresh encoders"),
+    repeats: int = typer.Option(5, "--repeats", help="timed runs per size and method (median reported)"),
+    threads: int = typer.Option(None, "--threads", help="torch intra-op CPU threads (default: torch's choice)"),
+    out: Path = typer.Option(Path("bench-results/inject"), "--out", "-o", help="directory for bench-inject.json / .png"),
+):
+    """D(E(K,x)+x) vs D(K,x): time and peak memory as the knowledge grows, ratios side by side."""
+    from kcache.bench.inject import bench_inject
+    from kcache.models import load_decoder
+
+    with errors():
+        decoder = load_decoder(model, device=device)
+        stack = None
+        if encoders is not None:
+            from kcache.inject import Injector
+
+            stack = Injector.from_bundle(decoder, encoders).stack
+        size_list = tuple(int(s) for s in sizes.split(",") if s.strip())
+    bench_inject(decoder, sizes=size_list, input_tokens=input_tokens, layers=layers, stack=stack, repeats=repeats, threads=threads, out=out, echo=typer.echo)
+
+
+def extract_cmd(
+    model: str = typer.Option("smollm2-135m", "--model", "-m"),
+    n: int = typer.Option(300, "--samples", help="synthetic samples to extract"),
+    layers: str = typer.Option("3-8", "--layers"),
+    site: str = typer.Option("block", "--site"),
+    token_budget: int = typer.Option(8192, "--token-budget"),
+    repeats: int = typer.Option(1, "--repeats", help="take the best of this many runs"),
+    device: str = typer.Option(None, "--device"),
+    model_dtype: str = typer.Option(None, "--model-dtype"),
+    out: Path = typer.Option(Path("bench/extract.json"), "--out", help="JSON result; a PNG is written beside it"),
+):
+    """Stage one: full-depth extraction vs kcache vs bare truncated passes, one run, same samples."""
+    from kcache.bench.stages import bench_extract
+
+    bench_extract(model, n, layers, site, token_budget, device, model_dtype, out, repeats, log=typer.echo)
+
+
+def fit_cmd(
+    cache: Path = typer.Option(..., "--cache", "-c"),
+    steps: int = typer.Option(60, "--steps"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    device: str = typer.Option(None, "--device"),
+    compute: str = typer.Option("float32,auto", "--compute", help="compute precisions to run side by side (first = baseline)"),
+    out: Path = typer.Option(Path("bench/fit.json"), "--out"),
+):
+    """Stage two: cache loader throughput vs training throughput per compute precision, time waiting for data."""
+    from kcache.bench.stages import bench_fit
+
+    bench_fit(cache, steps, batch_size, device, out, log=typer.echo, computes=tuple(c.strip() for c in compute.split(",") if c.strip()))
+
+
+def store_cmd(
+    cache: Path = typer.Option(..., "--cache", "-c", help="a complete kcache cache"),
+    rows: int = typer.Option(200_000, "--rows", help="first N rows of each layer"),
+    options: str = typer.Option(",".join(DEFAULT_OPTIONS), "--options", help="comma-separated storage specs"),
+    repeats: int = typer.Option(3, "--repeats", help="times are the median of this many runs"),
+    out_json: Path = typer.Option(Path("docs/bench/store.json"), "--json"),
+    out_png: Path = typer.Option(Path("docs/bench/store.png"), "--png"),
+    tmp_dir: Path = typer.Option(None, "--tmp-dir", help="scratch directory for the written arrays"),
+):
+    """Lossless vs bit-rounded vs int8 storage: bytes per token-layer, MB/s, error vs the cache."""
+    from kcache.bench.storage import bench_store
+
+    bench_store(cache, rows, tuple(o.strip() for o in options.split(",") if o.strip()), out_json, out_png,
+                repeats=repeats, tmp_dir=tmp_dir, log=typer.echo)

@@ -1,0 +1,146 @@
+"""The training pieces fit, finetune and edit share: optimiser settings, LR schedule, step, checkpoints.
+
+* :class:`OptimConfig`: optimiser, schedule and loop settings (``FitConfig`` and ``FinetuneConfig``
+  extend it).
+* :func:`lr_at`: linear warm-up from ``lr_min`` to ``lr_max`` over ``warmup`` optimizer steps,
+  then cosine back to ``lr_min`` at the last step.
+* :func:`optimizer_step`: per-encoder gradient clipping, set the LR, step, clear the gradients.
+* :func:`save_checkpoint` / :func:`load_checkpoint`: the training state in ``out/checkpoint``
+  (``model.safetensors``, ``optimizer.safetensors`` with the CPU RNG state, ``state.json`` of schema
+  ``fit-checkpoint-v1``), written as a whole under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from kcache.schemas import validate_document
+from kcache.store import CacheError
+
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FORMAT = "kcache-checkpoint"
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Optimiser, schedule and loop settings shared by fit, finetune and edit."""
+
+    epochs: int = 3
+    batch_size: int = 8  # samples per micro-batch
+    grad_accum: int = 1
+    lr_max: float = 1e-4
+    lr_min: float = 1e-5
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_norm: float = 1.0
+    eval_every: int = 50  # optimizer steps
+    patience: int = 5  # evaluations without improvement before stopping
+    max_steps: int | None = None
+    seed: int = 0
+    # matmul dtype under autocast (float32 master weights and losses): auto | float32 | bfloat16
+    compute: str = "auto"
+
+
+def lr_at(step: int, total: int, warmup: int, lr_min: float, lr_max: float) -> float:
+    """Learning rate for optimizer step ``step`` (0-based) of ``total``."""
+    if warmup > 0 and step < warmup:
+        return lr_min + (lr_max - lr_min) * step / warmup
+    span = max(1, total - 1 - warmup)
+    progress = min(1.0, max(0, step - warmup) / span)
+    return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * progress))
+
+
+def optimizer_step(opt, params: dict[int, list], clip_norm: float, lr: float) -> None:
+    """Clip each encoder's gradients on its own (so each trains exactly as it would alone), set
+    the learning rate, step and clear the gradients."""
+    for ps in params.values():
+        torch.nn.utils.clip_grad_norm_(ps, clip_norm)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def checkpoint_dir(out: Path) -> Path:
+    """Where a run writing into ``out`` keeps its checkpoint: ``out/checkpoint``."""
+    return Path(out) / CHECKPOINT_DIR
+
+
+def save_checkpoint(out: Path, stack, opt, state: dict, where: Path | None = None, before_publish=None):
+    """Write the training state to ``where`` (default ``out/checkpoint``) atomically.
+
+    ``before_publish()`` runs after the new checkpoint is complete on disk and before it
+    replaces the old one: several processes pass a barrier, so that a crash while writing never
+    leaves them at different steps.
+    """
+    from safetensors.torch import save_file
+
+    from kcache.lock import fresh_tmp
+
+    final = Path(where) if where is not None else checkpoint_dir(out)
+    tmp = fresh_tmp(final, "saving")  # after removing those of a killed run (never a live process's)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in stack.state_dict().items()}, str(tmp / "model.safetensors"))
+    osd = opt.state_dict()
+    tensors, meta = {}, {"param_groups": osd["param_groups"], "state": {}}
+    for pid, st in osd["state"].items():
+        meta["state"][str(pid)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.contiguous()
+            else:
+                meta["state"][str(pid)][k] = v
+    tensors["__rng_cpu"] = torch.get_rng_state()
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    doc = json.loads(json.dumps({**state, "format": CHECKPOINT_FORMAT, "schema_version": 1, "optimizer": meta}))
+    validate_document(doc, "fit-checkpoint-v1", str(final / "state.json"))
+    (tmp / "state.json").write_text(json.dumps(doc, indent=1))
+    if before_publish is not None:
+        before_publish()
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def load_checkpoint(out: Path, stack, opt, where: Path | None = None) -> dict | None:
+    """Restore ``stack``, ``opt`` and the CPU RNG from ``where`` (default ``out/checkpoint``);
+    -> the saved state, or None when there is no checkpoint. CacheError when it is unreadable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    d = Path(where) if where is not None else checkpoint_dir(out)
+    if not (d / "state.json").exists():
+        return None
+    try:
+        state = json.loads((d / "state.json").read_text())
+        validate_document(state, "fit-checkpoint-v1", str(d / "state.json"))
+        stack.load_state_dict(load_file(str(d / "model.safetensors")))
+        tensors = load_file(str(d / "optimizer.safetensors"))
+    except (ValueError, OSError, RuntimeError, SafetensorError) as e:
+        raise CacheError(f"{d}: unreadable checkpoint ({e}); delete it to start over") from None
+    state.pop("format", None)
+    state.pop("schema_version", None)
+    meta = state.pop("optimizer")
+    osd = {"param_groups": meta["param_groups"], "state": {}}
+    for pid, st in meta["state"].items():
+        full = dict(st)
+        for key, v in tensors.items():
+            p, _, name = key.partition(".")
+            if p == pid:
+                full[name] = v
+        osd["state"][int(pid)] = full
+    opt.load_state_dict(osd)
+    torch.set_rng_state(tensors["__rng_cpu"])
+    return state
