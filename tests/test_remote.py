@@ -22,7 +22,8 @@ from conftest import make_model
 from httpserver import serve
 from typer.testing import CliRunner
 
-from kcache.remote import MANIFEST, STAGING, manifest_files, pull, register
+from kcache.cli import mount
+from kcache.remote import MANIFEST, STAGING, manifest_files, pull
 from kcache.store import CacheError
 
 BLOCK = 4096  # small range requests, so even the tiny test files take several
@@ -273,7 +274,7 @@ def test_pull_refuses_content_that_does_not_match_the_manifest(served, tmp_path)
 
 def test_pull_command(served, tmp_path):
     app = typer.Typer()
-    register(app)
+    mount(app, names=["pull"])
 
     @app.command("noop")  # a second command keeps typer from collapsing the app into `pull` itself
     def noop():
