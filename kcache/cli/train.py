@@ -11,6 +11,9 @@ import typer
 from kcache.cli._options import DEVICE_HELP, MODEL_HELP, DeviceOpt
 from kcache.cli.errors import ensure_writable_dir, errors
 
+COMPUTE_HELP = ("matmul precision under autocast, float32 master weights: auto (bf16 on CUDA and on CPUs with native bf16, "
+                "float32 elsewhere) | float32 | bfloat16")
+
 
 def fit_cmd(
     cache: str = typer.Option(..., "--cache", "-c", help="stage-one cache directory or URL"),
@@ -32,6 +35,7 @@ def fit_cmd(
     device: str = DeviceOpt,
     max_steps: int = typer.Option(None, "--max-steps"),
     parallel: str = typer.Option("layers", "--parallel", help="under torchrun/SLURM: 'layers' = each process trains its share of the layers"),
+    compute: str = typer.Option("auto", "--compute", help=COMPUTE_HELP),
 ):
     """Stage two: train one encoder per cached layer from the cache alone (no decoder needed).
 
@@ -48,7 +52,7 @@ def fit_cmd(
         cfg = FitConfig(layers=lay, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr_max=lr_max, lr_min=lr_min,
                         hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, intermediate_size=intermediate_size,
                         eval_every=eval_every, patience=patience, buffer_samples=buffer_samples, seed=seed, device=device, max_steps=max_steps,
-                        parallel=parallel)
+                        parallel=parallel, compute=compute)
         Cache.open(cache)
         summary = fit_encoders(cache, out, cfg)
     from kcache import distributed
@@ -95,6 +99,7 @@ def finetune_cmd(
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     model_dtype: str = typer.Option(None, "--model-dtype", help="float32 | bfloat16 | float16"),
     objective: str = typer.Option("ce", "--objective", help="ce (target cross-entropy, the paper's) | kl (KL to D(K,x) at every input position) | ce+kl"),
+    compute: str = typer.Option("auto", "--compute", help=COMPUTE_HELP),
 ):
     """DIEKÆ 3.3: fine-tune encoders through the frozen decoder (target cross-entropy, or KL to D(K,x))."""
     from kcache.finetune import FinetuneConfig, finetune
@@ -103,7 +108,8 @@ def finetune_cmd(
     with errors():
         ensure_writable_dir(out, "output bundle directory")  # before loading the model or training
         cfg = FinetuneConfig(**_common(epochs, batch_size, grad_accum, lr, lr_min, eval_every, patience, max_steps, seed, from_scratch,
-                                       layers, site, max_length, max_train_samples, val_max_samples), objective=objective)
+                                       layers, site, max_length, max_train_samples, val_max_samples), objective=objective,
+                             compute=compute)
         if not from_scratch and encoders is None:
             raise ValueError("give --encoders DIR (a fitted bundle) or --from-scratch")
         decoder = load_decoder(model, device=device, dtype=model_dtype)
@@ -133,6 +139,7 @@ def edit_cmd(
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     model_dtype: str = typer.Option(None, "--model-dtype", help="float32 | bfloat16 | float16"),
+    compute: str = typer.Option("auto", "--compute", help=COMPUTE_HELP),
 ):
     """DIEKÆ 3.4: edit facts into the encoders (no knowledge input); ES / PS / NS before and after."""
     from kcache.edit import EditConfig, edit, markdown_edit
@@ -143,7 +150,8 @@ def edit_cmd(
         if not from_scratch and encoders is None:
             raise ValueError("give --encoders DIR or --from-scratch")
         cfg = EditConfig(epochs=epochs, batch_size=batch_size, lr_max=lr, lr_min=lr_min, max_steps=max_steps, max_edits=max_edits,
-                         eval_split=eval_split, max_eval_edits=max_eval_edits, seed=seed, from_scratch=from_scratch, layers=layers, site=site)
+                         eval_split=eval_split, max_eval_edits=max_eval_edits, seed=seed, from_scratch=from_scratch, layers=layers, site=site,
+                         compute=compute)
         decoder = load_decoder(model, device=device, dtype=model_dtype)
         res = edit(decoder, samples, out, encoders, cfg, progress=True)
     typer.echo(markdown_edit(res))

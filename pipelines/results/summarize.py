@@ -64,11 +64,15 @@ def _ci(d, key, fmt="+.3f"):
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| run | D(x) | D(K,x) | oracle | after fit | after finetune | use: D(K,x) | use: fit | use: finetune | gap closed: fit | gap closed: finetune | FVU 3-8 | extract / fit / finetune s |",
+    lines = ["| run | D(x) | D(K,x) | oracle | after fit | after finetune | use: D(K,x) | use: fit | use: finetune | gap closed: fit | gap closed: finetune | FVU per layer | extract / fit / finetune s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p, u, g, s = r["ppl"], r["knowledge_use"], r["gap_closed"], r["seconds"] or {}
-        fvu = " ".join(_f(v) for _, v in sorted(r["fvu"].items(), key=lambda kv: int(kv[0])))
+        vals = [v for _, v in sorted(r["fvu"].items(), key=lambda kv: int(kv[0]))]
+        if len(vals) <= 8:
+            fvu = " ".join(_f(v) for v in vals)
+        else:  # Table 5 rows: too many layers for one cell
+            fvu = f"{len(vals)} layers: mean {sum(vals) / len(vals):.2f} ({min(vals):.2f}-{max(vals):.2f})"
         lines.append(f"| {r['run']} | {_f(p['x'])} | {_f(p['kx'])} | {_f(p['oracle'])} | {_f(p['ekx_fit'])} | {_f(p['ekx_ft'])} | "
                      f"{_ci(u['kx'], 'nats')} | {_ci(u['ekx_fit'], 'nats')} | {_ci(u['ekx_ft'], 'nats')} | "
                      f"{_ci(g['ekx_fit'], 'fraction', '.3f')} | {_ci(g['ekx_ft'], 'fraction', '.3f')} | {fvu} | "
