@@ -98,3 +98,14 @@ def test_old_names_of_moved_things(monkeypatch):
     root = typer.main.get_command(app)
     assert list(root.commands) == ["generate", "evaluate", "bench"]
     assert list(root.commands["bench"].commands) == ["inject", "extract", "fit", "store"]
+
+
+def test_public_api_is_lazy_and_complete():
+    import subprocess
+    import sys
+
+    code = ("import sys, kcache; assert 'torch' not in sys.modules, 'import kcache pulled in torch'; "
+            "[getattr(kcache, n) for n in kcache.__all__]; print(len(kcache.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip()) >= 10
