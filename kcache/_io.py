@@ -17,7 +17,7 @@
 * **Figures.** :func:`pyplot` (matplotlib on the Agg backend) and :func:`save_png` (tight layout,
   atomic write, figure closed).
 
-No kcache imports at module level: ``kcache.store`` and ``kcache.paths`` import from here.
+No kcache imports at module level: a leaf that :mod:`kcache.paths` and the :mod:`kcache.cache` package import.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def atomic_path(path: str | os.PathLike, tag: str = "tmp", mode: int | None = No
     processes are removed first). On any exception the temporary is deleted and ``path`` is left
     as it was. ``mode``: permission bits set on the temporary before the rename.
     """
-    from kcache.lock import fresh_tmp  # lazy: kcache.lock imports kcache.store, which imports this module
+    from kcache.lock import fresh_tmp  # lazy: this module stays a leaf (no kcache imports at module level)
 
     path = Path(path)
     tmp = fresh_tmp(path, tag)

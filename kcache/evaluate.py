@@ -556,7 +556,7 @@ def evaluate(
 
     from kcache.data.samples import read_samples
     from kcache.inject import Injector
-    from kcache.cache import Cache
+    from kcache.cache.reader import Cache
 
     table = samples if isinstance(samples, pa.Table) else read_samples(samples)
     n_in = table.num_rows

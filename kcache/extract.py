@@ -29,17 +29,15 @@ from kcache.align import (
 )
 from kcache.data.samples import read_samples, require_usable, sample_set_fingerprint
 from kcache.models import Decoder
-from kcache.store import (
-    ATTRS_KEY, FORMAT, SCHEMA_VERSION, CacheError, DeltaWriter, RunningStats, codecs_description, create_cache,
-    default_chunk_rows, encode_rows, read_last_commit,
-)
+from kcache.cache.format import ATTRS_KEY, FORMAT, MANIFEST, SCHEMA_VERSION, CacheError, encode_rows
+from kcache.cache.writer import DeltaWriter, RunningStats, codecs_description, create_cache, default_chunk_rows, read_last_commit
 from kcache._io import now
 
 import zarr
 
-from kcache.cache import MANIFEST, settings_differences
-from kcache.storage import ErrorAccumulator, parse_storage
-from kcache.integrity import finalize, refuse_if_finalized, write_part_record
+from kcache.cache.reader import settings_differences
+from kcache.cache.lossy import ErrorAccumulator, parse_storage
+from kcache.cache.integrity import finalize, refuse_if_finalized, write_part_record
 
 
 @dataclasses.dataclass
@@ -58,7 +56,7 @@ class ExtractConfig:
     chunk_rows: int | None = None
     shard_rows: int | None = None
     chunks_per_shard: int = 8
-    storage: str = "lossless"  # lossless | bitround:N | int8 (kcache.storage); lossy is for caches that travel
+    storage: str = "lossless"  # lossless | bitround:N | int8 (kcache.cache.lossy); lossy is for caches that travel
     targets: str = DEFAULT_TARGETS  # independent | cascade | distilled (batch_deltas; docs/training.md)
     sink: int = DEFAULT_SINK  # leading input positions never written (align.sink_keep)
     distill_steps: int = 8  # targets = distilled: Adam steps on the deltas per batch
@@ -445,7 +443,7 @@ def _extract(decoder, samples, out, cfg, overwrite, progress, rank, world) -> Ex
         raise CacheError(f"shard rows ({shard}) must be a multiple of chunk rows ({chunk})")
     settings = _settings(decoder, cfg, layers, table, chunk, shard)
     if (root / MANIFEST).exists():
-        from kcache.cache import Cache
+        from kcache.cache.reader import Cache
 
         done = Cache.open(root)
         diffs = settings_differences(done.settings, settings, ignore=("name",))
@@ -578,7 +576,7 @@ def _extract(decoder, samples, out, cfg, overwrite, progress, rank, world) -> Ex
 
     attrs["stats"] = stats.summary()
     if errors is not None:
-        # Sums kept beside the figures so parts can be pooled (kcache.cache.combine_errors).
+        # Sums kept beside the figures so parts can be pooled (kcache.cache.reader.combine_errors).
         sums = errors.state()
         attrs["storage_error"] = {l: {**e, "sse": sums[l]["sse"], "ssr": sums[l]["ssr"]} for l, e in errors.summary().items()}
     attrs["status"] = "complete"

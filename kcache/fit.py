@@ -33,8 +33,8 @@ from kcache._io import now, pyplot, save_png
 from kcache.align import length_mask, sink_of, targets_of
 from kcache.precision import autocast_for
 from kcache.encoders import CONFIG_FILE, WEIGHTS_FILE, EncoderConfig, EncoderStack, publish_bundle, save_bundle
-from kcache.cache import Cache
-from kcache.store import CacheError
+from kcache.cache.format import CacheError
+from kcache.cache.reader import Cache
 from kcache.train import (  # noqa: F401 - OptimConfig, lr_at, optimizer_step, CHECKPOINT_* are also re-exported
     CHECKPOINT_DIR,
     CHECKPOINT_FORMAT,

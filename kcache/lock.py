@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-from kcache.store import CacheError
+from kcache.errors import CacheError
 
 LOCK_SUFFIX = ".lock"
 TMP_SUFFIX = ".tmp"

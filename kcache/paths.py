@@ -24,7 +24,7 @@ from pathlib import Path
 
 from kcache._io import BLOCK, hash_stream  # noqa: F401 - re-exported: the one streaming hash
 from kcache._io import sha256_file as _sha256_file
-from kcache.store import CacheError
+from kcache.errors import CacheError
 
 MANIFEST = "manifest.json"
 # Files a manifest does not size (metadata of a cache that is not finalized) are still read with a limit.

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from kcache.schemas import validate_document
-from kcache.store import CacheError
+from kcache.cache.format import CacheError
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FORMAT = "kcache-checkpoint"

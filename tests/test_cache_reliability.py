@@ -21,8 +21,8 @@ from kcache.data.samples import write_samples
 from kcache.data.synth import synth_samples
 from kcache.extract import ExtractConfig, extract
 from kcache.cache import Cache
-from kcache.integrity import validate_cache
-from kcache.store import COMMIT_LOG, CacheError
+from kcache.cache import validate_cache
+from kcache.cache.format import COMMIT_LOG, CacheError
 
 
 
@@ -143,12 +143,12 @@ def test_validate_catches_nan(good_cache):
 
 def test_float16_overflow_is_a_clear_error():
     import torch
-    from kcache.store import encode_rows
+    from kcache.cache.format import encode_rows
 
     with pytest.raises(CacheError, match="bfloat16"):
         encode_rows(torch.tensor([[1e6, 0.0]]), "float16")
     bits = encode_rows(torch.tensor([[1e6, -3.5]]), "bfloat16")
-    from kcache.store import decode_rows
+    from kcache.cache.format import decode_rows
 
     assert decode_rows(bits, "bfloat16").tolist() == [[999424.0, -3.5]]  # bfloat16 rounding of 1e6, lossless bits
 

@@ -195,7 +195,7 @@ def test_the_one_table_maps_each_kind_to_its_code():
     from kcache.lock import OutputLocked
     from kcache.models import ModelError
     from kcache.schemas import SchemaError
-    from kcache.store import CacheError
+    from kcache.cache import CacheError
 
     for e, code in [(CacheError("x"), EXIT_INPUT), (SchemaError("x"), EXIT_INPUT), (SampleError("x"), EXIT_INPUT),
                     (ConvertError("x"), EXIT_INPUT), (KGError("x"), EXIT_INPUT), (MissingExtraError("x"), EXIT_INPUT),
@@ -227,7 +227,7 @@ def test_every_domain_error_is_a_kcache_error_and_keeps_its_builtin_base():
     from kcache.kg.tables import KGError
     from kcache.models import ModelError
     from kcache.schemas import SchemaError
-    from kcache.store import CacheError
+    from kcache.cache import CacheError
 
     for cls, base in [(CacheError, ValueError), (BundleError, ValueError), (SchemaError, ValueError), (SampleError, ValueError),
                       (ConvertError, SampleError), (KGError, ValueError), (InjectError, ValueError), (ModelError, RuntimeError)]:

@@ -26,11 +26,11 @@ from kcache.cache import Cache
 from kcache.data.samples import write_samples
 from kcache.data.synth import synth_samples
 from kcache.extract import ExtractConfig, extract
-from kcache.integrity import finalize, validate_cache
+from kcache.cache import finalize, validate_cache
 from kcache.lock import OutputLocked, lock_path, output_lock, remove_stale_tmp
 from kcache.lock import tmp_path as tmp_name
-from kcache.merge import merge
-from kcache.store import CacheError
+from kcache.cache import merge
+from kcache.cache import CacheError
 
 SMALL = dict(layers="1-2", chunk_rows=32, shard_rows=64, token_budget=96)
 CLI_SMALL = ["--layers", "1-2", "--token-budget", "96", "--chunk-rows", "32", "--shard-rows", "64", "--model-dtype", "float32"]
@@ -321,7 +321,7 @@ def test_finalize_refuses_while_locked(llama, tmp_path):
 def test_pull_refuses_while_locked(two_caches, tmp_path):
     from httpserver import serve
 
-    from kcache.remote import pull
+    from kcache.cache import pull
 
     dest = tmp_path / "pulled"
     with serve(tmp_path) as (url, _), held(dest) as holder:
@@ -371,7 +371,7 @@ def test_pull_onto_another_cache_is_refused_and_leaves_it_untouched(two_caches, 
     from httpserver import serve
 
     from kcache.cli import app
-    from kcache.remote import pull
+    from kcache.cache import pull
 
     a, b = two_caches
     before = _snapshot(b)

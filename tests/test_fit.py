@@ -16,7 +16,7 @@ from kcache.extract import ExtractConfig, extract
 from kcache.fit import BatchLoader, CacheReader, FitConfig, evaluate_layers, fit_encoders, lr_at, masked_mse, predict, shuffle_schedule
 from kcache.models import wrap_decoder
 from kcache.cache import Cache
-from kcache.store import CacheError
+from kcache.cache import CacheError
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 

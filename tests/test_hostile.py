@@ -20,11 +20,11 @@ from httpserver import serve
 from test_remote import _copy, _rewrite_manifest, served  # noqa: F401 - the module-scoped cache fixture
 
 from kcache.cache import Cache
-from kcache.integrity import part_files, validate_cache
-from kcache.merge import merge
+from kcache.cache.integrity import part_files, validate_cache
+from kcache.cache import merge
 from kcache.paths import safe_local_path, safe_relpath
-from kcache.remote import pull
-from kcache.store import CacheError
+from kcache.cache import pull
+from kcache.cache import CacheError
 
 UNSAFE = ["../../../x.sh", "/ABS/y.sh", "deltas\\..\\..\\x.sh", "a\x00b", "a//b", "./zarr.json"]
 SHARD = "deltas/layer_02/c/0/0"
@@ -84,7 +84,7 @@ def test_unsafe_manifest_keys_are_refused_by_every_reader(evil, tmp_path, key):
 
 def test_merge_writes_nothing_outside_out_even_past_the_schema(evil, tmp_path, monkeypatch):
     """The schema is not the only guard: with it disabled, merge itself refuses the key."""
-    import kcache.cache as kc
+    import kcache.cache.reader as kc
 
     monkeypatch.setattr(kc, "validate_document", lambda *a, **k: None)
     cache = evil / "cache.zarr"
@@ -367,7 +367,7 @@ def test_zarr_reads_never_go_past_the_manifest_size(evil, where):
         if where == "local":
             loc = c.parts[0].loc
         else:
-            from kcache.location import Location
+            from kcache.cache import Location
 
             loc = Location(f"{url}/cache.zarr")
             loc.sizes = dict(c.parts[0].loc.sizes)  # as Cache.open sets them from the manifest
@@ -385,7 +385,7 @@ def test_zarr_reads_never_go_past_the_manifest_size(evil, where):
 
 
 def test_finalize_never_chmods_through_a_link(tmp_path):
-    from kcache.integrity import make_read_only
+    from kcache.cache.integrity import make_read_only
 
     victim = tmp_path / "victim.txt"
     victim.write_text("x")

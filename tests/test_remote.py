@@ -22,8 +22,8 @@ from conftest import make_model
 from httpserver import serve
 from typer.testing import CliRunner
 
-from kcache.remote import MANIFEST, STAGING, manifest_files, pull, register
-from kcache.store import CacheError
+from kcache.cache.remote import MANIFEST, STAGING, manifest_files, pull
+from kcache.cache import CacheError
 
 BLOCK = 4096  # small range requests, so even the tiny test files take several
 
@@ -159,7 +159,7 @@ def test_interrupted_pull_resumes_with_a_range_request(served, tmp_path):
     assert ranges[0] == f"bytes={kept}-{kept + BLOCK - 1}"
     assert report["bytes_resumed"] == kept
     _assert_identical(src, dest)
-    from kcache.integrity import validate_cache
+    from kcache.cache import validate_cache
 
     assert validate_cache(dest) == []
 
@@ -272,12 +272,7 @@ def test_pull_refuses_content_that_does_not_match_the_manifest(served, tmp_path)
 
 
 def test_pull_command(served, tmp_path):
-    app = typer.Typer()
-    register(app)
-
-    @app.command("noop")  # a second command keeps typer from collapsing the app into `pull` itself
-    def noop():
-        pass
+    from kcache.cli import app
 
     runner = CliRunner()
     with serve(served) as (url, _):
@@ -327,14 +322,14 @@ def test_cache_reads_from_memory_filesystem(served):
 
 
 def test_validate_over_http(served):
-    from kcache.integrity import validate_cache
+    from kcache.cache import validate_cache
 
     with serve(served) as (url, _):
         assert validate_cache(f"{url}/cache.zarr") == []
 
 
 def test_one_streaming_sha256_for_every_file_hash(tmp_path):
-    import kcache.integrity
+    import kcache.cache.integrity
     from kcache.paths import BLOCK, hash_regular, sha256_file
 
     data = os.urandom(2 * BLOCK + 123)  # spans several blocks
@@ -346,4 +341,4 @@ def test_one_streaming_sha256_for_every_file_hash(tmp_path):
     assert sha256_file(f) == sha256_file(link) == want
     assert hash_regular(f) == (len(data), want)
     assert hash_regular(f, 10) == (11, hashlib.sha256(data[:11]).hexdigest())  # stops after size + 1 bytes
-    assert not hasattr(kcache.integrity, "file_sha256")
+    assert not hasattr(kcache.cache.integrity, "file_sha256")

@@ -21,9 +21,9 @@ from kcache.data.samples import write_samples
 from kcache.data.synth import synth_samples
 from kcache.extract import ExtractConfig, extract, rank_batches
 from kcache.fit import FitConfig, fit_encoders
-from kcache.integrity import finalize, validate_cache
-from kcache.merge import merge
-from kcache.store import CacheError
+from kcache.cache import finalize, validate_cache
+from kcache.cache import merge
+from kcache.cache import CacheError
 
 SMALL = dict(layers="1-2", chunk_rows=32, shard_rows=64, token_budget=96)
 

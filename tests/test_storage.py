@@ -1,4 +1,4 @@
-"""Lossy storage options (kcache/storage.py) and ``kcache bench store``: properties, no timings."""
+"""Lossy storage options (kcache/cache/lossy.py) and ``kcache bench store``: properties, no timings."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from kcache.storage import (
+from kcache.cache.lossy import (
     ErrorAccumulator,
     bitround_float16,
     decode_block,

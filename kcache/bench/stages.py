@@ -178,7 +178,7 @@ def bench_fit(cache: Path, steps: int = 60, batch_size: int = 8, device: str | N
     import numpy as np
 
     from kcache.fit import BatchLoader, CacheReader
-    from kcache.cache import Cache
+    from kcache.cache.reader import Cache
     from kcache.precision import compute_name
 
     c = Cache.open(cache)

@@ -1,6 +1,6 @@
 """``kcache bench store``: size, speed and error of each storage option on a real cache.
 
-For every option (kcache/storage.py) and cached layer, the first ``rows`` rows are encoded and
+For every option (kcache/cache/lossy.py) and cached layer, the first ``rows`` rows are encoded and
 written to a fresh zarr v3 array in a temporary directory with the cache's own chunk rows, shard
 rows and codecs, then read back in full and decoded to float32. All options are measured in one
 run on the same rows, so their ratios compare like with like; times are the median of
@@ -27,9 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kcache.cache import Cache
-from kcache.store import compressors_for_cache
-from kcache.storage import (
+from kcache.cache.lossy import (
     ErrorAccumulator,
     bits_per_value,
     decode_block,
@@ -37,6 +35,8 @@ from kcache.storage import (
     parse_storage,
     storage_spec,
 )
+from kcache.cache.reader import Cache
+from kcache.cache.writer import compressors_for_cache
 
 DEFAULT_OPTIONS = ("lossless", "bitround:8", "bitround:6", "bitround:4", "int8")
 

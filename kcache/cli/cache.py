@@ -1,7 +1,6 @@
 """Stage one and the cache itself: ``extract``, ``inspect``, ``validate``, ``merge``, ``finalize``, ``pull``.
 
-Thin layers over :mod:`kcache.extract`, :mod:`kcache.cache`, :mod:`kcache.integrity`,
-:mod:`kcache.merge` and :mod:`kcache.remote`.
+Thin layers over :mod:`kcache.extract` and :mod:`kcache.cache` (reader, integrity, merge, remote).
 """
 
 from __future__ import annotations
@@ -72,7 +71,7 @@ def extract_cmd(
 
 def inspect_cmd(cache: str = typer.Argument(..., help="cache directory or URL"), card: bool = typer.Option(False, "--card", help="print the cache card")):
     """Summarise a cache: settings, counts, per-layer statistics."""
-    from kcache.cache import Cache
+    from kcache.cache.reader import Cache
 
     with errors():
         c = Cache.open(cache, require_complete=False)
@@ -126,7 +125,7 @@ def _storage_line(c) -> str:
 
 def validate_cmd(cache: str = typer.Argument(..., help="cache directory or URL (http(s)://, s3://, gs://, hf://, memory://)")):
     """Check a cache end to end (digests, structure, every value); exit 1 naming each problem."""
-    from kcache.integrity import validate_cache
+    from kcache.cache.integrity import validate_cache
 
     try:
         problems = validate_cache(cache, progress=True)
@@ -147,7 +146,7 @@ def merge_cmd(
     keep_first: bool = typer.Option(False, "--keep-first", help="a sample id in several caches keeps its first copy (default: error)"),
 ):
     """Combine caches extracted by different teams into one finalized cache."""
-    from kcache.merge import merge
+    from kcache.cache.merge import merge
 
     with errors():
         m = merge(caches, out, keep_first=keep_first)
@@ -158,8 +157,8 @@ def merge_cmd(
 
 def finalize_cmd(cache: Path = typer.Argument(..., help="a complete cache written before manifests existed")):
     """Write the manifest (digests) of a complete cache and make it read-only."""
-    from kcache.cache import Cache
-    from kcache.integrity import finalize
+    from kcache.cache.reader import Cache
+    from kcache.cache.integrity import finalize
 
     with errors():
         Cache.open(cache)
@@ -173,7 +172,7 @@ def pull_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ):
     """Download a finalized cache, verifying every file against its manifest; resumes where it stopped."""
-    from kcache.remote import pull, summary_line
+    from kcache.cache.remote import pull, summary_line
 
     with errors():
         report = pull(url, dest, progress=not quiet)

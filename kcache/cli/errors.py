@@ -44,8 +44,8 @@ _INPUT_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Fi
 
 
 def _output_locked(e: BaseException) -> bool:
-    """A :class:`kcache.lock.OutputLocked` (looked up lazily: kcache.lock imports torch, and such an
-    exception can only exist once its module has been imported)."""
+    """A :class:`kcache.lock.OutputLocked` (looked up lazily: such an exception can only exist once
+    its module has been imported, and this module imports no more than it needs)."""
     lock = sys.modules.get("kcache.lock")
     return lock is not None and isinstance(e, lock.OutputLocked)
 

@@ -40,7 +40,7 @@ def fit_cmd(
     """
     from kcache.align import parse_layers
     from kcache.fit import FitConfig, fit_encoders, summary_table
-    from kcache.cache import Cache
+    from kcache.cache.reader import Cache
 
     with errors():
         ensure_writable_dir(out, "encoder bundle directory")  # before any training

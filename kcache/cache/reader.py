@@ -25,14 +25,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from kcache.location import Location
+from kcache.cache.format import ATTRS_KEY, DTYPES, FORMAT, MANIFEST, SCHEMA_VERSION, CacheError, decode_rows
+from kcache.cache.location import Location
+from kcache.cache.lossy import dequantize_int8_rows
 from kcache.paths import check_manifest_paths, local_tree_problems, safe_local_path
 from kcache.schemas import SchemaError, arrow_schema, validate_document
-from kcache.store import ATTRS_KEY, DTYPES, FORMAT, SCHEMA_VERSION, CacheError, decode_rows
-
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "kcache-manifest"
-MANIFEST_VERSION = 1
 
 # Codecs a cache may use (zarr v3 names). Anything else — numcodecs' pickle, object codecs,
 # codecs this kcache does not know — is refused before zarr would instantiate it.
@@ -507,8 +504,6 @@ class Cache:
                 raw = p.array(f"deltas/layer_{layer:02d}")[a:b]
                 nbytes += raw.nbytes
                 if self.storage["kind"] == "int8":
-                    from kcache.storage import dequantize_int8_rows
-
                     scale = p.array(f"deltas/scale_{layer:02d}")[a:b]
                     nbytes += scale.nbytes
                     out.append(dequantize_int8_rows(raw, scale))
