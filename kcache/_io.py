@@ -34,7 +34,7 @@ BLOCK = 1 << 20  # bytes per read when hashing
 
 def now() -> str:
     """The current UTC time, ISO 8601 to the second: ``2025-01-31T12:00:00+00:00``."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ from kcache._moved import forward
 _new, __getattr__ = forward(__name__, "kcache.cli.methods")
 
 from kcache.cli import knowla_app  # noqa: E402, F401
-from kcache.cli._options import DeviceOpt as _DEVICE, DtypeOpt as _DTYPE, ModelOpt as _MODEL  # noqa: E402, F401
+from kcache.cli._options import DeviceOpt as _DEVICE  # noqa: E402, F401 - old private name
+from kcache.cli._options import DtypeOpt as _DTYPE  # noqa: E402, F401 - old private name
+from kcache.cli._options import ModelOpt as _MODEL  # noqa: E402, F401 - old private name
 
 
 def register(app) -> None:

@@ -114,9 +114,14 @@ def edit_metrics(score, edits: list[dict]) -> dict:
     es_hits = [s[a] > s[b] for es, _, _ in plan if es for a, b in [es]]
     ps_hits = [s[a] > s[b] for _, ps, _ in plan for a, b in ps]
     ns_hits = [s[a] > s[b] for _, _, ns in plan for a, b in ns]
-    frac = lambda h: (sum(h) / len(h)) if h else None
+
+    def frac(h):
+        return (sum(h) / len(h)) if h else None
+
     # mean log-probability margins give a graded view next to the 0/1 fractions
-    margin = lambda pairs: (sum(s[a] - s[b] for a, b in pairs) / len(pairs)) if pairs else None
+    def margin(pairs):
+        return (sum(s[a] - s[b] for a, b in pairs) / len(pairs)) if pairs else None
+
     return {
         "ES": frac(es_hits), "PS": frac(ps_hits), "NS": frac(ns_hits),
         "counts": {"edits": len(edits), "ES": len(es_hits), "PS": len(ps_hits), "NS": len(ns_hits)},

@@ -32,8 +32,8 @@ import math
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 import torch
@@ -554,9 +554,9 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
+    from kcache.cache.reader import Cache
     from kcache.data.samples import read_samples
     from kcache.inject import Injector
-    from kcache.cache.reader import Cache
 
     table = samples if isinstance(samples, pa.Table) else read_samples(samples)
     n_in = table.num_rows

@@ -20,24 +20,40 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+import zarr
 from tqdm.auto import tqdm
 
 from kcache import __version__
+from kcache._io import now
 from kcache.align import (
-    DEFAULT_SINK, DEFAULT_TARGETS, TARGETS, TemplateSpec, adds_bos, encode_sample, input_keep, length_mask, loss_mask, pad_right,
-    parse_layers, plan_batches, shift_left,
+    DEFAULT_SINK,
+    DEFAULT_TARGETS,
+    TARGETS,
+    TemplateSpec,
+    adds_bos,
+    encode_sample,
+    input_keep,
+    length_mask,
+    loss_mask,
+    pad_right,
+    parse_layers,
+    plan_batches,
+    shift_left,
+)
+from kcache.cache.format import ATTRS_KEY, FORMAT, MANIFEST, SCHEMA_VERSION, CacheError, encode_rows
+from kcache.cache.integrity import finalize, refuse_if_finalized, write_part_record
+from kcache.cache.lossy import ErrorAccumulator, parse_storage
+from kcache.cache.reader import settings_differences
+from kcache.cache.writer import (
+    DeltaWriter,
+    RunningStats,
+    codecs_description,
+    create_cache,
+    default_chunk_rows,
+    read_last_commit,
 )
 from kcache.data.samples import read_samples, require_usable, sample_set_fingerprint
 from kcache.models import Decoder
-from kcache.cache.format import ATTRS_KEY, FORMAT, MANIFEST, SCHEMA_VERSION, CacheError, encode_rows
-from kcache.cache.writer import DeltaWriter, RunningStats, codecs_description, create_cache, default_chunk_rows, read_last_commit
-from kcache._io import now
-
-import zarr
-
-from kcache.cache.reader import settings_differences
-from kcache.cache.lossy import ErrorAccumulator, parse_storage
-from kcache.cache.integrity import finalize, refuse_if_finalized, write_part_record
 
 
 @dataclasses.dataclass

@@ -36,12 +36,21 @@ import numpy as np
 import torch
 
 from kcache._io import now, pyplot, save_png, sha256_file
-from kcache.align import DEFAULT_SINK, TemplateSpec, encode_sample, input_keep, pad_right, shift_left, sink_of, targets_of
+from kcache.align import (
+    DEFAULT_SINK,
+    TemplateSpec,
+    encode_sample,
+    input_keep,
+    pad_right,
+    shift_left,
+    sink_of,
+    targets_of,
+)
 from kcache.encoders import EncoderConfig, EncoderStack, load_bundle, publish_bundle
-from kcache.train import OptimConfig, load_checkpoint, lr_at, optimizer_step, save_checkpoint
 from kcache.inject import add_at_site, check_fingerprint, embed_ids
 from kcache.models import Decoder
 from kcache.precision import autocast_for
+from kcache.train import OptimConfig, load_checkpoint, lr_at, optimizer_step, save_checkpoint
 
 
 @dataclasses.dataclass
@@ -132,7 +141,7 @@ def kl_positions(x_ids: list[list[int]]) -> list[tuple[int, int]]:
     return [(i, j) for i, x in enumerate(x_ids) for j in range(len(x) - 1)]
 
 
-def batch_kl(decoder: Decoder, stack: EncoderStack, site: str, layers: list[int], items: list["Item"], autocast) -> tuple[torch.Tensor, int]:
+def batch_kl(decoder: Decoder, stack: EncoderStack, site: str, layers: list[int], items: list[Item], autocast) -> tuple[torch.Tensor, int]:
     """(sum over positions of ``KL(D(K,x) || D(E(K,x)+x))``, position count): the next-token
     distributions at every input position that predicts a next input token (source and target).
 

@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 from kcache import distributed, shutdown
 from kcache._io import now, pyplot, save_png
 from kcache.align import length_mask, sink_of, targets_of
-from kcache.precision import autocast_for
-from kcache.encoders import CONFIG_FILE, WEIGHTS_FILE, EncoderConfig, EncoderStack, publish_bundle, save_bundle
 from kcache.cache.format import CacheError
 from kcache.cache.reader import Cache
+from kcache.encoders import CONFIG_FILE, WEIGHTS_FILE, EncoderConfig, EncoderStack, publish_bundle, save_bundle
+from kcache.precision import autocast_for
 from kcache.train import (  # noqa: F401 - OptimConfig, lr_at, optimizer_step, CHECKPOINT_* are also re-exported
     CHECKPOINT_DIR,
     CHECKPOINT_FORMAT,
@@ -158,7 +158,7 @@ class Batch:
     targets: dict[int, torch.Tensor]  # layer -> (B, X, H) float32
     samples: list[int]
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(self.tokens.to(device), self.valid.to(device), self.shifts.to(device), self.loss_mask.to(device),
                      {l: t.to(device, non_blocking=True) for l, t in self.targets.items()}, self.samples)
 

@@ -41,10 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from kcache.align import input_keep, pad_right, sink_keep, sink_of, targets_of
-from kcache.models import Decoder
-
-
 from kcache.errors import KCacheError  # noqa: E402
+from kcache.models import Decoder
 
 
 class InjectError(KCacheError, ValueError):
@@ -236,7 +234,7 @@ class _Static:
 class _Session:
     """Incremental encoders with their own KV cache (see the module docstring for the layout)."""
 
-    def __init__(self, injector: "Injector", k_ids: list[list[int]]):
+    def __init__(self, injector: Injector, k_ids: list[list[int]]):
         self.inj = injector
         dec, stack = injector.decoder, injector.stack
         self.dev = dec.device
@@ -355,7 +353,7 @@ class Injector:
     # -- construction
 
     @classmethod
-    def from_stack(cls, decoder: Decoder, stack, meta: dict) -> "Injector":
+    def from_stack(cls, decoder: Decoder, stack, meta: dict) -> Injector:
         """An in-memory stack with its bundle metadata (``site``, ``model``, optional ``layers``,
         ``template``, ``max_length``). Refuses metadata naming another model."""
         if "model" in meta:
@@ -363,9 +361,9 @@ class Injector:
         return cls(decoder, meta.get("site", "mlp"), meta.get("layers", stack.layers), stack=stack, meta=meta)
 
     @classmethod
-    def from_bundle(cls, decoder: Decoder, path: str | Path) -> "Injector":
+    def from_bundle(cls, decoder: Decoder, path: str | Path) -> Injector:
         """Load an encoder bundle (``kcache.encoders.load_bundle``) and refuse one made for another model."""
-        from kcache.encoders import BundleError, read_bundle_config, load_bundle
+        from kcache.encoders import BundleError, load_bundle, read_bundle_config
 
         doc = read_bundle_config(path)
         try:
@@ -376,7 +374,7 @@ class Injector:
         return cls(decoder, meta["site"], meta["layers"], stack=stack, meta=meta)
 
     @classmethod
-    def oracle(cls, decoder: Decoder, cache, layers: list[int] | None = None) -> "Injector":
+    def oracle(cls, decoder: Decoder, cache, layers: list[int] | None = None) -> Injector:
         """Oracle mode: inject the exact deltas of a stage-one cache (the upper bound)."""
         check_fingerprint(cache.model_fingerprint, decoder, f"cache {cache.path}")
         s = cache.settings
@@ -422,7 +420,7 @@ class Injector:
             return out + p[layer].to(out.device, out.dtype)
         return hook
 
-    def attach(self) -> "Injector":
+    def attach(self) -> Injector:
         if self._depth == 0:
             bb = self.decoder.layers.backbone()
             self._handles.append(bb.register_forward_pre_hook(self._pre, with_kwargs=True))

@@ -27,8 +27,8 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-from kcache.errors import KCacheError  # noqa: E402
 from kcache._io import atomic_write_json, sha256_file  # noqa: E402
+from kcache.errors import KCacheError  # noqa: E402
 
 
 class ModelError(KCacheError, RuntimeError):
@@ -232,15 +232,15 @@ class ModelFingerprint:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelFingerprint":
+    def from_dict(cls, d: dict) -> ModelFingerprint:
         return cls(**{f.name: d.get(f.name, "") for f in dataclasses.fields(cls)})
 
-    def matches(self, other: "ModelFingerprint") -> bool:
+    def matches(self, other: ModelFingerprint) -> bool:
         """Same model: ``name`` is only a label and is not compared."""
         return (self.architecture, self.config_hash, self.weights_hash, self.tokenizer_hash) == (
             other.architecture, other.config_hash, other.weights_hash, other.tokenizer_hash)
 
-    def diff(self, other: "ModelFingerprint") -> list[str]:
+    def diff(self, other: ModelFingerprint) -> list[str]:
         return [f for f in ("architecture", "config_hash", "weights_hash", "tokenizer_hash") if getattr(self, f) != getattr(other, f)]
 
 
@@ -262,7 +262,7 @@ class Decoder:
     model: nn.Module
     tokenizer: object
     fingerprint: ModelFingerprint
-    layers: "LayerAdapter"
+    layers: LayerAdapter
 
     @property
     def device(self) -> torch.device:

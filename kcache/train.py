@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from kcache.schemas import validate_document
 from kcache.cache.format import CacheError
+from kcache.schemas import validate_document
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FORMAT = "kcache-checkpoint"

@@ -40,7 +40,7 @@ def _corpus():
 
 
 def make_tokenizer(add_bos: bool):
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, processors
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -66,7 +66,14 @@ def tokenizer_bos():
 
 
 def make_model(arch: str, vocab: int, layers: int = 4, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from kcache.align import (
-    TemplateSpec, encode_input, encode_sample, length_mask, loss_mask, parse_layers, plan_batches, shift_left, shift_right,
+    TemplateSpec,
+    encode_input,
+    encode_sample,
+    length_mask,
+    loss_mask,
+    parse_layers,
+    plan_batches,
+    shift_left,
+    shift_right,
 )
 
 

@@ -7,12 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import make_model
 from torch import nn
 
-from kcache.methods import baselines as B
 from kcache.align import TemplateSpec
+from kcache.methods import baselines as B
 from kcache.models import ModelError, wrap_decoder
-from conftest import make_model
 
 
 @pytest.fixture(autouse=True)

@@ -13,17 +13,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import make_model, relist, unlock
 from typer.testing import CliRunner
 
-from conftest import make_model, relist, unlock
+from kcache.cache import Cache, validate_cache
+from kcache.cache.format import COMMIT_LOG, CacheError
 from kcache.cli import app
 from kcache.data.samples import write_samples
 from kcache.data.synth import synth_samples
 from kcache.extract import ExtractConfig, extract
-from kcache.cache import Cache
-from kcache.cache import validate_cache
-from kcache.cache.format import COMMIT_LOG, CacheError
-
 
 
 def _cli(args, env):
@@ -143,6 +141,7 @@ def test_validate_catches_nan(good_cache):
 
 def test_float16_overflow_is_a_clear_error():
     import torch
+
     from kcache.cache.format import encode_rows
 
     with pytest.raises(CacheError, match="bfloat16"):

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from conftest import make_model, unlock
 from httpserver import serve
+from typer.testing import CliRunner
+
 from kcache.cli import app
 from kcache.cli.errors import EXIT_ENVIRONMENT, EXIT_INPUT, EXIT_INVALID
 from kcache.data.samples import write_samples
@@ -186,6 +186,7 @@ def test_usage_errors_keep_clicks_own_code():
 
 
 def test_the_one_table_maps_each_kind_to_its_code():
+    from kcache.cache import CacheError
     from kcache.cli.errors import exit_code
     from kcache.data.convert import ConvertError
     from kcache.data.samples import SampleError
@@ -195,7 +196,6 @@ def test_the_one_table_maps_each_kind_to_its_code():
     from kcache.lock import OutputLocked
     from kcache.models import ModelError
     from kcache.schemas import SchemaError
-    from kcache.cache import CacheError
 
     for e, code in [(CacheError("x"), EXIT_INPUT), (SchemaError("x"), EXIT_INPUT), (SampleError("x"), EXIT_INPUT),
                     (ConvertError("x"), EXIT_INPUT), (KGError("x"), EXIT_INPUT), (MissingExtraError("x"), EXIT_INPUT),
@@ -219,6 +219,7 @@ def test_sample_errors_exit_alike_in_evaluate_and_data(bad_inputs):
 
 
 def test_every_domain_error_is_a_kcache_error_and_keeps_its_builtin_base():
+    from kcache.cache import CacheError
     from kcache.data.convert import ConvertError
     from kcache.data.samples import SampleError
     from kcache.encoders import BundleError
@@ -227,7 +228,6 @@ def test_every_domain_error_is_a_kcache_error_and_keeps_its_builtin_base():
     from kcache.kg.tables import KGError
     from kcache.models import ModelError
     from kcache.schemas import SchemaError
-    from kcache.cache import CacheError
 
     for cls, base in [(CacheError, ValueError), (BundleError, ValueError), (SchemaError, ValueError), (SampleError, ValueError),
                       (ConvertError, SampleError), (KGError, ValueError), (InjectError, ValueError), (ModelError, RuntimeError)]:

@@ -19,18 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_model, unlock
 from typer.testing import CliRunner
 
-from conftest import make_model, unlock
-from kcache.cache import Cache
+from kcache.cache import Cache, CacheError, finalize, merge, validate_cache
 from kcache.data.samples import write_samples
 from kcache.data.synth import synth_samples
 from kcache.extract import ExtractConfig, extract
-from kcache.cache import finalize, validate_cache
 from kcache.lock import OutputLocked, lock_path, output_lock, remove_stale_tmp
 from kcache.lock import tmp_path as tmp_name
-from kcache.cache import merge
-from kcache.cache import CacheError
 
 SMALL = dict(layers="1-2", chunk_rows=32, shard_rows=64, token_budget=96)
 CLI_SMALL = ["--layers", "1-2", "--token-budget", "96", "--chunk-rows", "32", "--shard-rows", "64", "--model-dtype", "float32"]
@@ -259,7 +256,7 @@ def test_two_extracts_really_racing(tmp_path, env, model_dir, sample_files, refe
     # one after the other (the second finds the cache complete). Never anything else.
     if failed:
         assert len(ok) == 1 and len(failed) == 1
-        (p, err), winner = failed[0], ok[0]
+        (_, err), winner = failed[0], ok[0]
         assert f"another kcache process (pid {winner.pid} on " in err and "Traceback" not in err, err[-3000:]
     else:
         assert sum("already complete" in out_ for _, out_, _ in res) == 1
@@ -370,8 +367,8 @@ def test_rerun_completes_a_finalize_killed_half_way(llama, tmp_path, rerun):
 def test_pull_onto_another_cache_is_refused_and_leaves_it_untouched(two_caches, tmp_path):
     from httpserver import serve
 
-    from kcache.cli import app
     from kcache.cache import pull
+    from kcache.cli import app
 
     a, b = two_caches
     before = _snapshot(b)
@@ -405,7 +402,7 @@ def test_a_symlink_planted_at_the_lock_path_is_refused_and_its_target_untouched(
     victim.write_text("precious")
     out = tmp_path / "out.zarr"
     lock_path(out).symlink_to(victim)
-    with pytest.raises(CacheError, match=rf"lock file .*out\.zarr\.lock is a symbolic link"):
+    with pytest.raises(CacheError, match=r"lock file .*out\.zarr\.lock is a symbolic link"):
         with output_lock(out, "write it"):
             pass
     assert victim.read_text() == "precious" and lock_path(out).is_symlink()

@@ -7,11 +7,18 @@ import importlib.util
 import pytest
 import torch
 
+from kcache.align import TemplateSpec
 from kcache.data.synth import synth_samples
 from kcache.evaluate import (
-    control_items, derangement, evaluate, gap_fraction, markdown_report, paired_difference, prepare_items, sample_nll,
+    control_items,
+    derangement,
+    evaluate,
+    gap_fraction,
+    markdown_report,
+    paired_difference,
+    prepare_items,
+    sample_nll,
 )
-from kcache.align import TemplateSpec
 
 
 def test_derangement_moves_every_item():

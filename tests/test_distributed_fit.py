@@ -14,11 +14,11 @@ import pytest
 import torch
 from conftest import make_model
 
+from kcache.cache import CacheError
 from kcache.data.synth import synth_samples
 from kcache.extract import ExtractConfig, extract
 from kcache.fit import FitConfig, fit_encoders, layers_of_rank
 from kcache.models import wrap_decoder
-from kcache.cache import CacheError
 
 pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs gloo")
 

@@ -14,7 +14,15 @@ from kcache.data.samples import samples_from_records
 from kcache.data.synth import synth_records, synth_samples
 from kcache.encoders import EncoderConfig, EncoderStack
 from kcache.evaluate import (
-    METHODS, EvalBatch, evaluate, markdown_report, method_x, option_prediction, perplexity, register_method, write_report,
+    METHODS,
+    EvalBatch,
+    evaluate,
+    markdown_report,
+    method_x,
+    option_prediction,
+    perplexity,
+    register_method,
+    write_report,
 )
 
 SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
@@ -173,6 +181,7 @@ def test_oracle_at_the_last_block_equals_knowledge_in_context(tiny_decoder, tmp_
 
 def test_reports_are_written(tokenizer_nobos, tmp_path):
     from conftest import make_model
+
     from kcache.models import wrap_decoder
 
     dec = wrap_decoder(make_model("mistral", len(tokenizer_nobos)), tokenizer_nobos, name="tiny-mistral")
@@ -187,9 +196,9 @@ def test_reports_are_written(tokenizer_nobos, tmp_path):
 
 def test_evaluate_command(tmp_path, monkeypatch, tokenizer_nobos):
     import typer
+    from conftest import make_model
     from typer.testing import CliRunner
 
-    from conftest import make_model
     from kcache.cli import mount
     from kcache.data.samples import write_samples
     from kcache.encoders import save_bundle
@@ -220,6 +229,7 @@ def test_evaluate_command(tmp_path, monkeypatch, tokenizer_nobos):
 
 def test_bench_inject_runs_and_writes(tokenizer_bos, tmp_path):
     from conftest import make_model
+
     from kcache.bench.inject import bench_inject
     from kcache.models import wrap_decoder
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import make_model
 
-from kcache.methods import baselines as B
 from kcache.data.synth import synth_samples
 from kcache.evaluate import METHODS, evaluate
+from kcache.methods import baselines as B
 from kcache.methods.scoring import register_baseline_methods, release
 from kcache.models import wrap_decoder
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from kcache.align import pad_right
+from kcache.cache import Cache
 from kcache.extract import ExtractConfig, capture, extract, make_plan, run_blocks
 from kcache.inject import add_at_site
-from kcache.cache import Cache
 
 
 def _activations(decoder, seqs, site, layer, additions=None):

@@ -8,15 +8,24 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_model
+
+from kcache.cache import Cache, CacheError
 from kcache.data.synth import synth_samples
 from kcache.encoders import BundleError, EncoderConfig, EncoderStack, load_bundle
 from kcache.extract import ExtractConfig, extract
-from kcache.fit import BatchLoader, CacheReader, FitConfig, evaluate_layers, fit_encoders, lr_at, masked_mse, predict, shuffle_schedule
+from kcache.fit import (
+    BatchLoader,
+    CacheReader,
+    FitConfig,
+    evaluate_layers,
+    fit_encoders,
+    lr_at,
+    masked_mse,
+    predict,
+    shuffle_schedule,
+)
 from kcache.models import wrap_decoder
-from kcache.cache import Cache
-from kcache.cache import CacheError
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 
@@ -57,7 +66,9 @@ def test_masked_positions_do_not_change_the_loss(tiny_cache):
         torch.nn.init.normal_(enc.up_proj.weight, std=0.1)
     batch = next(iter(BatchLoader(reader, np.arange(8), 8, 64, 0, 0)))
     assert (~batch.valid).any() and (~batch.loss_mask).any()
-    loss = lambda b: [float(masked_mse(p, b.targets[l], b.loss_mask).detach()) for l, p in predict(stack, emb, b).items()]
+    def loss(b):
+        return [float(masked_mse(p, b.targets[l], b.loss_mask).detach()) for l, p in predict(stack, emb, b).items()]
+
     before = loss(batch)
     batch.tokens[~batch.valid] = 7  # other padding token ids
     for t in batch.targets.values():
@@ -142,6 +153,7 @@ def test_bad_inputs(tiny_cache, tmp_path):
         fit_encoders(tiny_cache, tmp_path / "e", FitConfig(**TINY, layers=[5]), progress=False)
     # a cache of another schema version
     import shutil
+
     import zarr
 
     other = tmp_path / "v2.zarr"

@@ -19,12 +19,9 @@ from conftest import make_model, relist, unlock
 from httpserver import serve
 from test_remote import _copy, _rewrite_manifest, served  # noqa: F401 - the module-scoped cache fixture
 
-from kcache.cache import Cache
+from kcache.cache import Cache, CacheError, merge, pull
 from kcache.cache.integrity import part_files, validate_cache
-from kcache.cache import merge
 from kcache.paths import safe_local_path, safe_relpath
-from kcache.cache import pull
-from kcache.cache import CacheError
 
 UNSAFE = ["../../../x.sh", "/ABS/y.sh", "deltas\\..\\..\\x.sh", "a\x00b", "a//b", "./zarr.json"]
 SHARD = "deltas/layer_02/c/0/0"

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from kcache.align import TemplateSpec, encode_sample, pad_right
+from kcache.cache import Cache
 from kcache.data.synth import synth_records, synth_samples
 from kcache.encoders import BundleError, EncoderConfig, EncoderStack, save_bundle
 from kcache.extract import ExtractConfig, capture, extract, run_blocks
 from kcache.inject import InjectError, Injector, encoder_additions, generate_tokens
-from kcache.cache import Cache
 
 SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 
@@ -212,7 +212,9 @@ def test_generation_with_kv_cache_matches_recompute(tiny_decoder):
     decisive = 0
     injected_vs_plain = 0.0
     for ki, xi in zip(k, x):
-        injected = lambda seq, ki=ki: inj.forward([ki], [seq])[0]
+        def injected(seq, ki=ki):
+            return inj.forward([ki], [seq])[0]
+
         cached, logits = _generate_recording(inj, [ki], [xi], steps)
         assert len(cached[0]) == steps
         decisive += _assert_matches_recompute(cached[0], logits[0], _teacher_forced(injected, xi, cached[0]), "KV cache")
@@ -228,7 +230,7 @@ def test_generation_with_kv_cache_matches_recompute(tiny_decoder):
     # batch > 1 (left-padded): every row agrees with the recompute path on its own tokens
     batched, logits = _generate_recording(inj, k, x, steps)
     for i, (ki, xi) in enumerate(zip(k, x)):
-        ref = _teacher_forced(lambda seq: inj.forward([ki], [seq])[0], xi, batched[i])
+        ref = _teacher_forced(lambda seq, ki=ki: inj.forward([ki], [seq])[0], xi, batched[i])
         _assert_matches_recompute(batched[i], logits[i], ref, f"batched row {i}")
 
 
@@ -261,6 +263,7 @@ def test_session_refuses_beam_search_and_foreign_batches(tiny_decoder):
 
 def test_fingerprint_mismatch_is_refused(tiny_decoder, tokenizer_nobos, tmp_path):
     from conftest import make_model
+
     from kcache.models import wrap_decoder
 
     other = wrap_decoder(make_model("llama", len(tokenizer_nobos), seed=1), tokenizer_nobos, name="tiny-other")
@@ -287,9 +290,9 @@ def test_fingerprint_mismatch_is_refused(tiny_decoder, tokenizer_nobos, tmp_path
 def test_generate_command_end_to_end(tmp_path, monkeypatch, tokenizer_nobos):
     """A tiny model saved as a Hugging Face directory, a bundle for it, ``kcache generate --compare``."""
     import typer
+    from conftest import make_model
     from typer.testing import CliRunner
 
-    from conftest import make_model
     from kcache.cli import mount
     from kcache.generate import generate, side_by_side
     from kcache.models import load_decoder

@@ -19,8 +19,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from kcache.kg import embed as kg_embed
 from kcache.cli import kg_app as app
+from kcache.kg import embed as kg_embed
 from kcache.kg.importers import (
     import_numpy,
     import_openke,

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_model
 
+from kcache.align import TemplateSpec
 from kcache.methods import baselines as B
 from kcache.methods import knowla as K
-from kcache.align import TemplateSpec
 from kcache.models import ModelError, wrap_decoder
-from conftest import make_model
 
 H, D, N_ENT = 64, 8, 12
 

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import ARCHS, make_model
-from kcache.models import LayerAdapter, ModelError, fingerprint, load_decoder, resolve_device, resolve_dtype, wrap_decoder
+
+from kcache.models import (
+    LayerAdapter,
+    ModelError,
+    fingerprint,
+    load_decoder,
+    resolve_device,
+    resolve_dtype,
+    wrap_decoder,
+)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -7,12 +7,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from test_fit import TINY, tiny_cache  # noqa: F401  (module-scoped fixture)
 
 from kcache import precision
 from kcache.encoders import attend, attention_mask
 from kcache.fit import FitConfig, fit_encoders
-
-from test_fit import TINY, tiny_cache  # noqa: F401  (module-scoped fixture)
 
 
 def test_auto_follows_the_hardware_and_the_override(monkeypatch):

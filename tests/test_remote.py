@@ -17,13 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import typer
 from conftest import make_model
 from httpserver import serve
 from typer.testing import CliRunner
 
-from kcache.cache.remote import MANIFEST, STAGING, manifest_files, pull
 from kcache.cache import CacheError
+from kcache.cache.remote import MANIFEST, STAGING, manifest_files, pull
 
 BLOCK = 4096  # small range requests, so even the tiny test files take several
 

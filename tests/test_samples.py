@@ -8,7 +8,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kcache.data.samples import SampleError, read_samples, sample_set_fingerprint, samples_from_records, to_dataset, write_samples
+from kcache.data.samples import (
+    SampleError,
+    read_samples,
+    sample_set_fingerprint,
+    samples_from_records,
+    to_dataset,
+    write_samples,
+)
 from kcache.data.synth import synth_records, synth_samples
 
 

@@ -12,18 +12,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import make_model, relist, unlock
 from typer.testing import CliRunner
 
-from conftest import make_model, relist, unlock
-from kcache.cache import Cache
+from kcache.cache import Cache, CacheError, finalize, merge, validate_cache
 from kcache.cli import app
 from kcache.data.samples import write_samples
 from kcache.data.synth import synth_samples
 from kcache.extract import ExtractConfig, extract, rank_batches
 from kcache.fit import FitConfig, fit_encoders
-from kcache.cache import finalize, validate_cache
-from kcache.cache import merge
-from kcache.cache import CacheError
 
 SMALL = dict(layers="1-2", chunk_rows=32, shard_rows=64, token_budget=96)
 

@@ -51,10 +51,11 @@ def test_default_model_is_real_and_uses_knowledge(smol):
 
 @pytest.mark.parametrize("site", ["mlp", "block"])
 def test_exactness_on_smollm2(smol, tmp_path, site):
+    from test_extract import _activations
+
+    from kcache.cache import Cache
     from kcache.data.synth import synth_samples
     from kcache.extract import ExtractConfig, extract
-    from kcache.cache import Cache
-    from test_extract import _activations
 
     layer = 5
     # the single-layer invariant of independent targets, at every input position
@@ -78,9 +79,9 @@ def test_exactness_on_smollm2(smol, tmp_path, site):
 def test_cascade_on_smollm2_reproduces_pass_b_at_every_injected_layer(smol, tmp_path):
     """The defaults (cascade targets, block site, sink 1): all cached layers injected at once give
     pass B's residual stream at every injected layer, from input position 1 on."""
+    from kcache.cache import Cache
     from kcache.data.synth import synth_samples
     from kcache.extract import ExtractConfig, capture, extract, run_blocks
-    from kcache.cache import Cache
     from kcache.inject import Injector
 
     layers = [3, 4, 5]

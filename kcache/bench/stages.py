@@ -104,7 +104,7 @@ def bench_extract(model: str = "smollm2-135m", n: int = 300, layers: str = "3-8"
     times = {"full_depth_hidden_states": [], "kcache_extract": [], "bare_truncated_passes": []}
     tmp = Path(tempfile.mkdtemp(prefix="kcache-bench-"))
     try:
-        for r in range(repeats):
+        for _ in range(repeats):
             times["full_depth_hidden_states"].append(_full_depth(dec, plan, lay))
             shutil.rmtree(tmp / "c.zarr", ignore_errors=True)
             _sync(dec.device)
@@ -177,8 +177,8 @@ def bench_fit(cache: Path, steps: int = 60, batch_size: int = 8, device: str | N
     after the same number of steps (the speed must not cost accuracy)."""
     import numpy as np
 
-    from kcache.fit import BatchLoader, CacheReader
     from kcache.cache.reader import Cache
+    from kcache.fit import BatchLoader, CacheReader
     from kcache.precision import compute_name
 
     c = Cache.open(cache)

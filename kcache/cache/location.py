@@ -60,7 +60,7 @@ class Location:
             return self.spec
         return f"{self.spec}/{rel}" if self.remote else str(Path(self.spec) / rel)
 
-    def child(self, rel: str) -> "Location":
+    def child(self, rel: str) -> Location:
         return Location(self.url(rel)) if rel not in ("", ".") else self
 
     def exists(self, rel: str) -> bool:

@@ -249,7 +249,7 @@ class Part:
     _arrays: dict = field(default_factory=dict)
 
     @classmethod
-    def open(cls, loc: Location, name: str = ".", exclude=(), require_complete: bool = True, sizes: dict[str, int] | None = None) -> "Part":
+    def open(cls, loc: Location, name: str = ".", exclude=(), require_complete: bool = True, sizes: dict[str, int] | None = None) -> Part:
         """Open and check one store; ``sizes`` (file -> bytes: the manifest's, or a local listing) bounds every claimed shape."""
         attrs = read_group_attrs(loc)
         if require_complete and attrs["status"] != "complete":
@@ -392,7 +392,7 @@ class Cache:
     # -- opening
 
     @classmethod
-    def open(cls, spec: str | os.PathLike | Location, require_complete: bool = True) -> "Cache":
+    def open(cls, spec: str | os.PathLike | Location, require_complete: bool = True) -> Cache:
         """Open a cache directory or URL; refuses anything malformed before data is read."""
         loc = spec if isinstance(spec, Location) else Location(spec)
         manifest = read_manifest(loc)

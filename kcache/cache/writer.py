@@ -26,7 +26,6 @@ from kcache.cache.lossy import decode_block, encode_block
 from kcache.lock import fresh_tmp
 from kcache.schemas import arrow_schema, validate_document
 
-
 # ---------------------------------------------------------------------------------------------
 # layout
 

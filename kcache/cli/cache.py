@@ -157,8 +157,8 @@ def merge_cmd(
 
 def finalize_cmd(cache: Path = typer.Argument(..., help="a complete cache written before manifests existed")):
     """Write the manifest (digests) of a complete cache and make it read-only."""
-    from kcache.cache.reader import Cache
     from kcache.cache.integrity import finalize
+    from kcache.cache.reader import Cache
 
     with errors():
         Cache.open(cache)

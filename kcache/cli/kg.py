@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -27,11 +26,11 @@ def _summary(kg, out) -> str:
 def import_openke_cmd(
     directory: Path = typer.Argument(..., help="OpenKE benchmark folder (entity2id.txt, relation2id.txt, train2id.txt [, valid2id.txt, test2id.txt])"),
     out: Path = typer.Option(..., "--out", help="KG directory to write"),
-    names: Optional[Path] = typer.Option(None, "--names", help="entity names TSV (default: entity_names.tsv in DIRECTORY when present)"),
+    names: Path | None = typer.Option(None, "--names", help="entity names TSV (default: entity_names.tsv in DIRECTORY when present)"),
     no_names: bool = typer.Option(False, "--no-names", help="name entities by their key"),
-    name: Optional[str] = typer.Option(None, "--name", help="KG name (default: the folder name)"),
-    vectors: Optional[Path] = typer.Option(None, "--vectors", help=".npy matrix (entities x dim), row i = entity i"),
-    vectors_model: Optional[str] = typer.Option(None, "--vectors-model", help="model that produced --vectors (transe, rotate, …)"),
+    name: str | None = typer.Option(None, "--name", help="KG name (default: the folder name)"),
+    vectors: Path | None = typer.Option(None, "--vectors", help=".npy matrix (entities x dim), row i = entity i"),
+    vectors_model: str | None = typer.Option(None, "--vectors-model", help="model that produced --vectors (transe, rotate, …)"),
 ):
     """Import an OpenKE-layout KG (e.g. WN18RR) into a KG directory."""
     from kcache.kg.importers import import_openke
@@ -44,8 +43,8 @@ def import_word2vec_cmd(
     path: Path = typer.Argument(..., help="word2vec text file: [count dim] header, then 'token v1 … vd' lines"),
     out: Path = typer.Option(..., "--out", help="KG directory to write, or with --kg the embeddings .parquet file"),
     model: str = typer.Option(..., "--model", help="embedding model that produced the vectors (transe, …)"),
-    kg: Optional[Path] = typer.Option(None, "--kg", help="attach the vectors to this KG (tokens = entity keys) instead of creating a KG"),
-    name: Optional[str] = typer.Option(None, "--name", help="KG name (default: the file stem)"),
+    kg: Path | None = typer.Option(None, "--kg", help="attach the vectors to this KG (tokens = entity keys) instead of creating a KG"),
+    name: str | None = typer.Option(None, "--name", help="KG name (default: the file stem)"),
 ):
     """Import word2vec-format vectors (e.g. KnowLA's WordNet vectors)."""
     from kcache.kg.importers import import_word2vec
@@ -62,7 +61,7 @@ def import_numpy_cmd(
     names: Path = typer.Argument(..., help="names file, line i names row i (e.g. concept.txt)"),
     out: Path = typer.Option(..., "--out", help="KG directory to write"),
     model: str = typer.Option(..., "--model", help="embedding model that produced the vectors (transe, …)"),
-    name: Optional[str] = typer.Option(None, "--name", help="KG name (default: the names file stem)"),
+    name: str | None = typer.Option(None, "--name", help="KG name (default: the names file stem)"),
 ):
     """Import a numpy matrix + names file as an entity-only KG with its vectors."""
     from kcache.kg.importers import import_numpy

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -56,24 +55,24 @@ def train_baseline_cmd(
     samples: Path = typer.Option(..., "--samples", "-s", help="samples .parquet or .jsonl (D(K,x) -> target)"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory (adapter / weights + kcache-method.json)"),
     model: str = ModelOpt,
-    steps: Optional[int] = typer.Option(None, "--steps", help="optimizer steps (default: --epochs over the samples)"),
+    steps: int | None = typer.Option(None, "--steps", help="optimizer steps (default: --epochs over the samples)"),
     epochs: float = typer.Option(1.0, "--epochs"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="peak learning rate (default 1e-4 LoRA/KaSA, 1e-6 SFT)"),
+    lr: float | None = typer.Option(None, "--lr", help="peak learning rate (default 1e-4 LoRA/KaSA, 1e-6 SFT)"),
     batch_size: int = typer.Option(8, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
     rank: int = typer.Option(24, "--rank", help="LoRA/KaSA rank (DIEKÆ A.4: 24)"),
     alpha: float = typer.Option(32, "--alpha", help="LoRA/KaSA alpha (DIEKÆ A.4: 32)"),
     dropout: float = typer.Option(0.05, "--dropout"),
     targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj", "--targets", help="comma-separated module names"),
-    layers: Optional[str] = typer.Option(None, "--layers", help="adapt only these blocks (3-8, 3,5,7); default all"),
+    layers: str | None = typer.Option(None, "--layers", help="adapt only these blocks (3-8, 3,5,7); default all"),
     kasa_beta: float = typer.Option(1e-4, "--kasa-beta", help="KaSA singular-value L2 weight"),
     kasa_gamma: float = typer.Option(1e-3, "--kasa-gamma", help="KaSA orthogonality weight"),
     max_length: int = typer.Option(1024, "--max-length"),
-    split: Optional[str] = _SPLIT,
-    limit: Optional[int] = _LIMIT,
+    split: str | None = _SPLIT,
+    limit: int | None = _LIMIT,
     log_every: int = typer.Option(10, "--log-every"),
-    device: Optional[str] = DeviceOpt,
-    model_dtype: Optional[str] = DtypeOpt,
+    device: str | None = DeviceOpt,
+    model_dtype: str | None = DtypeOpt,
 ):
     """Train a LoRA / KaSA / SFT baseline to use the knowledge given in context."""
     from kcache.methods.baselines import train_baseline
@@ -91,14 +90,14 @@ def train_baseline_cmd(
 
 def eval_choice_cmd(
     samples: Path = typer.Option(..., "--samples", "-s", help="multiple-choice samples (options + label)"),
-    baseline: Optional[Path] = typer.Option(None, "--baseline", help="a train-baseline output directory (default: the plain model)"),
+    baseline: Path | None = typer.Option(None, "--baseline", help="a train-baseline output directory (default: the plain model)"),
     model: str = ModelOpt,
-    split: Optional[str] = _SPLIT,
-    limit: Optional[int] = _LIMIT,
+    split: str | None = _SPLIT,
+    limit: int | None = _LIMIT,
     batch_size: int = typer.Option(16, "--batch-size"),
-    report: Optional[Path] = typer.Option(None, "--report", help="write accuracy, predictions and scores as JSON"),
-    device: Optional[str] = DeviceOpt,
-    model_dtype: Optional[str] = DtypeOpt,
+    report: Path | None = typer.Option(None, "--report", help="write accuracy, predictions and scores as JSON"),
+    device: str | None = DeviceOpt,
+    model_dtype: str | None = DtypeOpt,
 ):
     """Multiple-choice accuracy (lowest mean answer-token loss) of the plain model or a baseline."""
     from kcache.methods.baselines import load_baseline, multiple_choice_accuracy
@@ -162,23 +161,23 @@ def knowla_train_cmd(
     embeddings: Path = typer.Option(..., "--embeddings", help="entity embeddings of the same KG"),
     out: Path = typer.Option(..., "--out", "-o"),
     model: str = ModelOpt,
-    layers: Optional[str] = typer.Option(None, "--layers", help="blocks after which to insert the layer (default: the middle one)"),
-    random_vectors: Optional[int] = typer.Option(None, "--random-vectors", help="ablation: replace the vectors by Gaussian ones with this seed (written to OUT/random-embeddings.parquet)"),
+    layers: str | None = typer.Option(None, "--layers", help="blocks after which to insert the layer (default: the middle one)"),
+    random_vectors: int | None = typer.Option(None, "--random-vectors", help="ablation: replace the vectors by Gaussian ones with this seed (written to OUT/random-embeddings.parquet)"),
     no_lora: bool = typer.Option(False, "--no-lora", help="train the adaptation layer alone"),
     lora_r: int = typer.Option(16, "--lora-r"),
     lora_alpha: float = typer.Option(16, "--lora-alpha"),
     intermediate_size: int = typer.Option(1024, "--intermediate-size", help="SwiGLU width of the knowledge mapping"),
     value: str = typer.Option("mapped", "--value", help="mapped | raw: sum the mapped or the raw entity vectors"),
-    steps: Optional[int] = typer.Option(None, "--steps"),
+    steps: int | None = typer.Option(None, "--steps"),
     epochs: float = typer.Option(1.0, "--epochs"),
     lr: float = typer.Option(3e-4, "--lr"),
     batch_size: int = typer.Option(8, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
-    split: Optional[str] = _SPLIT,
-    limit: Optional[int] = _LIMIT,
+    split: str | None = _SPLIT,
+    limit: int | None = _LIMIT,
     log_every: int = typer.Option(10, "--log-every"),
-    device: Optional[str] = DeviceOpt,
-    model_dtype: Optional[str] = DtypeOpt,
+    device: str | None = DeviceOpt,
+    model_dtype: str | None = DtypeOpt,
 ):
     """Train KnowLA (+ LoRA) on samples with entity links."""
     from kcache.kg.tables import read_embeddings, write_embeddings
@@ -203,14 +202,14 @@ def knowla_eval_cmd(
     run: Path = typer.Argument(..., help="a knowla train output directory"),
     samples: Path = typer.Option(..., "--samples", "-s"),
     links: Path = typer.Option(..., "--links"),
-    embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="default: RUN/random-embeddings.parquet when the run made one"),
+    embeddings: Path | None = typer.Option(None, "--embeddings", help="default: RUN/random-embeddings.parquet when the run made one"),
     model: str = ModelOpt,
-    split: Optional[str] = _SPLIT,
-    limit: Optional[int] = _LIMIT,
+    split: str | None = _SPLIT,
+    limit: int | None = _LIMIT,
     batch_size: int = typer.Option(16, "--batch-size"),
-    report: Optional[Path] = typer.Option(None, "--report"),
-    device: Optional[str] = DeviceOpt,
-    model_dtype: Optional[str] = DtypeOpt,
+    report: Path | None = typer.Option(None, "--report"),
+    device: str | None = DeviceOpt,
+    model_dtype: str | None = DtypeOpt,
 ):
     """Multiple-choice accuracy of a trained KnowLA run."""
     from kcache.methods.knowla import load_knowla, multiple_choice_accuracy

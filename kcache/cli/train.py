@@ -39,8 +39,8 @@ def fit_cmd(
     layers[r::N]; the bundle is the same as a single process would write.
     """
     from kcache.align import parse_layers
-    from kcache.fit import FitConfig, fit_encoders, summary_table
     from kcache.cache.reader import Cache
+    from kcache.fit import FitConfig, fit_encoders, summary_table
 
     with errors():
         ensure_writable_dir(out, "encoder bundle directory")  # before any training

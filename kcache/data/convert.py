@@ -16,9 +16,10 @@ import re
 import sqlite3
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 from kcache.data.samples import SampleError, read_samples, samples_from_records, write_samples
 

@@ -22,8 +22,9 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -164,7 +165,7 @@ def read_table_file(path: str | os.PathLike, what: str) -> pa.Table:
 # fingerprints
 
 
-def _hash_array(h: "hashlib._Hash", arr: pa.Array | pa.ChunkedArray) -> None:
+def _hash_array(h: hashlib._Hash, arr: pa.Array | pa.ChunkedArray) -> None:
     """Feed a canonical, chunking- and encoding-independent serialisation of ``arr`` to ``h``."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
@@ -385,7 +386,7 @@ class KG:
         return d
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, verify: bool = True) -> "KG":
+    def load(cls, directory: str | os.PathLike, verify: bool = True) -> KG:
         """Read a KG directory; with ``verify`` the fingerprint is recomputed and checked."""
         d = Path(directory)
         mpath = d / MANIFEST_FILE

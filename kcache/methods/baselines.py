@@ -38,8 +38,9 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterable, Sequence
+from typing import Any
 
 import pyarrow as pa
 import torch
@@ -187,7 +188,7 @@ def train_loop(
     warmup: float = 0.1,
     max_grad_norm: float = 1.0,
     reg_fn: Callable[[], torch.Tensor | float] | None = None,
-    prepare: Callable[[Sequence[Example]], ContextManager] | None = None,
+    prepare: Callable[[Sequence[Example]], contextlib.AbstractContextManager] | None = None,
     log_every: int = 0,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
@@ -248,7 +249,7 @@ def train_loop(
 
 @torch.no_grad()
 def mean_target_loss(model: nn.Module, examples: Sequence[Example], pad: int, batch_size: int = 16,
-                     prepare: Callable[[Sequence[Example]], ContextManager] | None = None) -> list[float]:
+                     prepare: Callable[[Sequence[Example]], contextlib.AbstractContextManager] | None = None) -> list[float]:
     """Mean target-token loss of each example (batched, in the given order)."""
     model.eval()
     device = model_device(model)
@@ -267,7 +268,7 @@ def mean_target_loss(model: nn.Module, examples: Sequence[Example], pad: int, ba
 
 
 def multiple_choice_scores(model: nn.Module, tokenizer, samples: Any, *, batch_size: int = 16, template: TemplateSpec = TemplateSpec(),
-                           max_length: int = 1024, prepare: Callable[[Sequence[Example]], ContextManager] | None = None) -> list[list[float]]:
+                           max_length: int = 1024, prepare: Callable[[Sequence[Example]], contextlib.AbstractContextManager] | None = None) -> list[list[float]]:
     """Mean loss of every option's answer tokens, per sample (``D(K, x + option)``; ``D(x + option)``
     when a sample has no knowledge). Batched over all (sample, option) pairs, shortest first."""
     records = _records(samples)

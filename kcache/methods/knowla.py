@@ -42,16 +42,17 @@ import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 from torch import nn
 
-from kcache.methods import baselines as B
 from kcache.align import TemplateSpec, adds_bos
+from kcache.methods import baselines as B
 from kcache.models import Decoder, LayerAdapter, ModelError
 
 CONFIG_FILE = "kcache-method.json"
@@ -100,10 +101,10 @@ class LinkBatch:
     def batch_size(self) -> int:
         return self.spans.shape[0]
 
-    def to(self, device) -> "LinkBatch":
+    def to(self, device) -> LinkBatch:
         return LinkBatch(self.spans.to(device), self.entity_ids.to(device))
 
-    def expand(self, batch: int) -> "LinkBatch":
+    def expand(self, batch: int) -> LinkBatch:
         """Repeat each row ``batch // B`` times (``generate`` with beams / several sequences)."""
         if batch == self.batch_size:
             return self
@@ -221,7 +222,7 @@ class KnowLA(nn.Module):
 
     # -- hooks ----------------------------------------------------------------------------
 
-    def attach(self, model: nn.Module) -> "KnowLA":
+    def attach(self, model: nn.Module) -> KnowLA:
         """Register the hooks on ``model`` (a transformers model or a ``PeftModel`` over one)."""
         self.detach()
         adapter = LayerAdapter(B._unwrap(model))
@@ -262,7 +263,14 @@ class KnowLA(nn.Module):
 def random_embeddings(table: pa.Table, seed: int = 0) -> pa.Table:
     """An embeddings table of the same KG, ids and shape with Gaussian vectors that match the
     per-dimension mean and standard deviation of ``table`` (the "random entity vectors" ablation)."""
-    from kcache.kg.tables import META_KG_FINGERPRINT, META_KG_NAME, _meta, embedding_info, embeddings_table, embeddings_to_numpy
+    from kcache.kg.tables import (
+        META_KG_FINGERPRINT,
+        META_KG_NAME,
+        _meta,
+        embedding_info,
+        embeddings_table,
+        embeddings_to_numpy,
+    )
 
     ids, vec = embeddings_to_numpy(table)
     rng = np.random.default_rng(seed)
