@@ -96,7 +96,8 @@ def atomic_path(path: str | os.PathLike, tag: str = "tmp", mode: int | None = No
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = False, mode: int | None = None, tag: str = "tmp") -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = False, mode: int | None = None,
+                       tag: str = "tmp") -> Path:
     """Write ``data`` to ``path`` through a temporary sibling and a rename (:func:`atomic_path`)."""
     path = Path(path)
     with atomic_path(path, tag, mode) as tmp:
@@ -108,13 +109,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = Fa
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = False, mode: int | None = None, tag: str = "tmp") -> Path:
+def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = False, mode: int | None = None,
+                      tag: str = "tmp") -> Path:
     """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8."""
     return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync, mode=mode, tag=tag)
 
 
-def atomic_write_json(path: str | os.PathLike, obj, *, end: str = "", fsync: bool = False, mode: int | None = None, tag: str = "tmp",
-                      **json_kwargs) -> Path:
+def atomic_write_json(path: str | os.PathLike, obj, *, end: str = "", fsync: bool = False, mode: int | None = None,
+                      tag: str = "tmp", **json_kwargs) -> Path:
     """:func:`atomic_write_text` of ``json.dumps(obj, **json_kwargs) + end``."""
     return atomic_write_text(path, json.dumps(obj, **json_kwargs) + end, fsync=fsync, mode=mode, tag=tag)
 

@@ -1,6 +1,7 @@
 """Moved to :mod:`kcache.cli.methods`; this old path still imports it, with a DeprecationWarning.
 
-``register(app)`` adds ``train-baseline``, ``eval-choice`` and the ``knowla`` group to a typer app, from the command table in :mod:`kcache.cli`.
+``register(app)`` adds ``train-baseline``, ``eval-choice`` and the ``knowla`` group to a typer app, from the command
+table in :mod:`kcache.cli`.
 """
 
 from kcache._moved import forward

@@ -1,6 +1,7 @@
 """Moved to :mod:`kcache.cli.inject`; this old path still imports it, with a DeprecationWarning.
 
-``register(app)`` adds ``generate``, ``evaluate`` and the ``bench`` group to a typer app, from the command table in :mod:`kcache.cli`.
+``register(app)`` adds ``generate``, ``evaluate`` and the ``bench`` group to a typer app, from the command table in
+:mod:`kcache.cli`.
 """
 
 from kcache._moved import forward

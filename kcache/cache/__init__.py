@@ -57,12 +57,13 @@ __all__ = [
 
 # The old module kcache.cache's other names -> the module that has them now.
 _OLD_NAMES = {
-    **dict.fromkeys(("MANIFEST", "MANIFEST_FORMAT", "MANIFEST_VERSION", "ATTRS_KEY", "DTYPES", "FORMAT", "SCHEMA_VERSION",
-                     "decode_rows"), "kcache.cache.format"),
+    **dict.fromkeys(("MANIFEST", "MANIFEST_FORMAT", "MANIFEST_VERSION", "ATTRS_KEY", "DTYPES", "FORMAT",
+                     "SCHEMA_VERSION", "decode_rows"), "kcache.cache.format"),
     **dict.fromkeys(("SAFE_CODECS", "MAX_COMPRESSION", "CAPACITY_SLACK", "BOUNDED_ARRAYS", "FLAT_ARRAYS", "storage_of",
                      "delta_dtype", "expected_arrays", "codec_problems", "array_meta_problems", "capacity_problems",
-                     "index_problems", "read_json", "read_group_attrs", "read_index", "read_manifest", "local_part_sizes",
-                     "Part", "combine_stats", "combine_errors", "settings_differences"), "kcache.cache.reader"),
+                     "index_problems", "read_json", "read_group_attrs", "read_index", "read_manifest",
+                     "local_part_sizes", "Part", "combine_stats", "combine_errors", "settings_differences"),
+                    "kcache.cache.reader"),
 }
 
 

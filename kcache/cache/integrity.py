@@ -134,7 +134,8 @@ def _drop_legacy_manifest_tmp(root: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def _finalize(root: str | os.PathLike, parts: list[str] | None, provenance: dict | None, records: list[dict] | None) -> dict:
+def _finalize(root: str | os.PathLike, parts: list[str] | None, provenance: dict | None,
+              records: list[dict] | None) -> dict:
     root = Path(root)
     if (root / MANIFEST).exists():
         raise CacheError(f"{root}: already finalized ({MANIFEST} exists); a finalized cache is immutable")
@@ -192,7 +193,8 @@ def make_read_only(root: Path) -> None:
             try:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
-                    raise CacheError(f"{p}: not a regular file (a fifo, socket or device); refusing to finalize a cache holding it")
+                    raise CacheError(f"{p}: not a regular file (a fifo, socket or device); "
+                                     "refusing to finalize a cache holding it")
                 os.fchmod(fd, st.st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
             finally:
                 os.close(fd)
@@ -255,8 +257,12 @@ def digest_problems(cache: Cache) -> list[str]:
             files[rel] = got
             if got == want:
                 continue
-            what = "truncated" if got["size"] < want["size"] else ("longer than its manifest size" if got["size"] != want["size"] else "content differs")
-            msg = f"{loc.url(rel)}: {what} (sha256 {got['sha256'][:12]}…, manifest {want['sha256'][:12]}…; {got['size']} of {want['size']} bytes)"
+            if got["size"] < want["size"]:
+                what = "truncated"
+            else:
+                what = "longer than its manifest size" if got["size"] != want["size"] else "content differs"
+            msg = (f"{loc.url(rel)}: {what} (sha256 {got['sha256'][:12]}…, manifest {want['sha256'][:12]}…; "
+                   f"{got['size']} of {want['size']} bytes)")
             mt = CHUNK_FILE.match(rel)
             if mt:
                 array = mt["array"]
@@ -265,7 +271,8 @@ def digest_problems(cache: Cache) -> list[str]:
                     bad = corrupt_chunks(part.array(array), coord)
                 except Exception as e:  # noqa: BLE001
                     bad, msg = [], msg + f"; shard unreadable ({type(e).__name__})"
-                msg = f"{loc.url(array)}: shard {coord}: " + (f"chunk(s) {', '.join(map(str, bad))} fail their crc32c check; " if bad else "") + msg
+                failing = f"chunk(s) {', '.join(map(str, bad))} fail their crc32c check; " if bad else ""
+                msg = f"{loc.url(array)}: shard {coord}: " + failing + msg
             problems.append(msg)
         if part.loc.local_path is not None:
             extra = set(part_files(part.loc.local_path)) - set(prec["files"])
@@ -303,17 +310,21 @@ def part_problems(cache: Cache, j: int, progress: bool) -> list[str]:
         bad = np.nonzero(row_off != exp_rows)[0]
         if len(bad):
             i = int(bad[0])
-            problems.append(f"{where.url('index.parquet')}: row {i} (sample {ids[i]!r}): row_offset {row_off[i]} but the previous samples end at {exp_rows[i]}")
+            problems.append(f"{where.url('index.parquet')}: row {i} (sample {ids[i]!r}): "
+                            f"row_offset {row_off[i]} but the previous samples end at {exp_rows[i]}")
         exp_tok = np.concatenate([[0], np.cumsum(x_len + k_len)[:-1]])
         bad = np.nonzero(tok_off != exp_tok)[0]
         if len(bad):
             i = int(bad[0])
-            problems.append(f"{where.url('index.parquet')}: row {i} (sample {ids[i]!r}): tok_offset {tok_off[i]} but the previous samples end at {exp_tok[i]}")
+            problems.append(f"{where.url('index.parquet')}: row {i} (sample {ids[i]!r}): "
+                            f"tok_offset {tok_off[i]} but the previous samples end at {exp_tok[i]}")
         if (k_len <= 0).any():
             problems.append(f"{where.url('index.parquet')}: a sample has an empty knowledge prefix")
     if part.rows != c["input_tokens"]:
-        problems.append(f"{where.url('index.parquet')}: x_len sums to {part.rows} but zarr.json counts {c['input_tokens']} input tokens")
-    names = [f"deltas/layer_{l:02d}" for l in cache.layers] + ["tokens/ids", "tokens/offsets", "masks/loss", "masks/target", "embeddings"]
+        problems.append(f"{where.url('index.parquet')}: x_len sums to {part.rows} but zarr.json counts "
+                        f"{c['input_tokens']} input tokens")
+    names = [f"deltas/layer_{l:02d}" for l in cache.layers] + ["tokens/ids", "tokens/offsets", "masks/loss",
+                                                               "masks/target", "embeddings"]
     if cache.storage["kind"] == "int8":
         names += [f"deltas/scale_{l:02d}" for l in cache.layers]
     for name in names:
@@ -327,13 +338,15 @@ def part_problems(cache: Cache, j: int, progress: bool) -> list[str]:
             present = None  # an empty part: every chunk equals the fill value, zarr wrote none
         elif where.local_path is not None:
             base = where.local_path / name / "c"
-            present = {tuple(int(x) for x in p.relative_to(base).parts) for p in base.rglob("*") if p.is_file()} if base.exists() else set()
+            present = {tuple(int(x) for x in p.relative_to(base).parts) for p in base.rglob("*")
+                       if p.is_file()} if base.exists() else set()
         else:
             present = None
         if present is not None:
             missing = _expected_shards(arr) - present
             if missing:
-                problems.append(f"{where.url(name)}: {len(missing)} shard(s) missing, first at grid index {sorted(missing)[0]}")
+                problems.append(f"{where.url(name)}: {len(missing)} shard(s) missing, "
+                                f"first at grid index {sorted(missing)[0]}")
     if problems:
         return problems
     offs = part.array("tokens/offsets")[:]
@@ -348,14 +361,16 @@ def part_problems(cache: Cache, j: int, progress: bool) -> list[str]:
                 block = decode_rows(raw, cache.dtype) if raw.dtype != np.int8 else raw.astype(np.float32)
             except Exception as e:  # noqa: BLE001 - codec / checksum failures
                 bad = corrupt_chunks(arr, (a // shard, 0))
-                problems.append(f"{where.url(f'deltas/layer_{l:02d}')}: rows {a}..{min(a + shard, part.rows)} unreadable"
-                                + (f", chunk(s) {', '.join(map(str, bad))} fail" if bad else "") + f" ({type(e).__name__}: {e})")
+                failing = f", chunk(s) {', '.join(map(str, bad))} fail" if bad else ""
+                problems.append(f"{where.url(f'deltas/layer_{l:02d}')}: rows {a}..{min(a + shard, part.rows)} "
+                                f"unreadable{failing} ({type(e).__name__}: {e})")
                 continue
             bad = ~np.isfinite(block)
             if bad.any():
                 r = a + int(np.nonzero(bad.any(axis=1))[0][0])
                 i = int(np.searchsorted(row_off, r, side="right") - 1)
-                problems.append(f"{where.url(f'deltas/layer_{l:02d}')}: non-finite value at row {r} (sample {ids[i]!r}, input position {r - row_off[i]})")
+                problems.append(f"{where.url(f'deltas/layer_{l:02d}')}: "
+                                f"non-finite value at row {r} (sample {ids[i]!r}, input position {r - row_off[i]})")
     return problems
 
 

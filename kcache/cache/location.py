@@ -52,7 +52,8 @@ class Location:
             try:
                 self._fs, self._root = fsspec.core.url_to_fs(self.spec)
             except (ImportError, ValueError) as e:
-                raise CacheError(f"{self.spec}: cannot open this URL ({e}); install the fsspec backend for its scheme (e.g. s3fs, gcsfs, huggingface_hub, aiohttp)") from None
+                raise CacheError(f"{self.spec}: cannot open this URL ({e}); install the fsspec backend for its scheme "
+                                 "(e.g. s3fs, gcsfs, huggingface_hub, aiohttp)") from None
         return self._fs
 
     def url(self, rel: str = "") -> str:
@@ -93,7 +94,8 @@ class Location:
             if size is not None:
                 data = self.fs.cat_file(self.url(rel), start=0, end=size + 1)
                 if len(data) > size:
-                    raise CacheError(f"{self.url(rel)}: longer than the {size} bytes its manifest records; refusing to read further")
+                    raise CacheError(f"{self.url(rel)}: longer than the {size} bytes its manifest records; "
+                                     "refusing to read further")
                 return data
             return self.fs.cat_file(self.url(rel))
         except FileNotFoundError:
@@ -175,8 +177,8 @@ def manifest_store(store, loc: Location):
                 raise CacheError(f"{loc.url(key)}: listed in {MANIFEST} but missing; the cache is incomplete "
                                  f"(run `kcache validate {loc}`)")
             if len(out) > rng.end - rng.start or (byte_range is None and len(out) > size):
-                raise CacheError(f"{loc.url(key)}: longer than the {size} bytes its manifest records; refusing to read further "
-                                 f"(run `kcache validate {loc}`)")
+                raise CacheError(f"{loc.url(key)}: longer than the {size} bytes its manifest records; "
+                                 f"refusing to read further (run `kcache validate {loc}`)")
             return out
 
         async def get_partial_values(self, prototype, key_ranges):

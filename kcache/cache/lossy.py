@@ -60,7 +60,8 @@ def parse_storage(spec: str) -> dict:
         n = s.split(":", 1)[1]
         if n.isdigit() and 1 <= int(n) <= F16_MANTISSA_BITS - 1:
             return {"kind": "bitround", "keepbits": int(n)}
-        raise ValueError(f"storage {spec!r}: bitround keeps 1 to {F16_MANTISSA_BITS - 1} of float16's {F16_MANTISSA_BITS} mantissa bits; {valid}")
+        raise ValueError(f"storage {spec!r}: bitround keeps 1 to {F16_MANTISSA_BITS - 1} of float16's "
+                         f"{F16_MANTISSA_BITS} mantissa bits; {valid}")
     raise ValueError(f"unknown storage {spec!r}; {valid}")
 
 
@@ -187,7 +188,8 @@ def encode_block(rows_f32: np.ndarray, storage: dict, dtype: str = "float16") ->
         return {"values": encode_rows(torch.from_numpy(np.ascontiguousarray(rows_f32, dtype=np.float32)), dtype)}
     if kind == "bitround":
         if dtype != "float16":
-            raise ValueError(f"storage bitround:{storage['keepbits']} rounds float16 mantissas; it cannot be combined with dtype {dtype!r} (use --dtype float16)")
+            raise ValueError(f"storage bitround:{storage['keepbits']} rounds float16 mantissas; "
+                             f"it cannot be combined with dtype {dtype!r} (use --dtype float16)")
         v = encode_rows(torch.from_numpy(np.ascontiguousarray(rows_f32, dtype=np.float32)), dtype)
         return {"values": bitround_float16(v, storage["keepbits"])}
     raise ValueError(f"unknown storage kind {kind!r}; valid: {', '.join(STORAGE_KINDS)}")
@@ -224,7 +226,8 @@ class ErrorAccumulator:
             if unknown:
                 raise ValueError(f"error state has layers {sorted(unknown)} that are not in {self.layers}")
             for l, st in loaded.items():
-                self.s[l] = {"sse": float(st["sse"]), "ssr": float(st["ssr"]), "max_abs": float(st["max_abs"]), "n": int(st["n"])}
+                self.s[l] = {"sse": float(st["sse"]), "ssr": float(st["ssr"]), "max_abs": float(st["max_abs"]),
+                             "n": int(st["n"])}
 
     @classmethod
     def from_state(cls, state: dict) -> ErrorAccumulator:
@@ -267,4 +270,5 @@ class ErrorAccumulator:
     def overall(self) -> dict:
         """The same two figures over all layers together (sums pooled, not averaged)."""
         v = list(self.s.values())
-        return self._summarise(sum(s["sse"] for s in v), sum(s["ssr"] for s in v), max((s["max_abs"] for s in v), default=0.0))
+        return self._summarise(sum(s["sse"] for s in v), sum(s["ssr"] for s in v),
+                               max((s["max_abs"] for s in v), default=0.0))

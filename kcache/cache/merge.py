@@ -60,7 +60,8 @@ def _merge(sources: list[str], out: str | os.PathLike, keep_first: bool, progres
     if len(sources) < 2:
         raise CacheError("merge needs at least two caches")
     if out.exists() and any(out.iterdir()):
-        raise CacheError(f"{out} exists and is not empty; merge writes a new cache (caches are immutable once finalized)")
+        raise CacheError(f"{out} exists and is not empty; "
+                         "merge writes a new cache (caches are immutable once finalized)")
     caches = [Cache.open(s) for s in sources]
     names = [str(s) for s in sources]
     for name, c in zip(names[1:], caches[1:]):
@@ -68,7 +69,8 @@ def _merge(sources: list[str], out: str | os.PathLike, keep_first: bool, progres
         if diffs:
             raise CacheError(f"cannot merge {name} with {names[0]}: settings differ ({'; '.join(diffs)})")
         if c.hidden_size != caches[0].hidden_size:
-            raise CacheError(f"cannot merge {name} with {names[0]}: hidden size {c.hidden_size} vs {caches[0].hidden_size}")
+            raise CacheError(f"cannot merge {name} with {names[0]}: "
+                             f"hidden size {c.hidden_size} vs {caches[0].hidden_size}")
     exclude = duplicate_plan([c.index["sample_id"].to_pylist() for c in caches], names, keep_first)
 
     tmp = fresh_tmp(out, "merging")  # after removing those of a killed merge (never a live process's)
@@ -82,8 +84,8 @@ def _merge(sources: list[str], out: str | os.PathLike, keep_first: bool, progres
             rel = f"parts/{k:05d}"
             files = _copy_part(c, j, tmp / rel, bar)
             part_ids = set(part.index["sample_id"].to_pylist())
-            rec = {"path": rel, "samples": part.index.num_rows, "rows": part.rows, "digest": part_digest(files), "files": files,
-                   "origin": f"{name}" + ("" if part.name == "." else f" ({part.name})")}
+            rec = {"path": rel, "samples": part.index.num_rows, "rows": part.rows, "digest": part_digest(files),
+                   "files": files, "origin": f"{name}" + ("" if part.name == "." else f" ({part.name})")}
             ex = sorted((excl & part_ids) | set(part.exclude))
             if ex:
                 rec["exclude"] = ex
@@ -92,7 +94,8 @@ def _merge(sources: list[str], out: str | os.PathLike, keep_first: bool, progres
             k += 1
     bar.close()
     provenance = {"merged": {
-        "sources": [{"source": n, "metadata_digest": c.manifest["metadata_digest"] if c.manifest else None, "samples": c.num_samples}
+        "sources": [{"source": n, "metadata_digest": c.manifest["metadata_digest"] if c.manifest else None,
+                     "samples": c.num_samples}
                     for n, c in zip(names, caches)],
         "keep_first": keep_first,
         "excluded_duplicates": sum(len(e) for e in exclude),
@@ -121,10 +124,12 @@ def _copy_part(cache: Cache, j: int, dest: Path, bar) -> dict[str, dict]:
         try:
             data = loc.read_bytes(rel, want["size"])  # never more than the manifest's size
         except FileNotFoundError:
-            raise CacheError(f"{loc.url(rel)}: listed in {MANIFEST} but missing (run `kcache validate {loc}`)") from None
+            raise CacheError(f"{loc.url(rel)}: "
+                             f"listed in {MANIFEST} but missing (run `kcache validate {loc}`)") from None
         got = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         if got != want:
-            raise CacheError(f"{loc.url(rel)}: does not match its manifest entry (corrupt source; run `kcache validate {loc}`)")
+            raise CacheError(f"{loc.url(rel)}: does not match its manifest entry (corrupt source; "
+                             f"run `kcache validate {loc}`)")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
         out[rel] = got

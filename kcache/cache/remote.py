@@ -12,8 +12,9 @@ Conventions:
 - A file already at its destination with the manifest's size and sha256 is skipped. Any other file
   is downloaded into ``DIR/.kcache-pull/P/R.part`` by byte-range reads of ``block_size`` bytes,
   appended in order, so an interrupted pull keeps every completed block and the next pull of the
-  same manifest resumes at the partial file's length (partials from another manifest are dropped). The finished partial is checked (size + sha256) and only then
-  renamed into place: a file at its final path is always complete and verified.
+  same manifest resumes at the partial file's length (partials from another manifest are dropped).
+  The finished partial is checked (size + sha256) and only then renamed into place: a file at its
+  final path is always complete and verified.
 - ``manifest.json`` is written last, byte for byte as served: a directory without it is an
   unfinished pull (rerun the command to resume), never mistaken for a complete cache.
 - Pulled files are made read-only (0444), like the files of any finalized cache.
@@ -95,7 +96,8 @@ def manifest_files(doc: dict) -> list[FileEntry]:
     for part in doc["parts"]:
         p = part["path"] if part["path"] == "." else safe_relpath(part["path"], MANIFEST, "part path")
         for rel, meta in part["files"].items():
-            entry = FileEntry(p, safe_relpath(rel, MANIFEST, f"file path (part {p!r})"), int(meta["size"]), meta["sha256"])
+            entry = FileEntry(p, safe_relpath(rel, MANIFEST, f"file path (part {p!r})"), int(meta["size"]),
+                              meta["sha256"])
             head = entry.key.split("/")[0]
             if entry.key == MANIFEST or head == STAGING:
                 raise CacheError(f"{MANIFEST}: refusing file {entry.key!r}: the name is reserved for kcache pull")
@@ -199,7 +201,8 @@ def check_destination(dest: Path, raw: bytes) -> None:
     if (dest / STAGING).is_dir():
         return
     if any(dest.iterdir()):
-        raise CacheError(f"{dest} exists, is not empty and is not an unfinished pull; pull into a new or empty directory")
+        raise CacheError(f"{dest} exists, is not empty and is not an unfinished pull; "
+                         "pull into a new or empty directory")
 
 
 def pull(url: str, dest: str | os.PathLike, progress: bool = True, block_size: int = BLOCK_SIZE) -> dict:
@@ -227,7 +230,8 @@ def _pull(url: str, dest: str | os.PathLike, progress: bool, block_size: int) ->
     doc = parse_manifest(raw, src.url(MANIFEST))
     entries = manifest_files(doc)
     # Every path is checked before anything is written.
-    targets = [(e, safe_local_path(dest, e.key, MANIFEST), safe_local_path(dest / STAGING, e.key + ".part", MANIFEST)) for e in entries]
+    targets = [(e, safe_local_path(dest, e.key, MANIFEST), safe_local_path(dest / STAGING, e.key + ".part", MANIFEST))
+               for e in entries]
 
     check_destination(dest, raw)  # before anything is written there
     dest.mkdir(parents=True, exist_ok=True)
@@ -241,23 +245,27 @@ def _pull(url: str, dest: str | os.PathLike, progress: bool, block_size: int) ->
                 report["files_skipped"] += 1
                 bar.update(entry.size)
                 continue
-            downloaded, resumed = fetch(fs, src.child(entry.part).url(entry.rel), partial, entry.size, block_size, bar.update)
+            downloaded, resumed = fetch(fs, src.child(entry.part).url(entry.rel), partial, entry.size, block_size,
+                                        bar.update)
             report["bytes_downloaded"] += downloaded
             report["bytes_resumed"] += resumed
             got_size = partial.stat().st_size
             got = sha256_file(partial, prefix=False)  # bare hex, as the manifest lists it
             if got_size != entry.size or got != entry.sha256:
                 partial.unlink()
-                raise CacheError(f"{entry.key}: downloaded content does not match the manifest: {got_size} bytes, sha256 {got} "
-                                 f"(manifest: {entry.size} bytes, sha256 {entry.sha256}); the partial download was deleted")
+                raise CacheError(f"{entry.key}: downloaded content does not match the manifest: "
+                                 f"{got_size} bytes, sha256 {got} (manifest: {entry.size} bytes, "
+                                 f"sha256 {entry.sha256}); the partial download was deleted")
             os.chmod(partial, READ_ONLY)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(partial, final)
-    atomic_write_bytes(dest / MANIFEST, raw, fsync=True, mode=READ_ONLY)  # last: its presence means every file above is in place
+    # last: its presence means every file above is in place
+    atomic_write_bytes(dest / MANIFEST, raw, fsync=True, mode=READ_ONLY)
     shutil.rmtree(dest / STAGING, ignore_errors=True)
     problems = validate_cache(dest)
     if problems:
-        raise CacheError(f"{dest}: pulled every file the manifest lists, but the cache does not validate:\n  " + "\n  ".join(problems))
+        raise CacheError(f"{dest}: pulled every file the manifest lists, but the cache does not validate:\n  "
+                         + "\n  ".join(problems))
     report["seconds"] = time.perf_counter() - t0
     return report
 
@@ -265,6 +273,7 @@ def _pull(url: str, dest: str | os.PathLike, progress: bool, block_size: int) ->
 def summary_line(url: str, dest: Path, report: dict) -> str:
     skipped = f", {report['files_skipped']} already present" if report["files_skipped"] else ""
     resumed = f", {report['bytes_resumed']:,} bytes resumed" if report["bytes_resumed"] else ""
-    return (f"{url} -> {dest}: {report['files']} files{skipped}; {report['bytes_downloaded']:,} bytes downloaded{resumed} "
+    return (f"{url} -> {dest}: {report['files']} files{skipped}; "
+            f"{report['bytes_downloaded']:,} bytes downloaded{resumed} "
             f"in {report['seconds']:.1f} s")
 

@@ -79,7 +79,8 @@ def append_commit(path: Path, entry: dict) -> None:
 
 
 def _array(group, name, shape, chunks, shards, dtype, fill=0):
-    return group.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, compressors=compressors_for_cache(), fill_value=fill, overwrite=True)
+    return group.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
+                              compressors=compressors_for_cache(), fill_value=fill, overwrite=True)
 
 
 def create_cache(
@@ -107,13 +108,16 @@ def create_cache(
     np_dtype = DTYPES[s["dtype"]][0]
     int8 = s.get("storage", {}).get("kind") == "int8"
     for layer in s["layers"]:
-        _array(group, f"deltas/layer_{layer:02d}", (total, hidden), (chunk, hidden), (shard, hidden), np.int8 if int8 else np_dtype)
+        _array(group, f"deltas/layer_{layer:02d}", (total, hidden), (chunk, hidden), (shard, hidden),
+               np.int8 if int8 else np_dtype)
         if int8:
             _array(group, f"deltas/scale_{layer:02d}", (total,), (chunk,), (shard,), np.float32)
     flat_chunk = 1 << 20
-    for name, arr in (("tokens/ids", token_ids), ("tokens/offsets", token_offsets), ("masks/loss", loss_mask), ("masks/target", target_mask)):
+    for name, arr in (("tokens/ids", token_ids), ("tokens/offsets", token_offsets), ("masks/loss", loss_mask),
+                      ("masks/target", target_mask)):
         n = max(1, len(arr))
-        a = _array(group, name, arr.shape, (min(n, flat_chunk),), (min(n, flat_chunk * 16),), arr.dtype, fill=False if arr.dtype == bool else 0)
+        a = _array(group, name, arr.shape, (min(n, flat_chunk),), (min(n, flat_chunk * 16),), arr.dtype,
+                   fill=False if arr.dtype == bool else 0)
         if len(arr):
             a[:] = arr
     v = embeddings.shape[0]
@@ -139,7 +143,8 @@ class RunningStats:
 
     def __init__(self, layers: list[int], state: dict | None = None):
         self.layers = layers
-        self.s = {str(l): {"n": 0, "sum": 0.0, "sumsq": 0.0, "pos_sum": [0.0] * POSITION_STATS, "pos_n": [0] * POSITION_STATS} for l in layers}
+        self.s = {str(l): {"n": 0, "sum": 0.0, "sumsq": 0.0, "pos_sum": [0.0] * POSITION_STATS,
+                           "pos_n": [0] * POSITION_STATS} for l in layers}
         if state:
             self.s.update(json.loads(json.dumps(state)))
 
@@ -185,13 +190,14 @@ class DeltaWriter:
     """
 
     def __init__(self, path: Path, group, layers: list[int], dtype: str, shard_rows: int, total_rows: int,
-                 start_row: int, positions: np.ndarray, stats: RunningStats, extra_commit: dict | None = None, max_queue: int = 8,
-                 storage: dict | None = None, errors=None):
+                 start_row: int, positions: np.ndarray, stats: RunningStats, extra_commit: dict | None = None,
+                 max_queue: int = 8, storage: dict | None = None, errors=None):
         self.path, self.layers, self.dtype = Path(path), layers, dtype
         self.arrays = {l: group[f"deltas/layer_{l:02d}"] for l in layers}
         # Lossy storage: rows arrive as float32 and are quantized here, a whole shard at a time.
         self.storage, self.errors = storage, errors
-        self.scales = {l: group[f"deltas/scale_{l:02d}"] for l in layers} if storage and storage["kind"] == "int8" else {}
+        int8 = storage and storage["kind"] == "int8"
+        self.scales = {l: group[f"deltas/scale_{l:02d}"] for l in layers} if int8 else {}
         self.shard_rows, self.total = shard_rows, total_rows
         self.buf_start = start_row
         self.buf: dict[int, list[np.ndarray]] = {l: [] for l in layers}
@@ -230,7 +236,8 @@ class DeltaWriter:
                     for l in self.layers:
                         self.buf[l].append(rows[l][skip:])
                     self.buf_rows += n - skip
-                while self.buf_rows >= self.shard_rows or (self.buf_rows and self.buf_start + self.buf_rows >= self.total):
+                while (self.buf_rows >= self.shard_rows
+                       or (self.buf_rows and self.buf_start + self.buf_rows >= self.total)):
                     t0 = time.perf_counter()
                     self._flush(min(self.shard_rows, self.buf_rows))
                     self.write_seconds += time.perf_counter() - t0

@@ -121,8 +121,11 @@ def _version(value: bool):
 
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
-    threads: int = typer.Option(None, "--threads", envvar="KCACHE_THREADS", help="torch CPU threads for any command (default: torch's; a warning when more than the free cores)"),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="print the version and exit"),
+    threads: int = typer.Option(None, "--threads", envvar="KCACHE_THREADS",
+                                help="torch CPU threads for any command (default: torch's; a warning when more than "
+                                     "the free cores)"),
 ):
     """kcache command line."""
     from kcache.runtime import set_threads

@@ -81,16 +81,19 @@ def train_baseline_cmd(
     with errors():
         recs = _samples(samples, split, limit)
         decoder = load_decoder(model, device=device, dtype=model_dtype)
-        res = train_baseline(decoder, recs, method, out, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, rank=rank,
-                             alpha=alpha, dropout=dropout, targets=[t.strip() for t in targets.split(",") if t.strip()],
-                             layers=_layers(layers, decoder.layers.num_layers), kasa_beta=kasa_beta, kasa_gamma=kasa_gamma,
-                             max_length=max_length, log_every=log_every, log=typer.echo)
-    typer.echo(f"wrote {out}: {method}, {res.trainable_params:,} trainable parameters, final loss {res.config['final_loss']:.4f}")
+        res = train_baseline(decoder, recs, method, out, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
+                             seed=seed, rank=rank, alpha=alpha, dropout=dropout,
+                             targets=[t.strip() for t in targets.split(",") if t.strip()],
+                             layers=_layers(layers, decoder.layers.num_layers), kasa_beta=kasa_beta,
+                             kasa_gamma=kasa_gamma, max_length=max_length, log_every=log_every, log=typer.echo)
+    typer.echo(f"wrote {out}: {method}, {res.trainable_params:,} trainable parameters, "
+               f"final loss {res.config['final_loss']:.4f}")
 
 
 def eval_choice_cmd(
     samples: Path = typer.Option(..., "--samples", "-s", help="multiple-choice samples (options + label)"),
-    baseline: Path | None = typer.Option(None, "--baseline", help="a train-baseline output directory (default: the plain model)"),
+    baseline: Path | None = typer.Option(None, "--baseline",
+                                         help="a train-baseline output directory (default: the plain model)"),
     model: str = ModelOpt,
     split: str | None = _SPLIT,
     limit: int | None = _LIMIT,
@@ -109,19 +112,22 @@ def eval_choice_cmd(
         m = load_baseline(baseline, decoder) if baseline is not None else decoder.model
         acc, det = multiple_choice_accuracy(m, decoder.tokenizer, recs, batch_size=batch_size, return_details=True)
     typer.echo(f"accuracy {acc:.4f} ({sum(p == l for p, l in zip(det['predictions'], det['labels']))}/{len(recs)})")
-    _write_report(report, {"accuracy": acc, "samples": len(recs), "baseline": str(baseline) if baseline else None, **det})
+    _write_report(report, {"accuracy": acc, "samples": len(recs),
+                           "baseline": str(baseline) if baseline else None, **det})
 
 
 def evaluate_baselines_cmd(
     samples: Path = typer.Option(..., "--samples", "-s", help="samples .parquet or .jsonl"),
-    baselines: list[Path] = typer.Option(..., "--baselines", "-b", help="train-baseline output directory; repeat for several"),
+    baselines: list[Path] = typer.Option(..., "--baselines", "-b",
+                                         help="train-baseline output directory; repeat for several"),
     encoders: Path = typer.Option(None, "--encoders", "-e", help="encoder bundle directory (adds D(E(K,x)+x))"),
     split: str = typer.Option("test", "--split", help="evaluate this split only ('' for all rows)"),
     out: Path = typer.Option(Path("eval-baselines"), "--out", "-o", help="directory for evaluation.json / .md / .png"),
     limit: int = typer.Option(None, "--limit", help="first N samples of the split"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
     token_budget: int = typer.Option(4096, "--token-budget", help="padded tokens per batch"),
-    max_length: int = typer.Option(None, "--max-length", help="bound on len(k_ids + x_ids) (default: the bundle's, else 1024)"),
+    max_length: int = typer.Option(None, "--max-length",
+                                   help="bound on len(k_ids + x_ids) (default: the bundle's, else 1024)"),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)"),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     model_dtype: str = typer.Option(None, "--model-dtype", help="float32 | bfloat16 | float16"),
@@ -161,8 +167,11 @@ def knowla_train_cmd(
     embeddings: Path = typer.Option(..., "--embeddings", help="entity embeddings of the same KG"),
     out: Path = typer.Option(..., "--out", "-o"),
     model: str = ModelOpt,
-    layers: str | None = typer.Option(None, "--layers", help="blocks after which to insert the layer (default: the middle one)"),
-    random_vectors: int | None = typer.Option(None, "--random-vectors", help="ablation: replace the vectors by Gaussian ones with this seed (written to OUT/random-embeddings.parquet)"),
+    layers: str | None = typer.Option(None, "--layers",
+                                      help="blocks after which to insert the layer (default: the middle one)"),
+    random_vectors: int | None = typer.Option(None, "--random-vectors",
+                                              help="ablation: replace the vectors by Gaussian ones with this seed "
+                                                   "(written to OUT/random-embeddings.parquet)"),
     no_lora: bool = typer.Option(False, "--no-lora", help="train the adaptation layer alone"),
     lora_r: int = typer.Option(16, "--lora-r"),
     lora_alpha: float = typer.Option(16, "--lora-alpha"),
@@ -192,17 +201,20 @@ def knowla_train_cmd(
             out.mkdir(parents=True, exist_ok=True)
             write_embeddings(emb, out / "random-embeddings.parquet")
         decoder = load_decoder(model, device=device, dtype=model_dtype)
-        res = train_knowla(decoder, recs, links, emb, out, layers=_layers(layers, decoder.layers.num_layers), lora=not no_lora, lora_r=lora_r,
-                           lora_alpha=lora_alpha, intermediate_size=intermediate_size, value=value, steps=steps, epochs=epochs, lr=lr,
-                           batch_size=batch_size, seed=seed, log_every=log_every, log=typer.echo)
-    typer.echo(f"wrote {out}: KnowLA {res.config['knowla_params']:,} + LoRA {res.config['lora_params']:,} trainable parameters, final loss {res.config['final_loss']:.4f}")
+        res = train_knowla(decoder, recs, links, emb, out, layers=_layers(layers, decoder.layers.num_layers),
+                           lora=not no_lora, lora_r=lora_r,
+                           lora_alpha=lora_alpha, intermediate_size=intermediate_size, value=value, steps=steps,
+                           epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, log_every=log_every, log=typer.echo)
+    typer.echo(f"wrote {out}: KnowLA {res.config['knowla_params']:,} + LoRA {res.config['lora_params']:,} trainable "
+               f"parameters, final loss {res.config['final_loss']:.4f}")
 
 
 def knowla_eval_cmd(
     run: Path = typer.Argument(..., help="a knowla train output directory"),
     samples: Path = typer.Option(..., "--samples", "-s"),
     links: Path = typer.Option(..., "--links"),
-    embeddings: Path | None = typer.Option(None, "--embeddings", help="default: RUN/random-embeddings.parquet when the run made one"),
+    embeddings: Path | None = typer.Option(None, "--embeddings",
+                                           help="default: RUN/random-embeddings.parquet when the run made one"),
     model: str = ModelOpt,
     split: str | None = _SPLIT,
     limit: int | None = _LIMIT,
@@ -223,6 +235,7 @@ def knowla_eval_cmd(
         recs = _samples(samples, split, limit)
         decoder = load_decoder(model, device=device, dtype=model_dtype)
         m, kl = load_knowla(run, decoder, embeddings)
-        acc, det = multiple_choice_accuracy(m, kl, decoder.tokenizer, recs, links, batch_size=batch_size, return_details=True)
+        acc, det = multiple_choice_accuracy(m, kl, decoder.tokenizer, recs, links, batch_size=batch_size,
+                                            return_details=True)
     typer.echo(f"accuracy {acc:.4f} ({sum(p == l for p, l in zip(det['predictions'], det['labels']))}/{len(recs)})")
     _write_report(report, {"accuracy": acc, "samples": len(recs), "run": str(run), **det})
