@@ -30,7 +30,8 @@ from kcache.lock import OutputLocked, lock_path, output_lock, remove_stale_tmp
 from kcache.lock import tmp_path as tmp_name
 
 SMALL = dict(layers="1-2", chunk_rows=32, shard_rows=64, token_budget=96)
-CLI_SMALL = ["--layers", "1-2", "--token-budget", "96", "--chunk-rows", "32", "--shard-rows", "64", "--model-dtype", "float32"]
+CLI_SMALL = ["--layers", "1-2", "--token-budget", "96", "--chunk-rows", "32", "--shard-rows", "64", "--model-dtype",
+             "float32"]
 
 # A process that holds the lock on argv[1] until its stdin closes (or it is killed).
 HOLDER = """
@@ -65,7 +66,8 @@ runpy.run_module("kcache", run_name="__main__")
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "KCACHE_HOME": str(home), "TOKENIZERS_PARALLELISM": "false"}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "KCACHE_HOME": str(home),
+            "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +112,8 @@ def reference(tmp_path_factory, env, model_dir, sample_files):
 @contextlib.contextmanager
 def held(out: Path):
     """Another process holding the output lock on ``out``; yields it (``.pid``)."""
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
     try:
         assert p.stdout.readline().strip() == "locked"
         yield p
@@ -142,7 +145,8 @@ def _same_cache(a: Path, b: Path):
 
 
 def _snapshot(root: Path) -> dict:
-    return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mode) for p in sorted(root.rglob("*")) if p.is_file()}
+    return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mode) for p in sorted(root.rglob("*"))
+            if p.is_file()}
 
 
 def _no_leftovers(out: Path):
@@ -170,7 +174,8 @@ def test_lock_names_the_holder_and_is_reentrant_in_one_process(tmp_path):
 def test_lock_is_refused_while_held_and_released_by_kill_9(tmp_path):
     out = tmp_path / "c.zarr"
     with held(out) as holder:
-        with pytest.raises(OutputLocked, match=rf"another kcache process \(pid {holder.pid} on .+\) is writing .*c\.zarr"):
+        with pytest.raises(OutputLocked,
+                           match=rf"another kcache process \(pid {holder.pid} on .+\) is writing .*c\.zarr"):
             with output_lock(out, "write it"):
                 pass
         os.kill(holder.pid, signal.SIGKILL)
@@ -225,7 +230,8 @@ def test_extract_refuses_an_output_another_process_holds(tmp_path, env, model_di
 
 @pytest.mark.integration
 @pytest.mark.parametrize("second", ["same samples", "other samples"])
-def test_second_extract_fails_naming_the_first_which_completes(tmp_path, env, model_dir, sample_files, reference, second):
+def test_second_extract_fails_naming_the_first_which_completes(tmp_path, env, model_dir, sample_files, reference,
+                                                               second):
     out = tmp_path / "c.zarr"
     gate = tmp_path / "go"
     first = _kcache(env, *_extract_args(model_dir, sample_files[0], out), gate=gate, wait=False)

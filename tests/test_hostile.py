@@ -37,7 +37,8 @@ def evil(served, tmp_path):  # noqa: F811
 def _add_key(cache: Path, key: str, data: bytes = b"#!/bin/sh\necho pwned\n") -> None:
     import hashlib
 
-    _rewrite_manifest(cache, lambda d: d["parts"][0]["files"].__setitem__(key, {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}))
+    entry = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    _rewrite_manifest(cache, lambda d: d["parts"][0]["files"].__setitem__(key, entry))
 
 
 def _outside_files(tmp_path: Path, allowed: list[Path]) -> list[Path]:
@@ -212,7 +213,8 @@ def _vocab_bomb(cache: Path) -> None:
     relist(cache, "zarr.json", "embeddings/zarr.json")
 
 
-@pytest.mark.parametrize("bomb,field", [(_x_len_bomb, "deltas/layer_01/zarr.json: shape \\(2000"), (_vocab_bomb, "embeddings/zarr.json: shape \\(100000000")])
+@pytest.mark.parametrize("bomb,field", [(_x_len_bomb, "deltas/layer_01/zarr.json: shape \\(2000"),
+                                        (_vocab_bomb, "embeddings/zarr.json: shape \\(100000000")])
 def test_size_bombs_are_refused_before_anything_is_allocated(evil, tmp_path, bomb, field):
     from kcache.fit import FitConfig, fit_encoders
 
@@ -329,7 +331,8 @@ def test_inflated_manifest_sizes_cannot_back_a_size_bomb(evil):
     _x_len_bomb(cache)
     _inflate(cache, "deltas/", 1 << 39)  # within the schema's maximum: only the files' real sizes tell
     t0 = time.monotonic()
-    with pytest.raises(CacheError, match=r"(?s)deltas/layer_0[12]/c/0/0: truncated: \d+ of the 549755813888 bytes its manifest records"):
+    with pytest.raises(CacheError, match=r"(?s)deltas/layer_0[12]/c/0/0: "
+                                         r"truncated: \d+ of the 549755813888 bytes its manifest records"):
         Cache.open(cache)
     assert time.monotonic() - t0 < 30
     assert any("549755813888 bytes its manifest records" in m for m in validate_cache(cache))

@@ -131,7 +131,8 @@ def test_old_store_module_forwards_to_writer_and_format(monkeypatch):
         import kcache.store as store
     for name in ("create_cache", "DeltaWriter", "RunningStats", "read_last_commit", "compressors_for_cache", "_array"):
         assert getattr(store, name) is getattr(writer, name)
-    for name in ("CacheError", "encode_rows", "decode_rows", "DTYPES", "FORMAT", "SCHEMA_VERSION", "ATTRS_KEY", "COMMIT_LOG"):
+    for name in ("CacheError", "encode_rows", "decode_rows", "DTYPES", "FORMAT", "SCHEMA_VERSION", "ATTRS_KEY",
+                 "COMMIT_LOG"):
         assert getattr(store, name) is getattr(format, name)
     from kcache._io import now
 
@@ -217,7 +218,8 @@ def _module_level_imports(name: str) -> set[str]:
             elif isinstance(node, (ast.Expr, ast.Assign)) and isinstance(node.value, ast.Call):
                 call = node.value
                 if getattr(call.func, "id", None) in ("alias", "forward"):  # kcache._moved
-                    direct.update(a.value for a in call.args if isinstance(a, ast.Constant) and str(a.value).startswith("kcache."))
+                    direct.update(a.value for a in call.args if isinstance(a, ast.Constant)
+                                  and str(a.value).startswith("kcache."))
 
     visit(ast.parse(path.read_text(), str(path)).body)
     out = set()
@@ -267,7 +269,8 @@ def test_no_import_cycles_among_kcache_modules():
     for v in sorted(graph):
         if v not in index:
             connect(v)
-    assert not cycles, "import cycles among kcache modules (module-level imports): " + "; ".join(" <-> ".join(c) for c in cycles)
+    assert not cycles, ("import cycles among kcache modules (module-level imports): "
+                        + "; ".join(" <-> ".join(c) for c in cycles))
     assert graph["kcache.cache.format"] <= {"kcache", "kcache.errors"}
     assert "kcache.cache" not in graph["kcache.paths"] | graph["kcache.lock"]  # below the package
 

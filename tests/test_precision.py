@@ -79,7 +79,8 @@ def test_bench_fit_runs_each_precision_side_by_side(tiny_cache, tmp_path):  # no
     from kcache.bench.stages import bench_fit
 
     lines = []
-    res = bench_fit(tiny_cache, steps=3, batch_size=4, out=tmp_path / "fit.json", log=lines.append, computes=("float32", "bfloat16"))
+    res = bench_fit(tiny_cache, steps=3, batch_size=4, out=tmp_path / "fit.json", log=lines.append,
+                    computes=("float32", "bfloat16"))
     assert [r["resolved"] for r in res["runs"]] == ["float32", "bfloat16"]
     assert all(r["steps"] == 3 and r["steps_per_second"] > 0 for r in res["runs"])
     assert res["speedup"] == pytest.approx(res["runs"][1]["steps_per_second"] / res["runs"][0]["steps_per_second"])

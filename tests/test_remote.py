@@ -44,7 +44,8 @@ def served(tmp_path_factory, tokenizer_nobos):
 
     root = tmp_path_factory.mktemp("served")
     decoder = wrap_decoder(make_model("llama", len(tokenizer_nobos)), tokenizer_nobos, name="tiny-llama")
-    extract(decoder, synth_samples(24, seed=7), root / "cache.zarr", ExtractConfig(layers="1-2", token_budget=256), progress=False)
+    extract(decoder, synth_samples(24, seed=7), root / "cache.zarr", ExtractConfig(layers="1-2", token_budget=256),
+            progress=False)
     assert (root / "cache.zarr" / MANIFEST).exists(), "extract() finalizes the cache"
     return root
 
@@ -229,9 +230,11 @@ def _set_part_path(path: str):
     return edit
 
 
-@pytest.mark.parametrize("edit", [_add_file("../x"), _add_file("deltas/../../x"), _add_file("/tmp/x"), _add_file("a//x"),
+@pytest.mark.parametrize("edit", [_add_file("../x"), _add_file("deltas/../../x"), _add_file("/tmp/x"),
+                                  _add_file("a//x"),
                                   _add_file("a\\..\\x"), _set_part_path("../x"), _set_part_path("/x")],
-                         ids=["dotdot", "nested-dotdot", "absolute", "empty-component", "backslash", "part-dotdot", "part-absolute"])
+                         ids=["dotdot", "nested-dotdot", "absolute", "empty-component", "backslash", "part-dotdot",
+                              "part-absolute"])
 def test_pull_refuses_unsafe_paths(served, tmp_path, edit):
     root = _copy(served, tmp_path)
     _rewrite_manifest(root / "cache.zarr", edit)
@@ -302,7 +305,8 @@ def _assert_same_cache(local: Path, url: str) -> None:
     assert there.index.equals(here.index)
     for i in range(here.num_samples):
         for layer in here.layers:
-            np.testing.assert_array_equal(there.deltas(i, layer), here.deltas(i, layer), err_msg=f"sample {i} layer {layer}")
+            np.testing.assert_array_equal(there.deltas(i, layer), here.deltas(i, layer),
+                                          err_msg=f"sample {i} layer {layer}")
     assert (there.embeddings() == here.embeddings()).all()
 
 
