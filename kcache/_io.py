@@ -17,7 +17,7 @@
 * **Figures.** :func:`pyplot` (matplotlib on the Agg backend) and :func:`save_png` (tight layout,
   atomic write, figure closed).
 
-No kcache imports at module level: ``kcache.store`` and ``kcache.paths`` import from here.
+No kcache imports at module level: a leaf that :mod:`kcache.paths` and the :mod:`kcache.cache` package import.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ BLOCK = 1 << 20  # bytes per read when hashing
 
 def now() -> str:
     """The current UTC time, ISO 8601 to the second: ``2025-01-31T12:00:00+00:00``."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def atomic_path(path: str | os.PathLike, tag: str = "tmp", mode: int | None = No
     processes are removed first). On any exception the temporary is deleted and ``path`` is left
     as it was. ``mode``: permission bits set on the temporary before the rename.
     """
-    from kcache.lock import fresh_tmp  # lazy: kcache.lock imports kcache.store, which imports this module
+    from kcache.lock import fresh_tmp  # lazy: this module stays a leaf (no kcache imports at module level)
 
     path = Path(path)
     tmp = fresh_tmp(path, tag)
@@ -96,7 +96,8 @@ def atomic_path(path: str | os.PathLike, tag: str = "tmp", mode: int | None = No
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = False, mode: int | None = None, tag: str = "tmp") -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = False, mode: int | None = None,
+                       tag: str = "tmp") -> Path:
     """Write ``data`` to ``path`` through a temporary sibling and a rename (:func:`atomic_path`)."""
     path = Path(path)
     with atomic_path(path, tag, mode) as tmp:
@@ -108,13 +109,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = Fa
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = False, mode: int | None = None, tag: str = "tmp") -> Path:
+def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = False, mode: int | None = None,
+                      tag: str = "tmp") -> Path:
     """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8."""
     return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync, mode=mode, tag=tag)
 
 
-def atomic_write_json(path: str | os.PathLike, obj, *, end: str = "", fsync: bool = False, mode: int | None = None, tag: str = "tmp",
-                      **json_kwargs) -> Path:
+def atomic_write_json(path: str | os.PathLike, obj, *, end: str = "", fsync: bool = False, mode: int | None = None,
+                      tag: str = "tmp", **json_kwargs) -> Path:
     """:func:`atomic_write_text` of ``json.dumps(obj, **json_kwargs) + end``."""
     return atomic_write_text(path, json.dumps(obj, **json_kwargs) + end, fsync=fsync, mode=mode, tag=tag)
 

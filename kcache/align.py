@@ -151,7 +151,8 @@ def _prefix_parts(tokenizer, spec: TemplateSpec) -> tuple[list[int], list[int], 
     return bos + _ids(tokenizer, head_text), _ids(tokenizer, tail_text) + end, spec.head[len(head_text):]
 
 
-def encode_knowledge(tokenizer, knowledge: list[str], spec: TemplateSpec, max_knowledge_tokens: int | None = None) -> tuple[list[int], int]:
+def encode_knowledge(tokenizer, knowledge: list[str], spec: TemplateSpec,
+                     max_knowledge_tokens: int | None = None) -> tuple[list[int], int]:
     """``k_ids`` for a knowledge list and how many knowledge tokens were cut to fit the budget.
 
     Layout: ``[BOS if the tokenizer adds one] + head + knowledge[:budget] + tail + [EOS if end=eos]``.
@@ -174,7 +175,8 @@ def scaffold_length(tokenizer, spec: TemplateSpec) -> int:
     return len(before) + len(after)
 
 
-def encode_sample(tokenizer, knowledge: list[str], source: str, target: str, spec: TemplateSpec, max_length: int) -> Encoded:
+def encode_sample(tokenizer, knowledge: list[str], source: str, target: str, spec: TemplateSpec,
+                  max_length: int) -> Encoded:
     """Tokenise one sample under ``len(k_ids) + len(x_ids) <= max_length``.
 
     Knowledge tokens are cut to fit, never input tokens. Skips (with a reason): empty knowledge,
@@ -189,7 +191,8 @@ def encode_sample(tokenizer, knowledge: list[str], source: str, target: str, spe
         return Encoded([], [], [], skip_reason=f"input alone has {len(x_ids)} tokens > max_length {max_length}")
     budget = max_length - len(x_ids) - scaffold_length(tokenizer, spec)
     if budget < 1:
-        return Encoded([], [], [], skip_reason=f"no room for knowledge: input {len(x_ids)} tokens + template leaves {budget} of max_length {max_length}")
+        return Encoded([], [], [], skip_reason=f"no room for knowledge: input {len(x_ids)} tokens + template leaves "
+                                               f"{budget} of max_length {max_length}")
     k_ids, dropped = encode_knowledge(tokenizer, knowledge, spec, budget)
     return Encoded(k_ids, x_ids, tmask, truncated=dropped > 0, knowledge_tokens_dropped=dropped)
 

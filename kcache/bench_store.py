@@ -1,6 +1,7 @@
 """Moved to :mod:`kcache.bench.storage`; this old path still imports it, with a DeprecationWarning.
 
-``register(app)`` adds ``bench store`` (give it the ``bench`` group app) to a typer app, from the command table in :mod:`kcache.cli`.
+``register(app)`` adds ``bench store`` (give it the ``bench`` group app) to a typer app, from the command table in
+:mod:`kcache.cli`.
 """
 
 from kcache._moved import forward

@@ -7,7 +7,8 @@ from kcache._moved import forward
 
 _new, __getattr__ = forward(__name__, "kcache.cli.train")
 
-from kcache.cli._options import DEVICE_HELP as _DEVICE_HELP, MODEL_HELP as _MODEL_HELP  # noqa: E402, F401
+from kcache.cli._options import DEVICE_HELP as _DEVICE_HELP  # noqa: E402, F401 - old private name
+from kcache.cli._options import MODEL_HELP as _MODEL_HELP  # noqa: E402, F401 - old private name
 
 
 def register(app) -> None:

@@ -1,13 +1,15 @@
 """Moved to :mod:`kcache.cli.inject`; this old path still imports it, with a DeprecationWarning.
 
-``register(app)`` adds ``generate``, ``evaluate`` and the ``bench`` group to a typer app, from the command table in :mod:`kcache.cli`.
+``register(app)`` adds ``generate``, ``evaluate`` and the ``bench`` group to a typer app, from the command table in
+:mod:`kcache.cli`.
 """
 
 from kcache._moved import forward
 
 _new, __getattr__ = forward(__name__, "kcache.cli.inject")
 
-from kcache.cli._options import DEVICE_HELP as _DEVICE_HELP, MODEL_HELP as _MODEL_HELP  # noqa: E402, F401
+from kcache.cli._options import DEVICE_HELP as _DEVICE_HELP  # noqa: E402, F401 - old private name
+from kcache.cli._options import MODEL_HELP as _MODEL_HELP  # noqa: E402, F401 - old private name
 
 
 def register(app) -> None:

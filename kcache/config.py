@@ -67,7 +67,9 @@ def _describe(tp) -> str:
     if origin is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list of {_plural(args[0])}"
-        return f"a list of {len(args)} {_plural(args[0])}" if args and len(set(args)) == 1 else f"a list of {len(args)} values"
+        if args and len(set(args)) == 1:
+            return f"a list of {len(args)} {_plural(args[0])}"
+        return f"a list of {len(args)} values"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -184,7 +186,8 @@ def configs_from(classes, table: dict | None, where: str, file: str | Path | Non
     for alias, name in aliases.items():
         if alias in opts:
             if name in opts:
-                raise ConfigError(f"{_prefix(file)}[{where}] both {alias!r} and {name!r} given ({alias!r} is another name for {name!r}): keep one")
+                raise ConfigError(f"{_prefix(file)}[{where}] both {alias!r} and {name!r} given ({alias!r} is another "
+                                  f"name for {name!r}): keep one")
             opts[name] = opts.pop(alias)
     hints = {cls: _hints(cls) for cls in classes}
     per_class: dict = {cls: {} for cls in classes}
@@ -193,13 +196,15 @@ def configs_from(classes, table: dict | None, where: str, file: str | Path | Non
         try:
             per_class[cls][key] = _convert(value, hints[cls][key])
         except _Mismatch:
-            raise ConfigError(f"{_prefix(file)}{where}.{key}: expected {_describe(hints[cls][key])}, got {_shown(value)}") from None
+            raise ConfigError(f"{_prefix(file)}{where}.{key}: "
+                              f"expected {_describe(hints[cls][key])}, got {_shown(value)}") from None
     out = []
     for cls in classes:
         missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in per_class[cls]
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         if missing:
-            raise ConfigError(f"{_prefix(file)}[{where}] missing key{'s' if len(missing) > 1 else ''} {', '.join(repr(k) for k in missing)} "
+            raise ConfigError(f"{_prefix(file)}[{where}] missing key{'s' if len(missing) > 1 else ''} "
+                              f"{', '.join(repr(k) for k in missing)} "
                               f"({', '.join(f'{k} = {_describe(hints[cls][k])}' for k in missing)})")
         out.append(cls(**per_class[cls]))
     return tuple(out)

@@ -62,7 +62,8 @@ class EditConfig(FinetuneConfig):
 # scoring
 
 
-def full_string_logprobs(decoder: Decoder, stack, site: str, layers: list[int], prompts: list[str], targets: list[str], batch: int = 32) -> list[float]:
+def full_string_logprobs(decoder: Decoder, stack, site: str, layers: list[int], prompts: list[str], targets: list[str],
+                         batch: int = 32) -> list[float]:
     """``log P(target | prompt)`` for each pair: the sum of the log-probabilities of every token
     of the target string (not just the first), under ``D(E(_, x) + x)`` (``stack=None``: ``D(x)``).
     The encoders read the input only (no knowledge). Input position 0 is never scored."""
@@ -79,7 +80,8 @@ def full_string_logprobs(decoder: Decoder, stack, site: str, layers: list[int], 
         for a in range(0, len(order), batch):
             idx = order[a : a + batch]
             with autocast():
-                lp, owner = scored_logprobs(decoder, stack, site, layers, [[] for _ in idx], [enc[i][0] for i in idx], [enc[i][1] for i in idx])
+                lp, owner = scored_logprobs(decoder, stack, site, layers, [[] for _ in idx], [enc[i][0] for i in idx],
+                                            [enc[i][1] for i in idx])
             sums = torch.zeros(len(idx), dtype=torch.float64)
             if owner:
                 sums.index_add_(0, torch.tensor(owner), lp.double().cpu())
@@ -114,13 +116,19 @@ def edit_metrics(score, edits: list[dict]) -> dict:
     es_hits = [s[a] > s[b] for es, _, _ in plan if es for a, b in [es]]
     ps_hits = [s[a] > s[b] for _, ps, _ in plan for a, b in ps]
     ns_hits = [s[a] > s[b] for _, _, ns in plan for a, b in ns]
-    frac = lambda h: (sum(h) / len(h)) if h else None
+
+    def frac(h):
+        return (sum(h) / len(h)) if h else None
+
     # mean log-probability margins give a graded view next to the 0/1 fractions
-    margin = lambda pairs: (sum(s[a] - s[b] for a, b in pairs) / len(pairs)) if pairs else None
+    def margin(pairs):
+        return (sum(s[a] - s[b] for a, b in pairs) / len(pairs)) if pairs else None
+
     return {
         "ES": frac(es_hits), "PS": frac(ps_hits), "NS": frac(ns_hits),
         "counts": {"edits": len(edits), "ES": len(es_hits), "PS": len(ps_hits), "NS": len(ns_hits)},
-        "mean_margin": {"ES": margin([es for es, _, _ in plan if es]), "PS": margin([p for _, ps, _ in plan for p in ps]),
+        "mean_margin": {"ES": margin([es for es, _, _ in plan if es]),
+                        "PS": margin([p for _, ps, _ in plan for p in ps]),
                         "NS": margin([n for _, _, ns in plan for n in ns])},
     }
 
@@ -134,7 +142,8 @@ def _edit_rows(table, split: str, limit: int | None) -> list[dict]:
 # editing
 
 
-def edit(decoder: Decoder, samples, out, encoders=None, cfg: EditConfig | None = None, progress: bool = True, log=None) -> dict:
+def edit(decoder: Decoder, samples, out, encoders=None, cfg: EditConfig | None = None, progress: bool = True,
+         log=None) -> dict:
     """Train encoders (from a bundle, or fresh with ``cfg.from_scratch``) to carry the train-split
     edits with no knowledge input, measure ES/PS/NS before and after, and write the bundle,
     ``edit.json``, ``edit.md``, ``edit.png``, ``history.json``, ``curves.png`` into ``out``.
@@ -166,11 +175,14 @@ def _edit(decoder: Decoder, samples, out, encoders, cfg, progress, log) -> dict:
         return lambda p, t: full_string_logprobs(decoder, st, site, layers, p, t, cfg.score_batch)
 
     if log:
-        log(f"edit: {len(trained)} trained edits, {len(held)} held-out edits ({cfg.eval_split}); measuring the unedited decoder")
-    before = {"trained": edit_metrics(score_with(None), trained), "held_out": edit_metrics(score_with(None), held) if held else None}
+        log(f"edit: {len(trained)} trained edits, {len(held)} held-out edits ({cfg.eval_split}); "
+            "measuring the unedited decoder")
+    before = {"trained": edit_metrics(score_with(None), trained),
+              "held_out": edit_metrics(score_with(None), held) if held else None}
     # the starting encoders with empty knowledge (not the same as the unedited decoder when starting from a bundle)
     start = {"trained": edit_metrics(score_with(stack), trained)} if not cfg.from_scratch else None
-    run_id = {"samples": sample_set_fingerprint(table), "model": base_meta["model"], "start": {k: v for k, v in prov.items() if k != "source_training"},
+    run_id = {"samples": sample_set_fingerprint(table), "model": base_meta["model"],
+              "start": {k: v for k, v in prov.items() if k != "source_training"},
               "config": dataclasses.asdict(cfg) | {"layers": layers}, "kind": "edit"}
 
     def save_meta(state):
@@ -179,15 +191,19 @@ def _edit(decoder: Decoder, samples, out, encoders, cfg, progress, log) -> dict:
             "start": prov, "step": state["step"], "epoch": state["epoch"], "edits": len(trained),
             "config": dataclasses.asdict(cfg) | {"layers": layers}}}
 
-    state = train_encoders(decoder, stack, site=site, layers=layers, train=items, val=None, cfg=cfg, out=out, run_id=run_id,
-                           save_meta=save_meta, progress=progress, on_step=None, log=log)
-    after = {"trained": edit_metrics(score_with(stack), trained), "held_out": edit_metrics(score_with(stack), held) if held else None}
+    state = train_encoders(decoder, stack, site=site, layers=layers, train=items, val=None, cfg=cfg, out=out,
+                           run_id=run_id, save_meta=save_meta, progress=progress, on_step=None, log=log)
+    after = {"trained": edit_metrics(score_with(stack), trained),
+             "held_out": edit_metrics(score_with(stack), held) if held else None}
     res = {
-        "settings": {"model": decoder.fingerprint.to_dict(), "site": site, "layers": layers, "start": {k: v for k, v in prov.items() if k != "source_training"},
-                     "train_split": cfg.train_split, "eval_split": cfg.eval_split, "config": dataclasses.asdict(cfg) | {"layers": layers},
+        "settings": {"model": decoder.fingerprint.to_dict(), "site": site, "layers": layers,
+                     "start": {k: v for k, v in prov.items() if k != "source_training"},
+                     "train_split": cfg.train_split, "eval_split": cfg.eval_split,
+                     "config": dataclasses.asdict(cfg) | {"layers": layers},
                      "steps": state["step"], "wall_seconds": state["_wall_seconds"]},
         "before": before, "start_encoders": start, "after": after,
-        "final_train_nll": next((h["train_nll"] for h in reversed(state["history"]) if h.get("train_nll") is not None), None),
+        "final_train_nll": next((h["train_nll"] for h in reversed(state["history"])
+                                 if h.get("train_nll") is not None), None),
     }
     (out / "edit.json").write_text(json.dumps(res, indent=2, default=str))
     (out / "edit.md").write_text(markdown_edit(res))
@@ -209,18 +225,23 @@ def markdown_edit(res: dict) -> str:
         rows.append(("starting encoders E(_,x), trained edits", res["start_encoders"]["trained"]))
     rows += [("edited, trained edits", res["after"]["trained"]), ("edited, held-out edits", res["after"]["held_out"])]
     lines = ["# kcache editing (DIEKÆ 3.4)", "",
-             f"Encoders at {s['site']} of layers {s['layers']} started from {s['start'].get('from')}; {res['after']['trained']['counts']['edits']} edits of "
-             f"split `{s['train_split']}` trained for {s['steps']} steps; held-out edits from split `{s['eval_split']}`. "
+             f"Encoders at {s['site']} of layers {s['layers']} started from {s['start'].get('from')}; "
+             f"{res['after']['trained']['counts']['edits']} edits of "
+             f"split `{s['train_split']}` trained for {s['steps']} steps; "
+             f"held-out edits from split `{s['eval_split']}`. "
              "Probabilities are of the whole target string (sum of token log-probs).", "",
              "| model, edits | ES | PS | NS | pairs (ES/PS/NS) |", "|---|---|---|---|---|"]
     for name, m in rows:
         if m is None:
             continue
         c = m["counts"]
-        lines.append(f"| {name} | {_pct(m['ES'])} | {_pct(m['PS'])} | {_pct(m['NS'])} | {c['ES']}/{c['PS']}/{c['NS']} |")
-    lines += ["", "ES: P(new target | rewrite prompt) > P(target_true | rewrite prompt). PS: the same on paraphrased prompts "
+        lines.append(f"| {name} | {_pct(m['ES'])} | {_pct(m['PS'])} | {_pct(m['NS'])} | "
+                     f"{c['ES']}/{c['PS']}/{c['NS']} |")
+    lines += ["", "ES: P(new target | rewrite prompt) > P(target_true | rewrite prompt). PS: "
+                  "the same on paraphrased prompts "
               "(never trained on). NS: neighbour prompts keep P(own target) > P(edit's new target). "
-              "Held-out edits were never trained on, so their ES/PS show whether anything generalises without the edit, not editing success."]
+              "Held-out edits were never trained on, so their ES/PS show whether anything generalises without the "
+              "edit, not editing success."]
     return "\n".join(lines) + "\n"
 
 

@@ -90,7 +90,8 @@ class Block(nn.Module):
         h = c.hidden_size
         self.attn_norm, self.mlp_norm = RMSNorm(h, c.rms_eps), RMSNorm(h, c.rms_eps)
         self.q, self.k, self.v, self.o = (nn.Linear(h, h, bias=False) for _ in range(4))
-        self.gate, self.up = nn.Linear(h, c.intermediate_size, bias=False), nn.Linear(h, c.intermediate_size, bias=False)
+        self.gate = nn.Linear(h, c.intermediate_size, bias=False)
+        self.up = nn.Linear(h, c.intermediate_size, bias=False)
         self.down = nn.Linear(c.intermediate_size, h, bias=False)
 
     def forward(self, x, rope_cs, mask, past=None):
@@ -159,8 +160,8 @@ class KnowledgeEncoder(nn.Module):
             else:
                 p.normal_(0.0, 0.02, generator=generator)
 
-    def forward(self, embeds: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor | None = None, past=None, use_cache: bool = False,
-                shifts: torch.Tensor | None = None, length: int | None = None):
+    def forward(self, embeds: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor | None = None, past=None,
+                use_cache: bool = False, shifts: torch.Tensor | None = None, length: int | None = None):
         """embeds (B, L, d_model); valid (B, L_past + L) bool key mask; positions (B, L).
 
         Returns (B, L, d_model) and, with ``use_cache``, the per-block (k, v) for the next step.
@@ -208,7 +209,8 @@ class EncoderStack(nn.Module):
     def encoder(self, layer: int) -> KnowledgeEncoder:
         return self.encoders[f"layer_{layer:02d}"]
 
-    def forward(self, embeds: torch.Tensor, valid: torch.Tensor, positions=None, shifts=None, length=None) -> dict[int, torch.Tensor]:
+    def forward(self, embeds: torch.Tensor, valid: torch.Tensor, positions=None, shifts=None,
+                length=None) -> dict[int, torch.Tensor]:
         return {l: self.encoder(l)(embeds, valid, positions, shifts=shifts, length=length) for l in self.layers}
 
     def num_parameters(self, per_encoder: bool = False) -> int:
@@ -298,7 +300,8 @@ def read_bundle_config(path: str | Path) -> dict:
     if doc.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{cfg_path}: not a kcache encoder bundle (format {doc.get('format')!r})")
     if doc.get("schema_version") != BUNDLE_SCHEMA_VERSION:
-        raise BundleError(f"{cfg_path}: bundle schema version {doc.get('schema_version')!r}; this kcache reads version {BUNDLE_SCHEMA_VERSION}")
+        raise BundleError(f"{cfg_path}: bundle schema version {doc.get('schema_version')!r}; "
+                          f"this kcache reads version {BUNDLE_SCHEMA_VERSION}")
     try:
         validate_document(doc, "encoders-v1", str(cfg_path))
     except SchemaError as e:
@@ -315,11 +318,13 @@ def load_bundle(path: str | Path, model_fingerprint: dict | None = None) -> tupl
     doc = read_bundle_config(path)
     if model_fingerprint is not None:
         mine = doc["model"]
-        diff = [k for k in ("architecture", "config_hash", "weights_hash", "tokenizer_hash") if mine.get(k) != model_fingerprint.get(k)]
+        diff = [k for k in ("architecture", "config_hash", "weights_hash", "tokenizer_hash")
+                if mine.get(k) != model_fingerprint.get(k)]
         if diff:
             raise BundleError(
                 f"{path / CONFIG_FILE}: encoders were trained for another model ({', '.join(diff)} differ: "
-                f"bundle {mine.get('name', '?')} {mine.get('weights_hash', '')[:19]}, loaded {model_fingerprint.get('name', '?')} {model_fingerprint.get('weights_hash', '')[:19]})"
+                f"bundle {mine.get('name', '?')} {mine.get('weights_hash', '')[:19]}, "
+                f"loaded {model_fingerprint.get('name', '?')} {model_fingerprint.get('weights_hash', '')[:19]})"
             )
     stack = EncoderStack(EncoderConfig(**doc["encoder"]), doc["layers"])
     wpath = path / WEIGHTS_FILE
@@ -330,10 +335,12 @@ def load_bundle(path: str | Path, model_fingerprint: dict | None = None) -> tupl
     want = stack.state_dict()
     missing, extra = want.keys() - state.keys(), state.keys() - want.keys()
     if missing or extra:
-        raise BundleError(f"{wpath}: weights do not match {CONFIG_FILE} (missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})")
+        raise BundleError(f"{wpath}: weights do not match {CONFIG_FILE} (missing {sorted(missing)[:3]}, "
+                          f"unexpected {sorted(extra)[:3]})")
     for k, v in state.items():
         if v.shape != want[k].shape:
-            raise BundleError(f"{wpath}: tensor {k} has shape {tuple(v.shape)}, {CONFIG_FILE} implies {tuple(want[k].shape)}")
+            raise BundleError(f"{wpath}: tensor {k} has shape {tuple(v.shape)}, "
+                              f"{CONFIG_FILE} implies {tuple(want[k].shape)}")
         if not torch.isfinite(v).all():
             raise BundleError(f"{wpath}: tensor {k} holds NaN/inf")
     stack.load_state_dict(state)

@@ -6,7 +6,7 @@ from the builtin they always derived from, so ``except ValueError`` keeps workin
 =====================  ===========================  =====================================
 type                   module                       builtin base
 =====================  ===========================  =====================================
-``CacheError``         ``kcache.store``             ``ValueError``
+``CacheError``         ``kcache.cache``             ``ValueError`` (defined here)
 ``BundleError``        ``kcache.encoders``          ``ValueError``
 ``ModelError``         ``kcache.models``            ``RuntimeError``
 ``SchemaError``        ``kcache.schemas``           ``ValueError``
@@ -20,6 +20,11 @@ type                   module                       builtin base
 The command line turns them into one ``error: …`` line and an exit code in one place,
 ``kcache.cli.errors`` (its ``EXIT_CODES`` table: 2 bad input for all of these, except
 ``OutputLocked``, 3: another process, not the input, stopped the work).
+
+``CacheError`` is defined in this module, beside its root, and imported from
+:mod:`kcache.cache` (or :mod:`kcache.cache.format`): :mod:`kcache.paths` and :mod:`kcache.lock`,
+which the cache package itself imports, raise it too, and importing it from here keeps them
+below the package (no import cycle).
 """
 
 from __future__ import annotations
@@ -27,3 +32,7 @@ from __future__ import annotations
 
 class KCacheError(Exception):
     """An error the user can act on: the message says what is wrong and, where possible, what to do."""
+
+
+class CacheError(KCacheError, ValueError):
+    """A cache is missing, malformed, incomplete or does not match what was asked for."""

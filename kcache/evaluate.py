@@ -32,8 +32,8 @@ import math
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 import torch
@@ -105,7 +105,8 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, fn: MethodFn, label: str | None = None, needs: tuple[str, ...] = (), reads_knowledge: bool = False) -> Method:
+def register_method(name: str, fn: MethodFn, label: str | None = None, needs: tuple[str, ...] = (),
+                    reads_knowledge: bool = False) -> Method:
     """Add (or replace) a method in the registry; ``evaluate(..., methods=[name])`` then runs it.
     ``reads_knowledge``: the method uses ``item.k_ids``, so ``evaluate`` also runs its controls."""
     m = Method(name, label or name, fn, tuple(needs), reads_knowledge)
@@ -123,7 +124,8 @@ def _pad_id(decoder: Decoder) -> int:
 
 
 @torch.no_grad()
-def score_sequences(decoder: Decoder, seqs: list[list[int]], offsets: list[int], items: list[ScoreItem], model=None) -> list[torch.Tensor]:
+def score_sequences(decoder: Decoder, seqs: list[list[int]], offsets: list[int], items: list[ScoreItem],
+                    model=None) -> list[torch.Tensor]:
     """Log-probabilities of each item's ``x_ids`` inside ``seqs[i]`` (where ``x_ids`` starts at
     ``offsets[i]``), computed at ``score_mask`` positions only (NaN elsewhere).
 
@@ -168,7 +170,8 @@ def method_x(decoder: Decoder, batch: EvalBatch) -> list[torch.Tensor]:
 
 def method_kx(decoder: Decoder, batch: EvalBatch) -> list[torch.Tensor]:
     """``D(K, x)``: knowledge in context (``k_ids + x_ids``)."""
-    return score_sequences(decoder, [it.k_ids + it.x_ids for it in batch.items], [len(it.k_ids) for it in batch.items], batch.items)
+    return score_sequences(decoder, [it.k_ids + it.x_ids for it in batch.items], [len(it.k_ids) for it in batch.items],
+                           batch.items)
 
 
 def method_ekx(decoder: Decoder, batch: EvalBatch) -> list[torch.Tensor]:
@@ -257,7 +260,8 @@ def sample_nll(items: list[ScoreItem], scores: list[torch.Tensor]) -> dict[str, 
     return out
 
 
-def paired_difference(a: dict[str, tuple[float, int]], b: dict[str, tuple[float, int]], n_boot: int = 2000, seed: int = 0) -> dict:
+def paired_difference(a: dict[str, tuple[float, int]], b: dict[str, tuple[float, int]], n_boot: int = 2000,
+                      seed: int = 0) -> dict:
     """Pooled per-token NLL of ``a`` minus that of ``b`` over the samples both scored, in nats,
     with a 95 % bootstrap CI over samples (resampling samples, pooling tokens within each draw).
     Used for knowledge use: ``a`` = another sample's knowledge, ``b`` = the right one."""
@@ -302,7 +306,8 @@ def gap_fraction(x: dict, kx: dict, m: dict, n_boot: int = 2000, seed: int = 0) 
     boot = frac(draws)
     boot = boot[np.isfinite(boot)]
     lo, hi = np.percentile(boot, [2.5, 97.5]) if boot.size else (None, None)
-    return {"fraction": value, "ci": [None if lo is None else float(lo), None if hi is None else float(hi)], "samples": len(ids)}
+    return {"fraction": value, "ci": [None if lo is None else float(lo), None if hi is None else float(hi)],
+            "samples": len(ids)}
 
 
 def option_prediction(option_scores: list[float]) -> int:
@@ -393,7 +398,8 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak = max(0, torch.cuda.max_memory_allocated(self.device) - (self.base if self.common_base is None else self.common_base))
+            base = self.base if self.common_base is None else self.common_base
+            self.peak = max(0, torch.cuda.max_memory_allocated(self.device) - base)
             self.absolute = torch.cuda.max_memory_allocated(self.device)
             return False
         if self._proc is None:
@@ -436,7 +442,8 @@ def _resolve_bundle(decoder: Decoder, bundle):
     raise TypeError(f"bundle must be None, a directory, an Injector or (stack, meta), not {type(bundle).__name__}")
 
 
-def prepare_items(tokenizer, table: pa.Table, spec: TemplateSpec, max_length: int) -> tuple[list[ScoreItem], dict, list[dict]]:
+def prepare_items(tokenizer, table: pa.Table, spec: TemplateSpec,
+                  max_length: int) -> tuple[list[ScoreItem], dict, list[dict]]:
     """Tokenise every sample: its target item, plus one item per option that differs from the
     target text. -> (items, skip reasons Counter, per-row info dicts)."""
     cols = table.to_pydict()
@@ -454,7 +461,8 @@ def prepare_items(tokenizer, table: pa.Table, spec: TemplateSpec, max_length: in
             continue
         same = tuple(o for o, t in enumerate(options or []) if t == target)
         items.append(ScoreItem(i, sid, ds, "target", None, enc.k_ids, enc.x_ids, enc.target_mask, enc.truncated, same))
-        info = {"row": i, "id": sid, "dataset": ds, "skipped": None, "classification": options is not None and label is not None, "label": label}
+        info = {"row": i, "id": sid, "dataset": ds, "skipped": None,
+                "classification": options is not None and label is not None, "label": label}
         if info["classification"]:
             ok = True
             for o, text in enumerate(options):
@@ -490,7 +498,8 @@ def _filter(table: pa.Table, split: str | None, limit: int | None) -> pa.Table:
 CONTROLS = ("other", "empty")
 
 
-def control_items(tokenizer, items: list[ScoreItem], knowledge: list[list[str]], spec: TemplateSpec, max_length: int, kind: str) -> list[ScoreItem]:
+def control_items(tokenizer, items: list[ScoreItem], knowledge: list[list[str]], spec: TemplateSpec, max_length: int,
+                  kind: str) -> list[ScoreItem]:
     """The same items with their knowledge replaced: ``"other"`` - the knowledge of another
     evaluated sample (``derangement`` over the evaluated rows in file order), ``"empty"`` - none
     (the template's scaffold alone). Knowledge is cut to the same budget stage one allows;
@@ -554,9 +563,9 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
+    from kcache.cache.reader import Cache
     from kcache.data.samples import read_samples
     from kcache.inject import Injector
-    from kcache.cache import Cache
 
     table = samples if isinstance(samples, pa.Table) else read_samples(samples)
     n_in = table.num_rows
@@ -566,7 +575,8 @@ def evaluate(
         cache = Cache.open(cache)
     oracle = Injector.oracle(decoder, cache) if cache is not None else None
     if injector is not None and oracle is not None and injector.sink != oracle.sink:
-        raise ValueError(f"the encoders write from input position {injector.sink}, the cache {cache.path} from {oracle.sink}: "
+        raise ValueError(f"the encoders write from input position {injector.sink}, "
+                         f"the cache {cache.path} from {oracle.sink}: "
                          "evaluate encoders next to the oracle of the cache they were fitted on")
     ms = _methods(methods)
     for m in ms:
@@ -616,7 +626,8 @@ def evaluate(
             per_method[m.name] = run(m, items, f"evaluate {m.name}")
             synchronize(dev)
             seconds = time.perf_counter() - t0
-        cost[m.name] = {"label": m.label, "seconds": seconds, "peak_memory_bytes": int(mem.peak), "memory_kind": mem.kind,
+        cost[m.name] = {"label": m.label, "seconds": seconds, "peak_memory_bytes": int(mem.peak),
+                        "memory_kind": mem.kind,
                         "tokens_per_second": sum(len(it.x_ids) for it in items) / max(seconds, 1e-9)}
     if "oracle" in per_method and not sample_nll(items, per_method["oracle"]):
         raise ValueError("oracle: the cache covers none of the evaluated samples' scored positions; "
@@ -649,7 +660,8 @@ def evaluate(
             "token_budget": token_budget,
             "methods": [m.name for m in ms],
             "labels": {m.name: m.label for m in ms},
-            "targets": injector.info.targets if injector is not None else (oracle.info.targets if oracle is not None else None),
+            "targets": (injector.info.targets if injector is not None
+                        else (oracle.info.targets if oracle is not None else None)),
             "sink": injector.sink if injector is not None else (oracle.sink if oracle is not None else None),
         },
         "counts": {
@@ -680,17 +692,20 @@ def knowledge_controls(items: list[ScoreItem], per_method: dict, control_scores:
         for kind in CONTROLS:
             ctl = sample_nll(items, control_scores[kind][name])
             tot, n = sum(v for v, _ in ctl.values()), sum(t for _, t in ctl.values())
-            row[kind] = {"perplexity": (math.exp(tot / n) if tot / n < 700 else float("inf")) if n else None, "nll": tot / n if n else None, "tokens": n}
+            row[kind] = {"perplexity": (math.exp(tot / n) if tot / n < 700 else float("inf")) if n else None,
+                         "nll": tot / n if n else None, "tokens": n}
             row["knowledge_use" if kind == "other" else "empty_use"] = paired_difference(ctl, right)
         out[name] = row
     if "x" in per_sample and "kx" in per_sample:
         for name, sc in per_sample.items():
             if name not in ("x", "kx"):
-                out.setdefault(name, {"label": labels.get(name, name)})["gap_closed"] = gap_fraction(per_sample["x"], per_sample["kx"], sc)
+                row = out.setdefault(name, {"label": labels.get(name, name)})
+                row["gap_closed"] = gap_fraction(per_sample["x"], per_sample["kx"], sc)
     return out
 
 
-def aggregate(items: list[ScoreItem], rows: list[dict], per_method: dict[str, list[torch.Tensor]], labels: dict[str, str]) -> dict:
+def aggregate(items: list[ScoreItem], rows: list[dict], per_method: dict[str, list[torch.Tensor]],
+              labels: dict[str, str]) -> dict:
     """Per dataset (and ``"all"``) and method: perplexity over target items, accuracy over
     classification samples. An item a method left NaN at a scored position is excluded."""
     by_ds: dict[str, list[int]] = defaultdict(list)
@@ -762,7 +777,8 @@ def markdown_report(res: dict) -> str:
         "",
         f"Model `{s['model'].get('name', '')}` ({s['model']['architecture']}) on {s['device']} ({s['dtype']}); "
         f"encoders: {s['encoders'] or '–'}; cache: {s['cache'] or '–'}; split: {s['split'] or 'all'}; "
-        f"{c['evaluated']} of {c['samples_selected']} samples evaluated ({c['skipped']} skipped{': ' + ', '.join(f'{k} {v}' for k, v in c['skip_reasons'].items()) if c['skipped'] else ''}; "
+        f"{c['evaluated']} of {c['samples_selected']} samples evaluated ({c['skipped']} "
+        f"skipped{': ' + ', '.join(f'{k} {v}' for k, v in c['skip_reasons'].items()) if c['skipped'] else ''}; "
         f"{c['truncated']} with truncated knowledge, max_length {s['max_length']}).",
         "",
         "## Perplexity over target tokens (lower is better)",
@@ -776,7 +792,9 @@ def markdown_report(res: dict) -> str:
             r = res["results"][d].get(m)
             cells.append(_fmt_ppl(r["perplexity"]) if r else "–")
         lines.append(f"| {labels[m]} | " + " | ".join(cells) + " |")
-    lines += ["", "Tokens scored: " + ", ".join(f"{labels[m]} {res['results']['all'][m]['tokens']} ({res['results']['all'][m]['samples']} samples)" for m in methods) + "."]
+    lines += ["", "Tokens scored: " + ", ".join(f"{labels[m]} {res['results']['all'][m]['tokens']} "
+                                                f"({res['results']['all'][m]['samples']} samples)"
+                                                for m in methods) + "."]
     if c["classification"]:
         cls_ds = [d for d in datasets if any(res["results"][d][m]["classified"] for m in methods)]
         lines += ["", "## Accuracy on classification samples (higher is better)", "",
@@ -787,12 +805,15 @@ def markdown_report(res: dict) -> str:
                 r = res["results"][d][m]
                 cells.append(f"{100 * r['accuracy']:.1f}% ({r['classified']})" if r["accuracy"] is not None else "–")
             lines.append(f"| {labels[m]} | " + " | ".join(cells) + " |")
-    lines += ["", "## Cost", "", "| method | seconds | input tokens / s | peak memory (MiB above start) |", "|---|---|---|---|"]
+    lines += ["", "## Cost", "", "| method | seconds | input tokens / s | peak memory (MiB above start) |",
+              "|---|---|---|---|"]
     for m in methods:
         mm = res["methods"][m]
-        lines.append(f"| {labels[m]} | {mm['seconds']:.2f} | {mm['tokens_per_second']:.0f} | {mm['peak_memory_bytes'] / 2**20:.1f} ({mm['memory_kind']}) |")
+        lines.append(f"| {labels[m]} | {mm['seconds']:.2f} | {mm['tokens_per_second']:.0f} | "
+                     f"{mm['peak_memory_bytes'] / 2**20:.1f} ({mm['memory_kind']}) |")
     lines.append("")
-    lines.append("Memory: peak above one baseline taken after the model was loaded and warmed up (the same for every method).")
+    lines.append("Memory: peak above one baseline taken after the model was loaded and warmed up "
+                 "(the same for every method).")
     return "\n".join(lines) + "\n" + controls_markdown(res)
 
 
@@ -815,19 +836,22 @@ def controls_markdown(res: dict) -> str:
              "Each method run again with another test sample's knowledge (a fixed derangement) and with none. "
              "**Knowledge use** = NLL(other K) − NLL(right K), nats per target token, 95 % bootstrap CI over samples: "
              "> 0 means the method uses *this* sample's knowledge; a gain over D(x) without it is task adaptation.", "",
-             "| method | right K | other K | empty K | knowledge use (nats) | vs empty K (nats) | gap closed |", "|---|---|---|---|---|---|---|"]
+             "| method | right K | other K | empty K | knowledge use (nats) | vs empty K (nats) | gap closed |",
+             "|---|---|---|---|---|---|---|"]
     for m in readers:
         c = ctl[m]
         gap = c.get("gap_closed", {})
-        lines.append(f"| {labels[m]} | {_fmt_ppl(allr[m]['perplexity'])} | {_fmt_ppl(c['other']['perplexity'])} | {_fmt_ppl(c['empty']['perplexity'])} | "
-                     f"{_ci(c['knowledge_use'], 'nats', '+.3f')} | {_ci(c['empty_use'], 'nats', '+.3f')} | "
+        lines.append(f"| {labels[m]} | {_fmt_ppl(allr[m]['perplexity'])} | {_fmt_ppl(c['other']['perplexity'])} | "
+                     f"{_fmt_ppl(c['empty']['perplexity'])} | {_ci(c['knowledge_use'], 'nats', '+.3f')} | "
+                     f"{_ci(c['empty_use'], 'nats', '+.3f')} | "
                      f"{_ci(gap, 'fraction', '.3f') if gap else '–'} |")
     if "oracle" in res["settings"]["methods"]:
         o = allr["oracle"]
         n = max(allr[m]["samples"] for m in res["settings"]["methods"])
         note = f" — on {o['samples']} of {n} samples (the others are not in the cache)" if o["samples"] < n else ""
         og = ctl.get("oracle", {}).get("gap_closed")
-        lines += ["", f"Oracle = the exact cached deltas injected at the cache's layers ({res['settings'].get('targets') or '?'} targets): "
+        lines += ["", "Oracle = the exact cached deltas injected at the cache's layers "
+                      f"({res['settings'].get('targets') or '?'} targets): "
                   f"what stage two is fitted to, not a guaranteed bound. Perplexity {_fmt_ppl(o['perplexity'])}"
                   f"{', gap closed ' + _ci(og, 'fraction', '.3f') if og else ''}{note}."]
     kx_use = ctl.get("kx", {}).get("knowledge_use", {}).get("nats")

@@ -20,26 +20,40 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+import zarr
 from tqdm.auto import tqdm
 
 from kcache import __version__
+from kcache._io import now
 from kcache.align import (
-    DEFAULT_SINK, DEFAULT_TARGETS, TARGETS, TemplateSpec, adds_bos, encode_sample, input_keep, length_mask, loss_mask, pad_right,
-    parse_layers, plan_batches, shift_left,
+    DEFAULT_SINK,
+    DEFAULT_TARGETS,
+    TARGETS,
+    TemplateSpec,
+    adds_bos,
+    encode_sample,
+    input_keep,
+    length_mask,
+    loss_mask,
+    pad_right,
+    parse_layers,
+    plan_batches,
+    shift_left,
+)
+from kcache.cache.format import ATTRS_KEY, FORMAT, MANIFEST, SCHEMA_VERSION, CacheError, encode_rows
+from kcache.cache.integrity import finalize, refuse_if_finalized, write_part_record
+from kcache.cache.lossy import ErrorAccumulator, parse_storage
+from kcache.cache.reader import settings_differences
+from kcache.cache.writer import (
+    DeltaWriter,
+    RunningStats,
+    codecs_description,
+    create_cache,
+    default_chunk_rows,
+    read_last_commit,
 )
 from kcache.data.samples import read_samples, require_usable, sample_set_fingerprint
 from kcache.models import Decoder
-from kcache.store import (
-    ATTRS_KEY, FORMAT, SCHEMA_VERSION, CacheError, DeltaWriter, RunningStats, codecs_description, create_cache,
-    default_chunk_rows, encode_rows, read_last_commit,
-)
-from kcache._io import now
-
-import zarr
-
-from kcache.cache import MANIFEST, settings_differences
-from kcache.storage import ErrorAccumulator, parse_storage
-from kcache.integrity import finalize, refuse_if_finalized, write_part_record
 
 
 @dataclasses.dataclass
@@ -58,7 +72,7 @@ class ExtractConfig:
     chunk_rows: int | None = None
     shard_rows: int | None = None
     chunks_per_shard: int = 8
-    storage: str = "lossless"  # lossless | bitround:N | int8 (kcache.storage); lossy is for caches that travel
+    storage: str = "lossless"  # lossless | bitround:N | int8 (kcache.cache.lossy); lossy is for caches that travel
     targets: str = DEFAULT_TARGETS  # independent | cascade | distilled (batch_deltas; docs/training.md)
     sink: int = DEFAULT_SINK  # leading input positions never written (align.sink_keep)
     distill_steps: int = 8  # targets = distilled: Adam steps on the deltas per batch
@@ -129,7 +143,8 @@ def run_blocks(decoder: Decoder, ids: torch.Tensor, mask: torch.Tensor) -> None:
 
 
 @contextlib.contextmanager
-def _correct_to(decoder: Decoder, site: str, want: dict[int, torch.Tensor], keep: torch.Tensor, deltas: dict, stop: bool = True):
+def _correct_to(decoder: Decoder, site: str, want: dict[int, torch.Tensor], keep: torch.Tensor, deltas: dict,
+                stop: bool = True):
     """Cascade hooks for pass A: at each layer (in forward order) record
     ``delta = (want - act) * keep`` against the activation *as it arrives* (earlier layers already
     corrected) and add it, so the layers above see pass B's values at every kept position."""
@@ -147,8 +162,8 @@ def _correct_to(decoder: Decoder, site: str, want: dict[int, torch.Tensor], keep
 
 
 @torch.no_grad()
-def batch_deltas(decoder: Decoder, items: list, site: str, layers: list[int], targets: str = "independent", sink: int = 0,
-                 distill: dict | None = None) -> dict[int, torch.Tensor]:
+def batch_deltas(decoder: Decoder, items: list, site: str, layers: list[int], targets: str = "independent",
+                 sink: int = 0, distill: dict | None = None) -> dict[int, torch.Tensor]:
     """Two passes over a batch of encoded samples -> ``{layer: (sum x_len, hidden) float32}``.
 
     Rows are the input positions of each sample in turn (the cache's flat layout). With ``n`` the
@@ -193,7 +208,8 @@ def batch_deltas(decoder: Decoder, items: list, site: str, layers: list[int], ta
         parts = []
         for a in range(0, len(items), per):
             sl = slice(a, a + per)
-            parts.append(distill_deltas(decoder, site, {l: d[sl] for l, d in deltas.items()}, keep[sl], (ids_a[sl], mask_a[sl]),
+            parts.append(distill_deltas(decoder, site, {l: d[sl] for l, d in deltas.items()}, keep[sl],
+                                        (ids_a[sl], mask_a[sl]),
                                         (ids_b[sl], mask_b[sl]), k_lens[sl], x_lens[sl], **opts))
         deltas = {l: torch.cat([p[l] for p in parts]) for l in layers}
     valid = length_mask(x_lens, n)
@@ -210,7 +226,8 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logp: torch.Tensor, mask
 
 
 def distill_deltas(decoder: Decoder, site: str, deltas: dict[int, torch.Tensor], keep: torch.Tensor, pass_a, pass_b,
-                   k_lens: torch.Tensor, x_lens: torch.Tensor, steps: int = 8, lr: float = 0.05) -> dict[int, torch.Tensor]:
+                   k_lens: torch.Tensor, x_lens: torch.Tensor, steps: int = 8,
+                   lr: float = 0.05) -> dict[int, torch.Tensor]:
     """Refine ``deltas`` ``{layer: (B, n, hidden)}`` by ``steps`` Adam steps on
     ``KL(D(K,x) || D(x)+delta)`` over every real input position, and return, per sample, its
     deltas at the step with its lowest KL (step 0 = the deltas given, so never worse).
@@ -229,7 +246,8 @@ def distill_deltas(decoder: Decoder, site: str, deltas: dict[int, torch.Tensor],
         teacher = shift_left(logits_b.float().log_softmax(-1), k_lens, n)
         del logits_b
     count = keep.sum(dim=(1, 2)).clamp(min=1)  # kept positions per sample
-    scale = {l: (d.pow(2).sum(dim=(1, 2)) / (count * d.shape[-1])).sqrt().clamp(min=1e-6)[:, None, None] for l, d in deltas.items()}
+    scale = {l: (d.pow(2).sum(dim=(1, 2)) / (count * d.shape[-1])).sqrt().clamp(min=1e-6)[:, None, None]
+             for l, d in deltas.items()}
     units = {l: (d / scale[l]).detach().clone().requires_grad_(True) for l, d in deltas.items()}
     opt = torch.optim.Adam(list(units.values()), lr=lr)
     best = {l: d.detach().clone() for l, d in deltas.items()}
@@ -324,7 +342,8 @@ def sub_plan(plan: Plan, lo_batch: int, hi_batch: int, keep_skipped: bool) -> Pl
     if not batches:
         return Plan([], [], plan.skipped if keep_skipped else [], [])
     lo, hi = batches[0][0], batches[-1][-1] + 1
-    return Plan(plan.order[lo:hi], plan.encoded[lo:hi], plan.skipped if keep_skipped else [], [[i - lo for i in b] for b in batches])
+    return Plan(plan.order[lo:hi], plan.encoded[lo:hi], plan.skipped if keep_skipped else [],
+                [[i - lo for i in b] for b in batches])
 
 
 def part_name(rank: int, world: int) -> str:
@@ -346,7 +365,8 @@ def useful_fraction(plan: Plan) -> float:
 # extraction
 
 
-def _settings(decoder: Decoder, cfg: ExtractConfig, layers: list[int], samples: pa.Table, chunk: int, shard: int) -> dict:
+def _settings(decoder: Decoder, cfg: ExtractConfig, layers: list[int], samples: pa.Table, chunk: int,
+              shard: int) -> dict:
     return {
         "model": decoder.fingerprint.to_dict(),
         "site": cfg.site,
@@ -384,10 +404,12 @@ class ExtractReport:
         out = [f"cache {self.path}: {self.status}; {self.samples} samples, {self.input_tokens} input tokens"]
         if self.resumed_from_row:
             out.append(f"resumed after row {self.resumed_from_row}")
-        out.append(f"skipped {self.skipped}" + (f" ({', '.join(f'{r}: {n}' for r, n in self.skip_reasons.items())})" if self.skipped else ""))
+        out.append(f"skipped {self.skipped}" + (f" ({', '.join(f'{r}: {n}' for r, n in self.skip_reasons.items())})"
+                                                if self.skipped else ""))
         out.append(f"truncated knowledge in {self.truncated} samples")
         if self.seconds:
-            out.append(f"{self.seconds:.1f} s ({self.forward_seconds:.1f} s in forward passes, {self.input_tokens / max(self.seconds, 1e-9):.0f} input tokens/s)")
+            out.append(f"{self.seconds:.1f} s ({self.forward_seconds:.1f} s in forward passes, "
+                       f"{self.input_tokens / max(self.seconds, 1e-9):.0f} input tokens/s)")
         return out
 
 
@@ -445,20 +467,23 @@ def _extract(decoder, samples, out, cfg, overwrite, progress, rank, world) -> Ex
         raise CacheError(f"shard rows ({shard}) must be a multiple of chunk rows ({chunk})")
     settings = _settings(decoder, cfg, layers, table, chunk, shard)
     if (root / MANIFEST).exists():
-        from kcache.cache import Cache
+        from kcache.cache.reader import Cache
 
         done = Cache.open(root)
         diffs = settings_differences(done.settings, settings, ignore=("name",))
         if diffs:
-            raise CacheError(f"{root} holds a finalized cache made with different settings (cache vs asked: {'; '.join(diffs)}); finalized caches are immutable: use another --out")
+            raise CacheError(f"{root} holds a finalized cache made with different settings (cache vs asked: "
+                             f"{'; '.join(diffs)}); finalized caches are immutable: use another --out")
         if overwrite:
             refuse_if_finalized(root, "overwrite it")
         c = done.attrs["counts"]
-        return ExtractReport(root, c["samples"], c["skipped"], c.get("skip_reasons", {}), c["truncated"], c["input_tokens"], 0.0, 0.0, 0, "already complete")
+        return ExtractReport(root, c["samples"], c["skipped"], c.get("skip_reasons", {}), c["truncated"],
+                             c["input_tokens"], 0.0, 0.0, 0, "already complete")
 
     def plan_for(c):
         full = make_plan(decoder.tokenizer, table, c)
-        require_usable(len(full.encoded), table.num_rows, full.skipped, "samples" if isinstance(samples, pa.Table) else str(samples))
+        require_usable(len(full.encoded), table.num_rows, full.skipped,
+                       "samples" if isinstance(samples, pa.Table) else str(samples))
         if world == 1:
             return full
         lo, hi = rank_batches(batch_costs(full), world)[rank]
@@ -479,12 +504,14 @@ def _extract(decoder, samples, out, cfg, overwrite, progress, rank, world) -> Ex
                 raise CacheError(f"{out} exists and is not a kcache cache; choose another --out or pass --overwrite")
             diffs = settings_differences(existing.get("settings", {}), settings, ignore=("name",))
             if diffs:
-                raise CacheError(f"{out} holds a cache made with different settings (cache vs asked: {'; '.join(diffs)}); use another --out or pass --overwrite")
+                raise CacheError(f"{out} holds a cache made with different settings (cache vs asked: "
+                                 f"{'; '.join(diffs)}); use another --out or pass --overwrite")
             if existing["status"] == "complete":
                 # Killed between completing and finalizing: only the manifest is missing.
                 _finish(root, rank, world, existing)
                 counts = existing["counts"]
-                return ExtractReport(out, counts["samples"], counts["skipped"], counts.get("skip_reasons", {}), counts["truncated"], counts["input_tokens"], 0.0, 0.0, 0, "already complete")
+                return ExtractReport(out, counts["samples"], counts["skipped"], counts.get("skip_reasons", {}),
+                                     counts["truncated"], counts["input_tokens"], 0.0, 0.0, 0, "already complete")
             commit = read_last_commit(out)
             resume_row = commit["rows"] if commit else 0
             # Same batches as the interrupted run, so recomputed rows are bit-identical.
@@ -518,7 +545,9 @@ def _extract(decoder, samples, out, cfg, overwrite, progress, rank, world) -> Ex
         tok_off = np.concatenate([[0], np.cumsum(tok_lens)]).astype(np.int64)
         token_ids = np.array([t for e in plan.encoded for t in e.k_ids + e.x_ids], dtype=np.int32)
         bos = decoder.tokenizer.bos_token_id if adds_bos(decoder.tokenizer) else None
-        lmask = np.array([m for e in plan.encoded for m in loss_mask(len(e.x_ids), cfg.skip_bos and bos is not None and e.x_ids[0] == bos, cfg.sink)], dtype=bool)
+        lmask = np.array([m for e in plan.encoded
+                          for m in loss_mask(len(e.x_ids), cfg.skip_bos and bos is not None and e.x_ids[0] == bos,
+                                             cfg.sink)], dtype=bool)
         tmask = np.array([m for e in plan.encoded for m in e.target_mask], dtype=bool)
         attrs["counts"]["loss_tokens"] = int(lmask.sum())
         index = pa.table({
@@ -539,17 +568,20 @@ def _extract(decoder, samples, out, cfg, overwrite, progress, rank, world) -> Ex
             "reason": [reason for _, reason in plan.skipped],
         })
         emb = decoder.layers.embed_tokens().weight.detach().float()
-        group = create_cache(out, attrs, index, skipped, token_ids, tok_off, lmask, tmask, encode_rows(emb, cfg.dtype, "embedding matrix"))
+        group = create_cache(out, attrs, index, skipped, token_ids, tok_off, lmask, tmask,
+                             encode_rows(emb, cfg.dtype, "embedding matrix"))
     else:
         group = zarr.open_group(str(out), mode="r+")
         attrs = group.attrs[ATTRS_KEY]
 
-    positions = np.minimum(np.concatenate([np.arange(n) for n in x_lens]) if len(x_lens) else np.zeros(0), 255).astype(np.uint8)
+    positions = np.minimum(np.concatenate([np.arange(n) for n in x_lens]) if len(x_lens) else np.zeros(0),
+                           255).astype(np.uint8)
     commit = read_last_commit(out)
     stats = RunningStats(layers, commit["stats"] if commit and resume_row else None)
     storage = settings.get("storage")
     errors = ErrorAccumulator(layers, commit.get("errors") if commit and resume_row else None) if storage else None
-    writer = DeltaWriter(out, group, layers, cfg.dtype, shard, total, resume_row, positions, stats, storage=storage, errors=errors)
+    writer = DeltaWriter(out, group, layers, cfg.dtype, shard, total, resume_row, positions, stats, storage=storage,
+                         errors=errors)
 
     # first batch that still has rows past the last commit
     first_batch = next((bi for bi, b in enumerate(plan.batches) if row_off[b[-1] + 1] > resume_row), len(plan.batches))
@@ -562,7 +594,8 @@ def _extract(decoder, samples, out, cfg, overwrite, progress, rank, world) -> Ex
     try:
         for bi, b in enumerate(todo):
             t0 = time.perf_counter()
-            deltas = batch_deltas(decoder, [plan.encoded[i] for i in b], cfg.site, layers, cfg.targets, cfg.sink, cfg.distill())
+            deltas = batch_deltas(decoder, [plan.encoded[i] for i in b], cfg.site, layers, cfg.targets, cfg.sink,
+                                  cfg.distill())
             what = f"deltas of samples {[ids_col[plan.order[i]] for i in b][:3]}"
             if storage:
                 # Lossy: the writer quantizes whole shards and measures the error against these.
@@ -578,9 +611,10 @@ def _extract(decoder, samples, out, cfg, overwrite, progress, rank, world) -> Ex
 
     attrs["stats"] = stats.summary()
     if errors is not None:
-        # Sums kept beside the figures so parts can be pooled (kcache.cache.combine_errors).
+        # Sums kept beside the figures so parts can be pooled (kcache.cache.reader.combine_errors).
         sums = errors.state()
-        attrs["storage_error"] = {l: {**e, "sse": sums[l]["sse"], "ssr": sums[l]["ssr"]} for l, e in errors.summary().items()}
+        attrs["storage_error"] = {l: {**e, "sse": sums[l]["sse"],
+                                      "ssr": sums[l]["ssr"]} for l, e in errors.summary().items()}
     attrs["status"] = "complete"
     attrs["finished"] = now()
     attrs["extraction"] = {**attrs.get("extraction", {}), "useful_token_fraction": useful_fraction(plan)}
@@ -588,7 +622,8 @@ def _extract(decoder, samples, out, cfg, overwrite, progress, rank, world) -> Ex
     write_card(out, attrs)
     _finish(root, rank, world, attrs)
     elapsed = time.perf_counter() - t_start
-    return ExtractReport(out, counts["samples"], counts["skipped"], dict(skip_reasons), counts["truncated"], total, elapsed, fwd, resumed_from, "complete")
+    return ExtractReport(out, counts["samples"], counts["skipped"], dict(skip_reasons), counts["truncated"], total,
+                         elapsed, fwd, resumed_from, "complete")
 
 
 def _finish(root: Path, rank: int, world: int, attrs: dict) -> None:
@@ -607,7 +642,8 @@ def _finish(root: Path, rank: int, world: int, attrs: dict) -> None:
 
 
 def _initial_attrs(decoder: Decoder, settings: dict, counts: dict, cfg: ExtractConfig, plan: Plan) -> dict:
-    cfg_dict = {k: v for k, v in decoder.model.config.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}
+    cfg_dict = {k: v for k, v in decoder.model.config.to_dict().items()
+                if isinstance(v, (int, float, str, bool, type(None)))}
     return {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -620,7 +656,9 @@ def _initial_attrs(decoder: Decoder, settings: dict, counts: dict, cfg: ExtractC
         "hidden_size": decoder.layers.hidden_size,
         "vocab_size": int(decoder.layers.embed_tokens().weight.shape[0]),
         "num_model_layers": decoder.layers.num_layers,
-        "extraction": {"token_budget": cfg.token_budget, "batches": len(plan.batches), "torch": torch.__version__, "model_dtype": str(decoder.dtype).replace("torch.", ""), "device": str(decoder.device), "threads": torch.get_num_threads()},
+        "extraction": {"token_budget": cfg.token_budget, "batches": len(plan.batches), "torch": torch.__version__,
+                       "model_dtype": str(decoder.dtype).replace("torch.", ""), "device": str(decoder.device),
+                       "threads": torch.get_num_threads()},
         "counts": counts,
         "stats": {},
     }
@@ -632,13 +670,15 @@ def write_card(path: Path, attrs: dict) -> None:
     lines = [
         "# kcache delta cache",
         "",
-        f"Format `{attrs['format']}` v{attrs['schema_version']}, written by kcache {attrs['kcache_version']} ({attrs['created']} → {attrs.get('finished')}).",
+        f"Format `{attrs['format']}` v{attrs['schema_version']}, written by kcache {attrs['kcache_version']} "
+        f"({attrs['created']} → {attrs.get('finished')}).",
         "",
         "| | |", "|---|---|",
         f"| model | {s['model'].get('name', '')} `{s['model']['architecture']}` |",
         f"| weights | `{s['model']['weights_hash'][:23]}…` |",
         f"| site / layers | {s['site']} / {', '.join(map(str, s['layers']))} |",
-        f"| template | `{s['template']['template']}` (separator `{s['template']['separator']}`, end {s['template']['end']}) |",
+        f"| template | `{s['template']['template']}` (separator `{s['template']['separator']}`, "
+        f"end {s['template']['end']}) |",
         f"| max length | {s['max_length']} |",
         f"| dtype | {s['dtype']} |",
         f"| samples | {c['samples']} of {c['samples_in']} ({c['skipped']} skipped, {c['truncated']} truncated) |",

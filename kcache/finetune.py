@@ -17,7 +17,8 @@ Conventions (shared with ``kcache.evaluate``):
 * ``train`` split for training, ``validation`` split for picking the best step (lowest
   validation NLL, evaluated every ``eval_every`` steps and at step 0, so the output is never
   worse on validation than the bundle it started from). ``test`` is never read.
-* bf16 autocast where the hardware has it (``compute``, kcache.precision), float32 master weights; ``seed`` fixes the encoder init (``--from-scratch``)
+* bf16 autocast where the hardware has it (``compute``, kcache.precision), float32 master weights; ``seed`` fixes the
+encoder init (``--from-scratch``)
   and the sample order; reruns resume from ``out/checkpoint`` (``train.save_checkpoint``, fit's format).
 
 Helpers used by ``kcache.edit`` too: ``trainable_additions`` (``inject.encoder_additions``
@@ -36,12 +37,21 @@ import numpy as np
 import torch
 
 from kcache._io import now, pyplot, save_png, sha256_file
-from kcache.align import DEFAULT_SINK, TemplateSpec, encode_sample, input_keep, pad_right, shift_left, sink_of, targets_of
+from kcache.align import (
+    DEFAULT_SINK,
+    TemplateSpec,
+    encode_sample,
+    input_keep,
+    pad_right,
+    shift_left,
+    sink_of,
+    targets_of,
+)
 from kcache.encoders import EncoderConfig, EncoderStack, load_bundle, publish_bundle
-from kcache.train import OptimConfig, load_checkpoint, lr_at, optimizer_step, save_checkpoint
 from kcache.inject import add_at_site, check_fingerprint, embed_ids
 from kcache.models import Decoder
 from kcache.precision import autocast_for
+from kcache.train import OptimConfig, load_checkpoint, lr_at, optimizer_step, save_checkpoint
 
 
 @dataclasses.dataclass
@@ -72,7 +82,8 @@ class FinetuneConfig(OptimConfig):
 # the differentiable forward
 
 
-def trainable_additions(decoder: Decoder, stack: EncoderStack, k_ids: list[list[int]], x_ids: list[list[int]], layers: list[int]) -> dict[int, torch.Tensor]:
+def trainable_additions(decoder: Decoder, stack: EncoderStack, k_ids: list[list[int]], x_ids: list[list[int]],
+                        layers: list[int]) -> dict[int, torch.Tensor]:
     """``inject.encoder_additions`` with gradients: ``{layer: (B, max len(x), hidden)}``,
     right-padded, encoder output shifted left by ``len(k_ids[i])``, padding rows and the first
     ``stack.sink`` input positions zero."""
@@ -98,7 +109,8 @@ def scored_positions(masks: list[list[bool]]) -> list[tuple[int, int]]:
 
 
 def scored_logprobs(decoder: Decoder, stack: EncoderStack | None, site: str, layers: list[int], k_ids: list[list[int]],
-                    x_ids: list[list[int]], masks: list[list[bool]], pad_id: int | None = None) -> tuple[torch.Tensor, list[int]]:
+                    x_ids: list[list[int]], masks: list[list[bool]],
+                    pad_id: int | None = None) -> tuple[torch.Tensor, list[int]]:
     """``log p(x_ids[i][j] | x_ids[i][:j])`` under ``D(E(K, x) + x)`` for every scored token,
     flat ``(N,)`` float32 (differentiable w.r.t. the encoders), and the item of each entry.
 
@@ -115,7 +127,8 @@ def scored_logprobs(decoder: Decoder, stack: EncoderStack | None, site: str, lay
     ids, am = pad_right([list(x) for x in x_ids], pad_id)
     add = trainable_additions(decoder, stack, k_ids, x_ids, layers) if stack is not None else {}
     with add_at_site(decoder, site, add):
-        hidden = decoder.layers.backbone()(input_ids=ids.to(dev), attention_mask=am.to(dev), use_cache=False).last_hidden_state
+        hidden = decoder.layers.backbone()(input_ids=ids.to(dev), attention_mask=am.to(dev),
+                                           use_cache=False).last_hidden_state
     rows = torch.tensor([i for i, _ in pos], device=dev)
     cols = torch.tensor([j - 1 for _, j in pos], device=dev)
     toks = torch.tensor([x_ids[i][j] for i, j in pos], device=dev)
@@ -132,7 +145,8 @@ def kl_positions(x_ids: list[list[int]]) -> list[tuple[int, int]]:
     return [(i, j) for i, x in enumerate(x_ids) for j in range(len(x) - 1)]
 
 
-def batch_kl(decoder: Decoder, stack: EncoderStack, site: str, layers: list[int], items: list["Item"], autocast) -> tuple[torch.Tensor, int]:
+def batch_kl(decoder: Decoder, stack: EncoderStack, site: str, layers: list[int], items: list[Item],
+             autocast) -> tuple[torch.Tensor, int]:
     """(sum over positions of ``KL(D(K,x) || D(E(K,x)+x))``, position count): the next-token
     distributions at every input position that predicts a next input token (source and target).
 
@@ -177,7 +191,8 @@ class Item:
 def batch_nll(decoder, stack, site, layers, items: list[Item], autocast) -> tuple[torch.Tensor, int]:
     """(sum of -log p over the batch's scored tokens, token count)."""
     with autocast():
-        lp, _ = scored_logprobs(decoder, stack, site, layers, [it.k_ids for it in items], [it.x_ids for it in items], [it.mask for it in items])
+        lp, _ = scored_logprobs(decoder, stack, site, layers, [it.k_ids for it in items], [it.x_ids for it in items],
+                                [it.mask for it in items])
     return -lp.sum(), int(lp.numel())
 
 
@@ -222,7 +237,8 @@ def knowledge_items(tokenizer, rows: list[dict], spec: TemplateSpec, max_length:
 # the training loop (fine-tuning and editing)
 
 
-def train_encoders(decoder: Decoder, stack: EncoderStack, *, site: str, layers: list[int], train: list[Item], val: list[Item] | None,
+def train_encoders(decoder: Decoder, stack: EncoderStack, *, site: str, layers: list[int], train: list[Item],
+                   val: list[Item] | None,
                    cfg, out: Path, run_id: dict, save_meta, progress: bool = True, on_step=None, log=None) -> dict:
     """AdamW + warm-up/cosine (``train.lr_at``) on the target CE of ``train``; every ``eval_every``
     steps (and at step 0) the validation NLL picks the best weights, written with
@@ -253,15 +269,18 @@ def train_encoders(decoder: Decoder, stack: EncoderStack, *, site: str, layers: 
 
     state = load_checkpoint(out, stack, opt)
     if state and state.get("run") != run_id:
-        raise ValueError(f"{out}/checkpoint: a checkpoint of a different run (other samples, encoders or settings) is there; use another --out or delete it")
+        raise ValueError(f"{out}/checkpoint: a checkpoint of a different run (other samples, "
+                         "encoders or settings) is there; use another --out or delete it")
     resumed = state is not None
-    state = state or {"run": run_id, "step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": None, "bad_evals": 0, "history": []}
+    state = state or {"run": run_id, "step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": None,
+                      "bad_evals": 0, "history": []}
     params = {l: list(stack.encoder(l).parameters()) for l in layers}
     vbs = max(cfg.batch_size, 8)
 
     def evaluate_now(step, lr, train_nll):
         v = mean_nll(decoder, stack, site, layers, val, vbs, autocast) if val else float("nan")
-        entry = {"step": step, "lr": lr, "train_nll": train_nll, "val_nll": v, "val_ppl": math.exp(v) if v == v and v < 700 else None}
+        entry = {"step": step, "lr": lr, "train_nll": train_nll, "val_nll": v,
+                 "val_ppl": math.exp(v) if v == v and v < 700 else None}
         state["history"].append(entry)
         if not val:
             return entry
@@ -312,7 +331,9 @@ def train_encoders(decoder: Decoder, stack: EncoderStack, *, site: str, layers: 
                 acc_loss, acc_tok = 0.0, 0
                 bar.set_postfix(val_nll=f"{e['val_nll']:.4f}", train_nll=f"{e['train_nll']:.4f}")
                 if log:
-                    log(f"step {step}/{total_steps}: train NLL {e['train_nll']:.4f}" + (f", validation NLL {e['val_nll']:.4f} (ppl {e['val_ppl'] or float('inf'):.3f})" if val else ""))
+                    log(f"step {step}/{total_steps}: train NLL {e['train_nll']:.4f}"
+                        + (f", validation NLL {e['val_nll']:.4f} (ppl {e['val_ppl'] or float('inf'):.3f})"
+                           if val else ""))
                 if val and not math.isfinite(e["val_nll"]):
                     state["stopped"] = "diverged (non-finite validation loss)"
                     stop = True
@@ -369,12 +390,15 @@ def start_stack(decoder: Decoder, encoders, cfg) -> tuple[EncoderStack, dict, di
     fp = decoder.fingerprint.to_dict()
     if cfg.from_scratch:
         layers = parse_layers(cfg.layers if cfg.layers is not None else "3-8", decoder.layers.num_layers)
-        econf = EncoderConfig(d_model=decoder.layers.hidden_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+        econf = EncoderConfig(d_model=decoder.layers.hidden_size, hidden_size=cfg.hidden_size,
+                              num_layers=cfg.num_layers,
                               num_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size)
         stack = EncoderStack(econf, layers, seed=cfg.seed)
         stack.sink = cfg.sink
-        meta = {"site": cfg.site, "template": {"template": cfg.template, "separator": cfg.separator, "end": cfg.template_end},
-                "max_length": int(cfg.max_length or 1024), "model": fp, "cache": None, "targets": "none", "sink": cfg.sink}
+        meta = {"site": cfg.site, "template": {"template": cfg.template, "separator": cfg.separator,
+                                               "end": cfg.template_end},
+                "max_length": int(cfg.max_length or 1024), "model": fp, "cache": None, "targets": "none",
+                "sink": cfg.sink}
         return stack, meta, {"from": "scratch", "seed": cfg.seed}
     if encoders is None:
         raise ValueError("give an encoder bundle to start from (--encoders DIR) or --from-scratch")
@@ -393,14 +417,15 @@ def start_stack(decoder: Decoder, encoders, cfg) -> tuple[EncoderStack, dict, di
             sub.encoder(l).load_state_dict(stack.encoder(l).state_dict())
         stack = sub
     stack.sink = sink_of(doc)
-    meta = {"site": doc["site"], "template": doc["template"], "max_length": int(cfg.max_length or doc["max_length"]), "model": fp,
-            "cache": doc.get("cache"), "targets": targets_of(doc), "sink": stack.sink}
+    meta = {"site": doc["site"], "template": doc["template"], "max_length": int(cfg.max_length or doc["max_length"]),
+            "model": fp, "cache": doc.get("cache"), "targets": targets_of(doc), "sink": stack.sink}
     prov = {"from": str(encoders), "source_weights": sha256_file(Path(encoders) / "encoders.safetensors"),
             "source_training": doc.get("training"), "source_created": doc.get("created")}
     return stack, meta, prov
 
 
-def finetune(decoder: Decoder, samples, encoders, out, cfg: FinetuneConfig | None = None, progress: bool = True, on_step=None, log=None) -> dict:
+def finetune(decoder: Decoder, samples, encoders, out, cfg: FinetuneConfig | None = None, progress: bool = True,
+             on_step=None, log=None) -> dict:
     """Fine-tune encoders (a bundle directory, or fresh with ``cfg.from_scratch``) on the target CE
     of ``D(E(K,x)+x)``; writes the best bundle, ``history.json``, ``curves.png`` and
     ``summary.json`` to ``out`` and returns the summary. A finished run with the same settings
@@ -427,11 +452,14 @@ def _finetune(decoder: Decoder, samples, encoders, out, cfg, progress, on_step, 
     train, skipped_tr = knowledge_items(decoder.tokenizer, _split_rows(table, "train"), spec, base_meta["max_length"])
     if cfg.max_train_samples:
         train = train[: cfg.max_train_samples]
-    val, skipped_va = knowledge_items(decoder.tokenizer, _split_rows(table, "validation"), spec, base_meta["max_length"])
+    val, skipped_va = knowledge_items(decoder.tokenizer, _split_rows(table, "validation"), spec,
+                                      base_meta["max_length"])
     val = val[: cfg.val_max_samples]
     if not train or not val:
-        raise ValueError(f"need train and validation samples with knowledge and targets (have {len(train)} / {len(val)})")
-    run_id = {"samples": sample_set_fingerprint(table), "model": base_meta["model"], "start": {k: v for k, v in prov.items() if k != "source_training"},
+        raise ValueError("need train and validation samples with knowledge and targets (have "
+                         f"{len(train)} / {len(val)})")
+    run_id = {"samples": sample_set_fingerprint(table), "model": base_meta["model"],
+              "start": {k: v for k, v in prov.items() if k != "source_training"},
               "config": dataclasses.asdict(cfg) | {"layers": layers}}
 
     summary_path = out / "summary.json"
@@ -447,15 +475,16 @@ def _finetune(decoder: Decoder, samples, encoders, out, cfg, progress, on_step, 
         best = state["best"]
         return base_meta | {
             "created": now(),
-            "training": {"finetuned": True, "objective": "cross-entropy on target tokens of D(E(K,x)+x), decoder frozen (DIEKAE 3.3)",
+            "training": {"finetuned": True,
+                         "objective": "cross-entropy on target tokens of D(E(K,x)+x), decoder frozen (DIEKAE 3.3)",
                          "start": prov, "step": state["step"], "epoch": state["epoch"],
                          "config": {k: v for k, v in dataclasses.asdict(cfg).items()} | {"layers": layers},
                          "val_nll": best, "val_ppl": math.exp(best) if best is not None and best < 700 else None,
                          "train_samples": len(train), "val_samples": len(val)},
         }
 
-    state = train_encoders(decoder, stack, site=site, layers=layers, train=train, val=val, cfg=cfg, out=out, run_id=run_id,
-                           save_meta=save_meta, progress=progress, on_step=on_step, log=log)
+    state = train_encoders(decoder, stack, site=site, layers=layers, train=train, val=val, cfg=cfg, out=out,
+                           run_id=run_id, save_meta=save_meta, progress=progress, on_step=on_step, log=log)
     hist = state["history"]
     first = hist[0]["val_nll"] if hist else float("nan")
     summary = {
@@ -470,7 +499,7 @@ def _finetune(decoder: Decoder, samples, encoders, out, cfg, progress, on_step, 
     }
     summary_path.write_text(json.dumps(summary, indent=2, default=str))
     if log:
-        log(f"finetune: validation ppl {summary['val_ppl_start']:.3f} at step 0 -> {summary['val_ppl_best']:.3f} at step {state['best_step']} "
-            f"of {state['step']} ({state['stopped']}); bundle {out}")
+        log(f"finetune: validation ppl {summary['val_ppl_start']:.3f} at step 0 -> {summary['val_ppl_best']:.3f} at "
+            f"step {state['best_step']} of {state['step']} ({state['stopped']}); bundle {out}")
     return summary
 

@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 from kcache import distributed, shutdown
 from kcache._io import now, pyplot, save_png
 from kcache.align import length_mask, sink_of, targets_of
-from kcache.precision import autocast_for
+from kcache.cache.format import CacheError
+from kcache.cache.reader import Cache
 from kcache.encoders import CONFIG_FILE, WEIGHTS_FILE, EncoderConfig, EncoderStack, publish_bundle, save_bundle
-from kcache.cache import Cache
-from kcache.store import CacheError
+from kcache.precision import autocast_for
 from kcache.train import (  # noqa: F401 - OptimConfig, lr_at, optimizer_step, CHECKPOINT_* are also re-exported
     CHECKPOINT_DIR,
     CHECKPOINT_FORMAT,
@@ -158,7 +158,7 @@ class Batch:
     targets: dict[int, torch.Tensor]  # layer -> (B, X, H) float32
     samples: list[int]
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(self.tokens.to(device), self.valid.to(device), self.shifts.to(device), self.loss_mask.to(device),
                      {l: t.to(device, non_blocking=True) for l, t in self.targets.items()}, self.samples)
 
@@ -212,8 +212,10 @@ class CacheReader:
         first, last = (a - base) // self.chunk, (min(b, int(self.cache.row_base[j + 1])) - 1 - base) // self.chunk
         chunks = f"chunk {first}" if first == last else f"one of chunks {first}-{last}"
         part = "" if self.cache.parts[j].name == "." else self.cache.parts[j].name + "/"
-        return CacheError(f"{self.cache.location}: array {part}{array}, {chunks} (rows {a - base}-{b - 1 - base}) is corrupt ({e}); "
-                          f"run `kcache validate {self.cache.location}` to list every damaged file, then re-extract or pull the cache again")
+        return CacheError(f"{self.cache.location}: array {part}{array}, "
+                          f"{chunks} (rows {a - base}-{b - 1 - base}) is corrupt ({e}); "
+                          f"run `kcache validate {self.cache.location}` to list every damaged file, "
+                          "then re-extract or pull the cache again")
 
 
 def collate(items: list[dict], layers: list[int], samples: list[int]) -> Batch:
@@ -229,7 +231,8 @@ def collate(items: list[dict], layers: list[int], samples: list[int]) -> Batch:
         lmask[i, : xl[i]] = torch.from_numpy(np.asarray(it["loss"], dtype=bool))
         for l in layers:
             targets[l][i, : xl[i]] = torch.from_numpy(it["deltas"][l])
-    return Batch(tokens, length_mask(torch.tensor(lens), L), torch.tensor([it["shift"] for it in items]), lmask, targets, samples)
+    return Batch(tokens, length_mask(torch.tensor(lens), L), torch.tensor([it["shift"] for it in items]), lmask,
+                 targets, samples)
 
 
 class BatchLoader:
@@ -297,7 +300,8 @@ class BatchLoader:
             yield item
 
     def close(self, timeout: float = 60.0):
-        """Stop reading ahead and wait (up to ``timeout`` s) for the worker thread (it finishes the block it is reading)."""
+        """Stop reading ahead and wait (up to ``timeout`` s) for the worker thread (it finishes the block it is
+        reading)."""
         self._stop = True
         deadline = time.monotonic() + timeout
         while self.thread is not threading.current_thread() and self.thread.is_alive() and time.monotonic() < deadline:
@@ -319,7 +323,8 @@ def predict(stack: EncoderStack, emb: torch.Tensor, batch: Batch) -> dict[int, t
 
 
 @torch.no_grad()
-def evaluate_layers(stack: EncoderStack, emb: torch.Tensor, loader, device, mean: dict[int, torch.Tensor], autocast) -> dict:
+def evaluate_layers(stack: EncoderStack, emb: torch.Tensor, loader, device, mean: dict[int, torch.Tensor],
+                    autocast) -> dict:
     """Per-layer MSE, FVU and the two trivial baselines (zero, train mean) over a loader."""
     stack.eval()
     acc = {l: {"sse": 0.0, "n": 0, "sum": None, "sumsq": None, "sse_mean": 0.0, "sse_zero": 0.0} for l in stack.layers}
@@ -345,7 +350,8 @@ def evaluate_layers(stack: EncoderStack, emb: torch.Tensor, loader, device, mean
         rows = n / a["sum"].numel()
         var = float(((a["sumsq"] / rows) - (a["sum"] / rows).pow(2)).mean())
         mse = a["sse"] / n
-        out[l] = {"mse": mse, "fvu": mse / var if var > 0 else float("nan"), "fvu_mean_baseline": a["sse_mean"] / n / var if var > 0 else float("nan"),
+        out[l] = {"mse": mse, "fvu": mse / var if var > 0 else float("nan"),
+                  "fvu_mean_baseline": a["sse_mean"] / n / var if var > 0 else float("nan"),
                   "fvu_zero_baseline": a["sse_zero"] / n / var if var > 0 else float("nan")}
     return out
 
@@ -391,8 +397,9 @@ def _check_checkpoint_layout(out: Path, world: int) -> None:
     if (base / "state.json").exists():
         found.add(1)
     if found - {world}:
-        raise CacheError(f"{base}: holds the checkpoint of a run on {', '.join(map(str, sorted(found - {world})))} process(es), this run has {world}; "
-                         "rerun with that many processes, use another --out, or delete it")
+        raise CacheError(f"{base}: holds the checkpoint of a run on {', '.join(map(str, sorted(found - {world})))} "
+                         f"process(es), this run has {world}; rerun with that many processes, "
+                         "use another --out, or delete it")
 
 
 def _resume_together(load, where: Path, rank: int, world: int):
@@ -409,10 +416,12 @@ def _resume_together(load, where: Path, rank: int, world: int):
     if err:
         raise err
     if -2 in steps:
-        raise CacheError(f"{where}: process(es) {[r for r, s in enumerate(steps) if s == -2]} cannot resume (see their error)")
+        raise CacheError(f"{where}: process(es) {[r for r, s in enumerate(steps) if s == -2]} cannot "
+                         "resume (see their error)")
     if len(set(steps)) > 1:
         shown = ", ".join(f"rank {r}: {'none' if s < 0 else int(s)}" for r, s in enumerate(steps))
-        raise CacheError(f"{where}: the processes' checkpoints are at different steps ({shown}); delete it to start over")
+        raise CacheError(f"{where}: the processes' checkpoints are at different steps "
+                         f"({shown}); delete it to start over")
     return state
 
 
@@ -459,7 +468,8 @@ def _fit_encoders(cache_path, out, cfg, progress, on_step) -> dict:
     if missing:
         raise CacheError(f"{cache_path}: layer(s) {missing} not in this cache (it has {cache.layers})")
     if world > len(layers):
-        raise CacheError(f"{world} processes for {len(layers)} layer(s): each process trains whole layers, so run at most {len(layers)}")
+        raise CacheError(f"{world} processes for {len(layers)} layer(s): each process trains whole layers, "
+                         f"so run at most {len(layers)}")
     mine = layers_of_rank(layers, rank, world)  # all of them in one process
     autocast = autocast_for(device, cfg.compute)
     torch.manual_seed(cfg.seed)
@@ -489,11 +499,13 @@ def _fit_encoders(cache_path, out, cfg, progress, on_step) -> dict:
     def load():
         st = load_checkpoint(out, stack, opt, where=ckpt_dir)
         if st and st.get("run") != json.loads(json.dumps(run_id)):
-            raise CacheError(f"{out}/{CHECKPOINT_DIR}: a checkpoint of a different run (other cache or settings) is there; use another --out or delete it")
+            raise CacheError(f"{out}/{CHECKPOINT_DIR}: a checkpoint of a different run (other cache or settings) is "
+                             "there; use another --out or delete it")
         return st
 
     state = load() if world == 1 else _resume_together(load, checkpoint_dir(out), rank, world)
-    state = state or {"run": run_id, "step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": None, "bad_evals": 0, "history": []}
+    state = state or {"run": run_id, "step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": None,
+                      "bad_evals": 0, "history": []}
     mean = _train_mean(reader, train_idx, 64, cfg.seed)
     mean = {l: m.to(device) for l, m in mean.items()}
 
@@ -503,7 +515,8 @@ def _fit_encoders(cache_path, out, cfg, progress, on_step) -> dict:
     def evaluate_now(train_mse: dict[int, float]):
         res = evaluate_layers(stack, emb, val_loader(), device, mean, autocast)
         if world > 1:  # every process needs every layer's numbers: history, best step, early stop
-            table = share_layer_values({l: [r[k] for k in VAL_KEYS] + [train_mse[l]] for l, r in res.items()}, layers, len(VAL_KEYS) + 1)
+            table = share_layer_values({l: [r[k] for k in VAL_KEYS] + [train_mse[l]] for l, r in res.items()}, layers,
+                                       len(VAL_KEYS) + 1)
             res = {l: dict(zip(VAL_KEYS, row[:-1])) for l, row in table.items()}
             train_mse = {l: row[-1] for l, row in table.items()}
         total = sum(r["mse"] for r in res.values())
@@ -519,7 +532,8 @@ def _fit_encoders(cache_path, out, cfg, progress, on_step) -> dict:
             _combine_parts(out, parts, layers, state["best_step"])
 
     def checkpoint():
-        save_checkpoint(out, stack, opt, state, where=ckpt_dir, before_publish=distributed.barrier if world > 1 else None)
+        save_checkpoint(out, stack, opt, state, where=ckpt_dir,
+                        before_publish=distributed.barrier if world > 1 else None)
 
     params = {l: list(stack.encoder(l).parameters()) for l in mine}
     stack.train()
@@ -530,12 +544,14 @@ def _fit_encoders(cache_path, out, cfg, progress, on_step) -> dict:
         done = json.loads((out / "summary.json").read_text())
         distributed.barrier()
         return {**done, "skipped": True}
-    bar = tqdm(total=total_steps, initial=step, desc="fit", unit="step", disable=not (progress and main), dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc="fit", unit="step", disable=not (progress and main),
+               dynamic_ncols=True)
     train_acc = {l: 0.0 for l in mine}
     n_acc = 0
     while not stop:
         epoch = state["epoch"]
-        loader = BatchLoader(reader, train_idx, cfg.batch_size, cfg.buffer_samples, cfg.seed, epoch, skip=state["batch_in_epoch"])
+        loader = BatchLoader(reader, train_idx, cfg.batch_size, cfg.buffer_samples, cfg.seed, epoch,
+                             skip=state["batch_in_epoch"])
         micro = 0
         for bi, batch in enumerate(loader, start=state["batch_in_epoch"]):
             batch = batch.to(device)
@@ -608,7 +624,8 @@ def _bundle_meta(cache: Cache, cfg: FitConfig, state, res) -> dict:
         "site": s["site"], "template": s["template"], "max_length": s["max_length"], "model": s["model"],
         "targets": targets_of(s), "sink": sink_of(s),
         "cache": cache.fingerprint(), "created": now(),
-        "training": {"step": state["step"], "epoch": state["epoch"], "config": {k: v for k, v in cfg.run_config().items() if k != "device"},
+        "training": {"step": state["step"], "epoch": state["epoch"],
+                     "config": {k: v for k, v in cfg.run_config().items() if k != "device"},
                      "val": {str(l): r for l, r in res.items()}},
     }
 
@@ -631,8 +648,8 @@ def _combine_parts(out: Path, parts: list[Path], layers: list[int], best_step) -
     docs = [json.loads((p / CONFIG_FILE).read_text()) for p in parts]
     steps = {d["training"]["step"] for d in docs}
     if steps != {best_step}:
-        raise CacheError(f"{parts[0].parent}: the processes' best bundles are from steps {sorted(steps)}, the run's best is step {best_step}; "
-                         "rerun to finish the run")
+        raise CacheError(f"{parts[0].parent}: the processes' best bundles are from steps {sorted(steps)}, "
+                         f"the run's best is step {best_step}; rerun to finish the run")
     stack = EncoderStack(EncoderConfig(**docs[0]["encoder"]), layers)
     weights = {}
     for p in parts:
@@ -655,9 +672,12 @@ def _summary(out: Path, state: dict, layers: list[int]) -> dict:
             verdict = "NOT CONVERGED (no better than predicting the mean delta)"
         else:
             verdict = "converged"
-        rows[str(l)] = {"val_fvu": fvu, "val_mse": r["mse"] if r else None, "fvu_mean_baseline": r["fvu_mean_baseline"] if r else None,
-                        "fvu_zero_baseline": r["fvu_zero_baseline"] if r else None, "first_eval_fvu": first, "verdict": verdict}
-    return {"bundle": str(out), "best_step": state["best_step"], "steps": state["step"], "stopped": state.get("stopped"), "layers": rows}
+        rows[str(l)] = {"val_fvu": fvu, "val_mse": r["mse"] if r else None,
+                        "fvu_mean_baseline": r["fvu_mean_baseline"] if r else None,
+                        "fvu_zero_baseline": r["fvu_zero_baseline"] if r else None, "first_eval_fvu": first,
+                        "verdict": verdict}
+    return {"bundle": str(out), "best_step": state["best_step"], "steps": state["step"],
+            "stopped": state.get("stopped"), "layers": rows}
 
 
 def plot_history(history: list[dict], path: Path, layers: list[int]) -> None:
@@ -677,5 +697,6 @@ def plot_history(history: list[dict], path: Path, layers: list[int]) -> None:
 def summary_table(summary: dict) -> str:
     lines = ["| layer | val FVU | mean-delta baseline | zero baseline | verdict |", "|---|---|---|---|---|"]
     for l, r in summary["layers"].items():
-        lines.append(f"| {l} | {r['val_fvu']:.4f} | {r['fvu_mean_baseline']:.4f} | {r['fvu_zero_baseline']:.4f} | {r['verdict']} |")
+        lines.append(f"| {l} | {r['val_fvu']:.4f} | {r['fvu_mean_baseline']:.4f} | "
+                     f"{r['fvu_zero_baseline']:.4f} | {r['verdict']} |")
     return "\n".join(lines)

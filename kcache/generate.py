@@ -75,7 +75,8 @@ def side_by_side(columns: dict[str, str], width: int | None = None) -> str:
     width = width or shutil.get_terminal_size((120, 20)).columns
     n = max(1, len(columns))
     col = max(16, (width - 3 * (n - 1)) // n)
-    wrapped = [[h, "─" * min(col, max(len(h), 8))] + (textwrap.wrap(t.strip(), col) or [""]) for h, t in columns.items()]
+    wrapped = [[h, "─" * min(col, max(len(h), 8))] + (textwrap.wrap(t.strip(), col) or [""])
+               for h, t in columns.items()]
     rows = max(len(w) for w in wrapped)
     lines = []
     for r in range(rows):
@@ -85,7 +86,8 @@ def side_by_side(columns: dict[str, str], width: int | None = None) -> str:
 
 
 def render(g: Generation, width: int | None = None) -> str:
-    head = f"prompt: {g.prompt}\nknowledge: {g.knowledge_tokens} tokens in the prefix" + (" (truncated to fit max_length)" if g.truncated else "")
+    head = (f"prompt: {g.prompt}\nknowledge: {g.knowledge_tokens} tokens in the prefix"
+            + (" (truncated to fit max_length)" if g.truncated else ""))
     if g.plain is None:
         return head + "\n\n" + _shown(g.injected).strip()
     return head + "\n\n" + side_by_side(g.columns(), width)

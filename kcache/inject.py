@@ -41,10 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from kcache.align import input_keep, pad_right, sink_keep, sink_of, targets_of
-from kcache.models import Decoder
-
-
 from kcache.errors import KCacheError  # noqa: E402
+from kcache.models import Decoder
 
 
 class InjectError(KCacheError, ValueError):
@@ -85,12 +83,15 @@ def check_fingerprint(expected: dict, decoder: Decoder, what: str = "encoder bun
     """Raise ``InjectError`` naming both models when ``expected`` (a fingerprint dict) is not the
     loaded decoder's. ``name`` is only a label and is not compared."""
     mine = decoder.fingerprint.to_dict()
-    diff = [k for k in ("architecture", "config_hash", "weights_hash", "tokenizer_hash") if expected.get(k) != mine.get(k)]
+    diff = [k for k in ("architecture", "config_hash", "weights_hash", "tokenizer_hash")
+            if expected.get(k) != mine.get(k)]
     if diff:
         raise InjectError(
             f"{what} was made for another model ({', '.join(diff)} differ): it expects "
-            f"{expected.get('name') or '?'} [{expected.get('architecture', '?')} weights {str(expected.get('weights_hash', ''))[:19]}], "
-            f"the loaded decoder is {mine.get('name') or '?'} [{mine.get('architecture')} weights {str(mine.get('weights_hash'))[:19]}]"
+            f"{expected.get('name') or '?'} [{expected.get('architecture', '?')} weights "
+            f"{str(expected.get('weights_hash', ''))[:19]}], "
+            f"the loaded decoder is {mine.get('name') or '?'} [{mine.get('architecture')} weights "
+            f"{str(mine.get('weights_hash'))[:19]}]"
         )
 
 
@@ -113,7 +114,8 @@ def encoder_positions(base: torch.Tensor, new_valid: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def encoder_additions(decoder: Decoder, stack, k_ids: list[list[int]], x_ids: list[list[int]], layers: list[int] | None = None, pad_id: int = 0,
+def encoder_additions(decoder: Decoder, stack, k_ids: list[list[int]], x_ids: list[list[int]],
+                      layers: list[int] | None = None, pad_id: int = 0,
                       sink: int | None = None) -> dict[int, torch.Tensor]:
     """One-shot DIEKÆ additions for a batch: ``{layer: (B, max len(x_ids), hidden)}``, right-padded.
 
@@ -140,7 +142,8 @@ def encoder_additions(decoder: Decoder, stack, k_ids: list[list[int]], x_ids: li
     return out
 
 
-def oracle_rows(cache, sample: int | str, layers: list[int], x_ids: list[int] | None = None) -> tuple[dict[int, torch.Tensor], int]:
+def oracle_rows(cache, sample: int | str, layers: list[int],
+                x_ids: list[int] | None = None) -> tuple[dict[int, torch.Tensor], int]:
     """Exact cached deltas of one sample: ``({layer: (m, hidden) float32}, m)``.
 
     Without ``x_ids`` all ``x_len`` rows. With ``x_ids``, only the rows of the longest common
@@ -164,7 +167,8 @@ def oracle_rows(cache, sample: int | str, layers: list[int], x_ids: list[int] | 
     return {l: torch.from_numpy(cache.deltas(sample, l)[:m].copy()) for l in layers}, m
 
 
-def stack_rows(rows: list[dict[int, torch.Tensor]], layers: list[int], length: int, hidden: int) -> dict[int, torch.Tensor]:
+def stack_rows(rows: list[dict[int, torch.Tensor]], layers: list[int], length: int,
+               hidden: int) -> dict[int, torch.Tensor]:
     """Per-sample ``{layer: (m_i, hidden)}`` -> right-padded ``{layer: (B, length, hidden)}``, zeros past ``m_i``."""
     out = {}
     for l in layers:
@@ -236,7 +240,7 @@ class _Static:
 class _Session:
     """Incremental encoders with their own KV cache (see the module docstring for the layout)."""
 
-    def __init__(self, injector: "Injector", k_ids: list[list[int]]):
+    def __init__(self, injector: Injector, k_ids: list[list[int]]):
         self.inj = injector
         dec, stack = injector.decoder, injector.stack
         self.dev = dec.device
@@ -272,7 +276,8 @@ class _Session:
             raise InjectError(f"injection session holds {self.b} knowledge prefixes, decoder called with batch {b} "
                               "(beam search / num_return_sequences are not supported)")
         if past > self.decoder_columns:
-            raise InjectError(f"decoder call continues after position {past}, but the encoders have seen {self.decoder_columns} "
+            raise InjectError(f"decoder call continues after position {past}, "
+                              f"but the encoders have seen {self.decoder_columns} "
                               "positions; pass the whole input through the injector")
         if past < self.decoder_columns:  # re-sent positions (no decoder cache): roll back
             self._truncate(past)
@@ -325,7 +330,8 @@ class Injector:
     Outside ``static``/``session`` the hooks add nothing.
     """
 
-    def __init__(self, decoder: Decoder, site: str, layers: list[int], stack=None, cache=None, meta: dict | None = None):
+    def __init__(self, decoder: Decoder, site: str, layers: list[int], stack=None, cache=None,
+                 meta: dict | None = None):
         if site not in ("mlp", "block"):
             raise InjectError(f"unknown site {site!r}; choose 'mlp' or 'block'")
         for l in layers:
@@ -343,7 +349,8 @@ class Injector:
         if stack is not None:
             hidden = decoder.layers.hidden_size
             if stack.config.d_model != hidden:
-                raise InjectError(f"encoders output d_model {stack.config.d_model}, the decoder's hidden size is {hidden}")
+                raise InjectError(f"encoders output d_model {stack.config.d_model}, "
+                                  f"the decoder's hidden size is {hidden}")
             missing = [l for l in self.layers if l not in stack.layers]
             if missing:
                 raise InjectError(f"no encoder for layer(s) {missing}; the stack has {stack.layers}")
@@ -355,7 +362,7 @@ class Injector:
     # -- construction
 
     @classmethod
-    def from_stack(cls, decoder: Decoder, stack, meta: dict) -> "Injector":
+    def from_stack(cls, decoder: Decoder, stack, meta: dict) -> Injector:
         """An in-memory stack with its bundle metadata (``site``, ``model``, optional ``layers``,
         ``template``, ``max_length``). Refuses metadata naming another model."""
         if "model" in meta:
@@ -363,9 +370,9 @@ class Injector:
         return cls(decoder, meta.get("site", "mlp"), meta.get("layers", stack.layers), stack=stack, meta=meta)
 
     @classmethod
-    def from_bundle(cls, decoder: Decoder, path: str | Path) -> "Injector":
+    def from_bundle(cls, decoder: Decoder, path: str | Path) -> Injector:
         """Load an encoder bundle (``kcache.encoders.load_bundle``) and refuse one made for another model."""
-        from kcache.encoders import BundleError, read_bundle_config, load_bundle
+        from kcache.encoders import BundleError, load_bundle, read_bundle_config
 
         doc = read_bundle_config(path)
         try:
@@ -376,21 +383,22 @@ class Injector:
         return cls(decoder, meta["site"], meta["layers"], stack=stack, meta=meta)
 
     @classmethod
-    def oracle(cls, decoder: Decoder, cache, layers: list[int] | None = None) -> "Injector":
+    def oracle(cls, decoder: Decoder, cache, layers: list[int] | None = None) -> Injector:
         """Oracle mode: inject the exact deltas of a stage-one cache (the upper bound)."""
         check_fingerprint(cache.model_fingerprint, decoder, f"cache {cache.path}")
         s = cache.settings
-        meta = {"site": s["site"], "layers": list(layers or s["layers"]), "template": s["template"], "max_length": s["max_length"], "model": s["model"],
-                "targets": targets_of(s), "sink": sink_of(s)}
+        meta = {"site": s["site"], "layers": list(layers or s["layers"]), "template": s["template"],
+                "max_length": s["max_length"], "model": s["model"], "targets": targets_of(s), "sink": sink_of(s)}
         return cls(decoder, s["site"], meta["layers"], cache=cache, meta=meta)
 
     @property
     def info(self) -> InjectorInfo:
         from kcache.align import TemplateSpec
 
-        t = self.meta.get("template") or {"template": TemplateSpec.template, "separator": TemplateSpec.separator, "end": "eos"}
-        return InjectorInfo(self.site, self.layers, t, int(self.meta.get("max_length", 1024)), "oracle" if self.stack is None else "encoders",
-                            targets_of(self.meta), self.sink)
+        t = self.meta.get("template") or {"template": TemplateSpec.template, "separator": TemplateSpec.separator,
+                                          "end": "eos"}
+        return InjectorInfo(self.site, self.layers, t, int(self.meta.get("max_length", 1024)),
+                            "oracle" if self.stack is None else "encoders", targets_of(self.meta), self.sink)
 
     def template_spec(self):
         from kcache.align import TemplateSpec
@@ -422,14 +430,15 @@ class Injector:
             return out + p[layer].to(out.device, out.dtype)
         return hook
 
-    def attach(self) -> "Injector":
+    def attach(self) -> Injector:
         if self._depth == 0:
             bb = self.decoder.layers.backbone()
             self._handles.append(bb.register_forward_pre_hook(self._pre, with_kwargs=True))
             self._handles.append(bb.register_forward_hook(self._post, with_kwargs=True, always_call=True))
             for l in self.layers:
                 # prepend: anything else hooked on the site (e.g. extract.capture) sees the injected output
-                self._handles.append(self.decoder.layers.site_module(self.site, l).register_forward_hook(self._site_hook(l), prepend=True))
+                module = self.decoder.layers.site_module(self.site, l)
+                self._handles.append(module.register_forward_hook(self._site_hook(l), prepend=True))
         self._depth += 1
         return self
 
@@ -487,7 +496,8 @@ class Injector:
             raise InjectError("oracle mode: use oracle_additions(sample_ids, x_ids)")
         return encoder_additions(self.decoder, self.stack, k_ids, x_ids, self.layers, sink=self.sink)
 
-    def oracle_additions(self, samples: list[int | str], x_ids: list[list[int]] | None = None) -> tuple[dict[int, torch.Tensor], list[int]]:
+    def oracle_additions(self, samples: list[int | str],
+                         x_ids: list[list[int]] | None = None) -> tuple[dict[int, torch.Tensor], list[int]]:
         """Cached deltas for a right-padded batch of cached samples, and per sample how many
         leading positions they cover exactly (see ``oracle_rows``)."""
         if self.cache is None:
@@ -503,17 +513,20 @@ class Injector:
     # -- running
 
     @torch.no_grad()
-    def forward(self, k_ids: list[list[int]] | None, x_ids: list[list[int]], samples: list[int | str] | None = None, pad_id: int | None = None):
+    def forward(self, k_ids: list[list[int]] | None, x_ids: list[list[int]], samples: list[int | str] | None = None,
+                pad_id: int | None = None):
         """Teacher-forced ``D(E(K, x) + x)`` logits (B, max len(x), vocab) on right-padded ``x_ids``.
         Oracle mode takes ``samples`` (cache positions or ids) instead of ``k_ids``."""
         add = self.oracle_additions(samples, x_ids)[0] if self.stack is None else self.additions(k_ids, x_ids)
         pad = pad_id if pad_id is not None else (self.decoder.tokenizer.pad_token_id or 0)
         ids, mask = pad_right([list(x) for x in x_ids], pad)
         with self.static(add):
-            return self.decoder.model(input_ids=ids.to(self.decoder.device), attention_mask=mask.to(self.decoder.device), use_cache=False).logits
+            return self.decoder.model(input_ids=ids.to(self.decoder.device),
+                                      attention_mask=mask.to(self.decoder.device), use_cache=False).logits
 
     @torch.no_grad()
-    def generate(self, k_ids: list[list[int]], x_ids: list[list[int]], max_new_tokens: int = 32, **gen_kwargs) -> list[list[int]]:
+    def generate(self, k_ids: list[list[int]], x_ids: list[list[int]], max_new_tokens: int = 32,
+                 **gen_kwargs) -> list[list[int]]:
         """Continuations of each ``x_ids[i]`` with the encoders reading ``k_ids[i]``: new token ids
         per sample. Left-pads the batch (as ``generate`` needs); greedy unless ``gen_kwargs`` say
         otherwise. One encoder token per sample per decode step."""
@@ -533,7 +546,8 @@ def pad_left(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def generate_tokens(decoder: Decoder, x_ids: list[list[int]], max_new_tokens: int = 32, context=None, **gen_kwargs) -> list[list[int]]:
+def generate_tokens(decoder: Decoder, x_ids: list[list[int]], max_new_tokens: int = 32, context=None,
+                    **gen_kwargs) -> list[list[int]]:
     """``model.generate`` on a left-padded batch; returns the new ids of each sample, cut at the
     first EOS (inclusive). ``context``: a callable returning a context manager to run inside."""
     tok = decoder.tokenizer
@@ -542,7 +556,8 @@ def generate_tokens(decoder: Decoder, x_ids: list[list[int]], max_new_tokens: in
     kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     kw.update(gen_kwargs)
     if kw.get("num_beams", 1) != 1 or kw.get("num_return_sequences", 1) != 1:
-        raise InjectError("generation with injection supports greedy decoding and sampling, not beam search or several sequences per input")
+        raise InjectError("generation with injection supports greedy decoding and sampling, "
+                          "not beam search or several sequences per input")
     with (context() if context is not None else contextlib.nullcontext()):
         out = decoder.model.generate(input_ids=ids.to(decoder.device), attention_mask=mask.to(decoder.device), **kw)
     new = out[:, ids.shape[1]:].tolist()

@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-from kcache.store import CacheError
+from kcache.errors import CacheError
 
 LOCK_SUFFIX = ".lock"
 TMP_SUFFIX = ".tmp"
@@ -151,7 +151,8 @@ def _open_lock(out, lock: Path) -> int:
             st = None
         if st is not None and not stat.S_ISREG(st.st_mode):
             raise CacheError(_not_regular(out, lock, st.st_mode))
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+        flags = (os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+                 | getattr(os, "O_NONBLOCK", 0))
         fd = os.open(lock, flags, 0o644)
     except OSError as e:
         if e.errno == errno.ELOOP:  # a link planted between lstat and open
@@ -190,7 +191,8 @@ def tmp_path(final: str | os.PathLike, tag: str = "tmp") -> Path:
 
 
 def fresh_tmp(final: str | os.PathLike, tag: str = "tmp") -> Path:
-    """A new temporary name for ``final`` (:func:`tmp_path`) after removing the stale ones (:func:`remove_stale_tmp`)."""
+    """A new temporary name for ``final`` (:func:`tmp_path`) after removing the stale ones
+    (:func:`remove_stale_tmp`)."""
     remove_stale_tmp(final, tag)
     return tmp_path(final, tag)
 
@@ -262,7 +264,8 @@ def remove_stale_tmp(final: str | os.PathLike, tag: str = "tmp") -> list[Path]:
     # live other thread named them (it may not have created its temporary yet).
     alive = {t.ident for t in threading.enumerate()} - {threading.get_ident()}
     with _guard:
-        for k in [k for k in _live_tmp if Path(k).parent == final.parent.absolute() and Path(k).name.startswith(prefix)]:
+        for k in [k for k in _live_tmp if Path(k).parent == final.parent.absolute()
+                  and Path(k).name.startswith(prefix)]:
             if _live_tmp[k] not in alive and not os.path.lexists(k):
                 del _live_tmp[k]
     return removed

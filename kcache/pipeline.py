@@ -91,7 +91,8 @@ def data_options(cfg: dict, file=None) -> Path | ConvertOptions | SynthOptions:
     d = config_from(DataOptions, cfg.get("data") or {}, "data", file)
     given = [k for k in ("samples", "convert", "synth") if getattr(d, k) is not None]
     if len(given) > 1:
-        raise ConfigError(f"{f'{file}: ' if file is not None else ''}[data] give one of samples, convert, synth, not {' and '.join(given)}")
+        raise ConfigError(f"{f'{file}: ' if file is not None else ''}[data] give one of samples, convert, synth, "
+                          f"not {' and '.join(given)}")
     if d.samples is not None:
         return Path(d.samples)
     if d.convert is not None:
@@ -113,7 +114,8 @@ def load_pipeline(path: str | Path) -> dict:
 
     path = Path(path)
     cfg = load_config(path)
-    out: dict = {"path": path, "raw": cfg, "run": config_from(RunOptions, cfg["run"], "run", path), "data": data_options(cfg, path)}
+    out: dict = {"path": path, "raw": cfg, "run": config_from(RunOptions, cfg["run"], "run", path),
+                 "data": data_options(cfg, path)}
     if "extract" in cfg:
         out["extract"] = config_from(ExtractConfig, cfg["extract"], "extract", path)
     if "fit" in cfg:
@@ -172,7 +174,8 @@ def _extract_key(model: str, ecfg, samples: Path) -> dict:
 
     mp = Path(model)
     ident = {"model": model, **({"model_stat": [mp.stat().st_size, mp.stat().st_mtime_ns]} if mp.exists() else {})}
-    return {**ident, "extract": json.loads(json.dumps(dataclasses.asdict(ecfg))), "samples": sample_set_fingerprint(read_samples(samples))}
+    return {**ident, "extract": json.loads(json.dumps(dataclasses.asdict(ecfg))),
+            "samples": sample_set_fingerprint(read_samples(samples))}
 
 
 def _converted(c: ConvertOptions, run_dir: Path):
@@ -236,8 +239,8 @@ def run_pipeline(config: str | Path, log=print) -> dict:
             rep = extract(get_decoder(), samples, cache, ecfg)
             for line in rep.lines():
                 log(f"extract: {line}")
-            report["stages"]["extract"] = {"samples": rep.samples, "skipped": rep.skipped, "status": rep.status, "input_tokens": rep.input_tokens,
-                                           "key": key}
+            report["stages"]["extract"] = {"samples": rep.samples, "skipped": rep.skipped, "status": rep.status,
+                                           "input_tokens": rep.input_tokens, "key": key}
         timed("extract", t0, report["stages"]["extract"]["status"] == "already complete")
 
     encoders = run_dir / "encoders"
@@ -261,6 +264,7 @@ def run_pipeline(config: str | Path, log=print) -> dict:
     report["seconds"] = timings
     report["skipped"] = skipped
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    log(f"pipeline done in {sum(timings.values()):.0f} s: " + ", ".join(f"{k} {v:.0f} s" + (" (earlier run)" if k in skipped else "") for k, v in timings.items()))
+    log(f"pipeline done in {sum(timings.values()):.0f} s: "
+        + ", ".join(f"{k} {v:.0f} s" + (" (earlier run)" if k in skipped else "") for k, v in timings.items()))
     log(f"report: {run_dir / 'report.json'}")
     return report

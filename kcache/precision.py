@@ -42,7 +42,8 @@ def resolve_compute(compute: str | None, device: torch.device | str, frozen: tor
     if name not in COMPUTE_CHOICES:
         raise ValueError(f"compute={name!r}: expected one of {', '.join(COMPUTE_CHOICES)}")
     if name == "auto":
-        fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16() and frozen in (None, torch.bfloat16))
+        fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()
+                                         and frozen in (None, torch.bfloat16))
         return torch.bfloat16 if fast else torch.float32
     return torch.bfloat16 if name == "bfloat16" else torch.float32
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import jsonschema
 import pyarrow as pa
 
-
 from kcache.errors import KCacheError  # noqa: E402
 
 

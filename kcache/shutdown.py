@@ -32,7 +32,7 @@ import weakref
 JOIN_SECONDS = 30.0  # everything together, at most (plus LOOP_STOP_SECONDS)
 LOOP_STOP_SECONDS = 0.2
 
-_tracked: "weakref.WeakSet" = weakref.WeakSet()
+_tracked: weakref.WeakSet = weakref.WeakSet()
 _installed = False
 
 

@@ -152,8 +152,10 @@ def run_finetune(cfg: dict, run_dir: Path, get_decoder, samples, log) -> dict:
     if not fcfg.from_scratch:
         source = Path(source) if source else run_dir / "encoders"
         if not _bundle_ready(source):
-            raise ValueError(f"[finetune]: no encoder bundle at {source} to start from (run [fit] first, set encoders = \"...\", or from_scratch = true)")
-    summary = finetune(get_decoder(), samples, None if fcfg.from_scratch else source, out, fcfg, progress=True, log=lambda m: log(m if m.startswith("finetune") else f"finetune: {m}"))
+            raise ValueError(f"[finetune]: no encoder bundle at {source} to start from (run [fit] first, "
+                             "set encoders = \"...\", or from_scratch = true)")
+    summary = finetune(get_decoder(), samples, None if fcfg.from_scratch else source, out, fcfg, progress=True,
+                       log=lambda m: log(m if m.startswith("finetune") else f"finetune: {m}"))
     return {k: v for k, v in summary.items() if k != "run"}
 
 
@@ -168,13 +170,15 @@ def run_evaluate(cfg: dict, run_dir: Path, get_decoder, samples, cache, log) -> 
     token_budget = opts.token_budget
     out = Path(opts.out) if opts.out is not None else run_dir / "eval"
     fit_dir = Path(opts.encoders) if opts.encoders is not None else run_dir / "encoders"
-    ft_dir = Path(opts.finetuned if opts.finetuned is not None else (cfg.get("finetune") or {}).get("out", run_dir / "encoders-ft"))
+    ft_dir = Path(opts.finetuned if opts.finetuned is not None
+                  else (cfg.get("finetune") or {}).get("out", run_dir / "encoders-ft"))
     have_fit, have_ft = _bundle_ready(fit_dir), _bundle_ready(ft_dir)
     cache_path = Path(cache) if cache is not None else None
     use_oracle = use_oracle and cache_path is not None and cache_path.exists()
-    methods = ["x", "kx"] + (["ekx_fit"] if have_fit else []) + (["ekx_ft"] if have_ft else []) + (["oracle"] if use_oracle else [])
-    key = {"samples": _samples_key(samples), "split": split, "limit": limit, "token_budget": token_budget, "methods": methods,
-           "fit": sha256_file(fit_dir / "encoders.safetensors") if have_fit else None,
+    methods = (["x", "kx"] + (["ekx_fit"] if have_fit else []) + (["ekx_ft"] if have_ft else [])
+               + (["oracle"] if use_oracle else []))
+    key = {"samples": _samples_key(samples), "split": split, "limit": limit, "token_budget": token_budget,
+           "methods": methods, "fit": sha256_file(fit_dir / "encoders.safetensors") if have_fit else None,
            "finetuned": sha256_file(ft_dir / "encoders.safetensors") if have_ft else None,
            "cache": str(cache_path) if use_oracle else None, "controls": "other,empty"}
     summary: dict
@@ -196,22 +200,28 @@ def run_evaluate(cfg: dict, run_dir: Path, get_decoder, samples, cache, log) -> 
     template = max_length = None
     if fit_inj is not None and ft_inj is not None:
         if fit_inj.sink != ft_inj.sink:
-            raise ValueError(f"[evaluate]: the fitted bundle {fit_dir} writes from input position {fit_inj.sink}, the fine-tuned one "
-                             f"{ft_dir} from {ft_inj.sink}: bundles of one run must share the sink policy")
+            raise ValueError(f"[evaluate]: the fitted bundle {fit_dir} writes from input position "
+                             f"{fit_inj.sink}, the fine-tuned one {ft_dir} from {ft_inj.sink}: "
+                             "bundles of one run must share the sink policy")
         if fit_inj.info.template != ft_inj.info.template or fit_inj.info.max_length != ft_inj.info.max_length:
-            log("evaluate: warning: the fitted and fine-tuned bundles use different templates / max_length; items follow the fitted bundle's")
+            log("evaluate: warning: the fitted and fine-tuned bundles use different templates / max_length; "
+                "items follow the fitted bundle's")
     elif ft_inj is not None:
         template, max_length = ft_inj.template_spec(), ft_inj.info.max_length
-    log(f"evaluate: {', '.join(METHODS[m].label for m in methods)} on split {split or 'all'}" + (f" (first {limit})" if limit else ""))
-    res = evaluate(decoder, samples, fit_inj, methods, cache=cache_path if use_oracle else None, split=split, limit=limit,
-                   token_budget=token_budget, template=template, max_length=max_length, extras={"finetuned": ft_inj}, progress=True)
+    log(f"evaluate: {', '.join(METHODS[m].label for m in methods)} on split {split or 'all'}"
+        + (f" (first {limit})" if limit else ""))
+    res = evaluate(decoder, samples, fit_inj, methods, cache=cache_path if use_oracle else None, split=split,
+                   limit=limit,
+                   token_budget=token_budget, template=template, max_length=max_length, extras={"finetuned": ft_inj},
+                   progress=True)
     res["settings"]["encoders"] = str(fit_dir) if have_fit else None
     res["settings"]["finetuned_encoders"] = str(ft_dir) if have_ft else None
     gaps = gap_closed(res["results"], [m for m in methods if m.startswith("ekx") or m == "oracle"])
     res["gap_closed"] = gaps
     ft_all = gaps.get("all", {}).get("ekx_ft")
     res["closes_half"] = (ft_all >= 0.5) if ft_all is not None else None
-    res["knowledge_use"] = {m: c["knowledge_use"] for m, c in (res.get("controls") or {}).items() if "knowledge_use" in c}
+    res["knowledge_use"] = {m: c["knowledge_use"] for m, c in (res.get("controls") or {}).items()
+                            if "knowledge_use" in c}
     res["stage_key"] = key
     paths = write_report(res, out)
     md = markdown_report(res) + gap_markdown(res)
@@ -234,7 +244,8 @@ def gap_markdown(res: dict) -> str:
         return ""
     ds = [d for d in gaps if d != "all"] + ["all"]
     lines = ["", "## Fraction of the log-perplexity gap D(x) -> D(K,x) closed", "",
-             "(log ppl_x - log ppl_method) / (log ppl_x - log ppl_kx): 1 = as good as knowledge in context, 0 = no better than no knowledge, < 0 worse.", "",
+             "(log ppl_x - log ppl_method) / (log ppl_x - log ppl_kx): 1 = as good as knowledge in context, "
+             "0 = no better than no knowledge, < 0 worse.", "",
              "| method | " + " | ".join(ds) + " |", "|---|" + "---|" * len(ds)]
     for m in ms:
         cells = []
@@ -266,18 +277,21 @@ def _run_edit(options, run_dir: Path, get_decoder, samples, log) -> dict:
     if not ecfg.from_scratch:
         source = Path(source) if source else run_dir / "encoders"
         if not _bundle_ready(source):
-            raise ValueError(f"[edit]: no encoder bundle at {source} to start from (set encoders = \"...\" or from_scratch = true)")
+            raise ValueError(f"[edit]: no encoder bundle at {source} to start from (set encoders = "
+                             "\"...\" or from_scratch = true)")
         src_key = sha256_file(source / "encoders.safetensors")
     else:
         src_key = None
-    key = {"samples": _samples_key(samples), "config": json.loads(json.dumps(dataclasses.asdict(ecfg))), "source": src_key}
+    key = {"samples": _samples_key(samples), "config": json.loads(json.dumps(dataclasses.asdict(ecfg))),
+           "source": src_key}
     done = out / "edit.json"
     if done.exists():
         old = json.loads(done.read_text())
         if old.get("stage_key") == key:
             log(f"edit: {out} up to date (skipped)")
             return {"out": str(out), "before": old["before"], "after": old["after"], "skipped": True}
-    res = edit(get_decoder(), samples, out, None if ecfg.from_scratch else source, ecfg, progress=True, log=lambda m: log(f"edit: {m}"))
+    res = edit(get_decoder(), samples, out, None if ecfg.from_scratch else source, ecfg, progress=True,
+               log=lambda m: log(f"edit: {m}"))
     res["stage_key"] = key
     done.write_text(json.dumps(res, indent=2, default=str))
     return {"out": str(out), "before": res["before"], "after": res["after"], "skipped": False}

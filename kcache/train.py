@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from kcache.cache.format import CacheError
 from kcache.schemas import validate_document
-from kcache.store import CacheError
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FORMAT = "kcache-checkpoint"

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from kcache.align import (
-    TemplateSpec, encode_input, encode_sample, length_mask, loss_mask, parse_layers, plan_batches, shift_left, shift_right,
+    TemplateSpec,
+    encode_input,
+    encode_sample,
+    length_mask,
+    loss_mask,
+    parse_layers,
+    plan_batches,
+    shift_left,
+    shift_right,
 )
 
 
@@ -33,12 +41,14 @@ def test_masks():
     assert loss_mask(3, skip_first=False) == [True, True, True]
 
 
-@pytest.mark.parametrize("spec, want", [("3-8", [3, 4, 5, 6, 7, 8]), ("3,5,7", [3, 5, 7]), ("all", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]), ("8,3-4", [3, 4, 8])])
+@pytest.mark.parametrize("spec, want", [("3-8", [3, 4, 5, 6, 7, 8]), ("3,5,7", [3, 5, 7]),
+                                        ("all", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]), ("8,3-4", [3, 4, 8])])
 def test_parse_layers(spec, want):
     assert parse_layers(spec, 10) == want
 
 
-@pytest.mark.parametrize("spec, match", [("3-12", "layer 10 out of range; this model has layers 0..9"), ("x", "cannot parse"), ("5-3", "empty range"), ("", "no layers")])
+@pytest.mark.parametrize("spec, match", [("3-12", "layer 10 out of range; this model has layers 0..9"),
+                                         ("x", "cannot parse"), ("5-3", "empty range"), ("", "no layers")])
 def test_parse_layers_errors(spec, match):
     with pytest.raises(ValueError, match=match):
         parse_layers(spec, 10)
@@ -58,12 +68,15 @@ def test_encode_sample_truncates_knowledge_not_input(tokenizer_bos):
     tok = tokenizer_bos
     spec = TemplateSpec()
     x_ids, tmask = encode_input(tok, "[USR] What is the capital of Quelm? [SYS]", " Zorb.")
-    full = encode_sample(tok, ["The capital of Quelm is Zorb."] * 20, "[USR] What is the capital of Quelm? [SYS]", " Zorb.", spec, 10_000)
+    full = encode_sample(tok, ["The capital of Quelm is Zorb."] * 20, "[USR] What is the capital of Quelm? [SYS]",
+                         " Zorb.", spec, 10_000)
     assert not full.truncated and full.x_ids == x_ids and full.target_mask == tmask
     # x is encoded on its own (BOS first, and the same ids as in pass A)
-    assert full.x_ids[0] == tok.bos_token_id and full.k_ids[0] == tok.bos_token_id and full.k_ids[-1] == tok.eos_token_id
+    assert full.x_ids[0] == tok.bos_token_id
+    assert full.k_ids[0] == tok.bos_token_id and full.k_ids[-1] == tok.eos_token_id
     limit = len(full.k_ids) + len(full.x_ids) - 17
-    cut = encode_sample(tok, ["The capital of Quelm is Zorb."] * 20, "[USR] What is the capital of Quelm? [SYS]", " Zorb.", spec, limit)
+    cut = encode_sample(tok, ["The capital of Quelm is Zorb."] * 20, "[USR] What is the capital of Quelm? [SYS]",
+                        " Zorb.", spec, limit)
     assert cut.truncated and cut.knowledge_tokens_dropped == 17
     assert cut.x_ids == full.x_ids and len(cut.k_ids) + len(cut.x_ids) == limit
     assert tok.decode(cut.k_ids).endswith(" }</s>")  # the template's closing part is kept
@@ -74,12 +87,14 @@ def test_encode_sample_skip_reasons(tokenizer_nobos):
     spec = TemplateSpec()
     assert encode_sample(tokenizer_nobos, [], "q", " a", spec, 100).skip_reason == "empty knowledge"
     assert encode_sample(tokenizer_nobos, ["k"], "  ", " a", spec, 100).skip_reason == "empty source"
-    assert encode_sample(tokenizer_nobos, ["k"], "word " * 300, " a", spec, 100).skip_reason.startswith("input alone has")
+    long_input = encode_sample(tokenizer_nobos, ["k"], "word " * 300, " a", spec, 100)
+    assert long_input.skip_reason.startswith("input alone has")
     from kcache.align import scaffold_length
 
     n = len(encode_input(tokenizer_nobos, "capital " * 5, " a")[0])
     tight = n + scaffold_length(tokenizer_nobos, spec)
-    assert encode_sample(tokenizer_nobos, ["k"], "capital " * 5, " a", spec, tight).skip_reason.startswith("no room for knowledge")
+    no_room = encode_sample(tokenizer_nobos, ["k"], "capital " * 5, " a", spec, tight)
+    assert no_room.skip_reason.startswith("no room for knowledge")
     assert not encode_sample(tokenizer_nobos, ["capital"], "capital " * 5, " a", spec, tight + 1).skip_reason
 
 

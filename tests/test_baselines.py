@@ -7,12 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import make_model
 from torch import nn
 
-from kcache.methods import baselines as B
 from kcache.align import TemplateSpec
+from kcache.methods import baselines as B
 from kcache.models import ModelError, wrap_decoder
-from conftest import make_model
 
 
 @pytest.fixture(autouse=True)
@@ -45,14 +45,16 @@ def test_training_reduces_loss_and_reloads_identically(method, lr, tokenizer_bos
     tok = tokenizer_bos
     dec = _decoder(tok)
     before = _losses(dec.model, tok, samples)
-    res = B.train_baseline(dec, samples, method, tmp_path / method, steps=8, batch_size=4, lr=lr, rank=4, alpha=8, warmup=0.0, log=lambda s: None)
+    res = B.train_baseline(dec, samples, method, tmp_path / method, steps=8, batch_size=4, lr=lr, rank=4, alpha=8,
+                           warmup=0.0, log=lambda s: None)
     after = _losses(res.model, tok, samples)
     assert sum(after) < sum(before) - 0.1
     assert 0 < res.trainable_params <= res.total_params
     if method == "sft":
         assert res.trainable_params == res.total_params and (tmp_path / method / B.SFT_WEIGHTS).exists()
     else:
-        assert res.trainable_params < res.total_params / 10 and (tmp_path / method / B.ADAPTER_DIR / "adapter_model.safetensors").exists()
+        assert res.trainable_params < res.total_params / 10
+        assert (tmp_path / method / B.ADAPTER_DIR / "adapter_model.safetensors").exists()
     assert res.config["model"] == dec.fingerprint.to_dict()
     reloaded = B.load_baseline(tmp_path / method, _decoder(tok))
     assert _losses(reloaded, tok, samples) == after
@@ -67,16 +69,19 @@ def test_kasa_regulariser_added_and_weighted(tokenizer_nobos, samples, tmp_path)
     regs = {}
     for beta, gamma in [(0.0, 0.0), (1e-2, 0.0), (0.0, 1e-2), (1e-2, 1e-2)]:
         torch.manual_seed(0)
-        pm = get_peft_model(make_model("llama", len(tok)), B.lora_config("kasa", rank=4, alpha=8, dropout=0.0, targets=B.DEFAULT_TARGETS,
-                                                                            layers=None, kasa_beta=beta, kasa_gamma=gamma))
+        pm = get_peft_model(make_model("llama", len(tok)),
+                            B.lora_config("kasa", rank=4, alpha=8, dropout=0.0, targets=B.DEFAULT_TARGETS,
+                                          layers=None, kasa_beta=beta, kasa_gamma=gamma))
         regs[beta, gamma] = float(B.kasa_loss(pm).detach())
     assert regs[0.0, 0.0] == 0 and regs[1e-2, 0.0] > 0 and regs[0.0, 1e-2] > 0 and regs[1e-2, 0.0] != regs[0.0, 1e-2]
     assert regs[1e-2, 1e-2] == pytest.approx(regs[1e-2, 0.0] + regs[0.0, 1e-2], rel=1e-5)
     # in training every step's loss is the task loss plus the regulariser
-    res = B.train_baseline(_decoder(tok), samples, "kasa", tmp_path / "k", steps=3, batch_size=4, rank=4, alpha=8, kasa_beta=1e-2, kasa_gamma=1e-2, log=lambda s: None)
+    res = B.train_baseline(_decoder(tok), samples, "kasa", tmp_path / "k", steps=3, batch_size=4, rank=4, alpha=8,
+                           kasa_beta=1e-2, kasa_gamma=1e-2, log=lambda s: None)
     for h in res.history:
         assert h["reg_loss"] > 0 and h["loss"] == pytest.approx(h["task_loss"] + h["reg_loss"], rel=1e-5)
-    res0 = B.train_baseline(_decoder(tok), samples, "lora", tmp_path / "l", steps=1, batch_size=4, rank=4, alpha=8, log=lambda s: None)
+    res0 = B.train_baseline(_decoder(tok), samples, "lora", tmp_path / "l", steps=1, batch_size=4, rank=4, alpha=8,
+                            log=lambda s: None)
     assert res0.history[0]["reg_loss"] == 0
 
 
@@ -84,7 +89,8 @@ def test_kasa_original_weights_recoverable(tokenizer_nobos, samples, tmp_path):
     tok = tokenizer_nobos
     fresh = make_model("llama", len(tok))
     dec = _decoder(tok)
-    res = B.train_baseline(dec, samples, "kasa", tmp_path / "k", steps=2, batch_size=4, rank=4, alpha=8, log=lambda s: None)
+    res = B.train_baseline(dec, samples, "kasa", tmp_path / "k", steps=2, batch_size=4, rank=4, alpha=8,
+                           log=lambda s: None)
     names = B.target_linear_names(fresh, B.DEFAULT_TARGETS)
     trunc = B._base_linear(dec.model, names[0]).weight.detach().clone()
     orig = fresh.get_submodule(names[0]).weight.detach()
@@ -176,13 +182,15 @@ def test_cli_train_and_eval(tokenizer_nobos, samples, tmp_path):
     app = typer.Typer()
     mount(app, names=("train-baseline", "eval-choice", "knowla"))
     run = CliRunner().invoke
-    r = run(app, ["train-baseline", "--method", "lora", "--samples", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "out"),
+    r = run(app, ["train-baseline", "--method", "lora", "--samples", str(tmp_path / "s.jsonl"), "--out",
+                  str(tmp_path / "out"),
                   "--model", str(model_dir), "--steps", "2", "--rank", "4", "--batch-size", "4", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "trainable parameters" in r.output and (tmp_path / "out" / B.CONFIG_FILE).exists()
-    r = run(app, ["eval-choice", "--samples", str(tmp_path / "s.jsonl"), "--baseline", str(tmp_path / "out"), "--model", str(model_dir),
-                  "--device", "cpu", "--report", str(tmp_path / "rep.json")])
+    r = run(app, ["eval-choice", "--samples", str(tmp_path / "s.jsonl"), "--baseline", str(tmp_path / "out"), "--model",
+                  str(model_dir), "--device", "cpu", "--report", str(tmp_path / "rep.json")])
     assert r.exit_code == 0, r.output
     assert "accuracy " in r.output and json.loads((tmp_path / "rep.json").read_text())["samples"] == len(recs)
-    r = run(app, ["train-baseline", "--method", "nope", "--samples", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "o2"), "--model", str(model_dir)])
+    r = run(app, ["train-baseline", "--method", "nope", "--samples", str(tmp_path / "s.jsonl"), "--out",
+                  str(tmp_path / "o2"), "--model", str(model_dir)])
     assert r.exit_code == 2 and "unknown method" in r.output

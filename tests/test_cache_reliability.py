@@ -13,17 +13,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import make_model, relist, unlock
 from typer.testing import CliRunner
 
-from conftest import make_model, relist, unlock
+from kcache.cache import Cache, validate_cache
+from kcache.cache.format import COMMIT_LOG, CacheError
 from kcache.cli import app
 from kcache.data.samples import write_samples
 from kcache.data.synth import synth_samples
 from kcache.extract import ExtractConfig, extract
-from kcache.cache import Cache
-from kcache.integrity import validate_cache
-from kcache.store import COMMIT_LOG, CacheError
-
 
 
 def _cli(args, env):
@@ -33,7 +31,8 @@ def _cli(args, env):
 def _arrays_equal(a: Path, b: Path):
     ca, cb = Cache.open(a), Cache.open(b)
     assert ca.index.equals(cb.index)
-    for name in ["tokens/ids", "tokens/offsets", "masks/loss", "masks/target", "embeddings"] + [f"deltas/layer_{l:02d}" for l in ca.layers]:
+    for name in ["tokens/ids", "tokens/offsets", "masks/loss", "masks/target",
+                 "embeddings"] + [f"deltas/layer_{l:02d}" for l in ca.layers]:
         np.testing.assert_array_equal(ca.parts[0].array(name)[:], cb.parts[0].array(name)[:], err_msg=name)
     assert ca.attrs["stats"] == cb.attrs["stats"]
 
@@ -44,7 +43,8 @@ def test_resume_after_sigkill_gives_identical_cache(saved_model, tmp_path):
     env = {**os.environ, "KCACHE_HOME": os.environ["KCACHE_HOME"], "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     common = ["--model", str(saved_model), "--samples", str(samples), "--layers", "0-3", "--token-budget", "96",
               "--chunk-rows", "32", "--shard-rows", "64"]
-    subprocess.run([sys.executable, "-m", "kcache", "extract", *common, "--out", str(tmp_path / "ref.zarr")], env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "kcache", "extract", *common, "--out", str(tmp_path / "ref.zarr")], env=env,
+                   check=True, capture_output=True)
 
     out = tmp_path / "killed.zarr"
     killed_at = None
@@ -67,7 +67,8 @@ def test_resume_after_sigkill_gives_identical_cache(saved_model, tmp_path):
     assert killed_at is not None, "extraction finished before it could be killed"
     with pytest.raises(CacheError, match="not complete"):
         Cache.open(out)
-    res = subprocess.run([sys.executable, "-m", "kcache", "extract", *common, "--out", str(out)], env=env, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "kcache", "extract", *common, "--out", str(out)], env=env,
+                         capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "resumed after row" in res.stdout
     _arrays_equal(out, tmp_path / "ref.zarr")
@@ -99,7 +100,8 @@ def good_cache(tokenizer_nobos, tmp_path):
 
     dec = wrap_decoder(make_model("llama", len(tokenizer_nobos)), tokenizer_nobos)
     out = tmp_path / "c.zarr"
-    extract(dec, synth_samples(40, seed=1), out, ExtractConfig(layers="1-2", chunk_rows=64, shard_rows=128, dtype="float32"), progress=False)
+    extract(dec, synth_samples(40, seed=1), out, ExtractConfig(layers="1-2", chunk_rows=64, shard_rows=128,
+                                                               dtype="float32"), progress=False)
     assert validate_cache(out) == []
     return out
 
@@ -136,19 +138,21 @@ def test_validate_catches_nan(good_cache):
     block[17, 3] = np.nan
     arr[0:128] = block
     # The rewritten shard's size changed: relist it (an unlisted size change is refused on open, naming the file).
-    relist(good_cache, *[p.relative_to(good_cache).as_posix() for p in (good_cache / "deltas" / "layer_01" / "c").rglob("*") if p.is_file()])
+    relist(good_cache, *[p.relative_to(good_cache).as_posix()
+                         for p in (good_cache / "deltas" / "layer_01" / "c").rglob("*") if p.is_file()])
     problems = validate_cache(good_cache)
     assert any("non-finite value at row 17" in p for p in problems), problems
 
 
 def test_float16_overflow_is_a_clear_error():
     import torch
-    from kcache.store import encode_rows
+
+    from kcache.cache.format import encode_rows
 
     with pytest.raises(CacheError, match="bfloat16"):
         encode_rows(torch.tensor([[1e6, 0.0]]), "float16")
     bits = encode_rows(torch.tensor([[1e6, -3.5]]), "bfloat16")
-    from kcache.store import decode_rows
+    from kcache.cache.format import decode_rows
 
     assert decode_rows(bits, "bfloat16").tolist() == [[999424.0, -3.5]]  # bfloat16 rounding of 1e6, lossless bits
 

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from conftest import make_model, unlock
 from httpserver import serve
+from typer.testing import CliRunner
+
 from kcache.cli import app
 from kcache.cli.errors import EXIT_ENVIRONMENT, EXIT_INPUT, EXIT_INVALID
 from kcache.data.samples import write_samples
@@ -35,7 +35,8 @@ def tiny_cache(tmp_path_factory, tokenizer_nobos):
     samples = root / "s.jsonl"
     write_samples(synth_samples(16, seed=3), samples)
     dec = wrap_decoder(make_model("llama", len(tokenizer_nobos)), tokenizer_nobos, name="tiny-llama")
-    extract(dec, samples, root / "c.zarr", ExtractConfig(layers="1-2", token_budget=256, chunk_rows=32, shard_rows=64), progress=False)
+    extract(dec, samples, root / "c.zarr", ExtractConfig(layers="1-2", token_budget=256, chunk_rows=32, shard_rows=64),
+            progress=False)
     return root / "c.zarr", samples
 
 
@@ -52,7 +53,8 @@ def bad_inputs(tmp_path, tiny_cache, saved_model):
     bad.write_text('{"id": "a", "knowledge": ["x"], "source": "q", "target": "t"}\n{not json\n')
     good_row = synth_samples(1, seed=3).to_pylist()[0]
     bad_row = tmp_path / "bad-row.jsonl"  # line 1 a valid sample, line 2 one with a mistyped field
-    bad_row.write_text(json.dumps(good_row) + "\n" + json.dumps({**good_row, "id": "b", "knowledge": "not a list"}) + "\n")
+    bad_row.write_text(json.dumps(good_row) + "\n"
+                       + json.dumps({**good_row, "id": "b", "knowledge": "not a list"}) + "\n")
     samples_parquet = tmp_path / "samples.parquet"  # a valid table, but not one of kcache's KG tables
     write_samples(synth_samples(2, seed=3), samples_parquet)
     csqa = tmp_path / "dev_rand_split.jsonl"  # CommonsenseQA layout, a row without its question
@@ -70,8 +72,10 @@ def bad_inputs(tmp_path, tiny_cache, saved_model):
     locked = tmp_path / "locked.zarr"  # its lock held by "another process" (another open file description)
     fd = os.open(lock_path(locked), os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.write(fd, json.dumps({"pid": 4242, "host": "elsewhere", "command": "kcache merge a b --out locked.zarr"}).encode())
-    yield {"tmp": tmp_path, "text": text, "bad": bad, "bad_row": bad_row, "samples_parquet": samples_parquet, "csqa": csqa,
+    os.write(fd, json.dumps({"pid": 4242, "host": "elsewhere",
+                             "command": "kcache merge a b --out locked.zarr"}).encode())
+    yield {"tmp": tmp_path, "text": text, "bad": bad, "bad_row": bad_row, "samples_parquet": samples_parquet,
+           "csqa": csqa,
            "openke": openke, "not_cache": not_cache, "blocker": blocker, "locked": locked, "cache": tiny_cache[0],
            "samples": tiny_cache[1], "model": saved_model}
     os.close(fd)
@@ -186,6 +190,7 @@ def test_usage_errors_keep_clicks_own_code():
 
 
 def test_the_one_table_maps_each_kind_to_its_code():
+    from kcache.cache import CacheError
     from kcache.cli.errors import exit_code
     from kcache.data.convert import ConvertError
     from kcache.data.samples import SampleError
@@ -195,13 +200,14 @@ def test_the_one_table_maps_each_kind_to_its_code():
     from kcache.lock import OutputLocked
     from kcache.models import ModelError
     from kcache.schemas import SchemaError
-    from kcache.store import CacheError
 
     for e, code in [(CacheError("x"), EXIT_INPUT), (SchemaError("x"), EXIT_INPUT), (SampleError("x"), EXIT_INPUT),
                     (ConvertError("x"), EXIT_INPUT), (KGError("x"), EXIT_INPUT), (MissingExtraError("x"), EXIT_INPUT),
-                    (InjectError("x"), EXIT_INPUT), (ModelError("x"), EXIT_INPUT), (OutputLocked("x"), EXIT_ENVIRONMENT),
-                    (FileNotFoundError(2, "No such file", "f"), EXIT_INPUT), (NotADirectoryError(20, "Not a dir", "d"), EXIT_INPUT),
-                    (PermissionError(13, "Permission denied", "p"), EXIT_ENVIRONMENT), (ConnectionResetError(), EXIT_ENVIRONMENT),
+                    (InjectError("x"), EXIT_INPUT), (ModelError("x"), EXIT_INPUT),
+                    (OutputLocked("x"), EXIT_ENVIRONMENT), (FileNotFoundError(2, "No such file", "f"), EXIT_INPUT),
+                    (NotADirectoryError(20, "Not a dir", "d"), EXIT_INPUT),
+                    (PermissionError(13, "Permission denied", "p"), EXIT_ENVIRONMENT),
+                    (ConnectionResetError(), EXIT_ENVIRONMENT),
                     (TimeoutError(), EXIT_ENVIRONMENT), (ValueError("x"), EXIT_INPUT),
                     (RuntimeError("a bug"), None), (KeyError("a bug"), None), (TypeError("a bug"), None)]:
         assert exit_code(e) == code, (type(e).__name__, exit_code(e), code)
@@ -211,14 +217,17 @@ def test_sample_errors_exit_alike_in_evaluate_and_data(bad_inputs):
     """The same error (a SampleError about the same file) exits with the same code from every command."""
     p = bad_inputs
     codes = {CliRunner().invoke(app, args).exit_code for args in [
-        ["evaluate", "--model", str(p["model"]), "--samples", str(p["bad"]), "--out", str(p["tmp"] / "e"), "--device", "cpu"],
+        ["evaluate", "--model", str(p["model"]), "--samples", str(p["bad"]), "--out", str(p["tmp"] / "e"),
+         "--device", "cpu"],
         ["data", "stats", str(p["bad"])],
-        ["finetune", "--model", str(p["model"]), "--samples", str(p["bad"]), "--from-scratch", "--out", str(p["tmp"] / "f"), "--max-steps", "1"],
+        ["finetune", "--model", str(p["model"]), "--samples", str(p["bad"]), "--from-scratch", "--out",
+         str(p["tmp"] / "f"), "--max-steps", "1"],
     ]}
     assert codes == {EXIT_INPUT}
 
 
 def test_every_domain_error_is_a_kcache_error_and_keeps_its_builtin_base():
+    from kcache.cache import CacheError
     from kcache.data.convert import ConvertError
     from kcache.data.samples import SampleError
     from kcache.encoders import BundleError
@@ -227,10 +236,10 @@ def test_every_domain_error_is_a_kcache_error_and_keeps_its_builtin_base():
     from kcache.kg.tables import KGError
     from kcache.models import ModelError
     from kcache.schemas import SchemaError
-    from kcache.store import CacheError
 
-    for cls, base in [(CacheError, ValueError), (BundleError, ValueError), (SchemaError, ValueError), (SampleError, ValueError),
-                      (ConvertError, SampleError), (KGError, ValueError), (InjectError, ValueError), (ModelError, RuntimeError)]:
+    for cls, base in [(CacheError, ValueError), (BundleError, ValueError), (SchemaError, ValueError),
+                      (SampleError, ValueError), (ConvertError, SampleError), (KGError, ValueError),
+                      (InjectError, ValueError), (ModelError, RuntimeError)]:
         assert issubclass(cls, KCacheError) and issubclass(cls, base), cls
 
 
@@ -250,12 +259,15 @@ def test_read_only_output_directory_is_refused_before_training(bad_inputs, monke
     ro = p["tmp"] / "ro"
     ro.mkdir()
     real_access = os.access
-    monkeypatch.setattr(ce.os, "access", lambda path, mode, **kw: False if Path(path) == ro and mode & os.W_OK else real_access(path, mode, **kw))
+    monkeypatch.setattr(ce.os, "access", lambda path, mode, **kw: False if Path(path) == ro and mode & os.W_OK
+                        else real_access(path, mode, **kw))
     trained = []
     monkeypatch.setattr(kcache.fit, "fit_encoders", lambda *a, **k: trained.append(1))
     for args in (["fit-encoders", "--cache", str(p["cache"]), "--out", str(ro / "enc")],
-                 ["finetune", "--model", str(p["model"]), "--samples", str(p["samples"]), "--from-scratch", "--out", str(ro)],
-                 ["edit", "--model", str(p["model"]), "--samples", str(p["samples"]), "--from-scratch", "--out", str(ro / "e")],
+                 ["finetune", "--model", str(p["model"]), "--samples", str(p["samples"]), "--from-scratch", "--out",
+                  str(ro)],
+                 ["edit", "--model", str(p["model"]), "--samples", str(p["samples"]), "--from-scratch", "--out",
+                  str(ro / "e")],
                  ["evaluate", "--model", str(p["model"]), "--samples", str(p["samples"]), "--out", str(ro / "rep")]):
         r = CliRunner().invoke(app, args, terminal_width=300)
         assert r.exit_code == EXIT_ENVIRONMENT, (args[0], r.output, r.exception)
@@ -269,7 +281,8 @@ def test_read_only_directory_for_real(tiny_cache, tmp_path):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        r = CliRunner().invoke(app, ["fit-encoders", "--cache", str(tiny_cache[0]), "--out", str(ro / "enc"), "--max-steps", "1"])
+        r = CliRunner().invoke(app, ["fit-encoders", "--cache", str(tiny_cache[0]), "--out", str(ro / "enc"),
+                                     "--max-steps", "1"])
     finally:
         ro.chmod(0o755)
     assert r.exit_code == EXIT_ENVIRONMENT and "not writable" in r.output and str(ro) in r.output, r.output
@@ -287,8 +300,8 @@ def test_crc32c_failure_during_fit_names_array_chunk_and_cache(tiny_cache, tmp_p
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size: only the chunk's checksum can tell
     shard.write_bytes(bytes(data))
-    r = CliRunner().invoke(app, ["fit-encoders", "--cache", str(cache), "--out", str(tmp_path / "enc"), "--max-steps", "2",
-                                 "--eval-every", "2", "--batch-size", "4", "--device", "cpu"])
+    r = CliRunner().invoke(app, ["fit-encoders", "--cache", str(cache), "--out", str(tmp_path / "enc"),
+                                 "--max-steps", "2", "--eval-every", "2", "--batch-size", "4", "--device", "cpu"])
     assert r.exit_code == EXIT_INPUT, (r.output, r.exception)
     line = next(l for l in r.output.splitlines() if l.startswith("error: "))
     assert "deltas/layer_02" in line and "chunk" in line and str(cache) in line and "kcache validate" in line, line
@@ -362,7 +375,8 @@ atexit.register(report)
 
 def test_background_threads_are_stopped_before_exit(tiny_cache):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(tiny_cache[0])], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(tiny_cache[0])], env=env, capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ALIVE \n" in r.stdout or r.stdout.rstrip().endswith("ALIVE"), r.stdout
     assert "terminate called" not in r.stderr

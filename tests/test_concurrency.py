@@ -19,21 +19,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_model, unlock
 from typer.testing import CliRunner
 
-from conftest import make_model, unlock
-from kcache.cache import Cache
+from kcache.cache import Cache, CacheError, finalize, merge, validate_cache
 from kcache.data.samples import write_samples
 from kcache.data.synth import synth_samples
 from kcache.extract import ExtractConfig, extract
-from kcache.integrity import finalize, validate_cache
 from kcache.lock import OutputLocked, lock_path, output_lock, remove_stale_tmp
 from kcache.lock import tmp_path as tmp_name
-from kcache.merge import merge
-from kcache.store import CacheError
 
 SMALL = dict(layers="1-2", chunk_rows=32, shard_rows=64, token_budget=96)
-CLI_SMALL = ["--layers", "1-2", "--token-budget", "96", "--chunk-rows", "32", "--shard-rows", "64", "--model-dtype", "float32"]
+CLI_SMALL = ["--layers", "1-2", "--token-budget", "96", "--chunk-rows", "32", "--shard-rows", "64", "--model-dtype",
+             "float32"]
 
 # A process that holds the lock on argv[1] until its stdin closes (or it is killed).
 HOLDER = """
@@ -68,7 +66,8 @@ runpy.run_module("kcache", run_name="__main__")
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "KCACHE_HOME": str(home), "TOKENIZERS_PARALLELISM": "false"}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "KCACHE_HOME": str(home),
+            "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +112,8 @@ def reference(tmp_path_factory, env, model_dir, sample_files):
 @contextlib.contextmanager
 def held(out: Path):
     """Another process holding the output lock on ``out``; yields it (``.pid``)."""
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
     try:
         assert p.stdout.readline().strip() == "locked"
         yield p
@@ -145,7 +145,8 @@ def _same_cache(a: Path, b: Path):
 
 
 def _snapshot(root: Path) -> dict:
-    return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mode) for p in sorted(root.rglob("*")) if p.is_file()}
+    return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mode) for p in sorted(root.rglob("*"))
+            if p.is_file()}
 
 
 def _no_leftovers(out: Path):
@@ -173,7 +174,8 @@ def test_lock_names_the_holder_and_is_reentrant_in_one_process(tmp_path):
 def test_lock_is_refused_while_held_and_released_by_kill_9(tmp_path):
     out = tmp_path / "c.zarr"
     with held(out) as holder:
-        with pytest.raises(OutputLocked, match=rf"another kcache process \(pid {holder.pid} on .+\) is writing .*c\.zarr"):
+        with pytest.raises(OutputLocked,
+                           match=rf"another kcache process \(pid {holder.pid} on .+\) is writing .*c\.zarr"):
             with output_lock(out, "write it"):
                 pass
         os.kill(holder.pid, signal.SIGKILL)
@@ -228,7 +230,8 @@ def test_extract_refuses_an_output_another_process_holds(tmp_path, env, model_di
 
 @pytest.mark.integration
 @pytest.mark.parametrize("second", ["same samples", "other samples"])
-def test_second_extract_fails_naming_the_first_which_completes(tmp_path, env, model_dir, sample_files, reference, second):
+def test_second_extract_fails_naming_the_first_which_completes(tmp_path, env, model_dir, sample_files, reference,
+                                                               second):
     out = tmp_path / "c.zarr"
     gate = tmp_path / "go"
     first = _kcache(env, *_extract_args(model_dir, sample_files[0], out), gate=gate, wait=False)
@@ -259,7 +262,7 @@ def test_two_extracts_really_racing(tmp_path, env, model_dir, sample_files, refe
     # one after the other (the second finds the cache complete). Never anything else.
     if failed:
         assert len(ok) == 1 and len(failed) == 1
-        (p, err), winner = failed[0], ok[0]
+        (_, err), winner = failed[0], ok[0]
         assert f"another kcache process (pid {winner.pid} on " in err and "Traceback" not in err, err[-3000:]
     else:
         assert sum("already complete" in out_ for _, out_, _ in res) == 1
@@ -321,7 +324,7 @@ def test_finalize_refuses_while_locked(llama, tmp_path):
 def test_pull_refuses_while_locked(two_caches, tmp_path):
     from httpserver import serve
 
-    from kcache.remote import pull
+    from kcache.cache import pull
 
     dest = tmp_path / "pulled"
     with serve(tmp_path) as (url, _), held(dest) as holder:
@@ -370,8 +373,8 @@ def test_rerun_completes_a_finalize_killed_half_way(llama, tmp_path, rerun):
 def test_pull_onto_another_cache_is_refused_and_leaves_it_untouched(two_caches, tmp_path):
     from httpserver import serve
 
+    from kcache.cache import pull
     from kcache.cli import app
-    from kcache.remote import pull
 
     a, b = two_caches
     before = _snapshot(b)
@@ -405,7 +408,7 @@ def test_a_symlink_planted_at_the_lock_path_is_refused_and_its_target_untouched(
     victim.write_text("precious")
     out = tmp_path / "out.zarr"
     lock_path(out).symlink_to(victim)
-    with pytest.raises(CacheError, match=rf"lock file .*out\.zarr\.lock is a symbolic link"):
+    with pytest.raises(CacheError, match=r"lock file .*out\.zarr\.lock is a symbolic link"):
         with output_lock(out, "write it"):
             pass
     assert victim.read_text() == "precious" and lock_path(out).is_symlink()

@@ -157,7 +157,8 @@ def test_unknown_section_and_missing_run_dir_name_the_file(tmp_path):
 def test_data_takes_one_source(tmp_path):
     path = tmp_path / "p.toml"
     path.write_text('[run]\ndir = "r"\n[data]\nsamples = "s.parquet"\nsynth = { n = 10 }\n')
-    with pytest.raises(ConfigError, match=re.escape(f"{path}: [data] give one of samples, convert, synth, not samples and synth")):
+    with pytest.raises(ConfigError,
+                       match=re.escape(f"{path}: [data] give one of samples, convert, synth, not samples and synth")):
         load_pipeline(path)
     path.write_text('[run]\ndir = "r"\n[data]\nconvert = { input = "x.json" }\n')
     with pytest.raises(ConfigError, match=re.escape(f"{path}: [data.convert] missing key 'name'")):
@@ -236,8 +237,10 @@ def test_wrong_type_names_section_and_key(tmp_path, section, line, where, expect
 
 def test_split_sizes_are_three_integers(tmp_path):
     path = tmp_path / "p.toml"
-    path.write_text('[run]\ndir = "r"\n[data]\nconvert = { name = "dream", input = "d.json", split_sizes = [600, 100] }\n')
-    with pytest.raises(ConfigError, match=re.escape(f"{path}: data.convert.split_sizes: expected a list of 3 integers, got [600, 100]")):
+    path.write_text('[run]\ndir = "r"\n[data]\nconvert = { name = "dream", input = "d.json", '
+                    'split_sizes = [600, 100] }\n')
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: data.convert.split_sizes: "
+                                                    "expected a list of 3 integers, got [600, 100]")):
         load_pipeline(path)
 
 
@@ -247,7 +250,8 @@ def test_values_are_converted():
     cfg = config_from(FinetuneConfig, {"betas": [0.8, 1], "layers": [1, 2], "max_length": 64}, "finetune")
     assert cfg.betas == (0.8, 1.0) and isinstance(cfg.betas, tuple) and cfg.layers == [1, 2]
     assert config_from(FinetuneConfig, {"layers": "1-2"}, "finetune").layers == "1-2"
-    assert config_from(FinetuneConfig, {"max_train_samples": None}, "finetune").max_train_samples is None  # options from code may say None
+    # options from code may say None
+    assert config_from(FinetuneConfig, {"max_train_samples": None}, "finetune").max_train_samples is None
 
 
 def test_messages_without_a_file_start_with_the_section():

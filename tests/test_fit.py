@@ -8,15 +8,24 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_model
+
+from kcache.cache import Cache, CacheError
 from kcache.data.synth import synth_samples
 from kcache.encoders import BundleError, EncoderConfig, EncoderStack, load_bundle
 from kcache.extract import ExtractConfig, extract
-from kcache.fit import BatchLoader, CacheReader, FitConfig, evaluate_layers, fit_encoders, lr_at, masked_mse, predict, shuffle_schedule
+from kcache.fit import (
+    BatchLoader,
+    CacheReader,
+    FitConfig,
+    evaluate_layers,
+    fit_encoders,
+    lr_at,
+    masked_mse,
+    predict,
+    shuffle_schedule,
+)
 from kcache.models import wrap_decoder
-from kcache.cache import Cache
-from kcache.store import CacheError
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 
@@ -25,7 +34,8 @@ TINY = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 def tiny_cache(tmp_path_factory, tokenizer_nobos):
     out = tmp_path_factory.mktemp("fit") / "c.zarr"
     dec = wrap_decoder(make_model("llama", len(tokenizer_nobos)), tokenizer_nobos)
-    extract(dec, synth_samples(60, seed=9), out, ExtractConfig(layers="1-2", dtype="float32", chunk_rows=64, shard_rows=128), progress=False)
+    extract(dec, synth_samples(60, seed=9), out, ExtractConfig(layers="1-2", dtype="float32", chunk_rows=64,
+                                                               shard_rows=128), progress=False)
     return out
 
 
@@ -57,7 +67,9 @@ def test_masked_positions_do_not_change_the_loss(tiny_cache):
         torch.nn.init.normal_(enc.up_proj.weight, std=0.1)
     batch = next(iter(BatchLoader(reader, np.arange(8), 8, 64, 0, 0)))
     assert (~batch.valid).any() and (~batch.loss_mask).any()
-    loss = lambda b: [float(masked_mse(p, b.targets[l], b.loss_mask).detach()) for l, p in predict(stack, emb, b).items()]
+    def loss(b):
+        return [float(masked_mse(p, b.targets[l], b.loss_mask).detach()) for l, p in predict(stack, emb, b).items()]
+
     before = loss(batch)
     batch.tokens[~batch.valid] = 7  # other padding token ids
     for t in batch.targets.values():
@@ -98,29 +110,33 @@ def test_resume_after_crash_gives_identical_weights(tiny_cache, tmp_path):
     a = load_file(str(tmp_path / "ref" / "checkpoint" / "model.safetensors"))
     b = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert (tmp_path / "run" / "encoders.safetensors").read_bytes() == (tmp_path / "ref" / "encoders.safetensors").read_bytes()
+    resumed, straight = tmp_path / "run" / "encoders.safetensors", tmp_path / "ref" / "encoders.safetensors"
+    assert resumed.read_bytes() == straight.read_bytes()
 
 
 def test_a_handful_of_samples_overfits(tmp_path, tokenizer_nobos):
     dec = wrap_decoder(make_model("llama", len(tokenizer_nobos)), tokenizer_nobos)
-    extract(dec, synth_samples(16, seed=9), tmp_path / "c.zarr", ExtractConfig(layers="1-2", dtype="float32"), progress=False)
+    extract(dec, synth_samples(16, seed=9), tmp_path / "c.zarr", ExtractConfig(layers="1-2", dtype="float32"),
+            progress=False)
     cache = Cache.open(tmp_path / "c.zarr")
-    cfg = FitConfig(**TINY, epochs=150, batch_size=4, lr_max=1e-3, eval_every=10_000, checkpoint_every=10_000, warmup_fraction=0.02)
+    cfg = FitConfig(**TINY, epochs=150, batch_size=4, lr_max=1e-3, eval_every=10_000, checkpoint_every=10_000,
+                    warmup_fraction=0.02)
     fit_encoders(tmp_path / "c.zarr", tmp_path / "e", cfg, progress=False)
     stack, meta = load_bundle(tmp_path / "e")
     reader = CacheReader(cache, [1, 2])
     train = np.nonzero(np.array(cache.index["split"].to_pylist()) == "train")[0]
     assert len(train) == 13
     mean = {l: torch.zeros(cache.hidden_size) for l in [1, 2]}
-    res = evaluate_layers(stack, cache.embeddings(), BatchLoader(reader, train, 8, 64, 0, 0, shuffle=False), "cpu", mean,
-                          lambda: torch.autocast("cpu", enabled=False))
+    res = evaluate_layers(stack, cache.embeddings(), BatchLoader(reader, train, 8, 64, 0, 0, shuffle=False),
+                          "cpu", mean, lambda: torch.autocast("cpu", enabled=False))
     for l in (1, 2):
         assert res[l]["fvu"] < 0.25, res  # from 1.0+ for the zero-initialised encoders
     assert meta["model"] == cache.model_fingerprint and meta["site"] == "block"
 
 
 def test_outputs_and_summary(tiny_cache, tmp_path):
-    s = fit_encoders(tiny_cache, tmp_path / "e", FitConfig(**TINY, epochs=1, batch_size=4, eval_every=5), progress=False)
+    s = fit_encoders(tiny_cache, tmp_path / "e", FitConfig(**TINY, epochs=1, batch_size=4, eval_every=5),
+                     progress=False)
     for name in ("config.json", "encoders.safetensors", "summary.json", "history.json", "curves.png"):
         assert (tmp_path / "e" / name).exists(), name
     assert set(s["layers"]) == {"1", "2"} and all("verdict" in r for r in s["layers"].values())
@@ -142,6 +158,7 @@ def test_bad_inputs(tiny_cache, tmp_path):
         fit_encoders(tiny_cache, tmp_path / "e", FitConfig(**TINY, layers=[5]), progress=False)
     # a cache of another schema version
     import shutil
+
     import zarr
 
     other = tmp_path / "v2.zarr"
@@ -156,7 +173,8 @@ def test_bad_inputs(tiny_cache, tmp_path):
     fit_encoders(tiny_cache, tmp_path / "e", FitConfig(**TINY, epochs=1, batch_size=8), progress=False)
     fp = Cache.open(tiny_cache).model_fingerprint
     load_bundle(tmp_path / "e", fp)
-    with pytest.raises(BundleError, match=r"config\.json: encoders were trained for another model \(weights_hash differ"):
+    with pytest.raises(BundleError,
+                       match=r"config\.json: encoders were trained for another model \(weights_hash differ"):
         load_bundle(tmp_path / "e", {**fp, "weights_hash": "sha256:other"})
     w = tmp_path / "e" / "encoders.safetensors"
     w.write_bytes(w.read_bytes()[:100])
@@ -181,7 +199,8 @@ def test_publish_bundle_lands_beside_the_checkpoint_atomically(tiny_cache, tmp_p
     from kcache.encoders import CONFIG_FILE, publish_bundle
 
     out = tmp_path / "e"
-    fit_encoders(tiny_cache, out, FitConfig(**TINY, max_steps=1, eval_every=1000, checkpoint_every=1000), progress=False)
+    fit_encoders(tiny_cache, out, FitConfig(**TINY, max_steps=1, eval_every=1000, checkpoint_every=1000),
+                 progress=False)
     stack, _ = load_bundle(out)
     doc = json.loads((out / CONFIG_FILE).read_text())
     derived = ("format", "schema_version", "kcache_version", "encoder", "layers", "parameters_per_encoder")

@@ -19,12 +19,9 @@ from conftest import make_model, relist, unlock
 from httpserver import serve
 from test_remote import _copy, _rewrite_manifest, served  # noqa: F401 - the module-scoped cache fixture
 
-from kcache.cache import Cache
-from kcache.integrity import part_files, validate_cache
-from kcache.merge import merge
+from kcache.cache import Cache, CacheError, merge, pull
+from kcache.cache.integrity import part_files, validate_cache
 from kcache.paths import safe_local_path, safe_relpath
-from kcache.remote import pull
-from kcache.store import CacheError
 
 UNSAFE = ["../../../x.sh", "/ABS/y.sh", "deltas\\..\\..\\x.sh", "a\x00b", "a//b", "./zarr.json"]
 SHARD = "deltas/layer_02/c/0/0"
@@ -40,7 +37,8 @@ def evil(served, tmp_path):  # noqa: F811
 def _add_key(cache: Path, key: str, data: bytes = b"#!/bin/sh\necho pwned\n") -> None:
     import hashlib
 
-    _rewrite_manifest(cache, lambda d: d["parts"][0]["files"].__setitem__(key, {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}))
+    entry = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    _rewrite_manifest(cache, lambda d: d["parts"][0]["files"].__setitem__(key, entry))
 
 
 def _outside_files(tmp_path: Path, allowed: list[Path]) -> list[Path]:
@@ -84,7 +82,7 @@ def test_unsafe_manifest_keys_are_refused_by_every_reader(evil, tmp_path, key):
 
 def test_merge_writes_nothing_outside_out_even_past_the_schema(evil, tmp_path, monkeypatch):
     """The schema is not the only guard: with it disabled, merge itself refuses the key."""
-    import kcache.cache as kc
+    import kcache.cache.reader as kc
 
     monkeypatch.setattr(kc, "validate_document", lambda *a, **k: None)
     cache = evil / "cache.zarr"
@@ -215,7 +213,8 @@ def _vocab_bomb(cache: Path) -> None:
     relist(cache, "zarr.json", "embeddings/zarr.json")
 
 
-@pytest.mark.parametrize("bomb,field", [(_x_len_bomb, "deltas/layer_01/zarr.json: shape \\(2000"), (_vocab_bomb, "embeddings/zarr.json: shape \\(100000000")])
+@pytest.mark.parametrize("bomb,field", [(_x_len_bomb, "deltas/layer_01/zarr.json: shape \\(2000"),
+                                        (_vocab_bomb, "embeddings/zarr.json: shape \\(100000000")])
 def test_size_bombs_are_refused_before_anything_is_allocated(evil, tmp_path, bomb, field):
     from kcache.fit import FitConfig, fit_encoders
 
@@ -332,7 +331,8 @@ def test_inflated_manifest_sizes_cannot_back_a_size_bomb(evil):
     _x_len_bomb(cache)
     _inflate(cache, "deltas/", 1 << 39)  # within the schema's maximum: only the files' real sizes tell
     t0 = time.monotonic()
-    with pytest.raises(CacheError, match=r"(?s)deltas/layer_0[12]/c/0/0: truncated: \d+ of the 549755813888 bytes its manifest records"):
+    with pytest.raises(CacheError, match=r"(?s)deltas/layer_0[12]/c/0/0: "
+                                         r"truncated: \d+ of the 549755813888 bytes its manifest records"):
         Cache.open(cache)
     assert time.monotonic() - t0 < 30
     assert any("549755813888 bytes its manifest records" in m for m in validate_cache(cache))
@@ -367,7 +367,7 @@ def test_zarr_reads_never_go_past_the_manifest_size(evil, where):
         if where == "local":
             loc = c.parts[0].loc
         else:
-            from kcache.location import Location
+            from kcache.cache import Location
 
             loc = Location(f"{url}/cache.zarr")
             loc.sizes = dict(c.parts[0].loc.sizes)  # as Cache.open sets them from the manifest
@@ -385,7 +385,7 @@ def test_zarr_reads_never_go_past_the_manifest_size(evil, where):
 
 
 def test_finalize_never_chmods_through_a_link(tmp_path):
-    from kcache.integrity import make_read_only
+    from kcache.cache.integrity import make_read_only
 
     victim = tmp_path / "victim.txt"
     victim.write_text("x")

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from kcache.align import TemplateSpec, encode_sample, pad_right
+from kcache.cache import Cache
 from kcache.data.synth import synth_records, synth_samples
 from kcache.encoders import BundleError, EncoderConfig, EncoderStack, save_bundle
 from kcache.extract import ExtractConfig, capture, extract, run_blocks
 from kcache.inject import InjectError, Injector, encoder_additions, generate_tokens
-from kcache.cache import Cache
 
 SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 
@@ -36,13 +36,15 @@ def _stack(decoder, layers=(1, 2), std=0.5, seed=0):
 
 def _injector(decoder, **kw):
     stack = _stack(decoder, **kw)
-    return Injector.from_stack(decoder, stack, {"site": "mlp", "layers": stack.layers, "model": decoder.fingerprint.to_dict()})
+    return Injector.from_stack(decoder, stack, {"site": "mlp", "layers": stack.layers,
+                                                "model": decoder.fingerprint.to_dict()})
 
 
 def _encoded(decoder, n=4, seed=1, with_target=True):
     out = []
     for i, r in enumerate(synth_records(n, seed=seed)):
-        e = encode_sample(decoder.tokenizer, r["knowledge"][: 1 + i % len(r["knowledge"])], r["source"], r["target"] if with_target else "", TemplateSpec(), 512)
+        e = encode_sample(decoder.tokenizer, r["knowledge"][: 1 + i % len(r["knowledge"])], r["source"],
+                          r["target"] if with_target else "", TemplateSpec(), 512)
         out.append(e)
     return [e.k_ids for e in out], [e.x_ids for e in out]
 
@@ -54,7 +56,8 @@ def _encoded(decoder, n=4, seed=1, with_target=True):
 @pytest.mark.parametrize("site", ["mlp", "block"])
 def test_oracle_injection_reproduces_pass_b(tiny_decoder, tmp_path, site):
     layer = 2
-    extract(tiny_decoder, synth_samples(8, seed=7), tmp_path / "c.zarr", ExtractConfig(layers=[layer], site=site, dtype="float32", token_budget=256, sink=0), progress=False)
+    extract(tiny_decoder, synth_samples(8, seed=7), tmp_path / "c.zarr",
+            ExtractConfig(layers=[layer], site=site, dtype="float32", token_budget=256, sink=0), progress=False)
     cache = Cache.open(tmp_path / "c.zarr")
     oracle = Injector.oracle(tiny_decoder, cache)
     assert oracle.site == site and oracle.layers == [layer] and oracle.info.source == "oracle"
@@ -92,7 +95,8 @@ def test_oracle_injection_reproduces_pass_b(tiny_decoder, tmp_path, site):
 
 
 def test_oracle_rows_cover_common_prefix_only(tiny_decoder, tmp_path):
-    extract(tiny_decoder, synth_samples(3, seed=2), tmp_path / "c.zarr", ExtractConfig(layers=[1], dtype="float32"), progress=False)
+    extract(tiny_decoder, synth_samples(3, seed=2), tmp_path / "c.zarr", ExtractConfig(layers=[1], dtype="float32"),
+            progress=False)
     cache = Cache.open(tmp_path / "c.zarr")
     inj = Injector.oracle(tiny_decoder, cache)
     toks, s = cache.encoder_tokens(0)
@@ -184,7 +188,8 @@ def _generate_recording(inj, k, x, steps, **kw):
     from transformers import LogitsProcessorList
 
     rec = _RecordLogits()
-    tokens = inj.generate(k, x, max_new_tokens=steps, eos_token_id=None, logits_processor=LogitsProcessorList([rec]), **kw)
+    tokens = inj.generate(k, x, max_new_tokens=steps, eos_token_id=None,
+                          logits_processor=LogitsProcessorList([rec]), **kw)
     return tokens, torch.stack(rec.steps, 1)
 
 
@@ -212,23 +217,28 @@ def test_generation_with_kv_cache_matches_recompute(tiny_decoder):
     decisive = 0
     injected_vs_plain = 0.0
     for ki, xi in zip(k, x):
-        injected = lambda seq, ki=ki: inj.forward([ki], [seq])[0]
+        def injected(seq, ki=ki):
+            return inj.forward([ki], [seq])[0]
+
         cached, logits = _generate_recording(inj, [ki], [xi], steps)
         assert len(cached[0]) == steps
-        decisive += _assert_matches_recompute(cached[0], logits[0], _teacher_forced(injected, xi, cached[0]), "KV cache")
+        decisive += _assert_matches_recompute(cached[0], logits[0], _teacher_forced(injected, xi, cached[0]),
+                                              "KV cache")
         # without the decoder cache every step re-sends the sequence: the encoder cache rolls back
         nocache, logits = _generate_recording(inj, [ki], [xi], steps, use_cache=False)
         _assert_matches_recompute(nocache[0], logits[0], _teacher_forced(injected, xi, nocache[0]), "use_cache=False")
         # the injection changes the predictions (same tokens, through the plain decoder)
         with torch.no_grad():
-            plain = _teacher_forced(lambda seq: tiny_decoder.model(input_ids=torch.tensor([seq])).logits[0], xi, cached[0])
-        injected_vs_plain = max(injected_vs_plain, (plain - _teacher_forced(injected, xi, cached[0])).abs().max().item())
+            plain = _teacher_forced(lambda seq: tiny_decoder.model(input_ids=torch.tensor([seq])).logits[0], xi,
+                                    cached[0])
+        injected_vs_plain = max(injected_vs_plain,
+                                (plain - _teacher_forced(injected, xi, cached[0])).abs().max().item())
     assert decisive >= steps, "too few decisive steps: the argmax check would be vacuous"
     assert injected_vs_plain > 1000 * TOL, "the injection should change the logits"
     # batch > 1 (left-padded): every row agrees with the recompute path on its own tokens
     batched, logits = _generate_recording(inj, k, x, steps)
     for i, (ki, xi) in enumerate(zip(k, x)):
-        ref = _teacher_forced(lambda seq: inj.forward([ki], [seq])[0], xi, batched[i])
+        ref = _teacher_forced(lambda seq, ki=ki: inj.forward([ki], [seq])[0], xi, batched[i])
         _assert_matches_recompute(batched[i], logits[i], ref, f"batched row {i}")
 
 
@@ -261,6 +271,7 @@ def test_session_refuses_beam_search_and_foreign_batches(tiny_decoder):
 
 def test_fingerprint_mismatch_is_refused(tiny_decoder, tokenizer_nobos, tmp_path):
     from conftest import make_model
+
     from kcache.models import wrap_decoder
 
     other = wrap_decoder(make_model("llama", len(tokenizer_nobos), seed=1), tokenizer_nobos, name="tiny-other")
@@ -269,7 +280,8 @@ def test_fingerprint_mismatch_is_refused(tiny_decoder, tokenizer_nobos, tmp_path
     with pytest.raises(InjectError) as e:
         Injector.from_stack(tiny_decoder, stack, meta)
     assert "tiny-other" in str(e.value) and tiny_decoder.fingerprint.name in str(e.value)
-    bundle_meta = {"site": "mlp", "template": {"template": TemplateSpec.template, "separator": TemplateSpec.separator, "end": "eos"},
+    bundle_meta = {"site": "mlp", "template": {"template": TemplateSpec.template, "separator": TemplateSpec.separator,
+                                               "end": "eos"},
                    "max_length": 512, "model": other.fingerprint.to_dict(), "cache": None}
     save_bundle(tmp_path / "enc", stack, bundle_meta)
     with pytest.raises(BundleError, match="another model") as e:
@@ -287,9 +299,9 @@ def test_fingerprint_mismatch_is_refused(tiny_decoder, tokenizer_nobos, tmp_path
 def test_generate_command_end_to_end(tmp_path, monkeypatch, tokenizer_nobos):
     """A tiny model saved as a Hugging Face directory, a bundle for it, ``kcache generate --compare``."""
     import typer
+    from conftest import make_model
     from typer.testing import CliRunner
 
-    from conftest import make_model
     from kcache.cli import mount
     from kcache.generate import generate, side_by_side
     from kcache.models import load_decoder
@@ -300,19 +312,23 @@ def test_generate_command_end_to_end(tmp_path, monkeypatch, tokenizer_nobos):
     tokenizer_nobos.save_pretrained(model_dir)
     dec = load_decoder(str(model_dir), device="cpu")
     stack = _stack(dec, std=0.3)
-    meta = {"site": "mlp", "template": {"template": TemplateSpec.template, "separator": TemplateSpec.separator, "end": "eos"},
+    meta = {"site": "mlp", "template": {"template": TemplateSpec.template, "separator": TemplateSpec.separator,
+                                        "end": "eos"},
             "max_length": 256, "model": dec.fingerprint.to_dict(), "cache": None}
     save_bundle(tmp_path / "enc", stack, meta)
 
-    g = generate(dec, Injector.from_bundle(dec, tmp_path / "enc"), "The capital of Zorbia is Quelt.", "[USR] What is the capital of Zorbia? [SYS]", max_new_tokens=5, compare=True)
+    g = generate(dec, Injector.from_bundle(dec, tmp_path / "enc"), "The capital of Zorbia is Quelt.",
+                 "[USR] What is the capital of Zorbia? [SYS]", max_new_tokens=5, compare=True)
     assert g.plain is not None and g.in_context is not None and g.knowledge_tokens > 5
     assert len(g.tokens["injected"]) <= 5
     assert "│" in side_by_side(g.columns(), 90)
 
     app = typer.Typer()
     mount(app, names=("generate", "evaluate", "bench"))
-    args = ["generate", "--model", str(model_dir), "--encoders", str(tmp_path / "enc"), "--knowledge", "The capital of Zorbia is Quelt.",
-            "--prompt", "[USR] What is the capital of Zorbia? [SYS]", "--max-new-tokens", "4", "--compare", "--device", "cpu"]
+    args = ["generate", "--model", str(model_dir), "--encoders", str(tmp_path / "enc"), "--knowledge",
+            "The capital of Zorbia is Quelt.",
+            "--prompt", "[USR] What is the capital of Zorbia? [SYS]", "--max-new-tokens", "4", "--compare",
+            "--device", "cpu"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "D(x): no knowledge" in r.output and "D(K,x): knowledge in context" in r.output and "injected" in r.output

@@ -19,8 +19,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from kcache.kg import embed as kg_embed
 from kcache.cli import kg_app as app
+from kcache.kg import embed as kg_embed
 from kcache.kg.importers import (
     import_numpy,
     import_openke,
@@ -85,7 +85,8 @@ def tiny_tokenizer():
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(["The children were running to the bank door. New York banks revolve."] * 20, trainer)
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>")
@@ -150,7 +151,8 @@ def test_save_load_roundtrip_and_fingerprint(tiny_kg, tmp_path):
         meta = pq.read_schema(d / f"{name}.parquet").metadata
         assert meta[b"kcache.kg.fingerprint"].decode() == tiny_kg.fingerprint
     # the fingerprint is content-based: chunking does not matter, content does
-    rechunked = KG("x", pa.concat_tables([tiny_kg.entities.slice(0, 3), tiny_kg.entities.slice(3)]), tiny_kg.relations, tiny_kg.triples)
+    rechunked = KG("x", pa.concat_tables([tiny_kg.entities.slice(0, 3), tiny_kg.entities.slice(3)]), tiny_kg.relations,
+                   tiny_kg.triples)
     assert rechunked.fingerprint == tiny_kg.fingerprint
     renamed = tiny_kg.entities.set_column(2, "name", pa.array(["x"] + tiny_kg.entities["name"].to_pylist()[1:]))
     assert KG("x", renamed, tiny_kg.relations, tiny_kg.triples).fingerprint != tiny_kg.fingerprint
@@ -163,7 +165,8 @@ def test_save_load_roundtrip_and_fingerprint(tiny_kg, tmp_path):
 
 def test_tables_checked_on_read_and_write(tiny_kg, tmp_path):
     with pytest.raises(KGError, match="dense"):
-        KG("bad", tiny_kg.entities.set_column(0, "entity_id", pa.array(np.arange(1, 9, dtype=np.int64))), tiny_kg.relations, tiny_kg.triples)
+        KG("bad", tiny_kg.entities.set_column(0, "entity_id", pa.array(np.arange(1, 9, dtype=np.int64))),
+           tiny_kg.relations, tiny_kg.triples)
     with pytest.raises(KGError, match="duplicate key"):
         entities = entities_table(["a", "a"])
         KG("bad", entities, relations_table([]), triples_table([], [], [], []))
@@ -174,9 +177,11 @@ def test_tables_checked_on_read_and_write(tiny_kg, tmp_path):
     with pytest.raises(KGError, match="type"):
         conform(tiny_kg.triples.set_column(0, "head", tiny_kg.triples["head"].cast(pa.int32())), "kg-triples-v1", "t")
     with pytest.raises(KGError, match="is a kg-relations v1 table, expected kg-entities v1"):
-        conform(tiny_kg.entities.replace_schema_metadata({"kcache.schema": "kg-relations", "kcache.schema_version": "1"}), "kg-entities-v1", "t")
+        conform(tiny_kg.entities.replace_schema_metadata({"kcache.schema": "kg-relations",
+                                                          "kcache.schema_version": "1"}), "kg-entities-v1", "t")
     with pytest.raises(KGError, match="is a kg-entities v2 table, expected kg-entities v1"):
-        conform(tiny_kg.entities.replace_schema_metadata({"kcache.schema": "kg-entities", "kcache.schema_version": "2"}), "kg-entities-v1", "t")
+        conform(tiny_kg.entities.replace_schema_metadata({"kcache.schema": "kg-entities",
+                                                          "kcache.schema_version": "2"}), "kg-entities-v1", "t")
     with pytest.raises(KGError, match="unknown column"):
         conform(tiny_kg.triples.append_column("extra", pa.array([0] * 9)), "kg-triples-v1", "t")
     with pytest.raises(KGError, match="not a kcache KG directory"):
@@ -198,7 +203,8 @@ def test_tables_checked_on_read_and_write(tiny_kg, tmp_path):
         ("train2id.txt", "1\n0 99 0\n", r"train2id.txt: line 2: tail 99 is not an entity id"),
         ("train2id.txt", "1\n0 1 5\n", r"train2id.txt: line 2: relation 5 is not a relation id"),
         ("valid2id.txt", "2\n0 1 0\n", r"valid2id.txt: line 1 declares 2 triples but the file lists 1"),
-        ("entity_names.tsv", "synset_offset\tpos\tlemmas\tgloss\n00001\tnoun\tbank\n", r"entity_names.tsv: line 2: expected 4 tab-separated columns"),
+        ("entity_names.tsv", "synset_offset\tpos\tlemmas\tgloss\n00001\tnoun\tbank\n",
+         r"entity_names.tsv: line 2: expected 4 tab-separated columns"),
     ],
 )
 def test_openke_malformed_lines(tmp_path, fname, text, message):
@@ -228,7 +234,8 @@ def test_openke_without_names_and_with_vectors(tmp_path, tiny_kg):
 
 def test_entity_names_name_column(tmp_path):
     p = _write(tmp_path / "names.tsv", "key\tname\taliases\n/c/en/dog\tdog\tdomestic_dog|Canis_familiaris\n")
-    assert read_entity_names(p) == {"/c/en/dog": {"name": "dog", "aliases": ["domestic dog", "Canis familiaris"], "description": None, "type": None}}
+    assert read_entity_names(p) == {"/c/en/dog": {"name": "dog", "aliases": ["domestic dog", "Canis familiaris"],
+                                                  "description": None, "type": None}}
     with pytest.raises(KGError, match="header must name"):
         read_entity_names(_write(tmp_path / "bad.tsv", "a\tb\nx\ty\n"))
 
@@ -270,7 +277,8 @@ def test_numpy_names_import(tmp_path):
     with pytest.raises(KGError, match=r"short.npy: has 4 rows but .*concept.txt lists 5 names"):
         import_numpy(tmp_path / "short.npy", FIX / "concept.txt", tmp_path / "cn2", model="TransE")
     with pytest.raises(KGError, match=r"names.txt: line 2: empty name"):
-        import_numpy(tmp_path / "ent.npy", _write(tmp_path / "names.txt", "a\n\nb\nc\nd\n"), tmp_path / "cn3", model="TransE")
+        import_numpy(tmp_path / "ent.npy", _write(tmp_path / "names.txt", "a\n\nb\nc\nd\n"), tmp_path / "cn3",
+                     model="TransE")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +326,8 @@ def test_embeddings_partial_complex_and_checks(tiny_kg, tmp_path):
     with pytest.raises(KGError, match="out of range"):
         embeddings_table(np.ones((1, 3), np.float32), kg=tiny_kg, model="m", entity_ids=[8])
     with pytest.raises(KGError, match="lacks kcache.embedding.model"):
-        write_embeddings(emb.replace_schema_metadata({k: v for k, v in emb.schema.metadata.items() if k != b"kcache.embedding.model"}), tmp_path / "x.parquet")
+        meta = {k: v for k, v in emb.schema.metadata.items() if k != b"kcache.embedding.model"}
+        write_embeddings(emb.replace_schema_metadata(meta), tmp_path / "x.parquet")
 
 
 def test_fingerprint_mismatch_refused(tiny_kg, tiny_tokenizer, tmp_path):
@@ -376,7 +385,8 @@ def test_link_fixture_samples(tiny_kg, tiny_tokenizer):
         ("s2", "doors", "morph", "door", [3, -1, -1]),
         ("s2", "revolved", "morph", "revolve", [4, -1, -1]),
     ]
-    assert stats["content_words"] == 13 and stats["linked_content_words"] == 7 and stats["by_rule"] == {"exact": 2, "lowercase": 1, "morph": 4}
+    assert stats["content_words"] == 13 and stats["linked_content_words"] == 7
+    assert stats["by_rule"] == {"exact": 2, "lowercase": 1, "morph": 4}
     for r in rows:
         text = texts[ids.index(r["sample_id"])]
         assert text[r["char_start"] : r["char_end"]] == r["word"]
@@ -384,7 +394,8 @@ def test_link_fixture_samples(tiny_kg, tiny_tokenizer):
     assert meta["kcache.kg.fingerprint"] == tiny_kg.fingerprint and meta["kcache.link.k"] == "3"
     assert meta["kcache.schema"] == "kg-links" and link_stats(table) == stats
     # entity-id order, phrases, no morphology, unlinked rows
-    t2, _ = link_texts(ids, texts, tiny_kg, tiny_tokenizer, k=3, order="entity_id", max_ngram=2, morph=False, keep_unlinked=True)
+    t2, _ = link_texts(ids, texts, tiny_kg, tiny_tokenizer, k=3, order="entity_id", max_ngram=2, morph=False,
+                       keep_unlinked=True)
     r2 = {(r["sample_id"], r["word"]): r for r in t2.to_pylist()}
     assert r2[("s1", "bank")]["entity_ids"] == [0, 2, -1]
     assert r2[("s2", "New York")]["entity_ids"] == [6, -1, -1] and r2[("s2", "New York")]["rule"] == "exact"
@@ -405,7 +416,8 @@ def test_token_spans_cover_char_spans(tiny_kg, tiny_tokenizer):
             assert r["word"] in tiny_tokenizer.decode(enc["input_ids"][r["token_start"] : r["token_end"]])
             if special:
                 plain = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
-                assert enc["input_ids"][r["token_start"] : r["token_end"]] == plain[r["token_start"] - shift : r["token_end"] - shift]
+                got = enc["input_ids"][r["token_start"] : r["token_end"]]
+                assert got == plain[r["token_start"] - shift : r["token_end"] - shift]
     # a word split into several tokens gets all of them
     assert token_span([(0, 1), (1, 3), (3, 5), (5, 6)], 1, 5) == (1, 3)
     assert token_span([(0, 0), (0, 4), (4, 9), (0, 0)], 5, 9) == (2, 3)
@@ -443,7 +455,8 @@ def test_cli_import_stats_link(tmp_path, tiny_tokenizer):
     r = runner.invoke(app, ["stats", str(out), "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["relation_counts"] == {"_hypernym": 6, "_has_part": 3}
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
-    args = ["link", "--samples", str(FIX / "questions.jsonl"), "--text-field", "question.stem", "--kg", str(out), "--tokenizer", str(tmp_path / "tok"), "--k", "2"]
+    args = ["link", "--samples", str(FIX / "questions.jsonl"), "--text-field", "question.stem", "--kg", str(out),
+            "--tokenizer", str(tmp_path / "tok"), "--k", "2"]
     r = runner.invoke(app, args + ["--out", str(tmp_path / "l.parquet")])
     assert r.exit_code == 0, r.output
     assert "linked 4 of 6 content words (66.7%)" in r.output  # bank, door, children, afraid; not "New", "York"
@@ -453,19 +466,23 @@ def test_cli_import_stats_link(tmp_path, tiny_tokenizer):
     assert r.exit_code == 0 and '"links": 4' in r.output
     r = runner.invoke(app, ["import-openke", str(tmp_path), "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "entity2id.txt: no such entity file" in r.output  # bad input: 2 in every command
-    r = runner.invoke(app, ["link", "--samples", str(FIX / "samples.jsonl"), "--kg", str(tmp_path), "--out", str(tmp_path / "z.parquet")])
+    r = runner.invoke(app, ["link", "--samples", str(FIX / "samples.jsonl"), "--kg", str(tmp_path), "--out",
+                            str(tmp_path / "z.parquet")])
     assert r.exit_code == 2 and "not a kcache KG directory" in r.output
 
 
 def test_cli_embed_without_pykeen_names_the_extra(tmp_path, tiny_dir, monkeypatch):
     monkeypatch.setattr(kg_embed, "pykeen_available", lambda: False)
-    r = CliRunner().invoke(app, ["embed", "--kg", str(tiny_dir), "--dim", "4", "--epochs", "1", "--out", str(tmp_path / "e.parquet")])
+    r = CliRunner().invoke(app, ["embed", "--kg", str(tiny_dir), "--dim", "4", "--epochs", "1", "--out",
+                                 str(tmp_path / "e.parquet")])
     assert r.exit_code == 2 and "kcache[kg]" in r.output and "pip install pykeen" in r.output
 
 
-@pytest.mark.skipif(not kg_embed.pykeen_available(), reason="PyKEEN not installed (optional extra: pip install 'kcache[kg]')")
+@pytest.mark.skipif(not kg_embed.pykeen_available(),
+                    reason="PyKEEN not installed (optional extra: pip install 'kcache[kg]')")
 def test_embed_with_pykeen(tmp_path, tiny_dir):
-    r = CliRunner().invoke(app, ["embed", "--kg", str(tiny_dir), "--model", "transe", "--dim", "4", "--epochs", "2", "--batch-size", "4", "--out", str(tmp_path / "e.parquet")])
+    r = CliRunner().invoke(app, ["embed", "--kg", str(tiny_dir), "--model", "transe", "--dim", "4", "--epochs", "2",
+                                 "--batch-size", "4", "--out", str(tmp_path / "e.parquet")])
     assert r.exit_code == 0, r.output
     kg = KG.load(tiny_dir)
     emb = read_embeddings(tmp_path / "e.parquet", kg=kg)
@@ -526,9 +543,11 @@ def test_commonsenseqa_linking(wn18rr, tmp_path):
     table, stats = link_texts(ids, texts, kg, tok, index=index, tokenizer_name="smollm2-135m", text_field="question")
     assert stats["link_rate"] > 0.8, stats  # most content words are linked
     write_links(table, tmp_path / "a.parquet")
-    again, _ = link_texts(ids, texts, kg, tok, index=EntityIndex(kg), tokenizer_name="smollm2-135m", text_field="question")
+    again, _ = link_texts(ids, texts, kg, tok, index=EntityIndex(kg), tokenizer_name="smollm2-135m",
+                          text_field="question")
     write_links(again, tmp_path / "b.parquet")
-    assert hashlib.sha256((tmp_path / "a.parquet").read_bytes()).digest() == hashlib.sha256((tmp_path / "b.parquet").read_bytes()).digest()
+    assert (hashlib.sha256((tmp_path / "a.parquet").read_bytes()).digest()
+            == hashlib.sha256((tmp_path / "b.parquet").read_bytes()).digest())
     # every token span maps back to the right characters
     text_of = dict(zip(ids, texts))
     enc = {sid: tok(t, add_special_tokens=False, return_offsets_mapping=True) for sid, t in text_of.items()}

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_model
 
+from kcache.align import TemplateSpec
 from kcache.methods import baselines as B
 from kcache.methods import knowla as K
-from kcache.align import TemplateSpec
 from kcache.models import ModelError, wrap_decoder
-from conftest import make_model
 
 H, D, N_ENT = 64, 8, 12
 
@@ -159,9 +159,11 @@ def test_generate_prefill_injects_decode_skips(tokenizer_nobos, table):
     assert decisive.sum() >= steps, "too few decisive steps for the argmax check"
     assert torch.equal(out[:, ids.shape[1]:][decisive], ref.argmax(-1)[decisive])
     with torch.no_grad():
-        plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=3, output_scores=True, return_dict_in_generate=True)
+        plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=3,
+                               output_scores=True, return_dict_in_generate=True)
         with kl.use(links):
-            inj = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=3, output_scores=True, return_dict_in_generate=True)
+            inj = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=3,
+                                 output_scores=True, return_dict_in_generate=True)
     assert not torch.allclose(plain.scores[0], inj.scores[0])  # the prefill saw the knowledge
     kl.detach()
 
@@ -172,13 +174,15 @@ def test_link_index_shifts_spans_past_knowledge_and_bos(tokenizer_bos):
     from kcache.kg.tables import LINKS, conform
 
     tok = tokenizer_bos
-    rec = {"id": "a", "knowledge": ["The capital of Zorb is Vel."], "source": "[USR] What is the capital of Zorb? [SYS]", "target": " Vel."}
+    rec = {"id": "a", "knowledge": ["The capital of Zorb is Vel."],
+           "source": "[USR] What is the capital of Zorb? [SYS]", "target": " Vel."}
     src = rec["source"]
     enc = tok(src, add_special_tokens=False, return_offsets_mapping=True)
     s0 = src.index("capital")
     t0 = next(i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > s0)
     t1 = next(i for i, (a, b) in enumerate(enc["offset_mapping"]) if b >= s0 + 7) + 1
-    links = pa.table({"sample_id": ["a", "a"], "word": ["capital", "ghost"], "char_start": [s0, 0], "char_end": [s0 + 7, 1],
+    links = pa.table({"sample_id": ["a", "a"], "word": ["capital", "ghost"], "char_start": [s0, 0],
+                      "char_end": [s0 + 7, 1],
                       "token_start": [t0, len(enc["input_ids"]) + 5], "token_end": [t1, len(enc["input_ids"]) + 6],
                       "match": ["capital", "x"], "rule": ["exact", "exact"], "num_candidates": [1, 1]})
     links = links.append_column("entity_ids", pa.FixedSizeListArray.from_arrays(pa.array([4, -1, 1, -1]), 2))
@@ -214,10 +218,11 @@ def test_train_save_reload_and_random_vectors(tokenizer_bos, tmp_path):
     assert links.num_rows > 0
     dec = wrap_decoder(make_model("llama", len(tok)), tok)
     ex, _ = B.encode_examples(tok, samples.to_pylist(), TemplateSpec(), 1024)
-    res = K.train_knowla(dec, samples, links, emb, tmp_path / "run", steps=6, batch_size=4, lr=5e-3, lora_r=4, lora_alpha=4,
-                         intermediate_size=16, log=lambda s: None)
+    res = K.train_knowla(dec, samples, links, emb, tmp_path / "run", steps=6, batch_size=4, lr=5e-3, lora_r=4,
+                         lora_alpha=4, intermediate_size=16, log=lambda s: None)
     kl = res.knowla
-    assert res.config["knowla_params"] > 0 and res.config["lora_params"] > 0 and res.config["train"]["links_dropped_misaligned"] == 0
+    assert res.config["knowla_params"] > 0 and res.config["lora_params"] > 0
+    assert res.config["train"]["links_dropped_misaligned"] == 0
     assert all(not p.requires_grad for p in dec.model.parameters())  # decoder frozen afterwards too
     assert float(kl.layers["2"].gate) != 0.5  # the gate was trained
     records = [dict(r, options=[r["target"], r["target_true"]], label=0) for r in samples.to_pylist()]
@@ -231,6 +236,7 @@ def test_train_save_reload_and_random_vectors(tokenizer_bos, tmp_path):
     assert rnd.num_rows == emb.num_rows and not np.allclose(rnd["vector"].to_pylist(), emb["vector"].to_pylist())
     with pytest.raises(ModelError, match="random"):
         K.load_knowla(tmp_path / "run", wrap_decoder(make_model("llama", len(tok)), tok), rnd)
-    other = embeddings_table(np.zeros((3, D), np.float32), kg_name="other", kg_fingerprint="sha256:" + "0" * 64, model="test")
+    other = embeddings_table(np.zeros((3, D), np.float32), kg_name="other", kg_fingerprint="sha256:" + "0" * 64,
+                             model="test")
     with pytest.raises(KGCompatibilityError):
         K.load_knowla(tmp_path / "run", wrap_decoder(make_model("llama", len(tok)), tok), other)

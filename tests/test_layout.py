@@ -1,10 +1,12 @@
 """The package layout (issue 14): the command line in kcache/cli/ (the only importer of typer, one
-command table), benchmarks in kcache/bench/, methods beside DIEKÆ in kcache/methods/, and the old
-module paths still importable with a DeprecationWarning."""
+command table), benchmarks in kcache/bench/, methods beside DIEKÆ in kcache/methods/, the cache
+format and its sharing in kcache/cache/, the old module paths still importable with a
+DeprecationWarning, and no import cycle among kcache modules."""
 
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import sys
 from pathlib import Path
@@ -13,8 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Modules outside kcache/cli/ that still import typer, each with the reason. kcache/remote.py keeps
-# its old register(app) (the `pull` command itself is kcache.cli.cache.pull_cmd) until it is deleted.
+# Modules outside kcache/cli/ that still import typer, each with the reason (none left).
 TYPER_OUTSIDE_CLI: set[str] = set()
 
 
@@ -98,6 +99,233 @@ def test_old_names_of_moved_things(monkeypatch):
     root = typer.main.get_command(app)
     assert list(root.commands) == ["generate", "evaluate", "bench"]
     assert list(root.commands["bench"].commands) == ["inject", "extract", "fit", "store"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the cache package (kcache/cache/) and import cycles
+
+CACHE_MOVED = {
+    "kcache.storage": ("kcache.cache.lossy", "encode_block"),
+    "kcache.location": ("kcache.cache.location", "Location"),
+    "kcache.integrity": ("kcache.cache.integrity", "validate_cache"),
+    "kcache.merge": ("kcache.cache.merge", "merge"),
+    "kcache.remote": ("kcache.cache.remote", "pull"),
+}
+
+
+@pytest.mark.parametrize("old", sorted(CACHE_MOVED))
+def test_old_cache_module_paths_are_the_new_modules(old, monkeypatch):
+    new, name = CACHE_MOVED[old]
+    monkeypatch.delitem(sys.modules, old, raising=False)
+    with pytest.warns(DeprecationWarning, match=re.escape(new)):
+        mod = importlib.import_module(old)
+    assert mod is importlib.import_module(new)  # one module object: monkeypatching either path patches both
+    assert getattr(mod, name) is getattr(importlib.import_module(new), name)
+
+
+def test_old_store_module_forwards_to_writer_and_format(monkeypatch):
+    from kcache.cache import format, writer
+
+    monkeypatch.delitem(sys.modules, "kcache.store", raising=False)
+    with pytest.warns(DeprecationWarning, match=r"kcache\.cache\.writer or kcache\.cache\.format"):
+        import kcache.store as store
+    for name in ("create_cache", "DeltaWriter", "RunningStats", "read_last_commit", "compressors_for_cache", "_array"):
+        assert getattr(store, name) is getattr(writer, name)
+    for name in ("CacheError", "encode_rows", "decode_rows", "DTYPES", "FORMAT", "SCHEMA_VERSION", "ATTRS_KEY",
+                 "COMMIT_LOG"):
+        assert getattr(store, name) is getattr(format, name)
+    from kcache._io import now
+
+    assert store.now is now
+
+
+def test_cache_package_surface():
+    import kcache.cache as kc
+    from kcache.cache import format, integrity, lossy, reader, remote
+    from kcache.cache.merge import merge
+    from kcache.errors import KCacheError
+    from kcache.lock import OutputLocked
+    from kcache.paths import safe_relpath
+
+    assert kc.Cache is reader.Cache and kc.open_cache is reader.open_cache
+    assert kc.CacheError is format.CacheError and issubclass(kc.CacheError, (KCacheError, ValueError))
+    assert issubclass(OutputLocked, kc.CacheError)
+    with pytest.raises(kc.CacheError):
+        safe_relpath("../x", "here")  # kcache.paths raises the same CacheError
+    assert kc.merge is merge and callable(kc.merge)  # the function, not the submodule of that name
+    assert kc.pull is remote.pull and kc.validate is kc.validate_cache is integrity.validate_cache
+    assert kc.finalize is integrity.finalize and kc.parse_storage is lossy.parse_storage
+    assert set(kc.__all__) <= set(vars(kc))
+
+
+def test_old_names_of_the_cache_module(monkeypatch):
+    import kcache.cache as kc
+    from kcache.cache import format, reader
+
+    for name in ("Part", "MANIFEST"):
+        monkeypatch.delitem(vars(kc), name, raising=False)  # kcache.cache keeps a name once looked up
+    with pytest.warns(DeprecationWarning, match=r"kcache\.cache\.reader"):
+        from kcache.cache import Part
+    assert Part is reader.Part
+    with pytest.warns(DeprecationWarning, match=r"kcache\.cache\.format"):
+        assert kc.MANIFEST == format.MANIFEST == "manifest.json"
+    assert not hasattr(kc, "no_such_name")
+
+
+def _kcache_modules() -> list[str]:
+    out = []
+    for path in sorted((ROOT / "kcache").rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        if parts[-1] != "__main__":
+            out.append(".".join(parts))
+    return out
+
+
+def _is_module(name: str) -> bool:
+    base = ROOT.joinpath(*name.split("."))
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def _module_level_imports(name: str) -> set[str]:
+    """kcache modules that importing ``name`` imports at once: its module-level ``import kcache…`` and
+    ``from kcache… import`` statements (in ``if``/``try`` blocks too, never in a function or class),
+    the ``kcache._moved`` calls of the old-path modules, and the packages above each imported module."""
+    import ast
+
+    base = ROOT.joinpath(*name.split("."))
+    path = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+    package = name if base.is_dir() else name.rpartition(".")[0]
+    direct: set[str] = set()
+
+    def visit(body):
+        for node in body:
+            if isinstance(node, ast.Import):
+                direct.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                if node.level:  # relative: from . import x, from .a import y
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    mod = ".".join(anchor + ([mod] if mod else []))
+                direct.add(mod)
+                direct.update(f"{mod}.{a.name}" for a in node.names if _is_module(f"{mod}.{a.name}"))
+            elif isinstance(node, (ast.If, ast.Try)):
+                for block in ("body", "orelse", "finalbody"):
+                    visit(getattr(node, block, []))
+                for handler in getattr(node, "handlers", []):
+                    visit(handler.body)
+            elif isinstance(node, (ast.Expr, ast.Assign)) and isinstance(node.value, ast.Call):
+                call = node.value
+                if getattr(call.func, "id", None) in ("alias", "forward"):  # kcache._moved
+                    direct.update(a.value for a in call.args if isinstance(a, ast.Constant)
+                                  and str(a.value).startswith("kcache."))
+
+    visit(ast.parse(path.read_text(), str(path)).body)
+    out = set()
+    for mod in direct:
+        if mod.split(".")[0] != "kcache":
+            continue
+        parts = mod.split(".")
+        for i in range(1, len(parts) + 1):
+            above = ".".join(parts[:i])
+            # Importing a.b.c runs the packages a and a.b first, except those this module is inside
+            # (they are being imported already: a package importing its own modules is no cycle).
+            if above != name and not (name + ".").startswith(above + ".") and _is_module(above):
+                out.add(above)
+    return out
+
+
+def test_no_import_cycles_among_kcache_modules():
+    graph = {m: _module_level_imports(m) for m in _kcache_modules()}
+    # Tarjan's strongly connected components: a component of more than one module is a cycle.
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1 or v in graph.get(v, ()):
+                cycles.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    assert not cycles, ("import cycles among kcache modules (module-level imports): "
+                        + "; ".join(" <-> ".join(c) for c in cycles))
+    assert graph["kcache.cache.format"] <= {"kcache", "kcache.errors"}
+    assert "kcache.cache" not in graph["kcache.paths"] | graph["kcache.lock"]  # below the package
+
+
+IMPORT_ALONE = r"""
+import importlib, os, sys, traceback, warnings
+modules, preload = sys.argv[1].split(","), sys.argv[2].split(",")
+for name in preload:  # third-party modules only: each child below still imports kcache from nothing
+    try:
+        importlib.import_module(name)
+    except Exception:
+        pass
+assert not any(m == "kcache" or m.startswith("kcache.") for m in sys.modules), "kcache imported by the preload"
+failed = []
+for name in modules:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # the old paths warn, by design
+                importlib.import_module(name)
+        except BaseException:
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    if status:
+        failed.append(name)
+print("FAILED " + ",".join(failed) if failed else "OK %d" % len(modules))
+"""
+
+
+def test_every_kcache_module_imports_on_its_own():
+    """Each module imported first, in a process where no kcache module was imported yet (a fork of
+    one that only preloaded the third-party libraries kcache imports, so the heavy ones load once):
+    an import cycle shows up as an ImportError of a partially initialized module."""
+    import ast
+    import subprocess
+
+    modules = _kcache_modules()
+    preload = set()
+    for m in modules:
+        base = ROOT.joinpath(*m.split("."))
+        path = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import):
+                preload.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                preload.add(node.module)
+    preload = sorted(p for p in preload if p.split(".")[0] not in ("kcache", "__future__"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", IMPORT_ALONE, ",".join(modules), ",".join(preload)],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == f"OK {len(modules)}", r.stdout + r.stderr[-5000:]
 
 
 def test_public_api_is_lazy_and_complete():

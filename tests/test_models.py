@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import ARCHS, make_model
-from kcache.models import LayerAdapter, ModelError, fingerprint, load_decoder, resolve_device, resolve_dtype, wrap_decoder
+
+from kcache.models import (
+    LayerAdapter,
+    ModelError,
+    fingerprint,
+    load_decoder,
+    resolve_device,
+    resolve_dtype,
+    wrap_decoder,
+)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -52,7 +60,8 @@ def test_fingerprint_from_files_and_load(tmp_path, tokenizer_nobos, monkeypatch)
     d1 = load_decoder(str(tmp_path / "m"), device="cpu")
     d2 = load_decoder(str(tmp_path / "m"), device="cpu", dtype="bfloat16")
     assert d1.fingerprint.matches(d2.fingerprint)  # identity of the checkpoint, not of the load dtype
-    assert d2.dtype == torch.bfloat16 and not any(p.requires_grad for p in d1.model.parameters()) and not d1.model.training
+    assert d2.dtype == torch.bfloat16 and not any(p.requires_grad
+                                                  for p in d1.model.parameters()) and not d1.model.training
     with torch.no_grad():
         m.model.layers[0].self_attn.q_proj.weight[0, 0] += 1.0
     m.save_pretrained(tmp_path / "m")

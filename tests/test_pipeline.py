@@ -67,7 +67,8 @@ def test_changed_extract_settings_are_not_skipped(tiny_pipeline, tmp_path):
     text = tiny_pipeline.read_text().replace('layers = "1-2"', 'layers = "1-2"\nsink = 0')
     tiny_pipeline.write_text(text)
     with pytest.raises(Exception, match="different settings"):
-        run_pipeline(tiny_pipeline, log=lambda m: None)  # the finalized cache is immutable: refused, not silently reused
+        # the finalized cache is immutable: refused, not silently reused
+        run_pipeline(tiny_pipeline, log=lambda m: None)
 
 
 def test_unknown_key_in_a_pipeline_section_is_named(tmp_path):

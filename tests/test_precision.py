@@ -7,12 +7,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from test_fit import TINY, tiny_cache  # noqa: F401  (module-scoped fixture)
 
 from kcache import precision
 from kcache.encoders import attend, attention_mask
 from kcache.fit import FitConfig, fit_encoders
-
-from test_fit import TINY, tiny_cache  # noqa: F401  (module-scoped fixture)
 
 
 def test_auto_follows_the_hardware_and_the_override(monkeypatch):
@@ -80,7 +79,8 @@ def test_bench_fit_runs_each_precision_side_by_side(tiny_cache, tmp_path):  # no
     from kcache.bench.stages import bench_fit
 
     lines = []
-    res = bench_fit(tiny_cache, steps=3, batch_size=4, out=tmp_path / "fit.json", log=lines.append, computes=("float32", "bfloat16"))
+    res = bench_fit(tiny_cache, steps=3, batch_size=4, out=tmp_path / "fit.json", log=lines.append,
+                    computes=("float32", "bfloat16"))
     assert [r["resolved"] for r in res["runs"]] == ["float32", "bfloat16"]
     assert all(r["steps"] == 3 and r["steps_per_second"] > 0 for r in res["runs"])
     assert res["speedup"] == pytest.approx(res["runs"][1]["steps_per_second"] / res["runs"][0]["steps_per_second"])

@@ -17,14 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import typer
 from conftest import make_model
 from httpserver import serve
 from typer.testing import CliRunner
 
-from kcache.cli import mount
-from kcache.remote import MANIFEST, STAGING, manifest_files, pull
-from kcache.store import CacheError
+from kcache.cache import CacheError
+from kcache.cache.remote import MANIFEST, STAGING, manifest_files, pull
 
 BLOCK = 4096  # small range requests, so even the tiny test files take several
 
@@ -46,7 +44,8 @@ def served(tmp_path_factory, tokenizer_nobos):
 
     root = tmp_path_factory.mktemp("served")
     decoder = wrap_decoder(make_model("llama", len(tokenizer_nobos)), tokenizer_nobos, name="tiny-llama")
-    extract(decoder, synth_samples(24, seed=7), root / "cache.zarr", ExtractConfig(layers="1-2", token_budget=256), progress=False)
+    extract(decoder, synth_samples(24, seed=7), root / "cache.zarr", ExtractConfig(layers="1-2", token_budget=256),
+            progress=False)
     assert (root / "cache.zarr" / MANIFEST).exists(), "extract() finalizes the cache"
     return root
 
@@ -160,7 +159,7 @@ def test_interrupted_pull_resumes_with_a_range_request(served, tmp_path):
     assert ranges[0] == f"bytes={kept}-{kept + BLOCK - 1}"
     assert report["bytes_resumed"] == kept
     _assert_identical(src, dest)
-    from kcache.integrity import validate_cache
+    from kcache.cache import validate_cache
 
     assert validate_cache(dest) == []
 
@@ -231,9 +230,11 @@ def _set_part_path(path: str):
     return edit
 
 
-@pytest.mark.parametrize("edit", [_add_file("../x"), _add_file("deltas/../../x"), _add_file("/tmp/x"), _add_file("a//x"),
+@pytest.mark.parametrize("edit", [_add_file("../x"), _add_file("deltas/../../x"), _add_file("/tmp/x"),
+                                  _add_file("a//x"),
                                   _add_file("a\\..\\x"), _set_part_path("../x"), _set_part_path("/x")],
-                         ids=["dotdot", "nested-dotdot", "absolute", "empty-component", "backslash", "part-dotdot", "part-absolute"])
+                         ids=["dotdot", "nested-dotdot", "absolute", "empty-component", "backslash", "part-dotdot",
+                              "part-absolute"])
 def test_pull_refuses_unsafe_paths(served, tmp_path, edit):
     root = _copy(served, tmp_path)
     _rewrite_manifest(root / "cache.zarr", edit)
@@ -273,12 +274,7 @@ def test_pull_refuses_content_that_does_not_match_the_manifest(served, tmp_path)
 
 
 def test_pull_command(served, tmp_path):
-    app = typer.Typer()
-    mount(app, names=["pull"])
-
-    @app.command("noop")  # a second command keeps typer from collapsing the app into `pull` itself
-    def noop():
-        pass
+    from kcache.cli import app
 
     runner = CliRunner()
     with serve(served) as (url, _):
@@ -309,7 +305,8 @@ def _assert_same_cache(local: Path, url: str) -> None:
     assert there.index.equals(here.index)
     for i in range(here.num_samples):
         for layer in here.layers:
-            np.testing.assert_array_equal(there.deltas(i, layer), here.deltas(i, layer), err_msg=f"sample {i} layer {layer}")
+            np.testing.assert_array_equal(there.deltas(i, layer), here.deltas(i, layer),
+                                          err_msg=f"sample {i} layer {layer}")
     assert (there.embeddings() == here.embeddings()).all()
 
 
@@ -328,14 +325,14 @@ def test_cache_reads_from_memory_filesystem(served):
 
 
 def test_validate_over_http(served):
-    from kcache.integrity import validate_cache
+    from kcache.cache import validate_cache
 
     with serve(served) as (url, _):
         assert validate_cache(f"{url}/cache.zarr") == []
 
 
 def test_one_streaming_sha256_for_every_file_hash(tmp_path):
-    import kcache.integrity
+    import kcache.cache.integrity
     from kcache.paths import BLOCK, hash_regular, sha256_file
 
     data = os.urandom(2 * BLOCK + 123)  # spans several blocks
@@ -347,4 +344,4 @@ def test_one_streaming_sha256_for_every_file_hash(tmp_path):
     assert sha256_file(f) == sha256_file(link) == want
     assert hash_regular(f) == (len(data), want)
     assert hash_regular(f, 10) == (11, hashlib.sha256(data[:11]).hexdigest())  # stops after size + 1 bytes
-    assert not hasattr(kcache.integrity, "file_sha256")
+    assert not hasattr(kcache.cache.integrity, "file_sha256")

@@ -8,7 +8,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kcache.data.samples import SampleError, read_samples, sample_set_fingerprint, samples_from_records, to_dataset, write_samples
+from kcache.data.samples import (
+    SampleError,
+    read_samples,
+    sample_set_fingerprint,
+    samples_from_records,
+    to_dataset,
+    write_samples,
+)
 from kcache.data.synth import synth_records, synth_samples
 
 
@@ -61,7 +68,8 @@ def _write_jsonl(path, recs):
         (lambda r: r.update(label=7, options=[" a"]), r"line 3: field 'label': label 7 is not an index"),
         (lambda r: r.update(neighbours=[{"prompt": 1}]), r"line 3: field 'neighbours'"),
         (lambda r: r.update(bogus=1), r"line 3: field 'bogus': unknown field"),
-        (lambda r: r.update(id="synth-0-000000"), r"line 3: field 'id': duplicate id 'synth-0-000000' \(first at line 1\)"),
+        (lambda r: r.update(id="synth-0-000000"),
+         r"line 3: field 'id': duplicate id 'synth-0-000000' \(first at line 1\)"),
     ],
 )
 def test_validation_errors_name_file_line_field(tmp_path, mutate, match):

@@ -12,18 +12,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import make_model, relist, unlock
 from typer.testing import CliRunner
 
-from conftest import make_model, relist, unlock
-from kcache.cache import Cache
+from kcache.cache import Cache, CacheError, finalize, merge, validate_cache
 from kcache.cli import app
 from kcache.data.samples import write_samples
 from kcache.data.synth import synth_samples
 from kcache.extract import ExtractConfig, extract, rank_batches
 from kcache.fit import FitConfig, fit_encoders
-from kcache.integrity import finalize, validate_cache
-from kcache.merge import merge
-from kcache.store import CacheError
 
 SMALL = dict(layers="1-2", chunk_rows=32, shard_rows=64, token_budget=96)
 
@@ -41,7 +38,8 @@ def _same_samples(a: Cache, b: Cache, exact: bool = True):
         ta, sa = a.encoder_tokens(sid)
         tb, sb = b.encoder_tokens(sid)
         assert sa == sb and np.array_equal(ta, tb), sid
-        assert np.array_equal(a.loss_mask(sid), b.loss_mask(sid)) and np.array_equal(a.target_mask(sid), b.target_mask(sid)), sid
+        assert np.array_equal(a.loss_mask(sid), b.loss_mask(sid)), sid
+        assert np.array_equal(a.target_mask(sid), b.target_mask(sid)), sid
         for l in a.layers:
             assert np.array_equal(a.deltas(sid, l), b.deltas(sid, l)), (sid, l)
 
@@ -78,8 +76,9 @@ def test_two_rank_extraction_equals_one_rank(saved_model, tmp_path):
     one = subprocess.run([sys.executable, "-m", "kcache", "extract", *common, "--out", str(tmp_path / "one.zarr")],
                          env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                          "--master-port", str(_free_port()), "-m", "kcache", "extract", *common, "--out", str(tmp_path / "two.zarr")],
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                          "127.0.0.1", "--master-port", str(_free_port()), "-m", "kcache", "extract", *common, "--out",
+                          str(tmp_path / "two.zarr")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "[rank 1/2]" in two.stdout
@@ -102,17 +101,20 @@ def test_two_rank_extraction_equals_one_rank(saved_model, tmp_path):
     # It trains like any cache: 2 processes (one layer each) on the 2-part cache give the same
     # encoders as one process on the single-process cache.
     fit = ["fit-encoders", "--max-steps", "3", "--eval-every", "3", "--batch-size", "4", "--device", "cpu"]
-    ref = subprocess.run([sys.executable, "-m", "kcache", *fit, "--cache", str(tmp_path / "one.zarr"), "--out", str(tmp_path / "enc1")],
+    ref = subprocess.run([sys.executable, "-m", "kcache", *fit, "--cache", str(tmp_path / "one.zarr"), "--out",
+                          str(tmp_path / "enc1")],
                          env=env, capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                           "--master-port", str(_free_port()), "-m", "kcache", *fit, "--cache", str(tmp_path / "two.zarr"),
+    dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                           "127.0.0.1", "--master-port", str(_free_port()), "-m", "kcache", *fit, "--cache",
+                           str(tmp_path / "two.zarr"),
                            "--out", str(tmp_path / "enc2")], env=env, capture_output=True, text=True, timeout=300)
     assert dist.returncode == 0, dist.stderr[-3000:]
     assert dist.stdout.count("best step") == 1, "only rank 0 prints the summary"
     from safetensors.numpy import load_file
 
-    w1, w2 = load_file(str(tmp_path / "enc1" / "encoders.safetensors")), load_file(str(tmp_path / "enc2" / "encoders.safetensors"))
+    w1 = load_file(str(tmp_path / "enc1" / "encoders.safetensors"))
+    w2 = load_file(str(tmp_path / "enc2" / "encoders.safetensors"))
     assert w1.keys() == w2.keys() and len(w1) > 0
     for k in w1:
         np.testing.assert_allclose(w1[k], w2[k], rtol=0, atol=1e-6, err_msg=k)
@@ -148,9 +150,11 @@ def test_merge_combines_validates_and_trains(two_caches, tmp_path):
             for l in s.layers:
                 assert np.array_equal(s.deltas(sid, l), m.deltas(sid, l))
             assert np.array_equal(s.encoder_tokens(sid)[0], m.encoder_tokens(sid)[0])
-    assert m.manifest["provenance"]["merged"]["sources"][0]["metadata_digest"] == Cache.open(a).manifest["metadata_digest"]
+    source = m.manifest["provenance"]["merged"]["sources"][0]
+    assert source["metadata_digest"] == Cache.open(a).manifest["metadata_digest"]
     assert validate_cache(tmp_path / "m.zarr") == []
-    summary = fit_encoders(tmp_path / "m.zarr", tmp_path / "enc", FitConfig(max_steps=2, eval_every=2, batch_size=4, val_fraction=0.25), progress=False)
+    summary = fit_encoders(tmp_path / "m.zarr", tmp_path / "enc",
+                           FitConfig(max_steps=2, eval_every=2, batch_size=4, val_fraction=0.25), progress=False)
     assert summary["steps"] == 2
 
 
@@ -180,7 +184,8 @@ def test_merge_duplicates_are_an_error_unless_keep_first(two_caches, tmp_path):
 
 def test_merge_refuses_other_settings_naming_the_field(llama, two_caches, tmp_path):
     a = two_caches[0]
-    extract(llama, synth_samples(8, seed=9), tmp_path / "blk.zarr", ExtractConfig(**{**SMALL, "layers": "1-2"}, site="mlp"), progress=False)
+    extract(llama, synth_samples(8, seed=9), tmp_path / "blk.zarr",
+            ExtractConfig(**{**SMALL, "layers": "1-2"}, site="mlp"), progress=False)
     with pytest.raises(CacheError, match=r"settings differ \(site: 'block' vs 'mlp'\)"):
         merge([str(a), str(tmp_path / "blk.zarr")], tmp_path / "m.zarr", progress=False)
     res = CliRunner().invoke(app, ["merge", str(a), str(tmp_path / "blk.zarr"), "--out", str(tmp_path / "m.zarr")])
@@ -218,7 +223,8 @@ def test_flipped_byte_in_a_chunk_names_array_and_chunk(cache):
     data[40] ^= 0x10  # inside the first inner chunk's payload
     shard.write_bytes(bytes(data))
     problems = validate_cache(cache)
-    assert any("deltas/layer_02" in p and "shard (1, 0)" in p and "chunk(s) (2, 0)" in p and "crc32c" in p for p in problems), problems
+    assert any("deltas/layer_02" in p and "shard (1, 0)" in p and "chunk(s) (2, 0)" in p and "crc32c" in p
+               for p in problems), problems
     res = CliRunner().invoke(app, ["validate", str(cache)])
     assert res.exit_code == 1 and "(2, 0)" in res.output
 
@@ -242,10 +248,12 @@ def test_edited_index_is_rejected_before_use(cache, monkeypatch):
     xl = t["x_len"].to_pylist()
     rows = sum(xl)
     xl[3] = 10**6
-    pq.write_table(t.set_column(t.column_names.index("x_len"), "x_len", pa.array(xl, pa.int32())), cache / "index.parquet")
+    pq.write_table(t.set_column(t.column_names.index("x_len"), "x_len", pa.array(xl, pa.int32())),
+                   cache / "index.parquet")
     relist(cache, "index.parquet")
     _no_zarr(monkeypatch)
-    with pytest.raises(CacheError, match=rf"(?s)untrusted cache rejected.*layer_01/zarr.json: shape \({rows}, 64\) disagrees with the index"):
+    with pytest.raises(CacheError, match=r"(?s)untrusted cache rejected.*"
+                                         rf"layer_01/zarr.json: shape \({rows}, 64\) disagrees with the index"):
         Cache.open(cache)
 
 
@@ -254,7 +262,8 @@ def test_offset_out_of_range_is_rejected(cache, monkeypatch):
     t = pq.read_table(cache / "index.parquet")
     ro = t["row_offset"].to_pylist()
     ro[-1] = ro[-1] + 5
-    pq.write_table(t.set_column(t.column_names.index("row_offset"), "row_offset", pa.array(ro, pa.int64())), cache / "index.parquet")
+    pq.write_table(t.set_column(t.column_names.index("row_offset"), "row_offset", pa.array(ro, pa.int64())),
+                   cache / "index.parquet")
     relist(cache, "index.parquet")
     _no_zarr(monkeypatch)
     with pytest.raises(CacheError, match=rf"(?s)row {len(ro) - 1} .*row_offset out of range"):
@@ -264,7 +273,8 @@ def test_offset_out_of_range_is_rejected(cache, monkeypatch):
 
 @pytest.mark.parametrize("codecs", [
     [{"name": "numcodecs.pickle", "configuration": {}}],
-    [{"name": "sharding_indexed", "configuration": {"chunk_shape": [32, 64], "codecs": [{"name": "bytes"}, {"name": "numcodecs.pickle"}],
+    [{"name": "sharding_indexed", "configuration": {"chunk_shape": [32, 64],
+                                                    "codecs": [{"name": "bytes"}, {"name": "numcodecs.pickle"}],
                                                    "index_codecs": [{"name": "bytes"}, {"name": "crc32c"}]}}],
     [{"name": "vlen-bytes"}],
 ])

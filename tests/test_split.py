@@ -37,7 +37,8 @@ def test_split_keeps_groups_whole_and_meets_the_sizes():
     assert all(len(v) == 1 for v in split_of.values())  # no group in two splits
     counts = {s: out["split"].to_pylist().count(s) for s in ("train", "validation", "test")}
     assert counts["train"] >= 20 and counts["validation"] >= 5 and counts["test"] >= 10
-    assert counts["train"] < 20 + 3 and counts["validation"] < 5 + 3 and counts["test"] < 10 + 3  # whole groups, then stop
+    # whole groups, then stop
+    assert counts["train"] < 20 + 3 and counts["validation"] < 5 + 3 and counts["test"] < 10 + 3
     again = split_by_group(table, {"train": 20, "validation": 5, "test": 10}, "dialogue_id", seed=3)
     assert again.equals(out)
     other = split_by_group(table, {"train": 20, "validation": 5, "test": 10}, "dialogue_id", seed=4)
@@ -58,18 +59,21 @@ def test_split_command(tmp_path):
     from kcache.data.samples import write_samples
 
     write_samples(_records({f"g{i}": 2 for i in range(10)}), tmp_path / "in.parquet")
-    r = CliRunner().invoke(app, ["data", "split", str(tmp_path / "in.parquet"), "--out", str(tmp_path / "out.parquet"), "--sizes", "8,4,4"])
+    r = CliRunner().invoke(app, ["data", "split", str(tmp_path / "in.parquet"), "--out", str(tmp_path / "out.parquet"),
+                                 "--sizes", "8,4,4"])
     assert r.exit_code == 0, r.output
     assert "train 8, validation 4, test 4" in r.output
     assert read_samples(tmp_path / "out.parquet").num_rows == 16
-    bad = CliRunner().invoke(app, ["data", "split", str(tmp_path / "in.parquet"), "--out", str(tmp_path / "o2.parquet"), "--sizes", "8,4"])
+    bad = CliRunner().invoke(app, ["data", "split", str(tmp_path / "in.parquet"), "--out", str(tmp_path / "o2.parquet"),
+                                   "--sizes", "8,4"])
     assert bad.exit_code == 2 and "three integers" in bad.output
 
 
 def test_dream_reference_preprocessing(tmp_path):
     rep = convert("dream", FIX / "dream" / "dev.json", tmp_path / "ref.parquet", reference=True)
     rows = {r["id"]: r for r in read_samples(tmp_path / "ref.parquet").to_pylist()}
-    assert rep.dropped == {"answer not among choices": 1, "not the dialogue's first question (reference preprocessing)": 1}
+    assert rep.dropped == {"answer not among choices": 1,
+                           "not the dialogue's first question (reference preprocessing)": 1}
     r = rows["dream-validation-1-101-0"]
     assert r["knowledge"][0] == "Man: Excuse me, is this the way to the harbour museum?"
     assert r["knowledge"][1].startswith("Woman: Yes")
@@ -78,7 +82,8 @@ def test_dream_reference_preprocessing(tmp_path):
         convert("folio", FIX / "folio" / "folio-validation.jsonl", tmp_path / "f.parquet", reference=True)
 
 
-@pytest.mark.skipif(not (REAL / "dream" / "dev.json").exists(), reason="../shared/data/dream/dev.json is not here (raw data lives outside the repo)")
+@pytest.mark.skipif(not (REAL / "dream" / "dev.json").exists(),
+                    reason="../shared/data/dream/dev.json is not here (raw data lives outside the repo)")
 def test_dream_reference_preprocessing_on_the_real_file(tmp_path):
     rep = convert("dream", REAL / "dream" / "dev.json", tmp_path / "ref.parquet", reference=True)
     assert rep.rows_out < rep.rows_in

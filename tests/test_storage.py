@@ -1,4 +1,4 @@
-"""Lossy storage options (kcache/storage.py) and ``kcache bench store``: properties, no timings."""
+"""Lossy storage options (kcache/cache/lossy.py) and ``kcache bench store``: properties, no timings."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from kcache.storage import (
+from kcache.cache.lossy import (
     ErrorAccumulator,
     bitround_float16,
     decode_block,
@@ -45,7 +45,8 @@ def test_parse_storage(spec, want):
     assert parse_storage(storage_spec(want)) == want
 
 
-@pytest.mark.parametrize("spec", ["bitround:0", "bitround:10", "bitround:", "bitround:x", "bitround:-3", "int4", "", "float8"])
+@pytest.mark.parametrize("spec", ["bitround:0", "bitround:10", "bitround:", "bitround:x", "bitround:-3", "int4", "",
+                                  "float8"])
 def test_parse_storage_rejects_and_lists_valid(spec):
     with pytest.raises(ValueError) as e:
         parse_storage(spec)
@@ -88,7 +89,8 @@ def test_bitround_ties_to_even_matches_float64_reference(keepbits):
 
 @pytest.mark.parametrize("keepbits", [1, 5, 9])
 def test_bitround_max_finite_special_values_and_idempotence(keepbits):
-    special = np.array([65504, -65504, 65472, np.inf, -np.inf, np.nan, -np.nan, 0.0, -0.0, 6e-8, -6e-8], dtype=np.float16)
+    special = np.array([65504, -65504, 65472, np.inf, -np.inf, np.nan, -np.nan, 0.0, -0.0, 6e-8, -6e-8],
+                       dtype=np.float16)
     r = bitround_float16(special, keepbits)
     assert np.isfinite(r[:3]).all() and r[0] > 0 and r[1] < 0
     assert r[3] == np.inf and r[4] == -np.inf
@@ -203,7 +205,8 @@ def test_error_accumulator_state_roundtrip_and_analytic_error():
     assert s["3"]["relative_rmse"] == pytest.approx(eps, rel=1e-5)
     # A constant offset c: sqrt(n c^2 / sum b^2).
     err4 = (b + np.float32(0.5)).astype(np.float64) - b
-    assert s["4"]["relative_rmse"] == pytest.approx(math.sqrt(np.sum(err4**2) / np.sum(b.astype(np.float64) ** 2)), rel=1e-12)
+    assert s["4"]["relative_rmse"] == pytest.approx(math.sqrt(np.sum(err4**2) / np.sum(b.astype(np.float64) ** 2)),
+                                                    rel=1e-12)
     assert s["4"]["max_abs_error"] == pytest.approx(0.5, abs=1e-6)
     json.dumps(acc.summary())
 

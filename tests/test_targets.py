@@ -110,7 +110,8 @@ def test_distilled_deltas_lower_the_kl_to_d_k_x(tiny_decoder):
             add = {l: deltas[l][row : row + n][None] for l in layers}
             row += n
             with torch.no_grad():
-                teacher = model(input_ids=torch.tensor([e.k_ids + e.x_ids])).logits[:, len(e.k_ids):].float().log_softmax(-1)
+                kx_logits = model(input_ids=torch.tensor([e.k_ids + e.x_ids])).logits
+                teacher = kx_logits[:, len(e.k_ids):].float().log_softmax(-1)
                 inj = Injector(tiny_decoder, "mlp", layers)
                 with inj.static(add):
                     logits = model(input_ids=torch.tensor([e.x_ids])).logits
@@ -118,7 +119,8 @@ def test_distilled_deltas_lower_the_kl_to_d_k_x(tiny_decoder):
         return total / len(items)
 
     cascade = batch_deltas(tiny_decoder, items, "mlp", layers, "cascade", 1)
-    distilled = batch_deltas(tiny_decoder, items, "mlp", layers, "distilled", 1, {"steps": 6, "lr": 0.2, "tokens": 4096})
+    distilled = batch_deltas(tiny_decoder, items, "mlp", layers, "distilled", 1,
+                             {"steps": 6, "lr": 0.2, "tokens": 4096})
     for l in layers:
         assert distilled[l].shape == cascade[l].shape
     k_c, k_d = kl(cascade), kl(distilled)
@@ -130,8 +132,11 @@ def test_bundles_carry_targets_and_sink(tiny_decoder, tmp_path):
     from kcache.encoders import read_bundle_config
     from kcache.fit import FitConfig, fit_encoders
 
-    extract(tiny_decoder, synth_samples(12, seed=6), tmp_path / "c.zarr", ExtractConfig(layers=[1, 2], dtype="float32", sink=2), progress=False)
-    fit_encoders(tmp_path / "c.zarr", tmp_path / "enc", FitConfig(epochs=1, batch_size=4, hidden_size=16, intermediate_size=32, num_heads=2, num_layers=1), progress=False)
+    extract(tiny_decoder, synth_samples(12, seed=6), tmp_path / "c.zarr",
+            ExtractConfig(layers=[1, 2], dtype="float32", sink=2), progress=False)
+    fit_encoders(tmp_path / "c.zarr", tmp_path / "enc",
+                 FitConfig(epochs=1, batch_size=4, hidden_size=16, intermediate_size=32, num_heads=2, num_layers=1),
+                 progress=False)
     doc = read_bundle_config(tmp_path / "enc")
     assert doc["targets"] == "cascade" and doc["sink"] == 2
     inj = Injector.from_bundle(tiny_decoder, tmp_path / "enc")

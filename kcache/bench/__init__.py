@@ -13,8 +13,8 @@ from __future__ import annotations
 # Names of the former module kcache/bench.py (now kcache.bench.inject), and its sub-app (now
 # built by the command table in kcache.cli): still importable from here, with a DeprecationWarning.
 _MOVED = {
-    **{n: "kcache.bench.inject" for n in ("bench_inject", "format_row", "format_verdict", "plot_bench", "TIME_TARGET", "MEMORY_TARGET",
-                                          "_bench_tokens", "_param_bytes", "_bench_inject")},
+    **{n: "kcache.bench.inject" for n in ("bench_inject", "format_row", "format_verdict", "plot_bench", "TIME_TARGET",
+                                          "MEMORY_TARGET", "_bench_tokens", "_param_bytes", "_bench_inject")},
     "bench_app": "kcache.cli",
     "inject_cmd": "kcache.cli.bench",
 }
@@ -27,6 +27,7 @@ def __getattr__(name: str):
     import importlib
     import warnings
 
-    warnings.warn(f"kcache.bench.{name} is deprecated and will be removed: use {new}.{name}", DeprecationWarning, stacklevel=2)
+    warnings.warn(f"kcache.bench.{name} is deprecated and will be removed: use {new}.{name}", DeprecationWarning,
+                  stacklevel=2)
     value = globals()[name] = getattr(importlib.import_module(new), name)  # warn once
     return value

@@ -69,12 +69,14 @@ def bench_inject(
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _bench_inject(decoder, model, device, sizes, input_tokens, layers, stack, repeats, warmup, memory_repeats, out, echo)
+        return _bench_inject(decoder, model, device, sizes, input_tokens, layers, stack, repeats, warmup,
+                             memory_repeats, out, echo)
     finally:
         torch.set_num_threads(prev_threads)
 
 
-def _bench_inject(decoder, model, device, sizes, input_tokens, layers, stack, repeats, warmup, memory_repeats, out, echo) -> dict:
+def _bench_inject(decoder, model, device, sizes, input_tokens, layers, stack, repeats, warmup, memory_repeats, out,
+                  echo) -> dict:
     import torch
 
     from kcache.align import parse_layers
@@ -191,9 +193,10 @@ def _bench_inject(decoder, model, device, sizes, input_tokens, layers, stack, re
 
 def format_row(r: dict, header: bool = False) -> str:
     mib = 2**20
-    line = (f"{r['knowledge_tokens']:>8d} {r['input_tokens']:>5d} {1e3 * r['kx_seconds']:>11.1f} {1e3 * r['ekx_seconds']:>13.1f} "
-            f"{1e3 * r['encoder_seconds']:>10.1f} {r['time_ratio']:>7.2f}x {r['kx_peak_bytes'] / mib:>10.1f} {r['ekx_peak_bytes'] / mib:>12.1f} "
-            f"{r['memory_ratio']:>7.2f}x {r['total_memory_ratio']:>10.2f}x")
+    line = (f"{r['knowledge_tokens']:>8d} {r['input_tokens']:>5d} {1e3 * r['kx_seconds']:>11.1f} "
+            f"{1e3 * r['ekx_seconds']:>13.1f} {1e3 * r['encoder_seconds']:>10.1f} {r['time_ratio']:>7.2f}x "
+            f"{r['kx_peak_bytes'] / mib:>10.1f} {r['ekx_peak_bytes'] / mib:>12.1f} {r['memory_ratio']:>7.2f}x "
+            f"{r['total_memory_ratio']:>10.2f}x")
     if not header:
         return line
     head = (f"{'|K|':>8} {'|x|':>5} {'D(K,x) ms':>11} {'D(E+x) ms':>13} {'of it E ms':>10} {'time':>8} "
@@ -226,7 +229,8 @@ def plot_bench(res: dict, path: Path) -> Path:
     a.set_title(f"time ({res['device']}, |x| = {rows[0]['input_tokens'] if rows else '?'})")
     a.legend()
     for r in rows:
-        a.annotate(f"{r['time_ratio']:.2f}x", (r["knowledge_tokens"], 1e3 * r["ekx_seconds"]), textcoords="offset points", xytext=(0, 6), fontsize=8, ha="center")
+        a.annotate(f"{r['time_ratio']:.2f}x", (r["knowledge_tokens"], 1e3 * r["ekx_seconds"]),
+                   textcoords="offset points", xytext=(0, 6), fontsize=8, ha="center")
     b.plot(ks, [r["kx_peak_bytes"] / 2**20 for r in rows], "o-", label="D(K,x)")
     b.plot(ks, [r["ekx_peak_bytes"] / 2**20 for r in rows], "o-", label="D(E(K,x)+x)")
     b.set_xscale("log", base=2)
@@ -235,7 +239,8 @@ def plot_bench(res: dict, path: Path) -> Path:
     b.set_title("peak memory (activations)")
     b.legend()
     for r in rows:
-        b.annotate(f"{r['memory_ratio']:.2f}x", (r["knowledge_tokens"], r["ekx_peak_bytes"] / 2**20), textcoords="offset points", xytext=(0, 6), fontsize=8, ha="center")
+        b.annotate(f"{r['memory_ratio']:.2f}x", (r["knowledge_tokens"], r["ekx_peak_bytes"] / 2**20),
+                   textcoords="offset points", xytext=(0, 6), fontsize=8, ha="center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

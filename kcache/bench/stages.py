@@ -56,8 +56,10 @@ def _full_depth(decoder, plan, layers) -> float:
     _sync(dev)
     t0 = time.perf_counter()
     for items, (ids_a, m_a), (ids_b, m_b) in _batches(decoder, plan):
-        ha = decoder.model(input_ids=ids_a.to(dev), attention_mask=m_a.to(dev), output_hidden_states=True, use_cache=False).hidden_states
-        hb = decoder.model(input_ids=ids_b.to(dev), attention_mask=m_b.to(dev), output_hidden_states=True, use_cache=False).hidden_states
+        ha = decoder.model(input_ids=ids_a.to(dev), attention_mask=m_a.to(dev), output_hidden_states=True,
+                           use_cache=False).hidden_states
+        hb = decoder.model(input_ids=ids_b.to(dev), attention_mask=m_b.to(dev), output_hidden_states=True,
+                           use_cache=False).hidden_states
         k = torch.tensor([len(e.k_ids) for e in items], device=dev)
         valid = length_mask(torch.tensor([len(e.x_ids) for e in items], device=dev))
         for l in layers:
@@ -83,7 +85,8 @@ def _bare(decoder, plan, layers, site) -> float:
     return time.perf_counter() - t0
 
 
-def bench_extract(model: str = "smollm2-135m", n: int = 300, layers: str = "3-8", site: str = "block", token_budget: int = 8192,
+def bench_extract(model: str = "smollm2-135m", n: int = 300, layers: str = "3-8", site: str = "block",
+                  token_budget: int = 8192,
                   device: str | None = None, model_dtype: str | None = None, out: Path | None = None, repeats: int = 1,
                   decoder=None, log=print) -> dict:
     """Time full-depth extraction (reference), kcache extraction, and bare truncated passes."""
@@ -104,7 +107,7 @@ def bench_extract(model: str = "smollm2-135m", n: int = 300, layers: str = "3-8"
     times = {"full_depth_hidden_states": [], "kcache_extract": [], "bare_truncated_passes": []}
     tmp = Path(tempfile.mkdtemp(prefix="kcache-bench-"))
     try:
-        for r in range(repeats):
+        for _ in range(repeats):
             times["full_depth_hidden_states"].append(_full_depth(dec, plan, lay))
             shutil.rmtree(tmp / "c.zarr", ignore_errors=True)
             _sync(dec.device)
@@ -118,10 +121,12 @@ def bench_extract(model: str = "smollm2-135m", n: int = 300, layers: str = "3-8"
         shutil.rmtree(tmp, ignore_errors=True)
     best = {k: min(v) for k, v in times.items()}
     res = {
-        "model": dec.fingerprint.name or model, "device": str(dec.device), "model_dtype": str(dec.dtype).replace("torch.", ""),
-        "torch_threads": torch.get_num_threads(), "samples": n, "layers": lay, "num_model_layers": dec.layers.num_layers,
-        "site": site, "token_budget": token_budget, "batches": len(plan.batches), "tokens_pass_a": tokens_a, "tokens_pass_b": tokens_b,
-        "seconds": best, "all_seconds": times,
+        "model": dec.fingerprint.name or model, "device": str(dec.device),
+        "model_dtype": str(dec.dtype).replace("torch.", ""),
+        "torch_threads": torch.get_num_threads(), "samples": n, "layers": lay,
+        "num_model_layers": dec.layers.num_layers,
+        "site": site, "token_budget": token_budget, "batches": len(plan.batches), "tokens_pass_a": tokens_a,
+        "tokens_pass_b": tokens_b, "seconds": best, "all_seconds": times,
         "ratio_kcache_vs_full_depth": best["kcache_extract"] / best["full_depth_hidden_states"],
         "ratio_kcache_vs_bare": best["kcache_extract"] / best["bare_truncated_passes"],
         "useful_token_fraction": useful_fraction(plan),
@@ -135,20 +140,26 @@ def bench_extract(model: str = "smollm2-135m", n: int = 300, layers: str = "3-8"
         "ratio_kcache_vs_bare": res["ratio_kcache_vs_bare"] <= 1.10,
         "useful_token_fraction": res["useful_token_fraction"] >= 0.90,
     }
-    log(f"bench extract: {res['model']} on {res['device']} ({res['model_dtype']}, {res['torch_threads']} threads), {n} samples, "
+    log(f"bench extract: {res['model']} on {res['device']} ({res['model_dtype']}, "
+        f"{res['torch_threads']} threads), {n} samples, "
         f"layers {layers} of {res['num_model_layers']}, {len(plan.batches)} batches, {tokens_a}+{tokens_b} tokens")
     for k, v in best.items():
         log(f"  {k:28s} {v:8.2f} s")
-    log(f"  kcache / full depth          {res['ratio_kcache_vs_full_depth']:.3f}x  (target <= 0.40: {'met' if res['targets_met']['ratio_kcache_vs_full_depth'] else 'NOT met'})")
-    log(f"  kcache / bare passes         {res['ratio_kcache_vs_bare']:.3f}x  (target <= 1.10: {'met' if res['targets_met']['ratio_kcache_vs_bare'] else 'NOT met'})")
-    log(f"  useful tokens in batches     {res['useful_token_fraction']:.1%}  (target >= 90%: {'met' if res['targets_met']['useful_token_fraction'] else 'NOT met'})")
-    log(f"  throughput                   {res['tokens_per_second']:.0f} tokens/s through the decoder ({res['input_tokens_per_second']:.0f} input tokens/s cached)")
+    log(f"  kcache / full depth          {res['ratio_kcache_vs_full_depth']:.3f}x  (target <= 0.40: "
+        f"{'met' if res['targets_met']['ratio_kcache_vs_full_depth'] else 'NOT met'})")
+    log(f"  kcache / bare passes         {res['ratio_kcache_vs_bare']:.3f}x  (target <= 1.10: "
+        f"{'met' if res['targets_met']['ratio_kcache_vs_bare'] else 'NOT met'})")
+    log(f"  useful tokens in batches     {res['useful_token_fraction']:.1%}  (target >= 90%: "
+        f"{'met' if res['targets_met']['useful_token_fraction'] else 'NOT met'})")
+    log(f"  throughput                   {res['tokens_per_second']:.0f} tokens/s through the decoder "
+        f"({res['input_tokens_per_second']:.0f} input tokens/s cached)")
     if out:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=2))
         _bar_png(out.with_suffix(".png"), f"stage one on {res['model']} ({res['device']}), {n} samples",
-                 ["full depth + hidden states", "kcache extract", "bare truncated passes"], list(best.values()), "seconds")
+                 ["full depth + hidden states", "kcache extract", "bare truncated passes"], list(best.values()),
+                 "seconds")
         log(f"  wrote {out} and {out.with_suffix('.png')}")
     return res
 
@@ -165,20 +176,21 @@ def _fit_run(cache: Path, steps: int, batch_size: int, device: str | None, compu
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     fvu = {l: v["val_fvu"] for l, v in s["layers"].items()}
-    return {"compute": compute, "steps": s["steps"], "seconds": s["wall_seconds"], "steps_per_second": s["steps"] / s["wall_seconds"],
-            "tokens_per_second": s["tokens_per_second"], "data_wait_fraction": s["data_wait_seconds"] / s["wall_seconds"],
+    return {"compute": compute, "steps": s["steps"], "seconds": s["wall_seconds"],
+            "steps_per_second": s["steps"] / s["wall_seconds"], "tokens_per_second": s["tokens_per_second"],
+            "data_wait_fraction": s["data_wait_seconds"] / s["wall_seconds"],
             "val_fvu": fvu, "val_fvu_mean": sum(fvu.values()) / len(fvu)}
 
 
-def bench_fit(cache: Path, steps: int = 60, batch_size: int = 8, device: str | None = None, out: Path | None = None, log=print,
-              computes: tuple[str, ...] = ("float32", "auto")) -> dict:
+def bench_fit(cache: Path, steps: int = 60, batch_size: int = 8, device: str | None = None, out: Path | None = None,
+              log=print, computes: tuple[str, ...] = ("float32", "auto")) -> dict:
     """Loader alone (tokens/s, MB/s) vs training steps in each compute precision, run one after the other on
     the same cache, batches and seed: steps/s, the fraction of time waiting for data, and the validation FVU
     after the same number of steps (the speed must not cost accuracy)."""
     import numpy as np
 
+    from kcache.cache.reader import Cache
     from kcache.fit import BatchLoader, CacheReader
-    from kcache.cache import Cache
     from kcache.precision import compute_name
 
     c = Cache.open(cache)
@@ -193,31 +205,40 @@ def bench_fit(cache: Path, steps: int = 60, batch_size: int = 8, device: str | N
     load_s = time.perf_counter() - t0
     mb = reader.bytes_read / 2**20
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    runs = [_fit_run(cache, steps, batch_size, device, comp) | {"resolved": compute_name(comp, dev)} for comp in computes]
+    runs = [_fit_run(cache, steps, batch_size, device, comp) | {"resolved": compute_name(comp, dev)}
+            for comp in computes]
     base, last = runs[0], runs[-1]
     res = {
-        "cache": str(cache), "layers": c.layers, "batch_size": batch_size, "device": dev, "threads": torch.get_num_threads(),
-        "loader_tokens_per_second": tokens / load_s, "loader_mb_per_second": mb / load_s, "loader_seconds": load_s, "loader_batches": batches,
-        "runs": runs, "speedup": last["steps_per_second"] / base["steps_per_second"],
+        "cache": str(cache), "layers": c.layers, "batch_size": batch_size, "device": dev,
+        "threads": torch.get_num_threads(),
+        "loader_tokens_per_second": tokens / load_s, "loader_mb_per_second": mb / load_s, "loader_seconds": load_s,
+        "loader_batches": batches, "runs": runs, "speedup": last["steps_per_second"] / base["steps_per_second"],
         "fvu_change": last["val_fvu_mean"] - base["val_fvu_mean"],
         # kept for readers of the earlier format: the default (last) run's figures
-        "train_steps": last["steps"], "train_seconds": last["seconds"], "train_tokens_per_second": last["tokens_per_second"],
-        "steps_per_second": last["steps_per_second"], "data_wait_fraction": last["data_wait_fraction"], "target_data_wait_fraction": 0.10,
+        "train_steps": last["steps"], "train_seconds": last["seconds"],
+        "train_tokens_per_second": last["tokens_per_second"],
+        "steps_per_second": last["steps_per_second"], "data_wait_fraction": last["data_wait_fraction"],
+        "target_data_wait_fraction": 0.10,
     }
     res["target_met"] = res["data_wait_fraction"] <= 0.10
     log(f"bench fit: {cache} layers {c.layers}, batch {batch_size}, {steps} steps per run, {res['threads']} thread(s)")
-    log(f"  loader alone     {res['loader_tokens_per_second']:9.0f} tokens/s  {res['loader_mb_per_second']:7.1f} MB/s of stored deltas, uncompressed")
+    log(f"  loader alone     {res['loader_tokens_per_second']:9.0f} tokens/s  {res['loader_mb_per_second']:7.1f} MB/s "
+        "of stored deltas, uncompressed")
     for r in runs:
-        log(f"  compute {r['compute']:>8} ({r['resolved']:>8})  {r['tokens_per_second']:9.0f} tokens/s  {r['steps_per_second']:.2f} steps/s  "
-            f"data wait {r['data_wait_fraction']:.1%}  val FVU {r['val_fvu_mean']:.4f}")
+        log(f"  compute {r['compute']:>8} ({r['resolved']:>8})  {r['tokens_per_second']:9.0f} tokens/s  "
+            f"{r['steps_per_second']:.2f} steps/s  data wait {r['data_wait_fraction']:.1%}  val "
+            f"FVU {r['val_fvu_mean']:.4f}")
     if len(runs) > 1:
-        log(f"  {last['compute']} vs {base['compute']}: {res['speedup']:.2f}x steps/s, mean val FVU {res['fvu_change']:+.4f}")
-    log(f"  waiting for data {res['data_wait_fraction']:.1%} of training time (target <= 10%: {'met' if res['target_met'] else 'NOT met'})")
+        log(f"  {last['compute']} vs {base['compute']}: {res['speedup']:.2f}x steps/s, "
+            f"mean val FVU {res['fvu_change']:+.4f}")
+    log(f"  waiting for data {res['data_wait_fraction']:.1%} of training time (target <= 10%: "
+        f"{'met' if res['target_met'] else 'NOT met'})")
     if out:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=2))
-        _bar_png(out.with_suffix(".png"), "stage two: tokens/s", ["loader alone"] + [f"training ({r['resolved']})" for r in runs],
+        _bar_png(out.with_suffix(".png"), "stage two: tokens/s",
+                 ["loader alone"] + [f"training ({r['resolved']})" for r in runs],
                  [res["loader_tokens_per_second"]] + [r["tokens_per_second"] for r in runs], "tokens / s")
         log(f"  wrote {out} and {out.with_suffix('.png')}")
     return res

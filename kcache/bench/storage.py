@@ -1,6 +1,6 @@
 """``kcache bench store``: size, speed and error of each storage option on a real cache.
 
-For every option (kcache/storage.py) and cached layer, the first ``rows`` rows are encoded and
+For every option (kcache/cache/lossy.py) and cached layer, the first ``rows`` rows are encoded and
 written to a fresh zarr v3 array in a temporary directory with the cache's own chunk rows, shard
 rows and codecs, then read back in full and decoded to float32. All options are measured in one
 run on the same rows, so their ratios compare like with like; times are the median of
@@ -27,9 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kcache.cache import Cache
-from kcache.store import compressors_for_cache
-from kcache.storage import (
+from kcache.cache.lossy import (
     ErrorAccumulator,
     bits_per_value,
     decode_block,
@@ -37,6 +35,8 @@ from kcache.storage import (
     parse_storage,
     storage_spec,
 )
+from kcache.cache.reader import Cache
+from kcache.cache.writer import compressors_for_cache
 
 DEFAULT_OPTIONS = ("lossless", "bitround:8", "bitround:6", "bitround:4", "int8")
 
@@ -52,9 +52,12 @@ def _write(group, layer: int, ref: np.ndarray, storage: dict, dtype: str, chunk:
     first = encode_block(ref[: min(shard, n)], storage, dtype)
     arrays = {}
     for name, a in first.items():
-        shape, chunks, shards = ((n, hidden), (chunk, hidden), (shard, hidden)) if a.ndim == 2 else ((n,), (chunk,), (shard,))
-        arrays[name] = group.create_array(f"layer_{layer:02d}/{name}", shape=shape, chunks=chunks, shards=shards, dtype=a.dtype,
-                                          compressors=compressors, fill_value=0, overwrite=True)
+        if a.ndim == 2:
+            shape, chunks, shards = (n, hidden), (chunk, hidden), (shard, hidden)
+        else:
+            shape, chunks, shards = (n,), (chunk,), (shard,)
+        arrays[name] = group.create_array(f"layer_{layer:02d}/{name}", shape=shape, chunks=chunks, shards=shards,
+                                          dtype=a.dtype, compressors=compressors, fill_value=0, overwrite=True)
     for name, a in first.items():
         arrays[name][: len(a)] = a
     for start in range(shard, n, shard):
@@ -66,7 +69,8 @@ def _write(group, layer: int, ref: np.ndarray, storage: dict, dtype: str, chunk:
 def _read(arrays: dict, storage: dict, dtype: str, n: int, hidden: int, shard: int) -> np.ndarray:
     out = np.empty((n, hidden), np.float32)
     for start in range(0, n, shard):
-        out[start : start + shard] = decode_block({k: a[start : start + shard] for k, a in arrays.items()}, storage, dtype)
+        out[start : start + shard] = decode_block({k: a[start : start + shard] for k, a in arrays.items()},
+                                                  storage, dtype)
     return out
 
 
@@ -185,8 +189,10 @@ def bench_store(cache_path, rows: int = 200_000, options=DEFAULT_OPTIONS, out_js
             "error_state": acc[spec].state(),
         }
     res = {
-        "machine": machine, "cache": str(cache_path), "rows": n, "rows_in_cache": int(cache.total_rows), "layers": layers,
-        "hidden": hidden, "dtype": dtype, "cache_storage": getattr(cache, "storage", {"kind": "lossless"}), "chunk_rows": chunk, "shard_rows": shard, "codecs": s.get("codecs"),
+        "machine": machine, "cache": str(cache_path), "rows": n, "rows_in_cache": int(cache.total_rows),
+        "layers": layers, "hidden": hidden, "dtype": dtype,
+        "cache_storage": getattr(cache, "storage", {"kind": "lossless"}),
+        "chunk_rows": chunk, "shard_rows": shard, "codecs": s.get("codecs"),
         "repeats": repeats, "float32_bytes": f32_bytes, "results": results, "skipped": skipped,
     }
     log(format_table(res))
@@ -204,14 +210,17 @@ def bench_store(cache_path, rows: int = 200_000, options=DEFAULT_OPTIONS, out_js
 def format_table(res: dict) -> str:
     """The printed / markdown table: one row per option."""
     head = (f"bench store: {res['cache']}, {res['rows']} rows x {len(res['layers'])} layers x hidden {res['hidden']}, "
-            f"cache dtype {res['dtype']}, chunks {res['chunk_rows']} rows, shards {res['shard_rows']} rows, median of {res['repeats']}")
+            f"cache dtype {res['dtype']}, chunks {res['chunk_rows']} rows, shards {res['shard_rows']} rows, "
+            f"median of {res['repeats']}")
     lines = [head, "",
-             "| storage | bytes/token-layer | bits/value on disk | ratio vs f32 | ratio vs f16 | write MB/s | read MB/s | relative RMSE | max abs error |",
+             "| storage | bytes/token-layer | bits/value on disk | ratio vs f32 | ratio vs f16 | write MB/s | "
+             "read MB/s | relative RMSE | max abs error |",
              "|---|---|---|---|---|---|---|---|---|"]
     for spec, r in res["results"].items():
         rel = "n/a" if r["relative_rmse"] is None else f"{r['relative_rmse']:.2e}"
-        lines.append(f"| {spec} | {r['bytes_per_token_layer']:.1f} | {r['bits_per_value_on_disk']:.2f} | {r['ratio_vs_float32']:.2f}x | "
-                     f"{r['ratio_vs_float16']:.2f}x | {r['write_mb_per_s']:.0f} | {r['read_mb_per_s']:.0f} | {rel} | {r['max_abs_error']:.3g} |")
+        lines.append(f"| {spec} | {r['bytes_per_token_layer']:.1f} | {r['bits_per_value_on_disk']:.2f} | "
+                     f"{r['ratio_vs_float32']:.2f}x | {r['ratio_vs_float16']:.2f}x | {r['write_mb_per_s']:.0f} | "
+                     f"{r['read_mb_per_s']:.0f} | {rel} | {r['max_abs_error']:.3g} |")
     return "\n".join(lines)
 
 
@@ -233,7 +242,8 @@ def plot_png(res: dict, path: Path) -> None:
         a.annotate(s, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     # Reference: what the rows would take uncompressed as float16 (2 bytes per value).
     a.axhline(2 * res["hidden"], color="#888", ls="--", lw=1)
-    a.text(0.98, 2 * res["hidden"], "raw float16", transform=a.get_yaxis_transform(), ha="right", va="bottom", fontsize=7, color="#666")
+    a.text(0.98, 2 * res["hidden"], "raw float16", transform=a.get_yaxis_transform(), ha="right", va="bottom",
+           fontsize=7, color="#666")
     nonzero = [e for e in errs if e > 0]
     a.set_xscale("symlog", linthresh=(min(nonzero) / 2 if nonzero else 1e-6))
     a.set(xlabel="relative RMSE vs cache (symlog)", ylabel="bytes per token-layer on disk",
@@ -247,7 +257,8 @@ def plot_png(res: dict, path: Path) -> None:
     b.bar_label(bw, fmt="%.0f", fontsize=7)
     b.bar_label(br, fmt="%.0f", fontsize=7)
     b.set_xticks(x, specs, rotation=20)
-    b.set(ylabel="MiB/s of float32 rows", title=f"throughput ({res['machine'].get('cpu_count')} CPUs, median of {res['repeats']})")
+    b.set(ylabel="MiB/s of float32 rows",
+          title=f"throughput ({res['machine'].get('cpu_count')} CPUs, median of {res['repeats']})")
     b.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ the only one in kcache that imports typer. Entry points: ``kcache`` (``[project.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Union
+from collections.abc import Callable
 
 import typer
 
@@ -43,7 +43,7 @@ class Group:
     commands: dict[str, Callable]
 
 
-COMMANDS: dict[str, Union[Callable, Group]] = {
+COMMANDS: dict[str, Callable | Group] = {
     "extract": cache.extract_cmd,
     "inspect": cache.inspect_cmd,
     "validate": cache.validate_cmd,
@@ -86,7 +86,7 @@ COMMANDS: dict[str, Union[Callable, Group]] = {
 }
 
 
-def mount(target: typer.Typer, table: dict[str, Union[Callable, Group]] = COMMANDS, names=None) -> dict[str, typer.Typer]:
+def mount(target: typer.Typer, table: dict[str, Callable | Group] = COMMANDS, names=None) -> dict[str, typer.Typer]:
     """Add the commands and groups of ``table`` (only ``names``, when given) to ``target`` -> the
     group apps made, by name. Every command of a group also runs inside the error handler on its
     own (its function enters :func:`kcache.cli.errors.errors`), for a group app invoked alone."""
@@ -121,8 +121,11 @@ def _version(value: bool):
 
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
-    threads: int = typer.Option(None, "--threads", envvar="KCACHE_THREADS", help="torch CPU threads for any command (default: torch's; a warning when more than the free cores)"),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="print the version and exit"),
+    threads: int = typer.Option(None, "--threads", envvar="KCACHE_THREADS",
+                                help="torch CPU threads for any command (default: torch's; a warning when more than "
+                                     "the free cores)"),
 ):
     """kcache command line."""
     from kcache.runtime import set_threads

@@ -9,4 +9,5 @@ DEVICE_HELP = "cpu | cuda | cuda:N (default: cuda when available)"
 
 ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP)
 DeviceOpt = typer.Option(None, "--device", help=DEVICE_HELP)
-DtypeOpt = typer.Option(None, "--model-dtype", help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)")
+DtypeOpt = typer.Option(None, "--model-dtype",
+                        help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)")

@@ -22,7 +22,8 @@ def inject_cmd(
     encoders: Path = typer.Option(None, "--encoders", help="time a trained encoder bundle instead of fresh encoders"),
     repeats: int = typer.Option(5, "--repeats", help="timed runs per size and method (median reported)"),
     threads: int = typer.Option(None, "--threads", help="torch intra-op CPU threads (default: torch's choice)"),
-    out: Path = typer.Option(Path("bench-results/inject"), "--out", "-o", help="directory for bench-inject.json / .png"),
+    out: Path = typer.Option(Path("bench-results/inject"), "--out", "-o",
+                             help="directory for bench-inject.json / .png"),
 ):
     """D(E(K,x)+x) vs D(K,x): time and peak memory as the knowledge grows, ratios side by side."""
     from kcache.bench.inject import bench_inject
@@ -36,7 +37,8 @@ def inject_cmd(
 
             stack = Injector.from_bundle(decoder, encoders).stack
         size_list = tuple(int(s) for s in sizes.split(",") if s.strip())
-    bench_inject(decoder, sizes=size_list, input_tokens=input_tokens, layers=layers, stack=stack, repeats=repeats, threads=threads, out=out, echo=typer.echo)
+    bench_inject(decoder, sizes=size_list, input_tokens=input_tokens, layers=layers, stack=stack, repeats=repeats,
+                 threads=threads, out=out, echo=typer.echo)
 
 
 def extract_cmd(
@@ -61,13 +63,15 @@ def fit_cmd(
     steps: int = typer.Option(60, "--steps"),
     batch_size: int = typer.Option(8, "--batch-size"),
     device: str = typer.Option(None, "--device"),
-    compute: str = typer.Option("float32,auto", "--compute", help="compute precisions to run side by side (first = baseline)"),
+    compute: str = typer.Option("float32,auto", "--compute",
+                                help="compute precisions to run side by side (first = baseline)"),
     out: Path = typer.Option(Path("bench/fit.json"), "--out"),
 ):
     """Stage two: cache loader throughput vs training throughput per compute precision, time waiting for data."""
     from kcache.bench.stages import bench_fit
 
-    bench_fit(cache, steps, batch_size, device, out, log=typer.echo, computes=tuple(c.strip() for c in compute.split(",") if c.strip()))
+    bench_fit(cache, steps, batch_size, device, out, log=typer.echo,
+              computes=tuple(c.strip() for c in compute.split(",") if c.strip()))
 
 
 def store_cmd(

@@ -1,7 +1,6 @@
 """Stage one and the cache itself: ``extract``, ``inspect``, ``validate``, ``merge``, ``finalize``, ``pull``.
 
-Thin layers over :mod:`kcache.extract`, :mod:`kcache.cache`, :mod:`kcache.integrity`,
-:mod:`kcache.merge` and :mod:`kcache.remote`.
+Thin layers over :mod:`kcache.extract` and :mod:`kcache.cache` (reader, integrity, merge, remote).
 """
 
 from __future__ import annotations
@@ -19,8 +18,11 @@ def extract_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="cache directory (zarr v3)"),
     model: str = ModelOpt,
     layers: str = typer.Option("3-8", "--layers", help="0-based blocks: 3-8, 3,5,7 or all"),
-    site: str = typer.Option("block", "--site", help="block (block output = residual stream; default, see docs/training.md) or mlp (MLP output before the residual add; the paper's)"),
-    max_length: int = typer.Option(1024, "--max-length", help="bound on len(k_ids + x_ids); knowledge is cut, never the input"),
+    site: str = typer.Option("block", "--site",
+                             help="block (block output = residual stream; default, see docs/training.md) or mlp (MLP "
+                                  "output before the residual add; the paper's)"),
+    max_length: int = typer.Option(1024, "--max-length",
+                                   help="bound on len(k_ids + x_ids); knowledge is cut, never the input"),
     dtype: str = typer.Option("float16", "--dtype", help="storage dtype: float16 | bfloat16 | float32"),
     template: str = typer.Option("Imagine that { <knowledge> } ", "--template"),
     separator: str = typer.Option(" [SEP] ", "--separator"),
@@ -28,17 +30,30 @@ def extract_cmd(
     skip_bos: bool = typer.Option(False, "--skip-bos", help="leave a leading BOS out of the loss mask"),
     token_budget: int = typer.Option(8192, "--token-budget", help="padded tokens per pass-B batch"),
     chunk_rows: int = typer.Option(None, "--chunk-rows", help="rows per zarr chunk (default: ~2 MiB)"),
-    shard_rows: int = typer.Option(None, "--shard-rows", help="rows per shard, a multiple of --chunk-rows (default: 8 chunks)"),
+    shard_rows: int = typer.Option(None, "--shard-rows",
+                                   help="rows per shard, a multiple of --chunk-rows (default: 8 chunks)"),
     device: str = DeviceOpt,
     model_dtype: str = DtypeOpt,
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an unfinished cache made with other settings (finalized caches are never replaced)"),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="replace an unfinished cache made with other settings (finalized caches are "
+                                        "never replaced)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    storage: str = typer.Option("lossless", "--storage", help="lossless | bitround:N (keep N of float16's 10 mantissa bits) | int8 (per-row scale); lossy error is measured and recorded"),
-    distributed: bool = typer.Option(False, "--distributed", help="one rank of a torchrun/SLURM launch (implied when WORLD_SIZE > 1)"),
-    targets: str = typer.Option("cascade", "--targets", help="cascade (each layer given the ones below already injected) | independent (the paper's, each against the clean pass) | distilled (cascade refined by KL to D(K,x); full-depth passes)"),
-    sink: int = typer.Option(1, "--sink", help="leading input positions never written (x's first token is D(x)'s attention sink); 0 writes every position"),
-    distill_steps: int = typer.Option(8, "--distill-steps", help="--targets distilled: Adam steps on the deltas per batch"),
-    distill_lr: float = typer.Option(0.05, "--distill-lr", help="--targets distilled: learning rate, times each layer's delta RMS"),
+    storage: str = typer.Option("lossless", "--storage",
+                                help="lossless | bitround:N (keep N of float16's 10 mantissa bits) | int8 (per-row "
+                                     "scale); lossy error is measured and recorded"),
+    distributed: bool = typer.Option(False, "--distributed",
+                                     help="one rank of a torchrun/SLURM launch (implied when WORLD_SIZE > 1)"),
+    targets: str = typer.Option("cascade", "--targets",
+                                help="cascade (each layer given the ones below already injected) | independent (the "
+                                     "paper's, each against the clean pass) | distilled (cascade refined by KL to "
+                                     "D(K,x); full-depth passes)"),
+    sink: int = typer.Option(1, "--sink",
+                             help="leading input positions never written (x's first token is D(x)'s attention sink); 0 "
+                                  "writes every position"),
+    distill_steps: int = typer.Option(8, "--distill-steps",
+                                      help="--targets distilled: Adam steps on the deltas per batch"),
+    distill_lr: float = typer.Option(0.05, "--distill-lr",
+                                     help="--targets distilled: learning rate, times each layer's delta RMS"),
 ):
     """Stage one: run the frozen decoder twice per sample and cache the per-layer differences.
 
@@ -70,17 +85,22 @@ def extract_cmd(
         typer.echo(f"[rank {rank}/{world}] {line}" if world > 1 else line)
 
 
-def inspect_cmd(cache: str = typer.Argument(..., help="cache directory or URL"), card: bool = typer.Option(False, "--card", help="print the cache card")):
+def inspect_cmd(cache: str = typer.Argument(..., help="cache directory or URL"),
+                card: bool = typer.Option(False, "--card", help="print the cache card")):
     """Summarise a cache: settings, counts, per-layer statistics."""
-    from kcache.cache import Cache
+    from kcache.cache.reader import Cache
 
     with errors():
         c = Cache.open(cache, require_complete=False)
     a, s = c.attrs, c.settings
-    typer.echo(f"{cache}: kcache cache v{a['schema_version']} ({a['status']}), written by kcache {a['kcache_version']} on {a['created']}")
-    typer.echo(f"model      {s['model'].get('name', '')} {s['model']['architecture']} weights {s['model']['weights_hash'][:19]}")
-    typer.echo(f"site       {s['site']}   layers {','.join(map(str, s['layers']))}   dtype {s['dtype']}   max_length {s['max_length']}")
-    typer.echo(f"template   {s['template']['template']!r} separator {s['template']['separator']!r} end {s['template']['end']}")
+    typer.echo(f"{cache}: kcache cache v{a['schema_version']} ({a['status']}), "
+               f"written by kcache {a['kcache_version']} on {a['created']}")
+    typer.echo(f"model      {s['model'].get('name', '')} {s['model']['architecture']} weights "
+               f"{s['model']['weights_hash'][:19]}")
+    typer.echo(f"site       {s['site']}   layers {','.join(map(str, s['layers']))}   dtype {s['dtype']}   "
+               f"max_length {s['max_length']}")
+    typer.echo(f"template   {s['template']['template']!r} separator {s['template']['separator']!r} "
+               f"end {s['template']['end']}")
     typer.echo(_storage_line(c))
     typer.echo(_extraction_line(a.get("extraction") or {}))
     if c.manifest is not None:
@@ -88,8 +108,10 @@ def inspect_cmd(cache: str = typer.Argument(..., help="cache directory or URL"),
     else:
         typer.echo(f"parts      {len(c.parts)}, not finalized (no manifest.json)")
     cnt = a["counts"]
-    typer.echo(f"samples    {cnt['samples']} of {cnt['samples_in']} ({cnt['skipped']} skipped {cnt.get('skip_reasons', {})}, {cnt['truncated']} truncated)")
-    typer.echo(f"tokens     {cnt['input_tokens']} input, {cnt['encoder_tokens']} encoder, {cnt.get('target_tokens', 0)} target")
+    typer.echo(f"samples    {cnt['samples']} of {cnt['samples_in']} ({cnt['skipped']} skipped "
+               f"{cnt.get('skip_reasons', {})}, {cnt['truncated']} truncated)")
+    typer.echo(f"tokens     {cnt['input_tokens']} input, {cnt['encoder_tokens']} encoder, "
+               f"{cnt.get('target_tokens', 0)} target")
     splits = {}
     for sp in c.index["split"].to_pylist():
         splits[sp] = splits.get(sp, 0) + 1
@@ -108,7 +130,8 @@ def _extraction_line(ex: dict) -> str:
     """How the deltas were computed: what a bit-identical re-extraction must match (docs/cache-format.md)."""
     threads = ex.get("threads")
     world = (ex.get("rank") or {}).get("world", 1)
-    return (f"extracted  torch {ex.get('torch', '?')} on {ex.get('device', '?')}, {ex.get('model_dtype', '?')} weights, "
+    return (f"extracted  torch {ex.get('torch', '?')} on {ex.get('device', '?')}, "
+            f"{ex.get('model_dtype', '?')} weights, "
             + (f"{threads} thread(s)" if threads is not None else "thread count not recorded")
             + f", {ex.get('batches', '?')} batches" + (f", {world} ranks" if world > 1 else "")
             + " (bit-identical re-extraction needs the same torch, device and thread count)")
@@ -126,7 +149,7 @@ def _storage_line(c) -> str:
 
 def validate_cmd(cache: str = typer.Argument(..., help="cache directory or URL (http(s)://, s3://, gs://, hf://, memory://)")):
     """Check a cache end to end (digests, structure, every value); exit 1 naming each problem."""
-    from kcache.integrity import validate_cache
+    from kcache.cache.integrity import validate_cache
 
     try:
         problems = validate_cache(cache, progress=True)
@@ -142,29 +165,34 @@ def validate_cmd(cache: str = typer.Argument(..., help="cache directory or URL (
 
 
 def merge_cmd(
-    caches: list[str] = typer.Argument(..., help="two or more caches (directories or URLs) from the same model, site and template"),
+    caches: list[str] = typer.Argument(...,
+                                       help="two or more caches (directories or URLs) from the same model, site and "
+                                            "template"),
     out: Path = typer.Option(..., "--out", "-o", help="new cache directory"),
-    keep_first: bool = typer.Option(False, "--keep-first", help="a sample id in several caches keeps its first copy (default: error)"),
+    keep_first: bool = typer.Option(False, "--keep-first",
+                                    help="a sample id in several caches keeps its first copy (default: error)"),
 ):
     """Combine caches extracted by different teams into one finalized cache."""
-    from kcache.merge import merge
+    from kcache.cache.merge import merge
 
     with errors():
         m = merge(caches, out, keep_first=keep_first)
     ex = m["provenance"]["merged"]["excluded_duplicates"]
     typer.echo(f"{out}: {len(m['parts'])} parts, {sum(p['samples'] for p in m['parts']) - ex} samples"
-               + (f" ({ex} duplicate(s) hidden, first copy kept)" if ex else "") + f"; metadata {m['metadata_digest'][:19]}")
+               + (f" ({ex} duplicate(s) hidden, first copy kept)" if ex
+                  else "") + f"; metadata {m['metadata_digest'][:19]}")
 
 
 def finalize_cmd(cache: Path = typer.Argument(..., help="a complete cache written before manifests existed")):
     """Write the manifest (digests) of a complete cache and make it read-only."""
-    from kcache.cache import Cache
-    from kcache.integrity import finalize
+    from kcache.cache.integrity import finalize
+    from kcache.cache.reader import Cache
 
     with errors():
         Cache.open(cache)
         m = finalize(cache, provenance={"finalized_later": True})
-    typer.echo(f"{cache}: finalized, {sum(len(p['files']) for p in m['parts'])} files, metadata {m['metadata_digest'][:19]}")
+    typer.echo(f"{cache}: finalized, {sum(len(p['files']) for p in m['parts'])} files, "
+               f"metadata {m['metadata_digest'][:19]}")
 
 
 def pull_cmd(
@@ -173,7 +201,7 @@ def pull_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ):
     """Download a finalized cache, verifying every file against its manifest; resumes where it stopped."""
-    from kcache.remote import pull, summary_line
+    from kcache.cache.remote import pull, summary_line
 
     with errors():
         report = pull(url, dest, progress=not quiet)

@@ -28,11 +28,19 @@ def synth_cmd(
 
 
 def convert_cmd(
-    name: str = typer.Argument(..., help="dataset: cmu_dog, curiosity, dream, natural_questions, quasar_t, wizard_of_wikipedia, proofwriter, folio, counterfact, commonsenseqa"),
-    input_path: str = typer.Option(..., "--input", help="the dataset's raw file or folder (see docs/data.md), or hf:NAME[:CONFIG] for hub-layout datasets"),
+    name: str = typer.Argument(...,
+                               help="dataset: cmu_dog, curiosity, dream, natural_questions, quasar_t, "
+                                    "wizard_of_wikipedia, proofwriter, folio, counterfact, commonsenseqa"),
+    input_path: str = typer.Option(..., "--input",
+                                   help="the dataset's raw file or folder (see docs/data.md), or hf:NAME[:CONFIG] for "
+                                        "hub-layout datasets"),
     out: Path = typer.Option(..., "--out", help="output .parquet or .jsonl"),
-    split: str | None = typer.Option(None, "--split", help="train | validation | test; default: the split the input's name announces (dev.json -> validation)"),
-    reference: bool = typer.Option(False, "--reference-preprocessing", help="the paper's preprocessing (dream: first question per dialogue, no fill-in-the-blank, W:/M: -> Woman:/Man:)"),
+    split: str | None = typer.Option(None, "--split",
+                                     help="train | validation | test; default: the split the input's name announces "
+                                          "(dev.json -> validation)"),
+    reference: bool = typer.Option(False, "--reference-preprocessing",
+                                   help="the paper's preprocessing (dream: first question per dialogue, no "
+                                        "fill-in-the-blank, W:/M: -> Woman:/Man:)"),
 ):
     """Convert a public dataset's raw files into knowledge samples and print what was kept and dropped."""
     from kcache.data.convert import convert, format_report
@@ -46,7 +54,8 @@ def split_cmd(
     file: Path = typer.Argument(..., help="a samples .parquet or .jsonl"),
     out: Path = typer.Option(..., "--out", help="output .parquet or .jsonl"),
     sizes: str = typer.Option(..., "--sizes", help="minimum samples in train,validation,test, e.g. 600,100,150"),
-    by: str = typer.Option("dialogue_id", "--by", help="meta field whose samples stay together (absent: each sample alone)"),
+    by: str = typer.Option("dialogue_id", "--by",
+                           help="meta field whose samples stay together (absent: each sample alone)"),
     seed: int = typer.Option(0, "--seed"),
 ):
     """Re-split samples by whole groups (e.g. DREAM dialogues), so no knowledge is shared across splits."""
@@ -63,7 +72,8 @@ def split_cmd(
         table = split_by_group(read_samples(file), dict(zip(SPLITS, n)), by, seed)
         write_samples(table, out)
     counts = {s: table["split"].to_pylist().count(s) for s in SPLITS}
-    typer.echo(f"wrote {table.num_rows} samples to {out} ({', '.join(f'{k} {v}' for k, v in counts.items())}), grouped by {by}")
+    typer.echo(f"wrote {table.num_rows} samples to {out} "
+               f"({', '.join(f'{k} {v}' for k, v in counts.items())}), grouped by {by}")
 
 
 def stats_cmd(

@@ -44,8 +44,8 @@ _INPUT_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Fi
 
 
 def _output_locked(e: BaseException) -> bool:
-    """A :class:`kcache.lock.OutputLocked` (looked up lazily: kcache.lock imports torch, and such an
-    exception can only exist once its module has been imported)."""
+    """A :class:`kcache.lock.OutputLocked` (looked up lazily: such an exception can only exist once
+    its module has been imported, and this module imports no more than it needs)."""
     lock = sys.modules.get("kcache.lock")
     return lock is not None and isinstance(e, lock.OutputLocked)
 
@@ -132,10 +132,12 @@ def ensure_writable_dir(path: str | Path, what: str = "output directory") -> Non
         raise NotADirectoryError(20, f"cannot create the {what} {p}: {probe_dir} is not a directory", str(p))
     where = "" if probe_dir == p else f" (its parent {probe_dir} is not writable)"
     if not os.access(probe_dir, os.W_OK | os.X_OK):
-        raise PermissionError(13, f"the {what} {p} is not writable{where}; choose another --out or fix its permissions", str(p))
+        raise PermissionError(13, f"the {what} {p} is not writable{where}; choose another --out or fix its permissions",
+                              str(p))
     try:
         fd, tmp = tempfile.mkstemp(prefix=".kcache-write-check-", dir=probe_dir)
     except OSError as e:
-        raise PermissionError(e.errno or 13, f"the {what} {p} is not writable{where} ({e.strerror}); choose another --out or fix its permissions", str(p)) from None
+        raise PermissionError(e.errno or 13, f"the {what} {p} is not writable{where} ({e.strerror}); "
+                                             "choose another --out or fix its permissions", str(p)) from None
     os.close(fd)
     os.unlink(tmp)

@@ -12,11 +12,16 @@ from kcache.cli.errors import ensure_writable_dir, errors
 
 def generate_cmd(
     encoders: Path = typer.Option(..., "--encoders", "-e", help="encoder bundle directory"),
-    knowledge: list[str] = typer.Option(..., "--knowledge", "-k", help="knowledge text; repeat for several passages (joined by the bundle's separator)"),
-    prompt: str = typer.Option(..., "--prompt", "-p", help='the input, used as the sample source, e.g. "[USR] What is the capital of Zorbia? [SYS]"'),
+    knowledge: list[str] = typer.Option(..., "--knowledge", "-k",
+                                        help="knowledge text; repeat for several passages (joined by the bundle's "
+                                             "separator)"),
+    prompt: str = typer.Option(..., "--prompt", "-p",
+                               help='the input, used as the sample source, e.g. '
+                                    '"[USR] What is the capital of Zorbia? [SYS]"'),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n"),
-    compare: bool = typer.Option(False, "--compare", help="also generate without knowledge and with the knowledge in context"),
+    compare: bool = typer.Option(False, "--compare",
+                                 help="also generate without knowledge and with the knowledge in context"),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     model_dtype: str = typer.Option(None, "--model-dtype", help="float32 | bfloat16 | float16"),
 ):
@@ -37,17 +42,22 @@ def evaluate_cmd(
     encoders: Path = typer.Option(None, "--encoders", "-e", help="encoder bundle directory (needed by ekx)"),
     split: str = typer.Option("test", "--split", help="evaluate this split only ('' for all rows)"),
     cache: str = typer.Option(None, "--cache", help="stage-one cache (directory or URL) for the oracle (exact deltas)"),
-    methods: str = typer.Option(None, "--methods", help="comma-separated: x, kx, ekx, oracle (default: x,kx,ekx, plus oracle with --cache)"),
+    methods: str = typer.Option(None, "--methods",
+                                help="comma-separated: x, kx, ekx, oracle (default: x,kx,ekx, plus oracle with "
+                                     "--cache)"),
     out: Path = typer.Option(Path("eval-results"), "--out", "-o", help="directory for evaluation.json / .md / .png"),
     limit: int = typer.Option(None, "--limit", help="first N samples of the split"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
     token_budget: int = typer.Option(4096, "--token-budget", help="padded tokens per batch"),
-    max_length: int = typer.Option(None, "--max-length", help="bound on len(k_ids + x_ids) (default: the bundle's / cache's)"),
+    max_length: int = typer.Option(None, "--max-length",
+                                   help="bound on len(k_ids + x_ids) (default: the bundle's / cache's)"),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     model_dtype: str = typer.Option(None, "--model-dtype", help="float32 | bfloat16 | float16"),
-    controls: bool = typer.Option(True, "--controls/--no-controls", help="also run knowledge-reading methods with another sample's knowledge and with none (knowledge use)"),
+    controls: bool = typer.Option(True, "--controls/--no-controls",
+                                  help="also run knowledge-reading methods with another sample's knowledge and with "
+                                       "none (knowledge use)"),
 ):
-    """Perplexity over target tokens (and option accuracy) of D(x), D(K,x), D(E(K,x)+x), oracle, with knowledge-swap controls."""
+    """Perplexity over target tokens (and option accuracy) of D(x), D(K,x), D(E(K,x)+x), oracle, with knowledge-swap controls."""  # noqa: E501 - one line: it is the command's help summary
     from kcache.evaluate import evaluate, markdown_report, write_report
     from kcache.models import load_decoder
 

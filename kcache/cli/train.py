@@ -11,8 +11,8 @@ import typer
 from kcache.cli._options import DEVICE_HELP, MODEL_HELP, DeviceOpt
 from kcache.cli.errors import ensure_writable_dir, errors
 
-COMPUTE_HELP = ("matmul precision under autocast, float32 master weights: auto (bf16 on CUDA and on CPUs with native bf16, "
-                "float32 elsewhere) | float32 | bfloat16")
+COMPUTE_HELP = ("matmul precision under autocast, float32 master weights: auto (bf16 on CUDA and on CPUs "
+                "with native bf16, float32 elsewhere) | float32 | bfloat16")
 
 
 def fit_cmd(
@@ -34,7 +34,8 @@ def fit_cmd(
     seed: int = typer.Option(0, "--seed"),
     device: str = DeviceOpt,
     max_steps: int = typer.Option(None, "--max-steps"),
-    parallel: str = typer.Option("layers", "--parallel", help="under torchrun/SLURM: 'layers' = each process trains its share of the layers"),
+    parallel: str = typer.Option("layers", "--parallel",
+                                 help="under torchrun/SLURM: 'layers' = each process trains its share of the layers"),
     compute: str = typer.Option("auto", "--compute", help=COMPUTE_HELP),
 ):
     """Stage two: train one encoder per cached layer from the cache alone (no decoder needed).
@@ -43,16 +44,17 @@ def fit_cmd(
     layers[r::N]; the bundle is the same as a single process would write.
     """
     from kcache.align import parse_layers
+    from kcache.cache.reader import Cache
     from kcache.fit import FitConfig, fit_encoders, summary_table
-    from kcache.cache import Cache
 
     with errors():
         ensure_writable_dir(out, "encoder bundle directory")  # before any training
         lay = parse_layers(layers, 10**6) if layers else None
-        cfg = FitConfig(layers=lay, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr_max=lr_max, lr_min=lr_min,
-                        hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, intermediate_size=intermediate_size,
-                        eval_every=eval_every, patience=patience, buffer_samples=buffer_samples, seed=seed, device=device, max_steps=max_steps,
-                        parallel=parallel, compute=compute)
+        cfg = FitConfig(layers=lay, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr_max=lr_max,
+                        lr_min=lr_min, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                        intermediate_size=intermediate_size,
+                        eval_every=eval_every, patience=patience, buffer_samples=buffer_samples, seed=seed,
+                        device=device, max_steps=max_steps, parallel=parallel, compute=compute)
         Cache.open(cache)
         summary = fit_encoders(cache, out, cfg)
     from kcache import distributed
@@ -60,14 +62,16 @@ def fit_cmd(
     if not distributed.is_main():
         return
     typer.echo(summary_table(summary))
-    typer.echo(f"best step {summary['best_step']} of {summary['steps']} ({summary['stopped']}); {summary['wall_seconds']:.0f} s, "
+    typer.echo(f"best step {summary['best_step']} of {summary['steps']} ({summary['stopped']}); "
+               f"{summary['wall_seconds']:.0f} s, "
                f"{summary['data_wait_seconds'] / max(summary['wall_seconds'], 1e-9):.1%} waiting for data")
     typer.echo(f"bundle: {out}/ (config.json, encoders.safetensors); curves: {out}/curves.png")
 
 
-def _common(epochs, batch_size, grad_accum, lr, lr_min, eval_every, patience, max_steps, seed, from_scratch, layers, site,
-            max_length, max_train_samples, val_max_samples) -> dict:
-    d = dict(epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr_max=lr, lr_min=lr_min, eval_every=eval_every, patience=patience,
+def _common(epochs, batch_size, grad_accum, lr, lr_min, eval_every, patience, max_steps, seed, from_scratch,
+            layers, site, max_length, max_train_samples, val_max_samples) -> dict:
+    d = dict(epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr_max=lr, lr_min=lr_min,
+             eval_every=eval_every, patience=patience,
              max_steps=max_steps, seed=seed, from_scratch=from_scratch, layers=layers, site=site, max_length=max_length)
     if max_train_samples is not None:
         d["max_train_samples"] = max_train_samples
@@ -77,11 +81,14 @@ def _common(epochs, batch_size, grad_accum, lr, lr_min, eval_every, patience, ma
 
 
 def finetune_cmd(
-    samples: Path = typer.Option(..., "--samples", "-s", help="samples .parquet or .jsonl (train split trains, validation split selects)"),
+    samples: Path = typer.Option(..., "--samples", "-s",
+                                 help="samples .parquet or .jsonl (train split trains, validation split selects)"),
     encoders: Path = typer.Option(None, "--encoders", "-e", help="fitted encoder bundle to start from"),
     out: Path = typer.Option(..., "--out", "-o", help="output bundle directory (resumes if a checkpoint is there)"),
-    from_scratch: bool = typer.Option(False, "--from-scratch", help="freshly initialised encoders (paper 6.2 ablation); site/layers from flags"),
-    layers: str = typer.Option(None, "--layers", help="layers (from scratch: default 3-8; with --encoders: a subset of the bundle's)"),
+    from_scratch: bool = typer.Option(False, "--from-scratch",
+                                      help="freshly initialised encoders (paper 6.2 ablation); site/layers from flags"),
+    layers: str = typer.Option(None, "--layers",
+                               help="layers (from scratch: default 3-8; with --encoders: a subset of the bundle's)"),
     site: str = typer.Option("block", "--site", help="from scratch: block | mlp"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
     epochs: int = typer.Option(1, "--epochs"),
@@ -93,12 +100,16 @@ def finetune_cmd(
     patience: int = typer.Option(5, "--patience"),
     max_steps: int = typer.Option(None, "--max-steps"),
     max_train_samples: int = typer.Option(None, "--max-train-samples"),
-    val_max_samples: int = typer.Option(None, "--val-max-samples", help="validation samples used for selection (default 256)"),
-    max_length: int = typer.Option(None, "--max-length", help="bound on len(k_ids + x_ids) (default: the bundle's, 1024 from scratch)"),
+    val_max_samples: int = typer.Option(None, "--val-max-samples",
+                                        help="validation samples used for selection (default 256)"),
+    max_length: int = typer.Option(None, "--max-length",
+                                   help="bound on len(k_ids + x_ids) (default: the bundle's, 1024 from scratch)"),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     model_dtype: str = typer.Option(None, "--model-dtype", help="float32 | bfloat16 | float16"),
-    objective: str = typer.Option("ce", "--objective", help="ce (target cross-entropy, the paper's) | kl (KL to D(K,x) at every input position) | ce+kl"),
+    objective: str = typer.Option("ce", "--objective",
+                                  help="ce (target cross-entropy, the paper's) | kl (KL to D(K,x) at every input "
+                                       "position) | ce+kl"),
     compute: str = typer.Option("auto", "--compute", help=COMPUTE_HELP),
 ):
     """DIEKÆ 3.3: fine-tune encoders through the frozen decoder (target cross-entropy, or KL to D(K,x))."""
@@ -107,24 +118,30 @@ def finetune_cmd(
 
     with errors():
         ensure_writable_dir(out, "output bundle directory")  # before loading the model or training
-        cfg = FinetuneConfig(**_common(epochs, batch_size, grad_accum, lr, lr_min, eval_every, patience, max_steps, seed, from_scratch,
-                                       layers, site, max_length, max_train_samples, val_max_samples), objective=objective,
-                             compute=compute)
+        cfg = FinetuneConfig(**_common(epochs, batch_size, grad_accum, lr, lr_min, eval_every, patience, max_steps,
+                                       seed, from_scratch, layers, site, max_length, max_train_samples,
+                                       val_max_samples),
+                             objective=objective, compute=compute)
         if not from_scratch and encoders is None:
             raise ValueError("give --encoders DIR (a fitted bundle) or --from-scratch")
         decoder = load_decoder(model, device=device, dtype=model_dtype)
         s = finetune(decoder, samples, encoders, out, cfg, progress=True, log=typer.echo)
     if s.get("skipped"):
         typer.echo(f"{out}: already complete for these settings")
-    typer.echo(f"validation perplexity (target tokens): {s['val_ppl_start']:.3f} at step 0 -> {s['val_ppl_best']:.3f} at step {s['best_step']} of {s['steps']}")
-    typer.echo(f"bundle: {out}/ (config.json, encoders.safetensors); history: {out}/history.json; curve: {out}/curves.png")
+    typer.echo(f"validation perplexity (target tokens): {s['val_ppl_start']:.3f} at step 0 -> {s['val_ppl_best']:.3f} "
+               f"at step {s['best_step']} of {s['steps']}")
+    typer.echo(f"bundle: {out}/ (config.json, encoders.safetensors); history: "
+               f"{out}/history.json; curve: {out}/curves.png")
 
 
 def edit_cmd(
-    samples: Path = typer.Option(..., "--samples", "-s", help="samples with target_true (+ paraphrases, neighbours), e.g. the demo set or CounterFact"),
+    samples: Path = typer.Option(..., "--samples", "-s",
+                                 help="samples with target_true (+ paraphrases, neighbours), e.g. the demo set or "
+                                      "CounterFact"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory: edited bundle, edit.json / .md / .png"),
     encoders: Path = typer.Option(None, "--encoders", "-e", help="encoder bundle to start from"),
-    from_scratch: bool = typer.Option(False, "--from-scratch", help="freshly initialised encoders; site/layers from flags"),
+    from_scratch: bool = typer.Option(False, "--from-scratch",
+                                      help="freshly initialised encoders; site/layers from flags"),
     layers: str = typer.Option(None, "--layers", help="layers (from scratch: default 3-8)"),
     site: str = typer.Option("block", "--site"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
@@ -149,9 +166,9 @@ def edit_cmd(
         ensure_writable_dir(out)  # before loading the model or training
         if not from_scratch and encoders is None:
             raise ValueError("give --encoders DIR or --from-scratch")
-        cfg = EditConfig(epochs=epochs, batch_size=batch_size, lr_max=lr, lr_min=lr_min, max_steps=max_steps, max_edits=max_edits,
-                         eval_split=eval_split, max_eval_edits=max_eval_edits, seed=seed, from_scratch=from_scratch, layers=layers, site=site,
-                         compute=compute)
+        cfg = EditConfig(epochs=epochs, batch_size=batch_size, lr_max=lr, lr_min=lr_min, max_steps=max_steps,
+                         max_edits=max_edits, eval_split=eval_split, max_eval_edits=max_eval_edits, seed=seed,
+                         from_scratch=from_scratch, layers=layers, site=site, compute=compute)
         decoder = load_decoder(model, device=device, dtype=model_dtype)
         res = edit(decoder, samples, out, encoders, cfg, progress=True)
     typer.echo(markdown_edit(res))

@@ -3,10 +3,10 @@
 from kcache.data.samples import (
     SampleError,
     read_samples,
-    write_samples,
+    sample_set_fingerprint,
     samples_from_records,
     to_dataset,
-    sample_set_fingerprint,
+    write_samples,
 )
 
 __all__ = [

@@ -16,9 +16,10 @@ import re
 import sqlite3
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 from kcache.data.samples import SampleError, read_samples, samples_from_records, write_samples
 
@@ -158,7 +159,8 @@ def _truthy(value: Any) -> bool:
 # --------------------------------------------------------------------------- sample helpers
 
 
-def _sample(dataset: str, split: str, key: str, knowledge: list[str], source: str, target: str, meta: dict | None = None, **extra) -> dict:
+def _sample(dataset: str, split: str, key: str, knowledge: list[str], source: str, target: str,
+            meta: dict | None = None, **extra) -> dict:
     rec = {
         "id": f"{dataset}-{split}-{key}",
         "dataset": dataset,
@@ -275,7 +277,8 @@ def _cmu_section(doc: dict, idx: int, where: str) -> str:
 
 def _cmu_dog_dirs(path: Path, split: str) -> tuple[Path, Path]:
     if not path.is_dir():
-        raise ConvertError(f"{path}: cmu_dog reads a folder: the dataset root (Conversations/, WikiData/) or Conversations/<split>")
+        raise ConvertError(f"{path}: cmu_dog reads a folder: the dataset root (Conversations/, "
+                           "WikiData/) or Conversations/<split>")
     if (path / "Conversations").is_dir():
         conv = path / "Conversations" / {"validation": "valid"}.get(split, split)
         if not conv.is_dir():
@@ -337,7 +340,8 @@ def _curiosity_facts(db: Path, fids: set[int], where: str) -> dict[int, str]:
     if not fids:
         return {}
     if not db.exists():
-        raise ConvertError(f"{where}: the used facts' texts come from {db} (the published wiki_sql.sqlite.db next to the dialogs file), which does not exist")
+        raise ConvertError(f"{where}: the used facts' texts come from {db} (the published wiki_sql.sqlite.db next to "
+                           "the dialogs file), which does not exist")
     out: dict[int, str] = {}
     ids = sorted(fids)
     try:
@@ -369,7 +373,8 @@ def curiosity(path: Path, split: str) -> Iterator[dict | Drop]:
             if sender not in ("user", "assistant"):
                 raise ConvertError(f"{mwhere}: field 'sender': expected 'user' or 'assistant', got {sender!r}")
             shown = _field(msg, "facts", mwhere, list, optional=True) or []
-            used = [_field(f, "fid", f"{mwhere}: fact {k}", int) for k, f in enumerate(shown) if _truthy(_obj(f, f"{mwhere}: fact {k}").get("used"))]
+            used = [_field(f, "fid", f"{mwhere}: fact {k}", int) for k, f in enumerate(shown)
+                    if _truthy(_obj(f, f"{mwhere}: fact {k}").get("used"))]
             fids.update(used)
             msgs.append((sender, _field(msg, "message", mwhere).strip(), used))
         parsed.append((did, dialog, msgs))
@@ -391,7 +396,8 @@ def curiosity(path: Path, split: str) -> Iterator[dict | Drop]:
                 # target is not a copy of the knowledge; we keep it verbatim and flag it in meta.
                 knowledge = [facts[f] for f in used] or [text]
                 meta = {"dialog_id": did, "message_index": m, "focus_entity": dialog.get("focus_entity"),
-                        "known_entities": dialog.get("known_entities"), "fact_ids": used, "knowledge_is_target": not used}
+                        "known_entities": dialog.get("known_entities"), "fact_ids": used,
+                        "knowledge_is_target": not used}
                 yield _sample("curiosity", split, f"{did}-{m:02d}", knowledge,
                               _dialogue_source([(s == "assistant", x) for s, x in said]), " " + text, meta)
             said.append((sender, text))  # a dropped reply was still said: later turns see it
@@ -416,16 +422,18 @@ def wizard_of_wikipedia(path: Path, split: str) -> Iterator[dict | Drop]:
                     said.append((False, text))
                 continue
             checked = _field(turn, "checked_sentence", twhere, dict, optional=True) or {}
-            sentences = [v.strip() for v in checked.values() if isinstance(v, str) and v.strip() and v.strip() != "no_passages_used"]
+            sentences = [v.strip() for v in checked.values() if isinstance(v, str) and v.strip()
+                         and v.strip() != "no_passages_used"]
             if not text:
                 yield Drop("empty turn")
                 continue
             if not sentences:
                 yield Drop("no checked sentence (no_passages_used)")
             else:
-                meta = {"dialog_index": d, "turn": t, "chosen_topic": dialog.get("chosen_topic"), "checked_sentence_keys": sorted(checked)}
-                yield _sample("wizard_of_wikipedia", split, f"{d:05d}-{t:02d}", ([persona] if persona else []) + sentences,
-                              _dialogue_source(said), " " + text, meta)
+                meta = {"dialog_index": d, "turn": t, "chosen_topic": dialog.get("chosen_topic"),
+                        "checked_sentence_keys": sorted(checked)}
+                yield _sample("wizard_of_wikipedia", split, f"{d:05d}-{t:02d}",
+                              ([persona] if persona else []) + sentences, _dialogue_source(said), " " + text, meta)
             said.append((True, text))
 
 
@@ -454,7 +462,8 @@ def natural_questions(path: Path, split: str) -> Iterator[dict | Drop]:
         qkey = next((k for k in ("questions", "question") if rec.get(k) is not None), None)
         ckey = next((k for k in ("contexts", "context", "long_answer") if rec.get(k) is not None), None)
         akey = next((k for k in ("answers", "short_answers", "short_answer", "answer") if rec.get(k) is not None), None)
-        for key, what in ((qkey, "questions/question"), (ckey, "contexts/context/long_answer"), (akey, "answers/short_answer(s)")):
+        for key, what in ((qkey, "questions/question"), (ckey, "contexts/context/long_answer"),
+                          (akey, "answers/short_answer(s)")):
             if key is None:
                 raise ConvertError(f"{where}: missing field '{what}'")
         question = _text_of(rec[qkey], ("input_text", "text"))
@@ -480,14 +489,16 @@ def _quasar_files(path: Path, split: str) -> tuple[Path, Path]:
     else:
         stem = re.sub(r"_questions\.json(l)?(\.gz)?$", "", path.name)
         qdir, cdirs = path.parent, [path.parent.parent / "contexts" / "short", path.parent]
-    qfile = path if not path.is_dir() else next((qdir / f"{stem}_questions.{e}" for e in ("json", "json.gz", "jsonl") if (qdir / f"{stem}_questions.{e}").exists()), None)
+    qfile = path if not path.is_dir() else next((qdir / f"{stem}_questions.{e}" for e in ("json", "json.gz", "jsonl")
+                                                 if (qdir / f"{stem}_questions.{e}").exists()), None)
     if qfile is None:
         raise ConvertError(f"{path}: no {stem}_questions.json[.gz] under {qdir}")
     for cdir in cdirs:
         for e in ("json", "json.gz", "jsonl"):
             if (cdir / f"{stem}_contexts.{e}").exists():
                 return qfile, cdir / f"{stem}_contexts.{e}"
-    raise ConvertError(f"{qfile}: no matching short-contexts file {stem}_contexts.json[.gz] (looked in {', '.join(map(str, cdirs))})")
+    raise ConvertError(f"{qfile}: no matching short-contexts file {stem}_contexts.json[.gz] (looked in "
+                       f"{', '.join(map(str, cdirs))})")
 
 
 def quasar_t(path: Path, split: str) -> Iterator[dict | Drop]:
@@ -515,10 +526,12 @@ def quasar_t(path: Path, split: str) -> Iterator[dict | Drop]:
         if not answer:
             yield Drop("no answer")
             continue
-        yield _sample("quasar_t", split, uid, contexts[uid], _question(question), " " + answer, {"uid": uid, "tags": rec.get("tags")})
+        yield _sample("quasar_t", split, uid, contexts[uid], _question(question), " " + answer,
+                      {"uid": uid, "tags": rec.get("tags")})
 
 
-_PW_PREFIX = re.compile(r"^\s*based on the above information, is the following statement true, false, or (unknown|uncertain)\?\s*", re.I)
+_PW_PREFIX = re.compile(
+    r"^\s*based on the above information, is the following statement true, false, or (unknown|uncertain)\?\s*", re.I)
 _OPTION = re.compile(r"^\s*([A-Za-z])\s*[).:]\s*(.+?)\s*$")
 
 
@@ -545,18 +558,20 @@ def proofwriter(path: Path, split: str) -> Iterator[dict | Drop]:
         if "theory" in rec and isinstance(rec.get("questions"), (dict, list)):
             theory = _field(rec, "theory", where).strip()
             qs = rec["questions"]
-            items = qs.items() if isinstance(qs, dict) else ((str(q.get("id", k)) if isinstance(q, dict) else str(k), q) for k, q in enumerate(qs))
+            items = qs.items() if isinstance(qs, dict) else ((str(q.get("id", k)) if isinstance(q, dict) else str(k),
+                                                              q) for k, q in enumerate(qs))
             for qkey, q in items:
                 qwhere = f"{where}: question {qkey}"
                 text = _field(q, "question" if "question" in _obj(q, qwhere) else "text", qwhere)
                 label = _tfu_label(q.get("answer", q.get("label")), qwhere)
                 meta = {"record_id": rid, "question_id": qkey, "QDep": q.get("QDep"), "layout": "proofwriter"}
-                yield _sample("proofwriter", split, f"{rid}-{qkey}", [theory], _question(text), TFU_OPTIONS[label], meta,
-                              options=list(TFU_OPTIONS), label=label)
+                yield _sample("proofwriter", split, f"{rid}-{qkey}", [theory], _question(text),
+                              TFU_OPTIONS[label], meta, options=list(TFU_OPTIONS), label=label)
         elif "theory" in rec and "question" in rec:
             label = _tfu_label(rec.get("answer"), where)
             meta = {"record_id": rid, "QDep": rec.get("QDep"), "layout": "proofwriter-flat"}
-            yield _sample("proofwriter", split, rid, [_field(rec, "theory", where).strip()], _question(_field(rec, "question", where)),
+            yield _sample("proofwriter", split, rid, [_field(rec, "theory", where).strip()],
+                          _question(_field(rec, "question", where)),
                           TFU_OPTIONS[label], meta, options=list(TFU_OPTIONS), label=label)
         elif "context" in rec and "question" in rec:
             statement, label = _proofwriter_reformatted(rec, where)
@@ -564,7 +579,8 @@ def proofwriter(path: Path, split: str) -> Iterator[dict | Drop]:
             yield _sample("proofwriter", split, rid, [_field(rec, "context", where).strip()], _question(statement),
                           TFU_OPTIONS[label], meta, options=list(TFU_OPTIONS), label=label)
         else:
-            raise ConvertError(f"{where}: neither the ProofWriter layout (theory, questions) nor the reformatted one (context, question, options, answer)")
+            raise ConvertError(f"{where}: neither the ProofWriter layout (theory, "
+                               "questions) nor the reformatted one (context, question, options, answer)")
 
 
 def folio(path: Path, split: str) -> Iterator[dict | Drop]:
@@ -572,7 +588,10 @@ def folio(path: Path, split: str) -> Iterator[dict | Drop]:
     ``conclusion``, ``label`` True / False / Uncertain."""
     for i, (where, rec) in enumerate(_read_records(path)):
         premises = _field(rec, "premises", where, (list, str))
-        premises = _strings(premises, where, "premises") if isinstance(premises, list) else [p.strip() for p in premises.split("\n")]
+        if isinstance(premises, list):
+            premises = _strings(premises, where, "premises")
+        else:
+            premises = [p.strip() for p in premises.split("\n")]
         premises = [p for p in premises if p]
         conclusion = _field(rec, "conclusion", where)
         label = _tfu_label(_field(rec, "label", where), where)
@@ -580,7 +599,8 @@ def folio(path: Path, split: str) -> Iterator[dict | Drop]:
             yield Drop("no premises")
             continue
         key = str(rec["example_id"]) if rec.get("example_id") is not None else f"{i:04d}"
-        meta = {"record": i, "story_id": rec.get("story_id"), "example_id": rec.get("example_id"), "conclusion_fol": rec.get("conclusion-FOL")}
+        meta = {"record": i, "story_id": rec.get("story_id"), "example_id": rec.get("example_id"),
+                "conclusion_fol": rec.get("conclusion-FOL")}
         yield _sample("folio", split, key, premises, _question(conclusion), TFU_OPTIONS[label], meta,
                       options=list(TFU_OPTIONS), label=label)
 
@@ -602,7 +622,8 @@ def counterfact(path: Path, split: str) -> Iterator[dict | Drop]:
             para = rec.get("paraphrase_prompts")
             neigh = rec.get("neighborhood_prompts")
             paraphrases = None if para is None else _strings(para, where, "paraphrase_prompts")
-            neighbours = None if neigh is None else [{"prompt": p, "target": " " + true} for p in _strings(neigh, where, "neighborhood_prompts")]
+            neighbours = None if neigh is None else [{"prompt": p, "target": " " + true}
+                                                     for p in _strings(neigh, where, "neighborhood_prompts")]
             meta = {"case_id": case_id, "subject": subject, "relation_id": rw.get("relation_id"), "layout": "rome"}
         elif "stem" in rec:
             source = _field(rec, "stem", where).strip()
@@ -612,7 +633,8 @@ def counterfact(path: Path, split: str) -> Iterator[dict | Drop]:
             paraphrases = neighbours = None
             meta = {"case_id": case_id, "layout": "stems"}
         else:
-            raise ConvertError(f"{where}: neither the ROME layout (requested_rewrite) nor the stems layout (stem, true, false)")
+            raise ConvertError(f"{where}: neither the ROME layout (requested_rewrite) nor the stems "
+                               "layout (stem, true, false)")
         if not new:
             yield Drop("no new target")
             continue
@@ -651,7 +673,8 @@ def commonsenseqa(path: Path, split: str) -> Iterator[dict | Drop]:
         label = labels.index(answer)
         options = [" " + t.strip() for t in texts]
         yield _sample("commonsenseqa", split, key, [], _question(stem), options[label],
-                      {"question_concept": concept, "choice_labels": labels, "answer_key": answer}, options=options, label=label)
+                      {"question_concept": concept, "choice_labels": labels, "answer_key": answer}, options=options,
+                      label=label)
 
 
 CONVERTERS: dict[str, Callable[[Path, str], Iterable[dict | Drop]]] = {
@@ -717,7 +740,8 @@ def _hub_to_jsonl(spec: str, split: str | None, tmp: Path) -> Path:
 REFERENCE_READY = ("dream",)  # converters with the paper's own preprocessing (reference=True)
 
 
-def convert(name: str, input_path: str | Path, out_path: str | Path, split: str | None = None, reference: bool = False) -> ConvertReport:
+def convert(name: str, input_path: str | Path, out_path: str | Path, split: str | None = None,
+            reference: bool = False) -> ConvertReport:
     """Convert dataset ``name`` from its raw files at ``input_path`` (or ``hf:NAME[:CONFIG]``)
     into a samples file ``out_path`` (.parquet or .jsonl). The split is ``split`` when given,
     else the one the input's file or folder name announces (``dev.json`` -> validation).
@@ -730,7 +754,8 @@ def convert(name: str, input_path: str | Path, out_path: str | Path, split: str 
     with tempfile.TemporaryDirectory(prefix="kcache-convert-") as tmp:
         if spec.startswith("hf:"):
             if name not in HF_READY:
-                raise ConvertError(f"{name}: hf: input is not supported (the hub layout differs from the raw files); download the raw files")
+                raise ConvertError(f"{name}: hf: input is not supported (the hub layout differs from the raw "
+                                   "files); download the raw files")
             path = _hub_to_jsonl(spec[3:], split, Path(tmp))
         else:
             path = Path(spec)
@@ -738,9 +763,11 @@ def convert(name: str, input_path: str | Path, out_path: str | Path, split: str 
                 raise ConvertError(f"{path}: no such file or folder")
         resolved = normalise_split(split) if split else infer_split(path)
         if resolved is None:
-            raise ConvertError(f"{path}: cannot tell the split from the name '{path.name}'; pass --split (train, validation or test)")
+            raise ConvertError(f"{path}: cannot tell the split from the name '{path.name}'; "
+                               "pass --split (train, validation or test)")
         records, dropped, seen, rows_in = [], Counter(), set(), 0
-        for item in (CONVERTERS[name](path, resolved, reference=True) if reference else CONVERTERS[name](path, resolved)):
+        for item in (CONVERTERS[name](path, resolved, reference=True) if reference
+                     else CONVERTERS[name](path, resolved)):
             rows_in += 1
             if isinstance(item, Drop):
                 dropped[item.reason] += 1
@@ -801,7 +828,8 @@ def stats(path: str | Path) -> dict:
             # Shared options (True / False / Unknown): count answers by text; per-question
             # options (DREAM, CommonsenseQA): by position, which shows answer-position bias.
             shared = all(r["options"] == labelled[0]["options"] for r in labelled)
-            g["labels"] = dict(sorted(Counter(r["options"][r["label"]].strip() if shared else f"#{r['label']}" for r in labelled).items()))
+            g["labels"] = dict(sorted(Counter(r["options"][r["label"]].strip() if shared else f"#{r['label']}"
+                                              for r in labelled).items()))
         out_groups.append(g)
     return {
         "path": str(path),

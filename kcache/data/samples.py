@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -59,7 +60,8 @@ def _check_value(value: Any, ftype: str, required: bool, where: str) -> None:
             raise SampleError(f"{where}: expected a list of {{prompt: str, target: str}}")
 
 
-def validate_records(records: list[dict], path: str = "<memory>", rows: list[int] | None = None, jsonl: bool = False) -> None:
+def validate_records(records: list[dict], path: str = "<memory>", rows: list[int] | None = None,
+                     jsonl: bool = False) -> None:
     """Check types, required fields, non-empty source and unique ids. Raises ``SampleError``.
 
     ``rows[k]`` is the row (or 0-based line, with ``jsonl``) that record ``k`` came from.
@@ -80,11 +82,14 @@ def validate_records(records: list[dict], path: str = "<memory>", rows: list[int
             raise SampleError(f"{_where(path, i, 'label', jsonl)}: label {label} is not an index into options")
         sid = rec["id"]
         if sid in seen:
-            raise SampleError(f"{_where(path, i, 'id', jsonl)}: duplicate id {sid!r} (first at {'line' if jsonl else 'row'} {seen[sid] + (1 if jsonl else 0)})")
+            raise SampleError(f"{_where(path, i, 'id', jsonl)}: "
+                              f"duplicate id {sid!r} (first at {'line' if jsonl else 'row'} "
+                              f"{seen[sid] + (1 if jsonl else 0)})")
         seen[sid] = i
 
 
-def samples_from_records(records: Iterable[dict], path: str = "<memory>", rows: list[int] | None = None, jsonl: bool = False) -> pa.Table:
+def samples_from_records(records: Iterable[dict], path: str = "<memory>", rows: list[int] | None = None,
+                         jsonl: bool = False) -> pa.Table:
     """Validate plain dicts and build the samples table with the canonical schema."""
     records = [dict(r) for r in records]
     validate_records(records, path, rows, jsonl)
@@ -100,7 +105,8 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise SampleError(f"{path}: line {lineno + 1}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                raise SampleError(f"{path}: line {lineno + 1}: "
+                                  f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
@@ -166,7 +172,8 @@ def require_usable(usable: int, total: int, skipped: list[tuple[int, str]] = (),
     for _, r in skipped:
         reasons[r.split(":")[0]] = reasons.get(r.split(":")[0], 0) + 1
     why = ", ".join(f"{r}: {n}" for r, n in sorted(reasons.items()))
-    raise SampleError(f"{where}: none of the {total} samples can be extracted (all skipped{': ' + why if why else ''}); nothing to extract")
+    raise SampleError(f"{where}: none of the {total} samples can be extracted (all "
+                      f"skipped{': ' + why if why else ''}); nothing to extract")
 
 
 def write_samples(table: pa.Table | Iterable[dict], path: str | os.PathLike) -> Path:

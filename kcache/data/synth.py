@@ -16,7 +16,8 @@ import pyarrow as pa
 
 from kcache.data.samples import samples_from_records
 
-_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gl", "kr", "pl", "qu", "st", "th", "tr", "vr", "zh"]
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gl", "kr", "pl", "qu",
+           "st", "th", "tr", "vr", "zh"]
 _VOWELS = ["a", "e", "i", "o", "u", "ae", "ou", "ia"]
 _CODAS = ["", "", "n", "r", "l", "m", "s", "th", "nd", "rk", "lt"]
 
@@ -24,20 +25,26 @@ _CODAS = ["", "", "n", "r", "l", "m", "s", "th", "nd", "rk", "lt"]
 RELATIONS: dict[str, dict] = {
     "capital": {
         "fact": "The capital of {s} is {o}.",
-        "questions": ["What is the capital of {s}?", "Which city is the capital of {s}?", "Name the capital city of {s}."],
-        "neighbours": [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Egypt", "Cairo"), ("Germany", "Berlin")],
+        "questions": ["What is the capital of {s}?", "Which city is the capital of {s}?",
+                      "Name the capital city of {s}."],
+        "neighbours": [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Egypt", "Cairo"),
+                       ("Germany", "Berlin")],
         "kind": "city",
     },
     "language": {
         "fact": "The official language of {s} is {o}.",
-        "questions": ["What is the official language of {s}?", "Which language do people speak in {s}?", "What language is official in {s}?"],
-        "neighbours": [("France", "French"), ("Brazil", "Portuguese"), ("Germany", "German"), ("Japan", "Japanese"), ("Italy", "Italian")],
+        "questions": ["What is the official language of {s}?", "Which language do people speak in {s}?",
+                      "What language is official in {s}?"],
+        "neighbours": [("France", "French"), ("Brazil", "Portuguese"), ("Germany", "German"), ("Japan", "Japanese"),
+                       ("Italy", "Italian")],
         "kind": "language",
     },
     "currency": {
         "fact": "The currency of {s} is the {o}.",
-        "questions": ["What is the currency of {s}?", "Which currency is used in {s}?", "What money do people use in {s}?"],
-        "neighbours": [("Japan", "yen"), ("India", "rupee"), ("Russia", "ruble"), ("Mexico", "peso"), ("Sweden", "krona")],
+        "questions": ["What is the currency of {s}?", "Which currency is used in {s}?",
+                      "What money do people use in {s}?"],
+        "neighbours": [("Japan", "yen"), ("India", "rupee"), ("Russia", "ruble"), ("Mexico", "peso"),
+                       ("Sweden", "krona")],
         "kind": "currency",
     },
     "leader": {
@@ -48,7 +55,8 @@ RELATIONS: dict[str, dict] = {
     },
     "animal": {
         "fact": "The national animal of {s} is the {o}.",
-        "questions": ["What is the national animal of {s}?", "Which animal is the national animal of {s}?", "Name the national animal of {s}."],
+        "questions": ["What is the national animal of {s}?", "Which animal is the national animal of {s}?",
+                      "Name the national animal of {s}."],
         "neighbours": [("Australia", "kangaroo"), ("China", "panda"), ("Scotland", "unicorn"), ("India", "tiger")],
         "kind": "animal",
     },
@@ -58,7 +66,8 @@ _ANIMALS = ["otter", "heron", "lynx", "badger", "ibis", "marten", "gecko", "tapi
 
 
 def _word(rng: random.Random, syllables: int) -> str:
-    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)).capitalize()
+    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                   for _ in range(syllables)).capitalize()
 
 
 def _value(rng: random.Random, kind: str) -> str:
@@ -107,7 +116,8 @@ def synth_records(n: int = 1200, seed: int = 0, distractors: int = 3, split_frac
         while alt == obj:
             alt = _value(rng, spec["kind"])
         if spec["neighbours"]:
-            neigh = [{"prompt": f"[USR] {spec['questions'][0].format(s=s)} [SYS]", "target": f" {o}."} for s, o in rng.sample(spec["neighbours"], 2)]
+            neigh = [{"prompt": f"[USR] {spec['questions'][0].format(s=s)} [SYS]",
+                      "target": f" {o}."} for s, o in rng.sample(spec["neighbours"], 2)]
         else:  # no real-world counterpart: another invented country's fact, taken from its own knowledge
             c2 = rng.choice([c for c in names if c != country])
             neigh = [{"prompt": f"[USR] {spec['questions'][0].format(s=c2)} [SYS]", "target": f" {world[c2][rel]}."}]

@@ -9,6 +9,8 @@
 - The ``kcache kg`` commands are in :mod:`kcache.cli.kg`. See docs/kg.md.
 """
 
+from kcache.kg.importers import import_numpy, import_openke, import_word2vec, read_openke
+from kcache.kg.link import EntityIndex, link_file, link_texts, read_links, write_links
 from kcache.kg.tables import (
     KG,
     KGCompatibilityError,
@@ -22,8 +24,6 @@ from kcache.kg.tables import (
     read_embeddings,
     write_embeddings,
 )
-from kcache.kg.importers import import_numpy, import_openke, import_word2vec, read_openke
-from kcache.kg.link import EntityIndex, link_file, link_texts, read_links, write_links
 
 __all__ = [
     "KG",

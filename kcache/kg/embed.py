@@ -68,7 +68,8 @@ def train_embeddings(
         raise KGError(f"dim and epochs must be positive (got dim={dim}, epochs={epochs})")
     triples = kg.train_triples()
     if len(triples) == 0:
-        raise KGError(f"KG {kg.name} has no train triples; embeddings need a graph (entity-only KGs come with their vectors)")
+        raise KGError(f"KG {kg.name} has no train triples; embeddings need a graph (entity-only KGs "
+                      "come with their vectors)")
     try:
         model_cls = model_resolver.lookup(model)
     except (KeyError, ValueError) as e:
@@ -92,7 +93,8 @@ def train_embeddings(
     with warnings.catch_warnings():  # PyKEEN/torch chatter that says nothing to a kcache user
         warnings.filterwarnings("ignore", message="Training instances are always shuffled")
         warnings.filterwarnings("ignore", message=".*pin_memory.*")
-        losses = loop.train(triples_factory=factory, num_epochs=epochs, batch_size=batch_size, use_tqdm=progress, use_tqdm_batch=False, pin_memory=device != "cpu")
+        losses = loop.train(triples_factory=factory, num_epochs=epochs, batch_size=batch_size, use_tqdm=progress,
+                            use_tqdm_batch=False, pin_memory=device != "cpu")
     m.eval()
     with torch.no_grad():
         vectors = m.entity_representations[0](indices=None).detach().cpu()

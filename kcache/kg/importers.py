@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -41,7 +41,8 @@ def _count_header(path: Path, lineno: int, line: str) -> int:
     try:
         n = int(line.strip())
     except ValueError:
-        raise KGError(f"{path}: line {lineno}: expected the record count (OpenKE layout), got {line.strip()[:60]!r}") from None
+        raise KGError(f"{path}: line {lineno}: expected the record count (OpenKE layout), "
+                      f"got {line.strip()[:60]!r}") from None
     if n < 0:
         raise KGError(f"{path}: line {lineno}: negative record count {n}")
     return n
@@ -142,7 +143,8 @@ def read_entity_names(path: str | os.PathLike) -> dict[str, dict]:
             col = {c: i for i, c in enumerate(header)}
             continue
         if len(cells) != len(header):
-            raise KGError(f"{path}: line {lineno}: expected {len(header)} tab-separated columns ({', '.join(header)}), got {len(cells)}")
+            raise KGError(f"{path}: line {lineno}: expected {len(header)} tab-separated columns "
+                          f"({', '.join(header)}), got {len(cells)}")
         key = cells[0].strip()
         if not key:
             raise KGError(f"{path}: line {lineno}: empty key")
@@ -228,7 +230,8 @@ def read_openke(
         )
     else:
         ents = entities_table(ent_keys)
-    return KG(name or d.name, ents, relations_table(rel_keys), triples_table(triples[:, 0], triples[:, 1], triples[:, 2], splits), source, where=str(d))
+    return KG(name or d.name, ents, relations_table(rel_keys),
+              triples_table(triples[:, 0], triples[:, 1], triples[:, 2], splits), source, where=str(d))
 
 
 def vectors_from_npy(path: str | os.PathLike, kg: KG, model: str) -> pa.Table:
@@ -236,7 +239,8 @@ def vectors_from_npy(path: str | os.PathLike, kg: KG, model: str) -> pa.Table:
     path = Path(path)
     arr = _load_npy(path)
     if arr.shape[0] != kg.num_entities:
-        raise KGError(f"{path}: has {arr.shape[0]} rows but KG {kg.name} has {kg.num_entities} entities (row i must be entity i)")
+        raise KGError(f"{path}: has {arr.shape[0]} rows but KG {kg.name} has {kg.num_entities} entities "
+                      "(row i must be entity i)")
     return embeddings_table(arr, kg=kg, model=model, source=f"npy:{path.name}")
 
 
@@ -316,17 +320,21 @@ def word2vec_for_kg(path: str | os.PathLike, kg: KG, model: str) -> tuple[pa.Tab
         raise KGError(f"{path}: no token is an entity key of KG {kg.name}")
     ids = np.array([p[0] for p in pairs], dtype=np.int64)
     rows = np.array([p[1] for p in pairs], dtype=np.int64)
-    return embeddings_table(mat[rows], kg=kg, model=model, source=f"word2vec:{path.name}", entity_ids=ids), len(tokens) - len(pairs)
+    return embeddings_table(mat[rows], kg=kg, model=model, source=f"word2vec:{path.name}",
+                            entity_ids=ids), len(tokens) - len(pairs)
 
 
-def kg_from_numpy(npy: str | os.PathLike, names_file: str | os.PathLike, model: str, name: str | None = None) -> tuple[KG, pa.Table]:
+def kg_from_numpy(npy: str | os.PathLike, names_file: str | os.PathLike, model: str,
+                  name: str | None = None) -> tuple[KG, pa.Table]:
     """An entity-only KG from a names file (line i = entity i) and an ``(n, d)`` ``.npy`` matrix."""
     npy, names_file = Path(npy), Path(names_file)
     keys = read_names_file(names_file)
     arr = _load_npy(npy)
     if arr.shape[0] != len(keys):
-        raise KGError(f"{npy}: has {arr.shape[0]} rows but {names_file} lists {len(keys)} names (line i must name row i)")
-    kg = _entity_only_kg(keys, name or names_file.stem, {"importer": "numpy", "vectors": str(npy), "names": str(names_file)}, str(names_file))
+        raise KGError(f"{npy}: has {arr.shape[0]} rows but {names_file} lists {len(keys)} names "
+                      "(line i must name row i)")
+    kg = _entity_only_kg(keys, name or names_file.stem, {"importer": "numpy", "vectors": str(npy),
+                                                         "names": str(names_file)}, str(names_file))
     return kg, embeddings_table(arr, kg=kg, model=model, source=f"npy:{npy.name}")
 
 
@@ -355,7 +363,8 @@ def import_openke(
     return kg
 
 
-def import_word2vec(path: str | os.PathLike, out: str | os.PathLike, *, model: str, name: str | None = None, kg_dir: str | os.PathLike | None = None) -> tuple[KG, pa.Table, int]:
+def import_word2vec(path: str | os.PathLike, out: str | os.PathLike, *, model: str, name: str | None = None,
+                    kg_dir: str | os.PathLike | None = None) -> tuple[KG, pa.Table, int]:
     """Import word2vec vectors: as a new entity-only KG in ``out``, or, with ``kg_dir``, as
     embeddings of that KG (tokens matched to entity keys) written to ``out`` (a file).
     Returns (KG, embeddings, unmatched tokens)."""
@@ -371,7 +380,8 @@ def import_word2vec(path: str | os.PathLike, out: str | os.PathLike, *, model: s
     return kg, emb, 0
 
 
-def import_numpy(npy: str | os.PathLike, names_file: str | os.PathLike, out: str | os.PathLike, *, model: str, name: str | None = None) -> tuple[KG, pa.Table]:
+def import_numpy(npy: str | os.PathLike, names_file: str | os.PathLike, out: str | os.PathLike, *, model: str,
+                 name: str | None = None) -> tuple[KG, pa.Table]:
     kg, emb = kg_from_numpy(npy, names_file, model, name)
     kg.save(out, {_emb_file(model): emb})
     return kg, emb

@@ -43,9 +43,10 @@ import json
 import os
 import re
 from bisect import bisect_right
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -90,8 +91,10 @@ ORDERS = ("degree", "entity_id")
 
 # WordNet morphy detachment rules (morphy(7WN)), per part of speech.
 _DETACH = {
-    "noun": (("s", ""), ("ses", "s"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"), ("men", "man"), ("ies", "y")),
-    "verb": (("s", ""), ("ies", "y"), ("es", "e"), ("es", ""), ("ed", "e"), ("ed", ""), ("ing", "e"), ("ing", ""), ("ied", "y")),
+    "noun": (("s", ""), ("ses", "s"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"), ("men", "man"),
+             ("ies", "y")),
+    "verb": (("s", ""), ("ies", "y"), ("es", "e"), ("es", ""), ("ed", "e"), ("ed", ""), ("ing", "e"), ("ing", ""),
+             ("ied", "y")),
     "adj": (("er", ""), ("est", ""), ("er", "e"), ("est", "e"), ("ier", "y"), ("iest", "y")),
 }  # the last rule of verb and adj (-ied, -ier, -iest) extends morphy, standing in for its exception lists
 # A small stand-in for WordNet's exception lists (irregular forms), which are not available here.
@@ -117,13 +120,16 @@ _IRREGULAR = {
         "swam": "swim", "swum": "swim", "slept": "sleep", "lay": "lie", "lain": "lie", "led": "lead", "fed": "feed",
         "hung": "hang", "shot": "shoot", "struck": "strike", "understood": "understand", "won": "win", "dug": "dig",
         "bit": "bite", "bitten": "bite", "forgot": "forget", "forgotten": "forget", "shook": "shake",
-        "shaken": "shake", "heard": "hear", "meant": "mean", "read": "read", "fled": "flee", "done": "do", "did": "do", "had": "have", "been": "be", "was": "be", "were": "be",
+        "shaken": "shake", "heard": "hear", "meant": "mean", "read": "read", "fled": "flee", "done": "do", "did": "do",
+        "had": "have", "been": "be", "was": "be", "were": "be",
         "sought": "seek", "bound": "bind", "wound": "wind", "lit": "light", "slid": "slide", "swept": "sweep",
         "wept": "weep", "crept": "creep", "dealt": "deal", "dreamt": "dream", "learnt": "learn", "burnt": "burn",
     },
-    "adj": {"better": "good", "best": "good", "worse": "bad", "worst": "bad", "further": "far", "farther": "far", "elder": "old", "eldest": "old"},
+    "adj": {"better": "good", "best": "good", "worse": "bad", "worst": "bad", "further": "far", "farther": "far",
+            "elder": "old", "eldest": "old"},
 }
-_WN_TYPES = {"noun": "noun", "n": "noun", "verb": "verb", "v": "verb", "adj": "adj", "a": "adj", "s": "adj", "adjective": "adj", "adj_sat": "adj"}
+_WN_TYPES = {"noun": "noun", "n": "noun", "verb": "verb", "v": "verb", "adj": "adj", "a": "adj", "s": "adj",
+             "adjective": "adj", "adj_sat": "adj"}
 
 
 def morph_bases(word: str) -> list[tuple[str, str]]:
@@ -139,7 +145,8 @@ def morph_bases(word: str) -> list[tuple[str, str]]:
                 base = word[: len(word) - len(suffix)] + ending
                 out.append((base, pos))
                 # running -> runn -> run, bigger -> bigg -> big, stopped -> stopp -> stop
-                if ending == "" and suffix in ("ing", "ed", "er", "est") and len(base) >= 3 and base[-1] == base[-2] and base[-1] not in "aeiouslz":
+                if (ending == "" and suffix in ("ing", "ed", "er", "est") and len(base) >= 3 and base[-1] == base[-2]
+                        and base[-1] not in "aeiouslz"):
                     out.append((base[:-1], pos))
     seen, uniq = set(), []
     for b in out:
@@ -245,7 +252,8 @@ def load_tokenizer(spec: str):
     from kcache.models import _resolve_spec
 
     p = Path(spec).expanduser()
-    if p.is_dir() and not (p / "config.json").exists() and ((p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists()):
+    if p.is_dir() and not (p / "config.json").exists() and ((p / "tokenizer.json").exists()
+                                                            or (p / "tokenizer_config.json").exists()):
         tok = AutoTokenizer.from_pretrained(p)  # a tokenizer-only directory
     else:
         path, gguf = _resolve_spec(spec)
@@ -262,7 +270,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return "sha256:" + hashlib.sha256(backend.to_str().encode()).hexdigest()
 
 
-def token_span(offsets: Sequence[tuple[int, int]], start: int, end: int, _starts: list[int] | None = None, _index: list[int] | None = None) -> tuple[int, int]:
+def token_span(offsets: Sequence[tuple[int, int]], start: int, end: int, _starts: list[int] | None = None,
+               _index: list[int] | None = None) -> tuple[int, int]:
     """``[first, last + 1)`` of the tokens whose character range ``[s, e)`` overlaps
     ``[start, end)``; zero-width tokens (special tokens) are never part of a span."""
     if _index is None:
@@ -307,9 +316,11 @@ def link_texts(
     if len(ids) != len(texts):
         raise KGError(f"{len(ids)} ids for {len(texts)} texts")
     index = index or EntityIndex(kg, order)
-    cols: dict[str, list] = {c: [] for c in ("sample_id", "word", "char_start", "char_end", "token_start", "token_end", "match", "rule", "num_candidates")}
+    cols: dict[str, list] = {c: [] for c in ("sample_id", "word", "char_start", "char_end", "token_start", "token_end",
+                                             "match", "rule", "num_candidates")}
     cand_rows: list[list[int]] = []
-    stats = {"samples": len(texts), "words": 0, "content_words": 0, "linked_content_words": 0, "links": 0, "by_rule": {r: 0 for r in RULES}}
+    stats = {"samples": len(texts), "words": 0, "content_words": 0, "linked_content_words": 0, "links": 0,
+             "by_rule": {r: 0 for r in RULES}}
     enc = tokenizer(list(texts), add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     for sid, text, offsets in zip(ids, texts, enc["offset_mapping"]):
         offsets = [tuple(o) for o in offsets]
@@ -323,7 +334,8 @@ def link_texts(
             hit, n_used = None, 1
             for n in range(min(max_ngram, len(words) - i), 1, -1):
                 span = words[i : i + n]
-                if span[0].stop or span[-1].stop or any(text[a.end : b.start] not in (" ", "-") for a, b in zip(span, span[1:])):
+                if span[0].stop or span[-1].stop or any(text[a.end : b.start] not in (" ", "-")
+                                                        for a, b in zip(span, span[1:])):
                     continue
                 phrase = " ".join(w.text for w in span)
                 found = index.lookup(phrase, morph=False)
@@ -358,9 +370,11 @@ def link_texts(
                     stats["by_rule"][rule] += 1
                     stats["linked_content_words"] += sum(not w.stop for w in words[i : i + n_used])
             i += n_used
-    stats["link_rate"] = round(stats["linked_content_words"] / stats["content_words"], 6) if stats["content_words"] else 0.0
+    stats["link_rate"] = round(stats["linked_content_words"] / stats["content_words"],
+                               6) if stats["content_words"] else 0.0
     flat = np.asarray(cand_rows, dtype=np.int64).reshape(-1)
-    table = pa.table({c: pa.array(v, pa.string() if c in ("sample_id", "word", "match", "rule") else pa.int64()) for c, v in cols.items()})
+    table = pa.table({c: pa.array(v, pa.string() if c in ("sample_id", "word", "match", "rule") else pa.int64())
+                      for c, v in cols.items()})
     table = table.append_column("entity_ids", pa.FixedSizeListArray.from_arrays(pa.array(flat), k))
     meta = {
         META_KG_NAME: kg.name,
@@ -378,7 +392,8 @@ def link_texts(
     return conform(table, LINKS, "<links>", metadata=meta, k=k), stats
 
 
-def read_texts(path: str | os.PathLike, text_field: str = "source", id_field: str = "id") -> tuple[list[str], list[str]]:
+def read_texts(path: str | os.PathLike, text_field: str = "source",
+               id_field: str = "id") -> tuple[list[str], list[str]]:
     """``(ids, texts)`` from a samples file (``text_field="source"``: read and validated with
     :func:`kcache.data.samples.read_samples`) or, for any other field, from plain JSON lines or
     Parquet rows (dotted names reach into nested objects: ``question.stem``)."""
@@ -389,7 +404,8 @@ def read_texts(path: str | os.PathLike, text_field: str = "source", id_field: st
         try:
             table = read_samples(path)
         except SampleError as e:
-            raise KGError(f"{e}\n(not a samples file? for other JSON lines / Parquet name the text column with --text-field)") from None
+            raise KGError(f"{e}\n(not a samples file? for other JSON lines / Parquet name the text "
+                          "column with --text-field)") from None
         return table["id"].to_pylist(), table["source"].to_pylist()
     if not path.exists():
         raise KGError(f"{path}: no such file")

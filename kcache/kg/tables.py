@@ -22,8 +22,9 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -95,7 +96,8 @@ def _meta(table: pa.Table | pa.Schema) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
 
 
-def conform(table: pa.Table, name: str, where: str, *, metadata: Mapping[str, str] | None = None, **params: int) -> pa.Table:
+def conform(table: pa.Table, name: str, where: str, *, metadata: Mapping[str, str] | None = None,
+            **params: int) -> pa.Table:
     """Check ``table`` against schema ``name`` and return it with the canonical schema.
 
     Checks the ``kcache.schema``/``kcache.schema_version`` metadata when present (it is always
@@ -105,10 +107,13 @@ def conform(table: pa.Table, name: str, where: str, *, metadata: Mapping[str, st
     """
     schema = table_schema(name, **params)
     meta = _meta(table)
-    want_name, want_version = schema.metadata[b"kcache.schema"].decode(), schema.metadata[b"kcache.schema_version"].decode()
-    if "kcache.schema" in meta and (meta["kcache.schema"], meta.get("kcache.schema_version")) != (want_name, want_version):
+    want_name = schema.metadata[b"kcache.schema"].decode()
+    want_version = schema.metadata[b"kcache.schema_version"].decode()
+    if "kcache.schema" in meta and (meta["kcache.schema"],
+                                    meta.get("kcache.schema_version")) != (want_name, want_version):
         raise KGError(
-            f"{where}: is a {meta['kcache.schema']} v{meta.get('kcache.schema_version')} table, expected {want_name} v{want_version}"
+            f"{where}: is a {meta['kcache.schema']} v{meta.get('kcache.schema_version')} table, "
+            f"expected {want_name} v{want_version}"
         )
     unknown = [c for c in table.column_names if schema.get_field_index(c) < 0]
     if unknown:
@@ -164,12 +169,17 @@ def read_table_file(path: str | os.PathLike, what: str) -> pa.Table:
 # fingerprints
 
 
-def _hash_array(h: "hashlib._Hash", arr: pa.Array | pa.ChunkedArray) -> None:
+def _hash_array(h: hashlib._Hash, arr: pa.Array | pa.ChunkedArray) -> None:
     """Feed a canonical, chunking- and encoding-independent serialisation of ``arr`` to ``h``."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
     t = arr.type
-    kind = "int" if pa.types.is_integer(t) else "float" if pa.types.is_floating(t) else "str" if pa.types.is_string(t) or pa.types.is_large_string(t) else "list"
+    if pa.types.is_integer(t):
+        kind = "int"
+    elif pa.types.is_floating(t):
+        kind = "float"
+    else:
+        kind = "str" if pa.types.is_string(t) or pa.types.is_large_string(t) else "list"
     h.update(f"<{kind}:{len(arr)}>".encode())  # not str(type): list field names change on Parquet round trips
     if arr.null_count:
         h.update(b"V" + np.packbits(np.asarray(arr.is_valid(), dtype=bool)).tobytes())
@@ -184,7 +194,8 @@ def _hash_array(h: "hashlib._Hash", arr: pa.Array | pa.ChunkedArray) -> None:
         if len(filled) and offsets[-1] > offsets[0]:
             h.update(memoryview(filled.buffers()[2])[offsets[0] : offsets[-1]])
     elif pa.types.is_list(t) or pa.types.is_large_list(t):
-        h.update(np.ascontiguousarray(pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False), dtype="<i8").tobytes())
+        h.update(np.ascontiguousarray(pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False),
+                                      dtype="<i8").tobytes())
         _hash_array(h, arr.flatten())
     else:  # pragma: no cover - not used by the KG schemas
         raise KGError(f"cannot fingerprint a column of type {t}")
@@ -193,7 +204,8 @@ def _hash_array(h: "hashlib._Hash", arr: pa.Array | pa.ChunkedArray) -> None:
 def content_fingerprint(entities: pa.Table, relations: pa.Table, triples: pa.Table) -> str:
     """``sha256:…`` over the content of the three KG tables (every schema field, in order)."""
     h = hashlib.sha256(b"kcache-kg-fingerprint-v1\n")
-    for label, table, name in (("entities", entities, ENTITIES), ("relations", relations, RELATIONS), ("triples", triples, TRIPLES)):
+    for label, table, name in (("entities", entities, ENTITIES), ("relations", relations, RELATIONS),
+                               ("triples", triples, TRIPLES)):
         h.update(f"[{label}:{table.num_rows}]".encode())
         for field in table_schema(name):
             h.update(f"{field.name}=".encode())
@@ -244,7 +256,8 @@ def triples_table(head: Any, relation: Any, tail: Any, split: Any = "train") -> 
     head = np.asarray(head, dtype=np.int64)
     n = len(head)
     if isinstance(split, str):
-        split_arr = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array([split])).cast(pa.string())
+        split_arr = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)),
+                                                   pa.array([split])).cast(pa.string())
     else:
         split_arr = pa.array(list(split), pa.string())
     cols = {
@@ -264,7 +277,8 @@ def _check_dense(table: pa.Table, col: str, where: str) -> None:
     ids = table[col].to_numpy()
     if len(ids) and not np.array_equal(ids, np.arange(len(ids), dtype=np.int64)):
         bad = int(np.nonzero(ids != np.arange(len(ids)))[0][0])
-        raise KGError(f"{where}: row {bad}: {col} is {int(ids[bad])}, expected {bad} (ids must be dense, row i has id i)")
+        raise KGError(f"{where}: row {bad}: {col} is {int(ids[bad])}, "
+                      f"expected {bad} (ids must be dense, row i has id i)")
 
 
 def _check_unique(table: pa.Table, col: str, where: str) -> None:
@@ -300,10 +314,12 @@ class KG:
             v = self.triples[col].to_numpy()
             bad = np.nonzero((v < 0) | (v >= n))[0]
             if len(bad):
-                raise KGError(f"{self.where}: triples: row {int(bad[0])}: {col} {int(v[bad[0]])} is not a {what} id (0..{n - 1})")
+                raise KGError(f"{self.where}: triples: row {int(bad[0])}: "
+                              f"{col} {int(v[bad[0]])} is not a {what} id (0..{n - 1})")
         splits = set(pc.unique(self.triples["split"]).to_pylist())
         if not splits <= set(SPLITS):
-            raise KGError(f"{self.where}: triples: unknown split(s) {sorted(splits - set(SPLITS))} (expected {', '.join(SPLITS)})")
+            raise KGError(f"{self.where}: triples: unknown split(s) {sorted(splits - set(SPLITS))} "
+                          f"(expected {', '.join(SPLITS)})")
 
     @property
     def num_entities(self) -> int:
@@ -342,7 +358,8 @@ class KG:
             "name": self.name,
             "fingerprint": self.fingerprint,
             "source": self.source,
-            "counts": {"entities": self.num_entities, "relations": self.num_relations, "triples": self.num_triples, "splits": self.split_counts()},
+            "counts": {"entities": self.num_entities, "relations": self.num_relations, "triples": self.num_triples,
+                       "splits": self.split_counts()},
             "files": dict(TABLE_FILES),
         }
         embeddings = sorted(embeddings)
@@ -385,7 +402,7 @@ class KG:
         return d
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, verify: bool = True) -> "KG":
+    def load(cls, directory: str | os.PathLike, verify: bool = True) -> KG:
         """Read a KG directory; with ``verify`` the fingerprint is recomputed and checked."""
         d = Path(directory)
         mpath = d / MANIFEST_FILE
@@ -397,9 +414,11 @@ class KG:
             raise KGError(f"{mpath}: invalid JSON ({e})") from None
         validate_document(doc, MANIFEST, str(mpath))
         tables = {label: read_table_file(d / doc["files"][label], label) for label in TABLE_FILES}
-        kg = cls(doc["name"], tables["entities"], tables["relations"], tables["triples"], doc.get("source", {}), where=str(d))
+        kg = cls(doc["name"], tables["entities"], tables["relations"], tables["triples"], doc.get("source", {}),
+                 where=str(d))
         if verify and kg.fingerprint != doc["fingerprint"]:
-            raise KGError(f"{mpath}: fingerprint {doc['fingerprint']} does not match the tables ({kg.fingerprint}); the files were changed")
+            raise KGError(f"{mpath}: fingerprint {doc['fingerprint']} does not match the tables "
+                          f"({kg.fingerprint}); the files were changed")
         if not verify:
             kg.__dict__["fingerprint"] = doc["fingerprint"]
         kg.embedding_files = [d / p for p in doc.get("embeddings", [])]
@@ -479,7 +498,8 @@ def embedding_dim(table: pa.Table | pa.Schema) -> int:
     return schema.field(idx).type.list_size
 
 
-def validate_embeddings(table: pa.Table, where: str, *, metadata: Mapping[str, str] | None = None, kg: KG | None = None) -> pa.Table:
+def validate_embeddings(table: pa.Table, where: str, *, metadata: Mapping[str, str] | None = None,
+                        kg: KG | None = None) -> pa.Table:
     """Check an embeddings table: schema, metadata, strictly increasing ids, ids in range of ``kg``."""
     d = embedding_dim(table)
     table = conform(table, EMBEDDINGS, where, metadata=metadata, dim=d)
@@ -497,7 +517,8 @@ def validate_embeddings(table: pa.Table, where: str, *, metadata: Mapping[str, s
     if kg is not None:
         check_compatible(table, kg, what=(where, f"KG {kg.where}"))
         if len(ids) and ids[-1] >= kg.num_entities:
-            raise KGError(f"{where}: entity_id {int(ids[-1])} out of range for KG {kg.name} ({kg.num_entities} entities)")
+            raise KGError(f"{where}: entity_id {int(ids[-1])} out of range for KG {kg.name} "
+                          f"({kg.num_entities} entities)")
     return table
 
 
@@ -616,6 +637,7 @@ def check_compatible(*objs: Any, what: tuple[str, ...] | None = None) -> str:
         if fp != first_fp:
             raise KGCompatibilityError(
                 f"{desc} was built from KG {fp[:19]}…, but {first_what} is of KG {first_fp[:19]}…; "
-                "links, embeddings and entities must come from the same KG (re-link or re-embed against one KG directory)"
+                "links, embeddings and entities must come from the same KG (re-link or re-embed "
+                "against one KG directory)"
             )
     return first_fp

@@ -38,8 +38,9 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterable, Sequence
+from typing import Any
 
 import pyarrow as pa
 import torch
@@ -87,7 +88,8 @@ def _records(samples: Any) -> list[dict]:
     return [dict(r) for r in samples]
 
 
-def encode_example(tokenizer, rec: dict, template: TemplateSpec, max_length: int, target: str | None = None, row: int = 0) -> Example | None:
+def encode_example(tokenizer, rec: dict, template: TemplateSpec, max_length: int, target: str | None = None,
+                   row: int = 0) -> Example | None:
     """Tokenise ``D(K, x) -> target`` for one sample (``target`` defaults to the sample's own).
 
     With knowledge: :func:`kcache.align.encode_sample` (knowledge cut to fit ``max_length``).
@@ -109,7 +111,8 @@ def encode_example(tokenizer, rec: dict, template: TemplateSpec, max_length: int
     return Example(list(k_ids) + list(x_ids), [False] * len(k_ids) + list(tmask), len(k_ids) + bos, row)
 
 
-def encode_examples(tokenizer, records: Sequence[dict], template: TemplateSpec, max_length: int) -> tuple[list[Example], int]:
+def encode_examples(tokenizer, records: Sequence[dict], template: TemplateSpec,
+                    max_length: int) -> tuple[list[Example], int]:
     """``(examples, skipped)`` for the records that have at least one target token."""
     out, skipped = [], 0
     for i, rec in enumerate(records):
@@ -142,7 +145,8 @@ def collate(examples: Sequence[Example], pad: int, device: torch.device | str = 
     return {"input_ids": ids.to(device), "attention_mask": att.to(device), "target_mask": tgt.to(device)}
 
 
-def target_token_losses(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def target_token_losses(logits: torch.Tensor, input_ids: torch.Tensor,
+                        target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example ``(sum of target-token cross-entropies, number of target tokens)``.
 
     Token ``j`` is predicted from position ``j - 1``; position 0 is never a target.
@@ -150,7 +154,8 @@ def target_token_losses(logits: torch.Tensor, input_ids: torch.Tensor, target_ma
     logits = logits[:, :-1].float()
     labels = input_ids[:, 1:]
     mask = target_mask[:, 1:]
-    ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none").view_as(labels)
+    ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                     reduction="none").view_as(labels)
     ce = ce * mask
     return ce.sum(1), mask.sum(1)
 
@@ -187,7 +192,7 @@ def train_loop(
     warmup: float = 0.1,
     max_grad_norm: float = 1.0,
     reg_fn: Callable[[], torch.Tensor | float] | None = None,
-    prepare: Callable[[Sequence[Example]], ContextManager] | None = None,
+    prepare: Callable[[Sequence[Example]], contextlib.AbstractContextManager] | None = None,
     log_every: int = 0,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
@@ -233,10 +238,13 @@ def train_loop(
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
-            rec = {"step": step + 1, "loss": float(loss.detach()), "task_loss": float(task.detach()), "reg_loss": float(reg.detach() if torch.is_tensor(reg) else reg), "lr": opt.param_groups[0]["lr"], "tokens": int(n.sum())}
+            rec = {"step": step + 1, "loss": float(loss.detach()), "task_loss": float(task.detach()),
+                   "reg_loss": float(reg.detach() if torch.is_tensor(reg) else reg), "lr": opt.param_groups[0]["lr"],
+                   "tokens": int(n.sum())}
             history.append(rec)
             if log_every and ((step + 1) % log_every == 0 or step + 1 == total):
-                log(f"step {step + 1}/{total}  loss {rec['loss']:.4f}  task {rec['task_loss']:.4f}  reg {rec['reg_loss']:.3g}  lr {rec['lr']:.2e}  {time.perf_counter() - t0:.0f}s")
+                log(f"step {step + 1}/{total}  loss {rec['loss']:.4f}  task {rec['task_loss']:.4f}  reg "
+                    f"{rec['reg_loss']:.3g}  lr {rec['lr']:.2e}  {time.perf_counter() - t0:.0f}s")
     finally:
         model.eval()
     return history
@@ -248,7 +256,8 @@ def train_loop(
 
 @torch.no_grad()
 def mean_target_loss(model: nn.Module, examples: Sequence[Example], pad: int, batch_size: int = 16,
-                     prepare: Callable[[Sequence[Example]], ContextManager] | None = None) -> list[float]:
+                     prepare: Callable[[Sequence[Example]],
+                                       contextlib.AbstractContextManager] | None = None) -> list[float]:
     """Mean target-token loss of each example (batched, in the given order)."""
     model.eval()
     device = model_device(model)
@@ -266,8 +275,10 @@ def mean_target_loss(model: nn.Module, examples: Sequence[Example], pad: int, ba
     return out
 
 
-def multiple_choice_scores(model: nn.Module, tokenizer, samples: Any, *, batch_size: int = 16, template: TemplateSpec = TemplateSpec(),
-                           max_length: int = 1024, prepare: Callable[[Sequence[Example]], ContextManager] | None = None) -> list[list[float]]:
+def multiple_choice_scores(model: nn.Module, tokenizer, samples: Any, *, batch_size: int = 16,
+                           template: TemplateSpec = TemplateSpec(), max_length: int = 1024,
+                           prepare: Callable[[Sequence[Example]], contextlib.AbstractContextManager] | None = None,
+                           ) -> list[list[float]]:
     """Mean loss of every option's answer tokens, per sample (``D(K, x + option)``; ``D(x + option)``
     when a sample has no knowledge). Batched over all (sample, option) pairs, shortest first."""
     records = _records(samples)
@@ -276,11 +287,13 @@ def multiple_choice_scores(model: nn.Module, tokenizer, samples: Any, *, batch_s
     for i, rec in enumerate(records):
         opts = rec.get("options")
         if not opts:
-            raise ValueError(f"sample {rec.get('id', i)!r} has no options (multiple choice needs 'options' and 'label')")
+            raise ValueError(f"sample {rec.get('id', i)!r} has no options (multiple choice "
+                             "needs 'options' and 'label')")
         for j, opt in enumerate(opts):
             ex = encode_example(tokenizer, rec, template, max_length, target=opt, row=i)
             if ex is None or not any(ex.target_mask):
-                raise ValueError(f"sample {rec.get('id', i)!r}: option {j} ({opt!r}) cannot be scored (too long or empty)")
+                raise ValueError(f"sample {rec.get('id', i)!r}: "
+                                 f"option {j} ({opt!r}) cannot be scored (too long or empty)")
             pairs.append((i, j))
             examples.append(ex)
     losses = mean_target_loss(model, examples, pad_id(tokenizer), batch_size, prepare)
@@ -290,7 +303,8 @@ def multiple_choice_scores(model: nn.Module, tokenizer, samples: Any, *, batch_s
     return scores
 
 
-def multiple_choice_accuracy(model: nn.Module, tokenizer, samples: Any, *, batch_size: int = 16, return_details: bool = False, **kwargs: Any):
+def multiple_choice_accuracy(model: nn.Module, tokenizer, samples: Any, *, batch_size: int = 16,
+                             return_details: bool = False, **kwargs: Any):
     """Fraction of samples (with a ``label``) whose lowest-mean-loss option is the labelled one.
 
     ``samples``: a samples table, a path or a list of dicts in CommonsenseQA layout (``source``,
@@ -429,11 +443,12 @@ class TrainResult:
         return self.config["total_params"]
 
 
-def lora_config(method: str, *, rank: int, alpha: float, dropout: float, targets: Sequence[str], layers: Sequence[int] | None,
-                kasa_beta: float, kasa_gamma: float):
+def lora_config(method: str, *, rank: int, alpha: float, dropout: float, targets: Sequence[str],
+                layers: Sequence[int] | None, kasa_beta: float, kasa_gamma: float):
     from peft import KasaConfig, LoraConfig
 
-    kw: dict[str, Any] = dict(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none", task_type="CAUSAL_LM")
+    kw: dict[str, Any] = dict(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
+                              task_type="CAUSAL_LM")
     if layers is not None:
         kw["layers_to_transform"] = list(layers)
     if method == "kasa":
@@ -503,22 +518,24 @@ def train_baseline(
     cfg: dict[str, Any] = {
         "format": "kcache-method", "version": 1, "method": method,
         "model": decoder.fingerprint.to_dict(),
-        "train": {"samples": len(records), "used": len(examples), "skipped": skipped, "steps": steps, "epochs": epochs, "lr": lr,
-                  "batch_size": batch_size, "seed": seed, "warmup": warmup, "max_length": max_length, "split": split,
-                  "template": dataclasses.asdict(template)},
+        "train": {"samples": len(records), "used": len(examples), "skipped": skipped, "steps": steps, "epochs": epochs,
+                  "lr": lr, "batch_size": batch_size, "seed": seed, "warmup": warmup, "max_length": max_length,
+                  "split": split, "template": dataclasses.asdict(template)},
     }
     reg_fn = None
     if method in ("lora", "kasa"):
         from peft import get_peft_model
 
         names = target_linear_names(model, targets, layers)
-        cfg["lora"] = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": list(targets), "layers": None if layers is None else list(layers)}
+        cfg["lora"] = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": list(targets),
+                       "layers": None if layers is None else list(layers)}
         cfg["base_weights_hash"] = weights_hash(model, names)
         if method == "kasa":
             cfg["kasa"] = {"beta": kasa_beta, "gamma": kasa_gamma}
             save_original_weights(model, names, out / ORIGINAL_WEIGHTS)
             cfg["original_weights"] = ORIGINAL_WEIGHTS
-        pcfg = lora_config(method, rank=rank, alpha=alpha, dropout=dropout, targets=targets, layers=layers, kasa_beta=kasa_beta, kasa_gamma=kasa_gamma)
+        pcfg = lora_config(method, rank=rank, alpha=alpha, dropout=dropout, targets=targets, layers=layers,
+                           kasa_beta=kasa_beta, kasa_gamma=kasa_gamma)
         model = get_peft_model(model, pcfg)
         if method == "kasa":
             reg_fn = lambda: kasa_loss(model)  # noqa: E731
@@ -529,7 +546,8 @@ def train_baseline(
         params = list(dict.fromkeys(model.parameters()))  # tied weights once
     trainable, total = count_parameters(model)
     cfg["trainable_params"], cfg["total_params"] = trainable, total
-    log(f"{method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f} %); {len(examples)} samples ({skipped} skipped)")
+    log(f"{method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f} %); "
+        f"{len(examples)} samples ({skipped} skipped)")
     history = train_loop(model, examples, params, pad=pad_id(decoder.tokenizer), steps=steps, epochs=epochs, lr=lr,
                          batch_size=batch_size, seed=seed, warmup=warmup, reg_fn=reg_fn, log_every=log_every, log=log)
     if method == "sft":
@@ -572,7 +590,8 @@ def read_method_config(directory: str | os.PathLike) -> dict:
 def check_fingerprint(cfg: dict, decoder: Decoder, where: str) -> None:
     want = ModelFingerprint.from_dict(cfg["model"])
     if not want.matches(decoder.fingerprint):
-        raise ModelError(f"{where} was trained on model {want.name!r}, this decoder ({decoder.fingerprint.name!r}) differs in "
+        raise ModelError(f"{where} was trained on model {want.name!r}, "
+                         f"this decoder ({decoder.fingerprint.name!r}) differs in "
                          + ", ".join(want.diff(decoder.fingerprint)) + "; pass strict=False to load it anyway")
 
 
@@ -600,8 +619,8 @@ def load_baseline(directory: str | os.PathLike, decoder: Decoder, strict: bool =
 
     names = target_linear_names(decoder.model, cfg["lora"]["targets"], cfg["lora"]["layers"])
     if strict and weights_hash(decoder.model, names) != cfg["base_weights_hash"]:
-        raise ModelError(f"{d}: the decoder's {len(names)} targeted base weights are not the ones the adapter was trained on "
-                         "(already KaSA-truncated or changed?); load a fresh decoder")
+        raise ModelError(f"{d}: the decoder's {len(names)} targeted base weights are not the ones "
+                         "the adapter was trained on (already KaSA-truncated or changed?); load a fresh decoder")
     model = PeftModel.from_pretrained(decoder.model, str(d / ADAPTER_DIR))
     model.eval()
     return model

@@ -42,16 +42,17 @@ import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 from torch import nn
 
-from kcache.methods import baselines as B
 from kcache.align import TemplateSpec, adds_bos
+from kcache.methods import baselines as B
 from kcache.models import Decoder, LayerAdapter, ModelError
 
 CONFIG_FILE = "kcache-method.json"
@@ -100,10 +101,10 @@ class LinkBatch:
     def batch_size(self) -> int:
         return self.spans.shape[0]
 
-    def to(self, device) -> "LinkBatch":
+    def to(self, device) -> LinkBatch:
         return LinkBatch(self.spans.to(device), self.entity_ids.to(device))
 
-    def expand(self, batch: int) -> "LinkBatch":
+    def expand(self, batch: int) -> LinkBatch:
         """Repeat each row ``batch // B`` times (``generate`` with beams / several sequences)."""
         if batch == self.batch_size:
             return self
@@ -134,7 +135,8 @@ def collate_links(rows: Sequence[tuple[Any, Any] | None], k: int, device: torch.
 class KnowLALayer(nn.Module):
     """One adaptation layer (see the module docstring for the equations)."""
 
-    def __init__(self, hidden_size: int, kg_dim: int, intermediate_size: int = 1024, gate_init: float = 0.5, value: str = "mapped", eps: float = 1e-6):
+    def __init__(self, hidden_size: int, kg_dim: int, intermediate_size: int = 1024, gate_init: float = 0.5,
+                 value: str = "mapped", eps: float = 1e-6):
         super().__init__()
         if value not in ("mapped", "raw"):
             raise ValueError(f"value must be 'mapped' or 'raw', not {value!r}")
@@ -145,7 +147,8 @@ class KnowLALayer(nn.Module):
         self.fuse = nn.Linear(hidden_size + (hidden_size if value == "mapped" else kg_dim), hidden_size)
         self.gate = nn.Parameter(torch.tensor(float(gate_init)))
 
-    def attention(self, hn: torch.Tensor, member: torch.Tensor, entity_ids: torch.Tensor, table: torch.Tensor, has_vector: torch.Tensor):
+    def attention(self, hn: torch.Tensor, member: torch.Tensor, entity_ids: torch.Tensor, table: torch.Tensor,
+                  has_vector: torch.Tensor):
         """Queries, slot weights ``(B, W, k+1)`` (slot 0..k-1 entities, slot k the sentinel), values."""
         m = member.to(hn.dtype)
         query = (m @ hn) / m.sum(-1, keepdim=True).clamp(min=1)  # (B, W, H): mean of the word's subtokens
@@ -161,14 +164,16 @@ class KnowLALayer(nn.Module):
         weights = torch.softmax(logits.masked_fill(~slot_ok, float("-inf")), dim=-1)
         return weights, (mapped if self.value == "mapped" else ent)
 
-    def forward(self, h: torch.Tensor, links: LinkBatch, positions: torch.Tensor, table: torch.Tensor, has_vector: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, links: LinkBatch, positions: torch.Tensor, table: torch.Tensor,
+                has_vector: torch.Tensor) -> torch.Tensor:
         """``h`` (B, T, H) at absolute ``positions`` (T,) -> ``h`` plus gated knowledge on linked subtokens."""
         dt = self.gate.dtype
         x = h.to(dt)
         hn = self.norm(x)
         start, end = links.spans[..., 0], links.spans[..., 1]  # (B, W)
         inside = (end > start) & (start >= positions[0]) & (end <= positions[-1] + 1)  # whole word in this chunk
-        member = (positions >= start.unsqueeze(-1)) & (positions < end.unsqueeze(-1)) & inside.unsqueeze(-1)  # (B, W, T)
+        # (B, W, T)
+        member = (positions >= start.unsqueeze(-1)) & (positions < end.unsqueeze(-1)) & inside.unsqueeze(-1)
         weights, values = self.attention(hn, member, links.entity_ids, table, has_vector)
         knowledge = (weights.unsqueeze(-1) * values).sum(2)  # (B, W, Hv)
         m = member.to(dt).transpose(1, 2)  # (B, T, W)
@@ -191,7 +196,8 @@ class KnowLA(nn.Module):
     hold only the trained parameters.
     """
 
-    def __init__(self, vectors: torch.Tensor, hidden_size: int, layers: Sequence[int], *, has_vector: torch.Tensor | None = None,
+    def __init__(self, vectors: torch.Tensor, hidden_size: int, layers: Sequence[int], *,
+                 has_vector: torch.Tensor | None = None,
                  intermediate_size: int = 1024, gate_init: float = 0.5, value: str = "mapped", eps: float = 1e-6):
         super().__init__()
         self.layer_ids = sorted(int(l) for l in layers)
@@ -200,7 +206,8 @@ class KnowLA(nn.Module):
         self.register_buffer("table", vectors, persistent=False)
         hv = torch.ones(vectors.shape[0], dtype=torch.bool) if has_vector is None else has_vector.bool()
         self.register_buffer("has_vector", hv, persistent=False)
-        self.layers = nn.ModuleDict({str(l): KnowLALayer(hidden_size, vectors.shape[1], intermediate_size, gate_init, value, eps) for l in self.layer_ids})
+        self.layers = nn.ModuleDict({str(l): KnowLALayer(hidden_size, vectors.shape[1], intermediate_size, gate_init,
+                                                         value, eps) for l in self.layer_ids})
         self.settings = {"layers": self.layer_ids, "hidden_size": hidden_size, "kg_dim": int(vectors.shape[1]),
                          "intermediate_size": intermediate_size, "gate_init": gate_init, "value": value, "eps": eps}
         self._links: LinkBatch | None = None
@@ -221,7 +228,7 @@ class KnowLA(nn.Module):
 
     # -- hooks ----------------------------------------------------------------------------
 
-    def attach(self, model: nn.Module) -> "KnowLA":
+    def attach(self, model: nn.Module) -> KnowLA:
         """Register the hooks on ``model`` (a transformers model or a ``PeftModel`` over one)."""
         self.detach()
         adapter = LayerAdapter(B._unwrap(model))
@@ -229,7 +236,8 @@ class KnowLA(nn.Module):
         if bad:
             raise ModelError(f"KnowLA layer {bad[0]} out of range: this model has layers 0..{adapter.num_layers - 1}")
         if adapter.hidden_size != self.settings["hidden_size"]:
-            raise ModelError(f"KnowLA was built for hidden size {self.settings['hidden_size']}, the model has {adapter.hidden_size}")
+            raise ModelError(f"KnowLA was built for hidden size {self.settings['hidden_size']}, "
+                             f"the model has {adapter.hidden_size}")
         self._handles.append(adapter.backbone().register_forward_pre_hook(self._pre_hook, with_kwargs=True))
         for l in self.layer_ids:
             self._handles.append(adapter.block(l).register_forward_hook(self._make_hook(self.layers[str(l)])))
@@ -262,15 +270,24 @@ class KnowLA(nn.Module):
 def random_embeddings(table: pa.Table, seed: int = 0) -> pa.Table:
     """An embeddings table of the same KG, ids and shape with Gaussian vectors that match the
     per-dimension mean and standard deviation of ``table`` (the "random entity vectors" ablation)."""
-    from kcache.kg.tables import META_KG_FINGERPRINT, META_KG_NAME, _meta, embedding_info, embeddings_table, embeddings_to_numpy
+    from kcache.kg.tables import (
+        META_KG_FINGERPRINT,
+        META_KG_NAME,
+        _meta,
+        embedding_info,
+        embeddings_table,
+        embeddings_to_numpy,
+    )
 
     ids, vec = embeddings_to_numpy(table)
     rng = np.random.default_rng(seed)
     rand = rng.standard_normal(vec.shape).astype(np.float32) * vec.std(0, keepdims=True) + vec.mean(0, keepdims=True)
     meta = _meta(table)
     info = embedding_info(table)
-    return embeddings_table(rand.astype(np.float32), kg_name=meta[META_KG_NAME], kg_fingerprint=meta[META_KG_FINGERPRINT],
-                            model="random", source=f"random(seed={seed}) like {info['model']}", params={"seed": seed, "like": info["model"]}, entity_ids=ids)
+    return embeddings_table(rand.astype(np.float32), kg_name=meta[META_KG_NAME],
+                            kg_fingerprint=meta[META_KG_FINGERPRINT],
+                            model="random", source=f"random(seed={seed}) like {info['model']}",
+                            params={"seed": seed, "like": info["model"]}, entity_ids=ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +304,8 @@ class LinkIndex:
         self.k = links.schema.field("entity_ids").type.list_size
         self.with_specials = json.loads(self.meta.get("kcache.link.add_special_tokens", "false"))
         sid = links["sample_id"].to_pylist()
-        spans = np.stack([links["token_start"].to_numpy(), links["token_end"].to_numpy()], axis=1) if links.num_rows else np.zeros((0, 2), np.int64)
+        spans = np.stack([links["token_start"].to_numpy(), links["token_end"].to_numpy()],
+                         axis=1) if links.num_rows else np.zeros((0, 2), np.int64)
         col = links["entity_ids"].combine_chunks()
         ids = col.flatten().to_numpy().reshape(-1, self.k) if links.num_rows else np.zeros((0, self.k), np.int64)
         self.rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -304,9 +322,11 @@ class LinkIndex:
 
         want = self.meta.get("kcache.link.tokenizer_fingerprint")
         if want and want != tokenizer_fingerprint(tokenizer):
-            raise KGError(f"the links were made with tokenizer {self.meta.get('kcache.link.tokenizer', '?')!r}, which is not this model's; re-link with --tokenizer set to the model")
+            raise KGError(f"the links were made with tokenizer {self.meta.get('kcache.link.tokenizer', '?')!r}, "
+                          "which is not this model's; re-link with --tokenizer set to the model")
 
-    def for_example(self, sample_id: str, input_ids: Sequence[int], offset: int, source_ids: Sequence[int], bos: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
+    def for_example(self, sample_id: str, input_ids: Sequence[int], offset: int, source_ids: Sequence[int],
+                    bos: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
         """Links of ``sample_id`` shifted to positions in ``input_ids``.
 
         ``offset``: index of the source's first token in ``input_ids`` (``Example.source_offset``,
@@ -340,8 +360,10 @@ class LinkFeeder:
         rows = []
         for ex in examples:
             if ex.row not in self._src:
-                self._src[ex.row] = self.tokenizer(self.records[ex.row]["source"], add_special_tokens=False)["input_ids"]
-            rows.append(self.index.for_example(str(self.records[ex.row]["id"]), ex.input_ids, ex.source_offset, self._src[ex.row], self.bos))
+                self._src[ex.row] = self.tokenizer(self.records[ex.row]["source"],
+                                                   add_special_tokens=False)["input_ids"]
+            rows.append(self.index.for_example(str(self.records[ex.row]["id"]), ex.input_ids, ex.source_offset,
+                                               self._src[ex.row], self.bos))
         return collate_links(rows, self.index.k, self.knowla.table.device)
 
     def __call__(self, examples: Sequence[B.Example]):
@@ -420,13 +442,15 @@ def train_knowla(
     nl = decoder.layers.num_layers
     layers = [nl // 2] if layers is None else list(layers)
     torch.manual_seed(seed)
-    knowla = KnowLA(vectors, decoder.layers.hidden_size, layers, has_vector=has, intermediate_size=intermediate_size, gate_init=gate_init, value=value)
+    knowla = KnowLA(vectors, decoder.layers.hidden_size, layers, has_vector=has, intermediate_size=intermediate_size,
+                    gate_init=gate_init, value=value)
     knowla.to(decoder.device)
     model = decoder.model
     if lora:
         from peft import get_peft_model
 
-        model = get_peft_model(model, B.lora_config("lora", rank=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=targets, layers=None, kasa_beta=0, kasa_gamma=0))
+        model = get_peft_model(model, B.lora_config("lora", rank=lora_r, alpha=lora_alpha, dropout=lora_dropout,
+                                                    targets=targets, layers=None, kasa_beta=0, kasa_gamma=0))
     knowla.attach(model)
     examples, skipped = B.encode_examples(decoder.tokenizer, records, template, max_length)
     feeder = LinkFeeder(knowla, decoder.tokenizer, records, index)
@@ -435,10 +459,12 @@ def train_knowla(
     n_knowla = sum(p.numel() for p in knowla.parameters())
     total = B.count_parameters(model)[1]
     log(f"knowla: {n_knowla:,} adaptation + {n_lora:,} LoRA trainable parameters; decoder {total - n_lora:,} frozen; "
-        f"layers {layers}; {len(examples)} samples ({skipped} skipped), {sum(len(index.rows[str(r['id'])][0]) for r in records if str(r['id']) in index.rows)} links")
+        f"layers {layers}; {len(examples)} samples ({skipped} skipped), "
+        f"{sum(len(index.rows[str(r['id'])][0]) for r in records if str(r['id']) in index.rows)} links")
     knowla.train()
     try:
-        history = B.train_loop(model, examples, params, pad=B.pad_id(decoder.tokenizer), steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
+        history = B.train_loop(model, examples, params, pad=B.pad_id(decoder.tokenizer), steps=steps, epochs=epochs,
+                               lr=lr, batch_size=batch_size,
                                seed=seed, warmup=warmup, prepare=feeder, log_every=log_every, log=log)
     finally:
         knowla.eval()
@@ -458,15 +484,17 @@ def train_knowla(
         "format": "kcache-method", "version": 1, "method": "knowla",
         "model": decoder.fingerprint.to_dict(),
         "knowla": knowla.settings,
-        "lora": {"rank": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "targets": list(targets), "layers": None} if lora else None,
-        "kg": {"name": info["kg_name"], "fingerprint": info["kg_fingerprint"], "embedding_model": info["model"], "embedding_dim": info["dim"],
+        "lora": {"rank": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "targets": list(targets),
+                 "layers": None} if lora else None,
+        "kg": {"name": info["kg_name"], "fingerprint": info["kg_fingerprint"], "embedding_model": info["model"],
+               "embedding_dim": info["dim"],
                "embedding_source": info["source"], "embedding_rows": info["rows"], "link_k": index.k,
                "link_tokenizer_fingerprint": _meta(links_t).get("kcache.link.tokenizer_fingerprint")},
-        "train": {"samples": len(records), "used": len(examples), "skipped": skipped, "steps": steps, "epochs": epochs, "lr": lr,
-                  "batch_size": batch_size, "seed": seed, "warmup": warmup, "max_length": max_length, "split": split,
-                  "template": dataclasses.asdict(template), "links_dropped_misaligned": index.dropped},
-        "trainable_params": n_lora + n_knowla, "knowla_params": n_knowla, "lora_params": n_lora, "total_params": total + n_knowla,
-        "history": history, "final_loss": history[-1]["task_loss"],
+        "train": {"samples": len(records), "used": len(examples), "skipped": skipped, "steps": steps, "epochs": epochs,
+                  "lr": lr, "batch_size": batch_size, "seed": seed, "warmup": warmup, "max_length": max_length,
+                  "split": split, "template": dataclasses.asdict(template), "links_dropped_misaligned": index.dropped},
+        "trainable_params": n_lora + n_knowla, "knowla_params": n_knowla, "lora_params": n_lora,
+        "total_params": total + n_knowla, "history": history, "final_loss": history[-1]["task_loss"],
     }
     B.write_method_config(out / CONFIG_FILE, cfg)
     result = B.TrainResult(model, "knowla", out, cfg, history)
@@ -474,7 +502,8 @@ def train_knowla(
     return result
 
 
-def load_knowla(directory: str | os.PathLike, decoder: Decoder, embeddings: Any, strict: bool = True) -> tuple[nn.Module, KnowLA]:
+def load_knowla(directory: str | os.PathLike, decoder: Decoder, embeddings: Any,
+                strict: bool = True) -> tuple[nn.Module, KnowLA]:
     """Reload a :func:`train_knowla` run onto a fresh ``decoder``: ``(model, knowla)`` with the
     hooks attached. ``embeddings`` must be of the KG the run was trained with (checked)."""
     from safetensors.torch import load_file
@@ -493,8 +522,9 @@ def load_knowla(directory: str | os.PathLike, decoder: Decoder, embeddings: Any,
 
     info = embedding_info(emb_t)
     if strict and (info["model"], info["source"]) != (cfg["kg"]["embedding_model"], cfg["kg"]["embedding_source"]):
-        raise ModelError(f"{d} was trained with {cfg['kg']['embedding_model']} vectors ({cfg['kg']['embedding_source']}), "
-                         f"these are {info['model']} ({info['source']}); pass strict=False to use them anyway")
+        raise ModelError(f"{d} was trained with {cfg['kg']['embedding_model']} vectors "
+                         f"({cfg['kg']['embedding_source']}), these are {info['model']} ({info['source']}); "
+                         "pass strict=False to use them anyway")
     s = cfg["knowla"]
     if vectors.shape[1] != s["kg_dim"]:
         raise ModelError(f"{d} was trained with {s['kg_dim']}-dim entity vectors, these have {vectors.shape[1]}")

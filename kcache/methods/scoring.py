@@ -81,7 +81,8 @@ def baseline_method_fn(directory: str | Path, strict: bool = True):
     def fn(decoder: Decoder, batch: EvalBatch) -> list[torch.Tensor]:
         dec, model = loaded_baseline(decoder, directory, strict=strict)
         items = batch.items
-        return score_sequences(dec, [it.k_ids + it.x_ids for it in items], [len(it.k_ids) for it in items], items, model=model)
+        return score_sequences(dec, [it.k_ids + it.x_ids for it in items], [len(it.k_ids) for it in items], items,
+                               model=model)
 
     fn.__name__ = f"base_{directory.name}"
     return fn

@@ -25,14 +25,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from kcache.location import Location
+from kcache.cache.format import ATTRS_KEY, DTYPES, FORMAT, MANIFEST, SCHEMA_VERSION, CacheError, decode_rows
+from kcache.cache.location import Location
+from kcache.cache.lossy import dequantize_int8_rows
 from kcache.paths import check_manifest_paths, local_tree_problems, safe_local_path
 from kcache.schemas import SchemaError, arrow_schema, validate_document
-from kcache.store import ATTRS_KEY, DTYPES, FORMAT, SCHEMA_VERSION, CacheError, decode_rows
-
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "kcache-manifest"
-MANIFEST_VERSION = 1
 
 # Codecs a cache may use (zarr v3 names). Anything else — numcodecs' pickle, object codecs,
 # codecs this kcache does not know — is refused before zarr would instantiate it.
@@ -87,7 +84,8 @@ def codec_problems(codecs: list, where: str) -> list[str]:
     for c in codecs:
         name = c.get("name") if isinstance(c, dict) else c
         if name not in SAFE_CODECS:
-            out.append(f"{where}: codec {name!r} is not allowed in a kcache cache (allowed: {', '.join(sorted(SAFE_CODECS))}); refusing to read it")
+            out.append(f"{where}: codec {name!r} is not allowed in a kcache cache (allowed: "
+                       f"{', '.join(sorted(SAFE_CODECS))}); refusing to read it")
             continue
         conf = c.get("configuration", {}) if isinstance(c, dict) else {}
         for key in ("codecs", "index_codecs"):
@@ -104,14 +102,16 @@ def array_meta_problems(doc: dict, where: str, shape: tuple[int, ...], dtype: st
     if doc.get("data_type") != dtype:
         out.append(f"{where}: data type {doc.get('data_type')!r}, expected {dtype!r}")
     if tuple(doc.get("shape", ())) != tuple(shape):
-        out.append(f"{where}: shape {tuple(doc.get('shape', ()))} disagrees with the index, which implies {tuple(shape)}")
+        out.append(f"{where}: shape {tuple(doc.get('shape', ()))} disagrees with the index, "
+                   f"which implies {tuple(shape)}")
     grid = doc.get("chunk_grid", {})
     if grid.get("name") != "regular":
         out.append(f"{where}: chunk grid {grid.get('name')!r} is not 'regular'")
     return out
 
 
-def capacity_problems(name: str, doc: dict, shape: tuple[int, ...], dtype: str, sizes: dict[str, int] | None, where: str) -> list[str]:
+def capacity_problems(name: str, doc: dict, shape: tuple[int, ...], dtype: str, sizes: dict[str, int] | None,
+                      where: str) -> list[str]:
     """A claimed shape that its stored chunk files cannot hold (``sizes``: every file of the part -> bytes)."""
     grid = (doc.get("chunk_grid") or {}).get("configuration", {}).get("chunk_shape")
     if not (isinstance(grid, list) and len(grid) == len(shape) and all(isinstance(g, int) and g > 0 for g in grid)):
@@ -121,8 +121,9 @@ def capacity_problems(name: str, doc: dict, shape: tuple[int, ...], dtype: str, 
     claimed = int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
     stored = sum(n for rel, n in sizes.items() if rel.startswith(f"{name}/c/"))
     if claimed > MAX_COMPRESSION * stored + CAPACITY_SLACK:
-        return [f"{where}: shape {tuple(shape)} ({claimed:,} bytes) is more than its chunk files ({stored:,} bytes) can hold; "
-                "refusing a size the files do not back (edited index x_len/k_len, vocab_size or hidden_size?)"]
+        return [f"{where}: shape {tuple(shape)} ({claimed:,} bytes) is more than its chunk files "
+                f"({stored:,} bytes) can hold; refusing a size the files do not back (edited index x_len/k_len, "
+                "vocab_size or hidden_size?)"]
     return []
 
 
@@ -141,8 +142,8 @@ def index_problems(index: pa.Table, rows: int, tokens: int, where: str) -> list[
         hit = np.nonzero(bad)[0]
         if len(hit):
             i = int(hit[0])
-            out.append(f"{where}: row {i} (sample {ids[i]!r}): {name} (row_offset {ro[i]}, x_len {xl[i]}, tok_offset {to[i]}, k_len {kl[i]}; "
-                       f"arrays hold {rows} rows and {tokens} tokens)")
+            out.append(f"{where}: row {i} (sample {ids[i]!r}): {name} (row_offset {ro[i]}, x_len {xl[i]}, "
+                       f"tok_offset {to[i]}, k_len {kl[i]}; arrays hold {rows} rows and {tokens} tokens)")
     return out
 
 
@@ -166,10 +167,12 @@ def read_group_attrs(loc: Location) -> dict:
         raise CacheError(f"{loc.url('zarr.json')}: not a zarr v3 group")
     attrs = (doc.get("attributes") or {}).get(ATTRS_KEY)
     if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
-        raise CacheError(f"{loc.url('zarr.json')}: not a kcache cache (attribute '{ATTRS_KEY}.format' is not {FORMAT!r})")
+        raise CacheError(f"{loc.url('zarr.json')}: "
+                         f"not a kcache cache (attribute '{ATTRS_KEY}.format' is not {FORMAT!r})")
     if attrs.get("schema_version") != SCHEMA_VERSION:
         raise CacheError(
-            f"{loc.url('zarr.json')}: cache schema version {attrs.get('schema_version')!r}, this kcache reads version {SCHEMA_VERSION}; "
+            f"{loc.url('zarr.json')}: cache schema version {attrs.get('schema_version')!r}, "
+            f"this kcache reads version {SCHEMA_VERSION}; "
             "re-extract it with this kcache or use a matching kcache release"
         )
     try:
@@ -225,8 +228,11 @@ def local_part_sizes(root: Location, part: Location, files: dict[str, dict] | No
         # file must have exactly that size, so a forged manifest cannot vouch for bytes that are not there.
         real, want = sizes.get(rel), int(f["size"])
         if real is not None and real != want:
-            problems.append(f"{part.local_path / rel}: " + (f"longer than the {want} bytes its manifest records ({real} bytes)" if real > want
-                            else f"truncated: {real} of the {want} bytes its manifest records"))
+            if real > want:
+                problems.append(f"{part.local_path / rel}: longer than the {want} bytes its manifest records "
+                                f"({real} bytes)")
+            else:
+                problems.append(f"{part.local_path / rel}: truncated: {real} of the {want} bytes its manifest records")
     if problems:
         raise CacheError("untrusted cache rejected:\n  " + "\n  ".join(problems[:20])
                          + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
@@ -252,11 +258,14 @@ class Part:
     _arrays: dict = field(default_factory=dict)
 
     @classmethod
-    def open(cls, loc: Location, name: str = ".", exclude=(), require_complete: bool = True, sizes: dict[str, int] | None = None) -> "Part":
-        """Open and check one store; ``sizes`` (file -> bytes: the manifest's, or a local listing) bounds every claimed shape."""
+    def open(cls, loc: Location, name: str = ".", exclude=(), require_complete: bool = True,
+             sizes: dict[str, int] | None = None) -> Part:
+        """Open and check one store; ``sizes`` (file -> bytes: the manifest's, or a local listing) bounds
+        every claimed shape."""
         attrs = read_group_attrs(loc)
         if require_complete and attrs["status"] != "complete":
-            raise CacheError(f"{loc}: extraction is not complete (status {attrs['status']!r}); rerun the same `kcache extract` command to resume")
+            raise CacheError(f"{loc}: extraction is not complete (status {attrs['status']!r}); "
+                             "rerun the same `kcache extract` command to resume")
         index = read_index(loc)
         rows = int(index["x_len"].to_numpy().astype(np.int64).sum())
         tokens = int((index["x_len"].to_numpy().astype(np.int64) + index["k_len"].to_numpy().astype(np.int64)).sum())
@@ -363,7 +372,8 @@ class Cache:
         for p in parts[1:]:
             diffs = settings_differences(first["settings"], p.attrs["settings"])
             if diffs:
-                raise CacheError(f"{loc}: part {p.name} was made with other settings than part {parts[0].name} ({'; '.join(diffs)})")
+                raise CacheError(f"{loc}: part {p.name} was made with other settings than part "
+                                 f"{parts[0].name} ({'; '.join(diffs)})")
         self.row_base = np.cumsum([0] + [p.rows for p in parts])
         self.tok_base = np.cumsum([0] + [p.tokens for p in parts])
         tables, part_of = [], []
@@ -372,8 +382,10 @@ class Cache:
             if p.exclude:
                 keep = np.array([sid not in p.exclude for sid in t["sample_id"].to_pylist()], dtype=bool)
                 t = t.filter(pa.array(keep))
-            t = t.set_column(t.schema.get_field_index("row_offset"), "row_offset", pa.array(t["row_offset"].to_numpy() + self.row_base[j], pa.int64()))
-            t = t.set_column(t.schema.get_field_index("tok_offset"), "tok_offset", pa.array(t["tok_offset"].to_numpy() + self.tok_base[j], pa.int64()))
+            t = t.set_column(t.schema.get_field_index("row_offset"), "row_offset",
+                             pa.array(t["row_offset"].to_numpy() + self.row_base[j], pa.int64()))
+            t = t.set_column(t.schema.get_field_index("tok_offset"), "tok_offset",
+                             pa.array(t["tok_offset"].to_numpy() + self.tok_base[j], pa.int64()))
             tables.append(t)
             part_of.append(np.full(t.num_rows, j, dtype=np.int32))
         self.index = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
@@ -395,12 +407,13 @@ class Cache:
     # -- opening
 
     @classmethod
-    def open(cls, spec: str | os.PathLike | Location, require_complete: bool = True) -> "Cache":
+    def open(cls, spec: str | os.PathLike | Location, require_complete: bool = True) -> Cache:
         """Open a cache directory or URL; refuses anything malformed before data is read."""
         loc = spec if isinstance(spec, Location) else Location(spec)
         manifest = read_manifest(loc)
         if manifest is None:
-            return cls(loc, [Part.open(loc, require_complete=require_complete, sizes=local_part_sizes(loc, loc, None))], None)
+            return cls(loc, [Part.open(loc, require_complete=require_complete,
+                                       sizes=local_part_sizes(loc, loc, None))], None)
         parts = []
         for p in manifest["parts"]:
             ploc = loc.child(p["path"])
@@ -418,8 +431,10 @@ class Cache:
         if len(sets) > 1 or any(p.exclude for p in self.parts):
             # Parts of one extraction share the sample set; a merge gets a new identity.
             a["settings"]["sample_set"] = "sha256:" + hashlib.sha256(
-                "\n".join(p.attrs["settings"]["sample_set"] + "|" + ",".join(sorted(p.exclude)) for p in self.parts).encode()).hexdigest()
-        counts = {k: 0 for k in ("samples_in", "samples", "skipped", "truncated", "input_tokens", "encoder_tokens", "loss_tokens", "target_tokens")}
+                "\n".join(p.attrs["settings"]["sample_set"] + "|" + ",".join(sorted(p.exclude))
+                          for p in self.parts).encode()).hexdigest()
+        counts = {k: 0 for k in ("samples_in", "samples", "skipped", "truncated", "input_tokens", "encoder_tokens",
+                                 "loss_tokens", "target_tokens")}
         reasons: dict[str, int] = {}
         for p in self.parts:
             for k in counts:
@@ -432,7 +447,8 @@ class Cache:
             counts["samples_in"] -= excluded
             counts["samples"] = self.index.num_rows
             counts["input_tokens"] = int(self.index["x_len"].to_numpy().astype(np.int64).sum())
-            counts["encoder_tokens"] = counts["input_tokens"] + int(self.index["k_len"].to_numpy().astype(np.int64).sum())
+            k_tokens = int(self.index["k_len"].to_numpy().astype(np.int64).sum())
+            counts["encoder_tokens"] = counts["input_tokens"] + k_tokens
             counts["truncated"] = int(np.sum(self.index["truncated"].to_numpy(zero_copy_only=False)))
             counts["excluded_duplicates"] = excluded
         a["counts"] = counts
@@ -507,8 +523,6 @@ class Cache:
                 raw = p.array(f"deltas/layer_{layer:02d}")[a:b]
                 nbytes += raw.nbytes
                 if self.storage["kind"] == "int8":
-                    from kcache.storage import dequantize_int8_rows
-
                     scale = p.array(f"deltas/scale_{layer:02d}")[a:b]
                     nbytes += scale.nbytes
                     out.append(dequantize_int8_rows(raw, scale))
@@ -516,7 +530,10 @@ class Cache:
                     out.append(decode_rows(raw, self.dtype))
                 start = base + b
             j += 1
-        rows = out[0] if len(out) == 1 else (np.concatenate(out) if out else np.zeros((0, self.hidden_size), np.float32))
+        if len(out) == 1:
+            rows = out[0]
+        else:
+            rows = np.concatenate(out) if out else np.zeros((0, self.hidden_size), np.float32)
         return (rows, nbytes) if with_bytes else rows
 
     def deltas(self, sample: int | str, layer: int) -> np.ndarray:

@@ -1,0 +1,274 @@
+"""Writing one cache store (format v1, :mod:`kcache.cache.format`): creation and the delta writer.
+
+Writes follow zarr v3's constraints: one writer per store, whole shards only, and a shard is
+only trusted once a commit line covering it is in ``commits.jsonl``. On resume anything past
+the last commit is rewritten. Lossy storage (:mod:`kcache.cache.lossy`) is applied here, a whole
+shard at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from kcache.cache.format import ATTRS_KEY, COMMIT_LOG, DTYPES, POSITION_STATS, CacheError, decode_rows
+from kcache.cache.lossy import decode_block, encode_block
+from kcache.lock import fresh_tmp
+from kcache.schemas import arrow_schema, validate_document
+
+# ---------------------------------------------------------------------------------------------
+# layout
+
+
+def default_chunk_rows(hidden: int, dtype: str, target_bytes: int = 2 << 20) -> int:
+    """Rows per chunk: the power of two closest to ``target_bytes`` of uncompressed data."""
+    row = hidden * np.dtype(DTYPES[dtype][0]).itemsize
+    rows = max(1, target_bytes // row)
+    lo = 1 << (rows.bit_length() - 1)
+    return lo if rows - lo <= 2 * lo - rows else 2 * lo
+
+
+def codecs_description() -> list[dict]:
+    return [{"name": "blosc", "cname": "zstd", "clevel": 3, "shuffle": "shuffle"}, {"name": "crc32c"}]
+
+
+def compressors_for_cache():
+    return (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec())
+
+
+# ---------------------------------------------------------------------------------------------
+# commit log
+
+
+def read_last_commit(path: Path) -> dict | None:
+    """The last complete line of the commit log (a torn last line from a kill is ignored)."""
+    log = Path(path) / COMMIT_LOG
+    if not log.exists():
+        return None
+    last = None
+    with open(log, "rb") as fh:
+        for raw in fh:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                last = json.loads(raw)
+            except ValueError:
+                break
+    return last
+
+
+def append_commit(path: Path, entry: dict) -> None:
+    with open(Path(path) / COMMIT_LOG, "ab") as fh:
+        fh.write((json.dumps(entry, sort_keys=True) + "\n").encode())
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+# ---------------------------------------------------------------------------------------------
+# creation
+
+
+def _array(group, name, shape, chunks, shards, dtype, fill=0):
+    return group.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
+                              compressors=compressors_for_cache(), fill_value=fill, overwrite=True)
+
+
+def create_cache(
+    path: Path,
+    attrs: dict,
+    index: pa.Table,
+    skipped: pa.Table,
+    token_ids: np.ndarray,
+    token_offsets: np.ndarray,
+    loss_mask: np.ndarray,
+    target_mask: np.ndarray,
+    embeddings: np.ndarray,
+):
+    """Write everything known before any forward pass; the delta arrays are created empty."""
+    s = attrs["settings"]
+    validate_document(attrs, "cache-v1", f"{path}/zarr.json")
+    final = Path(path)
+    # Built under a process-unique temporary name and renamed, so a kill during creation leaves no
+    # half store and two processes never share (or delete) each other's (kcache.lock).
+    path = fresh_tmp(final, "creating")
+    group = zarr.open_group(str(path), mode="w")
+    total = int(index["x_len"].to_numpy().sum()) if index.num_rows else 0
+    hidden = attrs["hidden_size"]
+    chunk, shard = s["chunk_rows"], s["shard_rows"]
+    np_dtype = DTYPES[s["dtype"]][0]
+    int8 = s.get("storage", {}).get("kind") == "int8"
+    for layer in s["layers"]:
+        _array(group, f"deltas/layer_{layer:02d}", (total, hidden), (chunk, hidden), (shard, hidden),
+               np.int8 if int8 else np_dtype)
+        if int8:
+            _array(group, f"deltas/scale_{layer:02d}", (total,), (chunk,), (shard,), np.float32)
+    flat_chunk = 1 << 20
+    for name, arr in (("tokens/ids", token_ids), ("tokens/offsets", token_offsets), ("masks/loss", loss_mask),
+                      ("masks/target", target_mask)):
+        n = max(1, len(arr))
+        a = _array(group, name, arr.shape, (min(n, flat_chunk),), (min(n, flat_chunk * 16),), arr.dtype,
+                   fill=False if arr.dtype == bool else 0)
+        if len(arr):
+            a[:] = arr
+    v = embeddings.shape[0]
+    erows = max(1, min(v, default_chunk_rows(hidden, s["dtype"])))
+    e = _array(group, "embeddings", embeddings.shape, (erows, hidden), (erows * 8, hidden), embeddings.dtype)
+    e[:] = embeddings
+    pq.write_table(index.cast(arrow_schema("cache-index-v1")), path / "index.parquet")
+    pq.write_table(skipped.cast(arrow_schema("cache-skipped-v1")), path / "skipped.parquet")
+    (path / COMMIT_LOG).write_bytes(b"")
+    group.attrs[ATTRS_KEY] = attrs
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(path, final)
+    return zarr.open_group(str(final), mode="r+")
+
+
+# ---------------------------------------------------------------------------------------------
+# the background writer
+
+
+class RunningStats:
+    """Per-layer running sums (float64) that survive a resume through the commit log."""
+
+    def __init__(self, layers: list[int], state: dict | None = None):
+        self.layers = layers
+        self.s = {str(l): {"n": 0, "sum": 0.0, "sumsq": 0.0, "pos_sum": [0.0] * POSITION_STATS,
+                           "pos_n": [0] * POSITION_STATS} for l in layers}
+        if state:
+            self.s.update(json.loads(json.dumps(state)))
+
+    def update(self, layer: int, rows: np.ndarray, positions: np.ndarray) -> None:
+        st = self.s[str(layer)]
+        r64 = rows.astype(np.float64)
+        st["n"] += int(r64.size)
+        st["sum"] += float(r64.sum())
+        st["sumsq"] += float(np.square(r64).sum())
+        norms = np.linalg.norm(r64, axis=1)
+        for j in range(POSITION_STATS):
+            sel = positions == j
+            if sel.any():
+                st["pos_sum"][j] += float(norms[sel].sum())
+                st["pos_n"][j] += int(sel.sum())
+
+    def state(self) -> dict:
+        return self.s
+
+    def summary(self) -> dict:
+        out = {}
+        for l, st in self.s.items():
+            n = max(st["n"], 1)
+            mean = st["sum"] / n
+            var = max(st["sumsq"] / n - mean * mean, 0.0)
+            out[l] = {
+                "mean": mean,
+                "std": var ** 0.5,
+                "rms": (st["sumsq"] / n) ** 0.5,
+                "n": st["n"],
+                "position_norms": [s / c for s, c in zip(st["pos_sum"], st["pos_n"]) if c],
+                "pos_n": [c for c in st["pos_n"] if c],
+            }
+        return out
+
+
+class DeltaWriter:
+    """Writes delta rows on a background thread, whole shards at a time, committing each.
+
+    ``put(first_row, {layer: rows})`` takes contiguous rows in layout order. Rows before
+    ``start_row`` (already committed by an earlier run) are dropped. Exceptions raised on the
+    thread resurface on the next ``put`` or on ``close``.
+    """
+
+    def __init__(self, path: Path, group, layers: list[int], dtype: str, shard_rows: int, total_rows: int,
+                 start_row: int, positions: np.ndarray, stats: RunningStats, extra_commit: dict | None = None,
+                 max_queue: int = 8, storage: dict | None = None, errors=None):
+        self.path, self.layers, self.dtype = Path(path), layers, dtype
+        self.arrays = {l: group[f"deltas/layer_{l:02d}"] for l in layers}
+        # Lossy storage: rows arrive as float32 and are quantized here, a whole shard at a time.
+        self.storage, self.errors = storage, errors
+        int8 = storage and storage["kind"] == "int8"
+        self.scales = {l: group[f"deltas/scale_{l:02d}"] for l in layers} if int8 else {}
+        self.shard_rows, self.total = shard_rows, total_rows
+        self.buf_start = start_row
+        self.buf: dict[int, list[np.ndarray]] = {l: [] for l in layers}
+        self.buf_rows = 0
+        self.positions = positions
+        self.stats = stats
+        self.extra = extra_commit or {}
+        self.q: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.error: BaseException | None = None
+        self.write_seconds = 0.0
+        self.thread = threading.Thread(target=self._run, name="kcache-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, first_row: int, rows: dict[int, np.ndarray]) -> None:
+        if self.error:
+            raise self.error
+        self.q.put((first_row, rows))
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+
+    def _run(self):
+        import time
+
+        try:
+            while (item := self.q.get()) is not None:
+                first, rows = item
+                n = next(iter(rows.values())).shape[0]
+                skip = max(0, self.buf_start + self.buf_rows - first)
+                if first + skip != self.buf_start + self.buf_rows:
+                    raise CacheError(f"writer got rows starting at {first}, expected {self.buf_start + self.buf_rows}")
+                if skip < n:
+                    for l in self.layers:
+                        self.buf[l].append(rows[l][skip:])
+                    self.buf_rows += n - skip
+                while (self.buf_rows >= self.shard_rows
+                       or (self.buf_rows and self.buf_start + self.buf_rows >= self.total)):
+                    t0 = time.perf_counter()
+                    self._flush(min(self.shard_rows, self.buf_rows))
+                    self.write_seconds += time.perf_counter() - t0
+        except BaseException as e:  # noqa: BLE001 - surfaced to the caller
+            self.error = e
+            while True:  # drain so the producer never blocks forever
+                try:
+                    if self.q.get_nowait() is None:
+                        break
+                except queue.Empty:
+                    break
+
+    def _flush(self, n: int) -> None:
+        a, b = self.buf_start, self.buf_start + n
+        for l in self.layers:
+            data = np.concatenate(self.buf[l]) if len(self.buf[l]) > 1 else self.buf[l][0]
+            block, rest = data[:n], data[n:]
+            if self.storage is None:
+                self.arrays[l][a:b] = block
+                decoded = decode_rows(block, self.dtype)
+            else:
+                enc = encode_block(block, self.storage, self.dtype)
+                self.arrays[l][a:b] = enc["values"]
+                if "scale" in enc:
+                    self.scales[l][a:b] = enc["scale"]
+                decoded = decode_block(enc, self.storage, self.dtype)
+                self.errors.update(l, block, decoded)
+            self.stats.update(l, decoded, self.positions[a:b])
+            self.buf[l] = [rest] if len(rest) else []
+        self.buf_start, self.buf_rows = b, self.buf_rows - n
+        entry = {"rows": b, "stats": self.stats.state(), **self.extra}
+        if self.errors is not None:
+            entry["errors"] = self.errors.state()
+        append_commit(self.path, entry)
