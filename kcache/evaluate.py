@@ -561,29 +561,14 @@ def evaluate(
     knowledge and with none (``control_items``); ``result["controls"]`` holds their perplexities
     and the knowledge use, ``NLL(other K) - NLL(right K)`` per token with a bootstrap CI.
     """
-    from tqdm.auto import tqdm
-
-    from kcache.cache.reader import Cache
     from kcache.data.samples import read_samples
-    from kcache.inject import Injector
 
     table = samples if isinstance(samples, pa.Table) else read_samples(samples)
     n_in = table.num_rows
     table = _filter(table, split, limit)
-    injector = _resolve_bundle(decoder, bundle)
-    if cache is not None and not hasattr(cache, "deltas"):
-        cache = Cache.open(cache)
-    oracle = Injector.oracle(decoder, cache) if cache is not None else None
-    if injector is not None and oracle is not None and injector.sink != oracle.sink:
-        raise ValueError(f"the encoders write from input position {injector.sink}, "
-                         f"the cache {cache.path} from {oracle.sink}: "
-                         "evaluate encoders next to the oracle of the cache they were fitted on")
+    injector, cache, oracle = _sources(decoder, bundle, cache)
     ms = _methods(methods)
-    for m in ms:
-        if "encoders" in m.needs and injector is None:
-            raise ValueError(f"method {m.name!r} needs encoders: pass an encoder bundle")
-        if "cache" in m.needs and oracle is None:
-            raise ValueError(f"method {m.name!r} needs a stage-one cache")
+    _check_needs(ms, injector, oracle)
     src = injector or oracle
     if template is None:
         template = src.template_spec() if src is not None else TemplateSpec()
@@ -591,79 +576,18 @@ def evaluate(
         max_length = src.info.max_length if src is not None else 1024
 
     items, skipped, rows = prepare_items(decoder.tokenizer, table, template, max_length)
-    if oracle is not None and any(m.name == "oracle" for m in ms):
-        cached = set(cache.index["sample_id"].to_pylist())
-        if not any(it.sample_id in cached for it in items):
-            raise ValueError(f"oracle: the cache {cache.path} holds none of the evaluated samples; "
-                             "evaluate a split the cache was extracted from, or leave oracle out")
+    _check_oracle_samples(ms, oracle, cache, items)
     lengths = [len(it.k_ids) + len(it.x_ids) for it in items]
     batches = plan_batches(lengths, token_budget)
-
-    dev = decoder.device
-
-    def run(m: Method, its: list[ScoreItem], desc: str) -> list[torch.Tensor]:
-        scores: list[torch.Tensor | None] = [None] * len(its)
-        bs = batches if its is items else plan_batches([len(it.k_ids) + len(it.x_ids) for it in its], token_budget)
-        for b in tqdm(bs, desc=desc, disable=not progress, dynamic_ncols=True):
-            out = m.fn(decoder, EvalBatch([its[i] for i in b], injector, oracle, extras or {}))
-            if len(out) != len(b):
-                raise ValueError(f"method {m.name!r} returned {len(out)} results for {len(b)} items")
-            for i, lp in zip(b, out):
-                scores[i] = lp.detach().float().cpu()
-        return scores
-
-    # Memory is measured from one baseline taken after a warm-up forward pass (weights paged in,
-    # allocator warm), so no method is charged for loading the model, whatever the order.
-    if items:
-        method_x(decoder, EvalBatch([items[i] for i in batches[0]]))
-    base = PeakMemory(dev).baseline()
-    per_method: dict[str, list[torch.Tensor]] = {}
-    cost: dict[str, dict] = {}
-    for m in ms:
-        synchronize(dev)
-        with PeakMemory(dev, base=base) as mem:
-            t0 = time.perf_counter()
-            per_method[m.name] = run(m, items, f"evaluate {m.name}")
-            synchronize(dev)
-            seconds = time.perf_counter() - t0
-        cost[m.name] = {"label": m.label, "seconds": seconds, "peak_memory_bytes": int(mem.peak),
-                        "memory_kind": mem.kind,
-                        "tokens_per_second": sum(len(it.x_ids) for it in items) / max(seconds, 1e-9)}
-    if "oracle" in per_method and not sample_nll(items, per_method["oracle"]):
-        raise ValueError("oracle: the cache covers none of the evaluated samples' scored positions; "
-                         "evaluate a split the cache was extracted from, or leave oracle out")
-
-    control_scores: dict[str, dict[str, list[torch.Tensor]]] = {}
-    readers = [m for m in ms if m.reads_knowledge]
-    n_target = sum(1 for it in items if it.kind == "target")
-    if controls and readers and n_target >= 2:
-        knowledge = [k or [] for k in table["knowledge"].to_pylist()]
-        for kind in CONTROLS:
-            its = control_items(decoder.tokenizer, items, knowledge, template, max_length, kind)
-            control_scores[kind] = {m.name: run(m, its, f"evaluate {m.name} ({kind} K)") for m in readers}
+    scorer = _Scorer(decoder, injector, oracle, extras, token_budget, progress)
+    per_method, cost = _score_methods(scorer, ms, items, batches)
+    control_scores = _score_controls(scorer, ms, items, table, template, max_length) if controls else {}
 
     results = aggregate(items, rows, per_method, {m.name: m.label for m in ms})
     return {
         "controls": knowledge_controls(items, per_method, control_scores, {m.name: m.label for m in ms}),
-        "settings": {
-            "model": decoder.fingerprint.to_dict(),
-            "device": str(dev),
-            "dtype": str(decoder.dtype).replace("torch.", ""),
-            "encoders": str(bundle) if isinstance(bundle, (str, Path)) else (None if injector is None else "in-memory"),
-            "site": injector.site if injector is not None else (oracle.site if oracle is not None else None),
-            "layers": injector.layers if injector is not None else (oracle.layers if oracle is not None else None),
-            "cache": str(cache.path) if cache is not None else None,
-            "split": split,
-            "limit": limit,
-            "template": dataclasses.asdict(template),
-            "max_length": max_length,
-            "token_budget": token_budget,
-            "methods": [m.name for m in ms],
-            "labels": {m.name: m.label for m in ms},
-            "targets": (injector.info.targets if injector is not None
-                        else (oracle.info.targets if oracle is not None else None)),
-            "sink": injector.sink if injector is not None else (oracle.sink if oracle is not None else None),
-        },
+        "settings": _run_settings(decoder, bundle, injector, oracle, cache, ms, split=split, limit=limit,
+                                  template=template, max_length=max_length, token_budget=token_budget),
         "counts": {
             "samples_in": n_in,
             "samples_selected": table.num_rows,
@@ -677,6 +601,141 @@ def evaluate(
         },
         "methods": cost,
         "results": results,
+    }
+
+
+def _sources(decoder: Decoder, bundle, cache):
+    """The encoders (from ``bundle``) and the oracle (from ``cache``, opened when it is a path);
+    refused when they write from different input positions (sinks). -> (injector, cache, oracle),
+    each None when not given."""
+    from kcache.cache import Cache
+    from kcache.inject import Injector
+
+    injector = _resolve_bundle(decoder, bundle)
+    if cache is not None and not hasattr(cache, "deltas"):
+        cache = Cache.open(cache)
+    oracle = Injector.oracle(decoder, cache) if cache is not None else None
+    if injector is not None and oracle is not None and injector.sink != oracle.sink:
+        raise ValueError(f"the encoders write from input position {injector.sink}, "
+                         f"the cache {cache.path} from {oracle.sink}: "
+                         "evaluate encoders next to the oracle of the cache they were fitted on")
+    return injector, cache, oracle
+
+
+def _check_needs(ms: list[Method], injector, oracle) -> None:
+    """Pre-flight check: every method that needs encoders or a stage-one cache has them."""
+    for m in ms:
+        if "encoders" in m.needs and injector is None:
+            raise ValueError(f"method {m.name!r} needs encoders: pass an encoder bundle")
+        if "cache" in m.needs and oracle is None:
+            raise ValueError(f"method {m.name!r} needs a stage-one cache")
+
+
+def _check_oracle_samples(ms: list[Method], oracle, cache, items: list[ScoreItem]) -> None:
+    """Pre-flight check: with ``oracle`` among the methods, the cache holds some evaluated sample."""
+    if oracle is not None and any(m.name == "oracle" for m in ms):
+        cached = set(cache.index["sample_id"].to_pylist())
+        if not any(it.sample_id in cached for it in items):
+            raise ValueError(f"oracle: the cache {cache.path} holds none of the evaluated samples; "
+                             "evaluate a split the cache was extracted from, or leave oracle out")
+
+
+@dataclasses.dataclass
+class _Scorer:
+    """Scores items with one method at a time, in length-bucketed batches of ``token_budget``."""
+
+    decoder: Decoder
+    injector: object
+    oracle: object
+    extras: dict | None
+    token_budget: int
+    progress: bool
+
+    def run(self, m: Method, its: list[ScoreItem], desc: str,
+            batches: list[list[int]] | None = None) -> list[torch.Tensor]:
+        """Per item, the float32 CPU log-probabilities ``m`` gives its scored positions (batches
+        planned here unless given)."""
+        from tqdm.auto import tqdm
+
+        scores: list[torch.Tensor | None] = [None] * len(its)
+        bs = batches if batches is not None else plan_batches([len(it.k_ids) + len(it.x_ids) for it in its],
+                                                              self.token_budget)
+        for b in tqdm(bs, desc=desc, disable=not self.progress, dynamic_ncols=True):
+            out = m.fn(self.decoder, EvalBatch([its[i] for i in b], self.injector, self.oracle, self.extras or {}))
+            if len(out) != len(b):
+                raise ValueError(f"method {m.name!r} returned {len(out)} results for {len(b)} items")
+            for i, lp in zip(b, out):
+                scores[i] = lp.detach().float().cpu()
+        return scores
+
+
+def _score_methods(scorer: _Scorer, ms: list[Method], items: list[ScoreItem],
+                   batches: list[list[int]]) -> tuple[dict, dict]:
+    """Run every method on ``items``, timing each and measuring its peak memory; refused when the
+    oracle covers none of the scored positions. -> (scores per method, cost per method)."""
+    decoder = scorer.decoder
+    dev = decoder.device
+    # Memory is measured from one baseline taken after a warm-up forward pass (weights paged in,
+    # allocator warm), so no method is charged for loading the model, whatever the order.
+    if items:
+        method_x(decoder, EvalBatch([items[i] for i in batches[0]]))
+    base = PeakMemory(dev).baseline()
+    per_method: dict[str, list[torch.Tensor]] = {}
+    cost: dict[str, dict] = {}
+    for m in ms:
+        synchronize(dev)
+        with PeakMemory(dev, base=base) as mem:
+            t0 = time.perf_counter()
+            per_method[m.name] = scorer.run(m, items, f"evaluate {m.name}", batches)
+            synchronize(dev)
+            seconds = time.perf_counter() - t0
+        cost[m.name] = {"label": m.label, "seconds": seconds, "peak_memory_bytes": int(mem.peak),
+                        "memory_kind": mem.kind,
+                        "tokens_per_second": sum(len(it.x_ids) for it in items) / max(seconds, 1e-9)}
+    if "oracle" in per_method and not sample_nll(items, per_method["oracle"]):
+        raise ValueError("oracle: the cache covers none of the evaluated samples' scored positions; "
+                         "evaluate a split the cache was extracted from, or leave oracle out")
+    return per_method, cost
+
+
+def _score_controls(scorer: _Scorer, ms: list[Method], items: list[ScoreItem], table: pa.Table, template: TemplateSpec,
+                    max_length: int) -> dict[str, dict[str, list[torch.Tensor]]]:
+    """The knowledge controls: each knowledge-reading method rerun with another sample's knowledge
+    and with none (``CONTROLS``), when there are at least two target items. -> scores per control
+    kind and method ({} when skipped)."""
+    control_scores: dict[str, dict[str, list[torch.Tensor]]] = {}
+    readers = [m for m in ms if m.reads_knowledge]
+    n_target = sum(1 for it in items if it.kind == "target")
+    if readers and n_target >= 2:
+        knowledge = [k or [] for k in table["knowledge"].to_pylist()]
+        for kind in CONTROLS:
+            its = control_items(scorer.decoder.tokenizer, items, knowledge, template, max_length, kind)
+            control_scores[kind] = {m.name: scorer.run(m, its, f"evaluate {m.name} ({kind} K)") for m in readers}
+    return control_scores
+
+
+def _run_settings(decoder: Decoder, bundle, injector, oracle, cache, ms: list[Method], *, split, limit,
+                  template: TemplateSpec, max_length: int, token_budget: int) -> dict:
+    """The report's ``settings``: model, encoders/cache and where they inject, selection, template
+    and methods."""
+    return {
+        "model": decoder.fingerprint.to_dict(),
+        "device": str(decoder.device),
+        "dtype": str(decoder.dtype).replace("torch.", ""),
+        "encoders": str(bundle) if isinstance(bundle, (str, Path)) else (None if injector is None else "in-memory"),
+        "site": injector.site if injector is not None else (oracle.site if oracle is not None else None),
+        "layers": injector.layers if injector is not None else (oracle.layers if oracle is not None else None),
+        "cache": str(cache.path) if cache is not None else None,
+        "split": split,
+        "limit": limit,
+        "template": dataclasses.asdict(template),
+        "max_length": max_length,
+        "token_budget": token_budget,
+        "methods": [m.name for m in ms],
+        "labels": {m.name: m.label for m in ms},
+        "targets": (injector.info.targets if injector is not None
+                    else oracle.info.targets if oracle is not None else None),
+        "sink": injector.sink if injector is not None else (oracle.sink if oracle is not None else None),
     }
 
 

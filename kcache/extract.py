@@ -450,6 +450,49 @@ def _extract(decoder, samples, out, cfg, overwrite, progress, rank, world) -> Ex
     t_start = time.perf_counter()
     root = Path(out)
     out = root / part_name(rank, world) if world > 1 else root
+    table, layers, chunk, shard = _check_request(decoder, samples, root, cfg, world)
+    settings = _settings(decoder, cfg, layers, table, chunk, shard)
+    report = _finalized_report(root, settings, overwrite)
+    if report is not None:
+        return report
+    plan = _rank_plan(decoder, table, samples, cfg, rank, world)
+
+    resume_row = 0
+    existing = _existing_part(out, settings, overwrite)
+    if existing is not None:
+        if existing["status"] == "complete":
+            return _finish_completed_part(root, out, rank, world, existing)
+        resume_row, budget = _resume_point(out, existing, cfg)
+        if budget != cfg.token_budget:
+            cfg = dataclasses.replace(cfg, token_budget=budget)
+            plan = _rank_plan(decoder, table, samples, cfg, rank, world)
+
+    total = int(plan.row_offsets[-1])
+    ids_col = table["id"].to_pylist()
+    counts, skip_reasons = _counts(plan, total)
+    if resume_row == 0 and not (out / "zarr.json").exists():
+        group, attrs = _create_part(decoder, out, table, ids_col, settings, counts, cfg, plan, rank, world)
+    else:
+        group = zarr.open_group(str(out), mode="r+")
+        attrs = group.attrs[ATTRS_KEY]
+
+    storage = settings.get("storage")
+    writer, stats, errors = _open_writer(out, group, layers, cfg, shard, total, resume_row, plan.x_lens, storage)
+    fwd = _extract_batches(decoder, plan, cfg, layers, ids_col, writer, storage, resume_row, progress)
+    _complete_part(root, out, rank, world, group, attrs, stats, errors, plan)
+    elapsed = time.perf_counter() - t_start
+    return ExtractReport(out, counts["samples"], counts["skipped"], dict(skip_reasons), counts["truncated"], total,
+                         elapsed, fwd, resume_row, "complete")
+
+
+def _check_request(decoder: Decoder, samples, root: Path, cfg: ExtractConfig,
+                   world: int) -> tuple[pa.Table, list[int], int, int]:
+    """Pre-flight checks, before anything is written: a distributed run does not reuse a
+    single-process cache's ``--out``, the samples load, ``--site``/``--targets``/``--sink`` are
+    valid, and the shard rows are a multiple of the chunk rows.
+
+    Returns the samples table, the layers, and the chunk and shard sizes in rows.
+    """
     if world > 1 and (root / "zarr.json").exists():
         raise CacheError(f"{root} holds a single-process cache; a {world}-rank extraction needs another --out")
     table = samples if isinstance(samples, pa.Table) else read_samples(samples)
@@ -465,65 +508,88 @@ def _extract(decoder, samples, out, cfg, overwrite, progress, rank, world) -> Ex
     shard = cfg.shard_rows or chunk * cfg.chunks_per_shard
     if shard % chunk:
         raise CacheError(f"shard rows ({shard}) must be a multiple of chunk rows ({chunk})")
-    settings = _settings(decoder, cfg, layers, table, chunk, shard)
-    if (root / MANIFEST).exists():
-        from kcache.cache.reader import Cache
+    return table, layers, chunk, shard
 
-        done = Cache.open(root)
-        diffs = settings_differences(done.settings, settings, ignore=("name",))
-        if diffs:
-            raise CacheError(f"{root} holds a finalized cache made with different settings (cache vs asked: "
-                             f"{'; '.join(diffs)}); finalized caches are immutable: use another --out")
-        if overwrite:
-            refuse_if_finalized(root, "overwrite it")
-        c = done.attrs["counts"]
-        return ExtractReport(root, c["samples"], c["skipped"], c.get("skip_reasons", {}), c["truncated"],
-                             c["input_tokens"], 0.0, 0.0, 0, "already complete")
 
-    def plan_for(c):
-        full = make_plan(decoder.tokenizer, table, c)
-        require_usable(len(full.encoded), table.num_rows, full.skipped,
-                       "samples" if isinstance(samples, pa.Table) else str(samples))
-        if world == 1:
-            return full
-        lo, hi = rank_batches(batch_costs(full), world)[rank]
-        return sub_plan(full, lo, hi, keep_skipped=rank == 0)
+def _finalized_report(root: Path, settings: dict, overwrite: bool) -> ExtractReport | None:
+    """Refuse or report a finalized cache (one with a manifest) at ``root``.
 
-    plan = plan_for(cfg)
+    Finalized caches are immutable: different settings, or ``overwrite``, are refused; the same
+    settings give the "already complete" report. None when ``root`` is not finalized.
+    """
+    if not (root / MANIFEST).exists():
+        return None
+    from kcache.cache import Cache
 
-    resume_row = 0
-    if out.exists() and any(out.iterdir()):
-        if overwrite:
-            shutil.rmtree(out)
-        else:
-            try:
-                existing = zarr.open_group(str(out), mode="r").attrs.get(ATTRS_KEY)
-            except Exception:  # noqa: BLE001
-                existing = None
-            if not isinstance(existing, dict) or existing.get("format") != FORMAT:
-                raise CacheError(f"{out} exists and is not a kcache cache; choose another --out or pass --overwrite")
-            diffs = settings_differences(existing.get("settings", {}), settings, ignore=("name",))
-            if diffs:
-                raise CacheError(f"{out} holds a cache made with different settings (cache vs asked: "
-                                 f"{'; '.join(diffs)}); use another --out or pass --overwrite")
-            if existing["status"] == "complete":
-                # Killed between completing and finalizing: only the manifest is missing.
-                _finish(root, rank, world, existing)
-                counts = existing["counts"]
-                return ExtractReport(out, counts["samples"], counts["skipped"], counts.get("skip_reasons", {}),
-                                     counts["truncated"], counts["input_tokens"], 0.0, 0.0, 0, "already complete")
-            commit = read_last_commit(out)
-            resume_row = commit["rows"] if commit else 0
-            # Same batches as the interrupted run, so recomputed rows are bit-identical.
-            stored_budget = existing.get("extraction", {}).get("token_budget", cfg.token_budget)
-            if stored_budget != cfg.token_budget:
-                cfg = dataclasses.replace(cfg, token_budget=stored_budget)
-                plan = plan_for(cfg)
+    done = Cache.open(root)
+    diffs = settings_differences(done.settings, settings, ignore=("name",))
+    if diffs:
+        raise CacheError(f"{root} holds a finalized cache made with different settings (cache vs asked: "
+                         f"{'; '.join(diffs)}); finalized caches are immutable: use another --out")
+    if overwrite:
+        refuse_if_finalized(root, "overwrite it")
+    c = done.attrs["counts"]
+    return ExtractReport(root, c["samples"], c["skipped"], c.get("skip_reasons", {}), c["truncated"], c["input_tokens"],
+                         0.0, 0.0, 0, "already complete")
 
-    x_lens = plan.x_lens
-    row_off = plan.row_offsets
-    total = int(row_off[-1])
-    ids_col = table["id"].to_pylist()
+
+def _rank_plan(decoder: Decoder, table: pa.Table, samples, cfg: ExtractConfig, rank: int, world: int) -> Plan:
+    """The batch plan for ``cfg`` (refused when too few samples are usable), cut to this rank's
+    contiguous, cost-balanced run of batches when ``world > 1``."""
+    full = make_plan(decoder.tokenizer, table, cfg)
+    require_usable(len(full.encoded), table.num_rows, full.skipped,
+                   "samples" if isinstance(samples, pa.Table) else str(samples))
+    if world == 1:
+        return full
+    lo, hi = rank_batches(batch_costs(full), world)[rank]
+    return sub_plan(full, lo, hi, keep_skipped=rank == 0)
+
+
+def _existing_part(out: Path, settings: dict, overwrite: bool) -> dict | None:
+    """Resume/refuse logic for a non-empty ``out``: with ``overwrite`` it is deleted; otherwise it
+    must be a kcache cache made with the same settings, or it is refused.
+
+    Returns that cache's attributes, or None when there is nothing to resume (``out`` is
+    missing, empty, or was just deleted).
+    """
+    if not (out.exists() and any(out.iterdir())):
+        return None
+    if overwrite:
+        shutil.rmtree(out)
+        return None
+    try:
+        existing = zarr.open_group(str(out), mode="r").attrs.get(ATTRS_KEY)
+    except Exception:  # noqa: BLE001
+        existing = None
+    if not isinstance(existing, dict) or existing.get("format") != FORMAT:
+        raise CacheError(f"{out} exists and is not a kcache cache; choose another --out or pass --overwrite")
+    diffs = settings_differences(existing.get("settings", {}), settings, ignore=("name",))
+    if diffs:
+        raise CacheError(f"{out} holds a cache made with different settings (cache vs asked: {'; '.join(diffs)}); "
+                         "use another --out or pass --overwrite")
+    return existing
+
+
+def _finish_completed_part(root: Path, out: Path, rank: int, world: int, existing: dict) -> ExtractReport:
+    """A part killed between completing and finalizing: only the manifest is missing, so
+    finalize it and report it as already complete."""
+    _finish(root, rank, world, existing)
+    counts = existing["counts"]
+    return ExtractReport(out, counts["samples"], counts["skipped"], counts.get("skip_reasons", {}), counts["truncated"],
+                         counts["input_tokens"], 0.0, 0.0, 0, "already complete")
+
+
+def _resume_point(out: Path, existing: dict, cfg: ExtractConfig) -> tuple[int, int]:
+    """Where an interrupted extraction resumes: the rows of its last commit, and the token budget
+    it was planned with (so the batches, and hence the recomputed rows, are bit-identical)."""
+    commit = read_last_commit(out)
+    resume_row = commit["rows"] if commit else 0
+    return resume_row, existing.get("extraction", {}).get("token_budget", cfg.token_budget)
+
+
+def _counts(plan: Plan, total: int) -> tuple[dict, Counter]:
+    """The sample and token counts recorded in the cache (this part's share when several ranks
+    write), and the skip reasons by kind."""
     skip_reasons = Counter(_reason_kind(r) for _, r in plan.skipped)
     counts = {
         "samples_in": len(plan.encoded) + len(plan.skipped),  # this part's share when several ranks write
@@ -536,58 +602,82 @@ def _extract(decoder, samples, out, cfg, overwrite, progress, rank, world) -> Ex
         "loss_tokens": 0,
         "target_tokens": int(sum(sum(e.target_mask) for e in plan.encoded)),
     }
+    return counts, skip_reasons
 
-    if resume_row == 0 and not (out / "zarr.json").exists():
-        attrs = _initial_attrs(decoder, settings, counts, cfg, plan)
-        if world > 1:
-            attrs["extraction"]["rank"] = {"rank": rank, "world": world}
-        tok_lens = np.array([len(e.k_ids) + len(e.x_ids) for e in plan.encoded], dtype=np.int64)
-        tok_off = np.concatenate([[0], np.cumsum(tok_lens)]).astype(np.int64)
-        token_ids = np.array([t for e in plan.encoded for t in e.k_ids + e.x_ids], dtype=np.int32)
-        bos = decoder.tokenizer.bos_token_id if adds_bos(decoder.tokenizer) else None
-        lmask = np.array([m for e in plan.encoded
-                          for m in loss_mask(len(e.x_ids), cfg.skip_bos and bos is not None and e.x_ids[0] == bos,
-                                             cfg.sink)], dtype=bool)
-        tmask = np.array([m for e in plan.encoded for m in e.target_mask], dtype=bool)
-        attrs["counts"]["loss_tokens"] = int(lmask.sum())
-        index = pa.table({
-            "sample_id": [ids_col[r] for r in plan.order],
-            "dataset": [table["dataset"][r].as_py() for r in plan.order],
-            "split": [table["split"][r].as_py() for r in plan.order],
-            "source_row": pa.array(plan.order, pa.int64()),
-            "row_offset": pa.array(row_off[:-1], pa.int64()),
-            "x_len": pa.array(x_lens, pa.int32()),
-            "k_len": pa.array([len(e.k_ids) for e in plan.encoded], pa.int32()),
-            "tok_offset": pa.array(tok_off[:-1], pa.int64()),
-            "truncated": [e.truncated for e in plan.encoded],
-            "knowledge_tokens_dropped": pa.array([e.knowledge_tokens_dropped for e in plan.encoded], pa.int32()),
-        })
-        skipped = pa.table({
-            "sample_id": [ids_col[r] for r, _ in plan.skipped],
-            "source_row": pa.array([r for r, _ in plan.skipped], pa.int64()),
-            "reason": [reason for _, reason in plan.skipped],
-        })
-        emb = decoder.layers.embed_tokens().weight.detach().float()
-        group = create_cache(out, attrs, index, skipped, token_ids, tok_off, lmask, tmask,
-                             encode_rows(emb, cfg.dtype, "embedding matrix"))
-    else:
-        group = zarr.open_group(str(out), mode="r+")
-        attrs = group.attrs[ATTRS_KEY]
 
+def _create_part(decoder: Decoder, out: Path, table: pa.Table, ids_col: list, settings: dict, counts: dict,
+                 cfg: ExtractConfig, plan: Plan, rank: int, world: int):
+    """Write everything that does not need the model's forward passes: attributes, the row index,
+    the skipped samples, token ids and offsets, loss and target masks, and the embedding matrix.
+
+    Fills ``counts["loss_tokens"]`` (``counts`` is the attributes' counts). Returns the zarr group
+    and its attributes.
+    """
+    attrs = _initial_attrs(decoder, settings, counts, cfg, plan)
+    if world > 1:
+        attrs["extraction"]["rank"] = {"rank": rank, "world": world}
+    tok_lens = np.array([len(e.k_ids) + len(e.x_ids) for e in plan.encoded], dtype=np.int64)
+    tok_off = np.concatenate([[0], np.cumsum(tok_lens)]).astype(np.int64)
+    token_ids = np.array([t for e in plan.encoded for t in e.k_ids + e.x_ids], dtype=np.int32)
+    bos = decoder.tokenizer.bos_token_id if adds_bos(decoder.tokenizer) else None
+    def skips_bos(e) -> bool:
+        return cfg.skip_bos and bos is not None and e.x_ids[0] == bos
+
+    lmask = np.array([m for e in plan.encoded for m in loss_mask(len(e.x_ids), skips_bos(e), cfg.sink)], dtype=bool)
+    tmask = np.array([m for e in plan.encoded for m in e.target_mask], dtype=bool)
+    attrs["counts"]["loss_tokens"] = int(lmask.sum())
+    index = pa.table({
+        "sample_id": [ids_col[r] for r in plan.order],
+        "dataset": [table["dataset"][r].as_py() for r in plan.order],
+        "split": [table["split"][r].as_py() for r in plan.order],
+        "source_row": pa.array(plan.order, pa.int64()),
+        "row_offset": pa.array(plan.row_offsets[:-1], pa.int64()),
+        "x_len": pa.array(plan.x_lens, pa.int32()),
+        "k_len": pa.array([len(e.k_ids) for e in plan.encoded], pa.int32()),
+        "tok_offset": pa.array(tok_off[:-1], pa.int64()),
+        "truncated": [e.truncated for e in plan.encoded],
+        "knowledge_tokens_dropped": pa.array([e.knowledge_tokens_dropped for e in plan.encoded], pa.int32()),
+    })
+    skipped = pa.table({
+        "sample_id": [ids_col[r] for r, _ in plan.skipped],
+        "source_row": pa.array([r for r, _ in plan.skipped], pa.int64()),
+        "reason": [reason for _, reason in plan.skipped],
+    })
+    emb = decoder.layers.embed_tokens().weight.detach().float()
+    group = create_cache(out, attrs, index, skipped, token_ids, tok_off, lmask, tmask,
+                         encode_rows(emb, cfg.dtype, "embedding matrix"))
+    return group, attrs
+
+
+def _open_writer(out: Path, group, layers: list[int], cfg: ExtractConfig, shard: int, total: int,
+                 resume_row: int, x_lens, storage: dict | None):
+    """The background delta writer, with the running statistics (and, for lossy storage, the
+    error accumulator) restored from the last commit when resuming.
+
+    Returns (writer, stats, errors); errors is None for lossless storage.
+    """
     positions = np.minimum(np.concatenate([np.arange(n) for n in x_lens]) if len(x_lens) else np.zeros(0),
                            255).astype(np.uint8)
     commit = read_last_commit(out)
     stats = RunningStats(layers, commit["stats"] if commit and resume_row else None)
-    storage = settings.get("storage")
     errors = ErrorAccumulator(layers, commit.get("errors") if commit and resume_row else None) if storage else None
     writer = DeltaWriter(out, group, layers, cfg.dtype, shard, total, resume_row, positions, stats, storage=storage,
                          errors=errors)
+    return writer, stats, errors
 
+
+def _extract_batches(decoder: Decoder, plan: Plan, cfg: ExtractConfig, layers: list[int], ids_col: list, writer,
+                     storage: dict | None, resume_row: int, progress: bool) -> float:
+    """The loop: run every batch that still has rows past ``resume_row`` through the decoder and
+    hand its deltas to ``writer``, which is closed at the end (also on error).
+
+    Returns the seconds spent in forward passes.
+    """
+    row_off = plan.row_offsets
     # first batch that still has rows past the last commit
     first_batch = next((bi for bi, b in enumerate(plan.batches) if row_off[b[-1] + 1] > resume_row), len(plan.batches))
     todo = plan.batches[first_batch:]
     fwd = 0.0
-    resumed_from = resume_row
     # The bar counts pass-B tokens (knowledge + input), what a batch's time grows with, so its ETA holds.
     cost = [sum(len(plan.encoded[i].k_ids) + len(plan.encoded[i].x_ids) for i in b) for b in todo]
     bar = tqdm(total=sum(cost), unit="tok", desc="extract (pass-B tokens)", disable=not progress, dynamic_ncols=True)
@@ -608,7 +698,12 @@ def _extract(decoder, samples, out, cfg, overwrite, progress, rank, world) -> Ex
     finally:
         bar.close()
         writer.close()
+    return fwd
 
+
+def _complete_part(root: Path, out: Path, rank: int, world: int, group, attrs: dict, stats, errors, plan: Plan) -> None:
+    """Record the statistics, the storage error (lossy storage) and the useful-token fraction,
+    mark the part complete, write its card, and finalize (``_finish``)."""
     attrs["stats"] = stats.summary()
     if errors is not None:
         # Sums kept beside the figures so parts can be pooled (kcache.cache.reader.combine_errors).
@@ -621,9 +716,6 @@ def _extract(decoder, samples, out, cfg, overwrite, progress, rank, world) -> Ex
     group.attrs[ATTRS_KEY] = attrs
     write_card(out, attrs)
     _finish(root, rank, world, attrs)
-    elapsed = time.perf_counter() - t_start
-    return ExtractReport(out, counts["samples"], counts["skipped"], dict(skip_reasons), counts["truncated"], total,
-                         elapsed, fwd, resumed_from, "complete")
 
 
 def _finish(root: Path, rank: int, world: int, attrs: dict) -> None:

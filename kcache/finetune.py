@@ -51,7 +51,7 @@ from kcache.encoders import EncoderConfig, EncoderStack, load_bundle, publish_bu
 from kcache.inject import add_at_site, check_fingerprint, embed_ids
 from kcache.models import Decoder
 from kcache.precision import autocast_for
-from kcache.train import OptimConfig, load_checkpoint, lr_at, optimizer_step, save_checkpoint
+from kcache.train import OptimConfig, load_checkpoint, lr_at, new_state, optimizer_step, save_checkpoint, schedule_steps
 
 
 @dataclasses.dataclass
@@ -244,10 +244,28 @@ def train_encoders(decoder: Decoder, stack: EncoderStack, *, site: str, layers: 
     steps (and at step 0) the validation NLL picks the best weights, written with
     ``save_meta(state) -> meta`` as a bundle in ``out``. Without ``val`` the last step is kept.
     Resumes from ``out/checkpoint`` when it holds the same ``run_id``. -> final state dict."""
-    from tqdm.auto import tqdm
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    autocast, opt = _make_trainable(decoder, stack, cfg)
+    total_steps, warmup = schedule_steps(cfg, len(train))
+    run_id = json.loads(json.dumps(run_id, default=str))
+    state, resumed = _resume_or_start(out, stack, opt, run_id)
+    run = _TrainRun(decoder, stack, site, layers, train, val, cfg, out, save_meta, autocast, opt, total_steps,
+                    warmup, state,
+                    params={l: list(stack.encoder(l).parameters()) for l in layers}, vbs=max(cfg.batch_size, 8))
+    if not state["history"]:
+        e = run.evaluate_now(0, None, None)
+        if log and val:
+            log(f"step 0: validation NLL {e['val_nll']:.4f} (ppl {e['val_ppl'] or float('inf'):.3f})")
+    t0 = time.perf_counter()
+    tokens = _train_steps(run, progress, on_step, log)
+    _finish_training(run, resumed, t0, tokens)
+    return state
+
+
+def _make_trainable(decoder: Decoder, stack: EncoderStack, cfg):
+    """Seed; freeze the decoder (eval mode, no gradients, whatever the caller did); move the
+    encoders to its device in train mode with gradients. -> (autocast, AdamW optimizer)."""
     dev = decoder.device
     autocast = autocast_for(dev, cfg.compute, frozen=decoder.dtype)
     torch.manual_seed(cfg.seed)
@@ -259,26 +277,48 @@ def train_encoders(decoder: Decoder, stack: EncoderStack, *, site: str, layers: 
         p.requires_grad_(True)
     stack.train()
     opt = torch.optim.AdamW(stack.parameters(), lr=cfg.lr_max, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    batches_per_epoch = -(-len(train) // cfg.batch_size)
-    steps_per_epoch = -(-batches_per_epoch // cfg.grad_accum)
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    warmup = int(round(cfg.warmup_fraction * total_steps))
-    run_id = json.loads(json.dumps(run_id, default=str))
+    return autocast, opt
 
+
+def _resume_or_start(out: Path, stack: EncoderStack, opt, run_id: dict) -> tuple[dict, bool]:
+    """Resume logic: load ``out/checkpoint`` into the encoders and optimizer (refused when it holds
+    another run), or start fresh. -> (state, resumed)."""
     state = load_checkpoint(out, stack, opt)
     if state and state.get("run") != run_id:
         raise ValueError(f"{out}/checkpoint: a checkpoint of a different run (other samples, "
                          "encoders or settings) is there; use another --out or delete it")
     resumed = state is not None
-    state = state or {"run": run_id, "step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": None,
-                      "bad_evals": 0, "history": []}
-    params = {l: list(stack.encoder(l).parameters()) for l in layers}
-    vbs = max(cfg.batch_size, 8)
+    return state or new_state(run_id), resumed
 
-    def evaluate_now(step, lr, train_nll):
-        v = mean_nll(decoder, stack, site, layers, val, vbs, autocast) if val else float("nan")
+
+@dataclasses.dataclass
+class _TrainRun:
+    """What the fine-tuning/editing loop works on: the frozen decoder, the encoders being
+    trained, the data, the optimizer and schedule, and ``state`` (what a checkpoint holds)."""
+
+    decoder: Decoder
+    stack: EncoderStack
+    site: str
+    layers: list[int]
+    train: list[Item]
+    val: list[Item] | None
+    cfg: object
+    out: Path
+    save_meta: object
+    autocast: object
+    opt: torch.optim.Optimizer
+    total_steps: int
+    warmup: int
+    state: dict
+    params: dict
+    vbs: int
+
+    def evaluate_now(self, step, lr, train_nll) -> dict:
+        """Validation NLL, recorded in the history; with ``val``, the best weights so far are
+        published as the bundle. -> the history entry."""
+        state, val = self.state, self.val
+        v = mean_nll(self.decoder, self.stack, self.site, self.layers, val, self.vbs,
+                     self.autocast) if val else float("nan")
         entry = {"step": step, "lr": lr, "train_nll": train_nll, "val_nll": v,
                  "val_ppl": math.exp(v) if v == v and v < 700 else None}
         state["history"].append(entry)
@@ -286,19 +326,24 @@ def train_encoders(decoder: Decoder, stack: EncoderStack, *, site: str, layers: 
             return entry
         if state["best"] is None or v < state["best"]:
             state.update(best=v, best_step=step, bad_evals=0)
-            publish_bundle(out, stack, save_meta(state))
+            publish_bundle(self.out, self.stack, self.save_meta(state))
         else:
             state["bad_evals"] += 1
         return entry
 
-    if not state["history"]:
-        e = evaluate_now(0, None, None)
-        if log and val:
-            log(f"step 0: validation NLL {e['val_nll']:.4f} (ppl {e['val_ppl'] or float('inf'):.3f})")
+
+def _train_steps(run: _TrainRun, progress: bool, on_step, log) -> int:
+    """The loop, from ``run.state`` (epoch, batch in epoch, step) to the last step or an early
+    stop: a seeded shuffle per epoch, an optimizer step every ``grad_accum`` batches, evaluation
+    every ``eval_every`` steps, a checkpoint every ``checkpoint_every``. -> tokens seen."""
+    from tqdm.auto import tqdm
+
+    cfg, state, train = run.cfg, run.state, run.train
     step = state["step"]
-    stop = step >= total_steps
-    bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", disable=not progress, dynamic_ncols=True)
-    t0, tokens = time.perf_counter(), 0
+    stop = step >= run.total_steps
+    bar = tqdm(total=run.total_steps, initial=step, desc="finetune", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    tokens = 0
     acc_loss, acc_tok = 0.0, 0
     while not stop:
         epoch = state["epoch"]
@@ -307,61 +352,82 @@ def train_encoders(decoder: Decoder, stack: EncoderStack, *, site: str, layers: 
         micro = 0
         for bi in range(state["batch_in_epoch"], len(batches)):
             items = [train[i] for i in batches[bi]]
-            s, n = batch_nll(decoder, stack, site, layers, items, autocast)
-            objective = getattr(cfg, "objective", "ce")  # EditConfig shares the loop: target CE
-            loss = s / max(n, 1) if "ce" in objective.split("+") else 0.0
-            if "kl" in objective.split("+"):
-                kl, m = batch_kl(decoder, stack, site, layers, items, autocast)
-                loss = loss + kl / max(m, 1)
-            if torch.is_tensor(loss) and loss.requires_grad:
-                (loss / cfg.grad_accum).backward()
+            s, n = _backward(run, items)
             acc_loss += float(s.detach())
             acc_tok += n
             tokens += sum(len(it.k_ids) + len(it.x_ids) for it in items)
             micro += 1
             if micro % cfg.grad_accum and bi + 1 < len(batches):
                 continue
-            lr = lr_at(step, total_steps, warmup, cfg.lr_min, cfg.lr_max)
-            optimizer_step(opt, params, cfg.clip_norm, lr)
+            lr = lr_at(step, run.total_steps, run.warmup, cfg.lr_min, cfg.lr_max)
+            optimizer_step(run.opt, run.params, cfg.clip_norm, lr)
             step += 1
             state.update(step=step, batch_in_epoch=bi + 1)
             bar.update(1)
-            if step % cfg.eval_every == 0 or step == total_steps:
-                e = evaluate_now(step, lr, acc_loss / max(acc_tok, 1))
+            if step % cfg.eval_every == 0 or step == run.total_steps:
+                stop = _evaluate_step(run, step, lr, acc_loss / max(acc_tok, 1), bar, log)
                 acc_loss, acc_tok = 0.0, 0
-                bar.set_postfix(val_nll=f"{e['val_nll']:.4f}", train_nll=f"{e['train_nll']:.4f}")
-                if log:
-                    log(f"step {step}/{total_steps}: train NLL {e['train_nll']:.4f}"
-                        + (f", validation NLL {e['val_nll']:.4f} (ppl {e['val_ppl'] or float('inf'):.3f})"
-                           if val else ""))
-                if val and not math.isfinite(e["val_nll"]):
-                    state["stopped"] = "diverged (non-finite validation loss)"
-                    stop = True
-                elif val and state["bad_evals"] >= cfg.patience:
-                    state["stopped"] = f"early stop: no improvement in {cfg.patience} evaluations"
-                    stop = True
-            if step % cfg.checkpoint_every == 0 or stop or step == total_steps:
-                save_checkpoint(out, stack, opt, state)
+            if step % cfg.checkpoint_every == 0 or stop or step == run.total_steps:
+                save_checkpoint(run.out, run.stack, run.opt, state)
             if on_step:
                 on_step(step)
-            if stop or step >= total_steps:
+            if stop or step >= run.total_steps:
                 stop = True
                 break
         if not stop:
             state.update(epoch=state["epoch"] + 1, batch_in_epoch=0)
     bar.close()
+    return tokens
+
+
+def _backward(run: _TrainRun, items: list[Item]):
+    """Forward and backward pass of one micro-batch: the objective (target CE, and/or KL to the
+    bare decoder for ``objective`` "kl"/"ce+kl"), scaled by ``1 / grad_accum``.
+    -> (summed target NLL, target tokens)."""
+    s, n = batch_nll(run.decoder, run.stack, run.site, run.layers, items, run.autocast)
+    objective = getattr(run.cfg, "objective", "ce")  # EditConfig shares the loop: target CE
+    loss = s / max(n, 1) if "ce" in objective.split("+") else 0.0
+    if "kl" in objective.split("+"):
+        kl, m = batch_kl(run.decoder, run.stack, run.site, run.layers, items, run.autocast)
+        loss = loss + kl / max(m, 1)
+    if torch.is_tensor(loss) and loss.requires_grad:
+        (loss / run.cfg.grad_accum).backward()
+    return s, n
+
+
+def _evaluate_step(run: _TrainRun, step: int, lr: float, train_nll: float, bar, log) -> bool:
+    """Evaluate and report (bar, ``log``); decide whether to stop (with ``val``: divergence, or
+    ``patience`` evaluations without improvement; the reason goes in the state)."""
+    state, val, cfg = run.state, run.val, run.cfg
+    e = run.evaluate_now(step, lr, train_nll)
+    bar.set_postfix(val_nll=f"{e['val_nll']:.4f}", train_nll=f"{e['train_nll']:.4f}")
+    if log:
+        shown = f", validation NLL {e['val_nll']:.4f} (ppl {e['val_ppl'] or float('inf'):.3f})" if val else ""
+        log(f"step {step}/{run.total_steps}: train NLL {e['train_nll']:.4f}" + shown)
+    if val and not math.isfinite(e["val_nll"]):
+        state["stopped"] = "diverged (non-finite validation loss)"
+        return True
+    if val and state["bad_evals"] >= cfg.patience:
+        state["stopped"] = f"early stop: no improvement in {cfg.patience} evaluations"
+        return True
+    return False
+
+
+def _finish_training(run: _TrainRun, resumed: bool, t0: float, tokens: int) -> None:
+    """Publish the last weights when there is no validation set, write the final checkpoint, the
+    run figures into the state, history.json and curves.png; encoders back in eval mode."""
+    state, out = run.state, run.out
     state.setdefault("stopped", "finished all steps")
-    if not val:  # no selection: the last weights
+    if not run.val:  # no selection: the last weights
         state.update(best_step=state["step"])
-        publish_bundle(out, stack, save_meta(state))
-    save_checkpoint(out, stack, opt, state)
+        publish_bundle(out, run.stack, run.save_meta(state))
+    save_checkpoint(out, run.stack, run.opt, state)
     state["_resumed"] = resumed
     state["_wall_seconds"] = time.perf_counter() - t0
     state["_tokens_per_second"] = tokens / max(state["_wall_seconds"], 1e-9)
     (out / "history.json").write_text(json.dumps(state["history"], indent=1))
     plot_history(state["history"], out / "curves.png")
-    stack.eval()
-    return state
+    run.stack.eval()
 
 
 def plot_history(history: list[dict], path: Path, title: str = "fine-tuning: target-token NLL") -> None:

@@ -42,8 +42,10 @@ from kcache.train import (  # noqa: F401 - OptimConfig, lr_at, optimizer_step, C
     checkpoint_dir,
     load_checkpoint,
     lr_at,
+    new_state,
     optimizer_step,
     save_checkpoint,
+    schedule_steps,
 )
 
 # Shared with finetune and edit (kcache.train); the old names stay importable from here.
@@ -450,19 +452,116 @@ def fit_encoders(cache_path: str | Path, out: str | Path, cfg: FitConfig | None 
         return _fit_encoders(cache_path, out, cfg, progress, on_step)
 
 
+@dataclasses.dataclass
+class _FitRun:
+    """One process's training run: its data, encoders, optimizer and schedule, and ``state`` (the
+    resumable part, what a checkpoint holds). ``layers`` are all the run's layers, ``mine`` the ones
+    this process trains (all of them in a single process)."""
+
+    cfg: FitConfig
+    out: Path
+    cache: Cache
+    layers: list[int]
+    mine: list[int]
+    rank: int
+    world: int
+    device: torch.device
+    autocast: object
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    reader: CacheReader
+    emb: torch.Tensor
+    stack: EncoderStack
+    opt: torch.optim.Optimizer
+    total_steps: int
+    warmup: int
+    run_id: dict
+    state: dict | None = None
+    mean: dict | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return rank_checkpoint_dir(self.out, self.rank, self.world)
+
+    @property
+    def parts(self) -> list[Path]:
+        return [best_part_dir(self.out, r, self.world) for r in range(self.world)]  # world > 1 only
+
+    def evaluate_now(self, train_mse: dict[int, float]):
+        """Validation figures of every layer (shared between processes when there are several).
+        -> (per-layer results, total MSE, per-layer train MSE)."""
+        val_loader = BatchLoader(self.reader, self.val_idx, self.cfg.batch_size, self.cfg.buffer_samples, self.cfg.seed,
+                                 0, shuffle=False)
+        res = evaluate_layers(self.stack, self.emb, val_loader, self.device, self.mean, self.autocast)
+        if self.world > 1:  # every process needs every layer's numbers: history, best step, early stop
+            table = share_layer_values({l: [r[k] for k in VAL_KEYS] + [train_mse[l]] for l, r in res.items()},
+                                       self.layers, len(VAL_KEYS) + 1)
+            res = {l: dict(zip(VAL_KEYS, row[:-1])) for l, row in table.items()}
+            train_mse = {l: row[-1] for l, row in table.items()}
+        total = sum(r["mse"] for r in res.values())
+        return res, total, train_mse
+
+    def save_best(self, res) -> None:
+        """Publish the current weights as the best bundle in ``out`` (under a launcher: each
+        process its part, then the first process merges them)."""
+        if self.world == 1:
+            _save_bundle(self.out, self.stack, self.cache, self.cfg, self.layers, self.state, res)
+            return
+        save_bundle(self.parts[self.rank], self.stack, _bundle_meta(self.cache, self.cfg, self.state, res))
+        distributed.barrier()  # every part is on disk
+        if self.main:
+            _combine_parts(self.out, self.parts, self.layers, self.state["best_step"])
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.out, self.stack, self.opt, self.state, where=self.ckpt_dir,
+                        before_publish=distributed.barrier if self.world > 1 else None)
+
+
 def _fit_encoders(cache_path, out, cfg, progress, on_step) -> dict:
     cfg = cfg or FitConfig()
     out = Path(out)
     if cfg.parallel not in ("layers",):
         raise ValueError(f"parallel={cfg.parallel!r}: expected 'layers'")
+    device, rank, world = _start_processes(cfg)
+    cache = Cache.open(cache_path)
+    layers = _check_layers(cfg, cache, cache_path, world)
+    run = _prepare_run(cfg, out, cache, cache_path, layers, rank, world, device)
+    _check_checkpoint_layout(out, world)
+    run.state = _resume_state(run)
+    mean = _train_mean(run.reader, run.train_idx, 64, cfg.seed)
+    run.mean = {l: m.to(device) for l, m in mean.items()}
+
+    params = {l: list(run.stack.encoder(l).parameters()) for l in run.mine}
+    run.stack.train()
+    t_start = time.perf_counter()
+    if run.state["step"] >= run.total_steps and (out / "summary.json").exists():
+        # Finished by an earlier run: report its figures (wall time included), rewrite nothing.
+        done = json.loads((out / "summary.json").read_text())
+        distributed.barrier()
+        return {**done, "skipped": True}
+    wait, tokens_seen = _train(run, params, progress, on_step)
+    return _finish_fit(run, t_start, wait, tokens_seen)
+
+
+def _start_processes(cfg: FitConfig) -> tuple[torch.device, int, int]:
+    """The device, and under a launcher the process group (one GPU per process on its node).
+    -> (device, rank, world)."""
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world, local = distributed.dist_env()
     if world > 1:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local)  # one GPU per process on its node
         rank, world, local = distributed.init(backend="nccl" if device.type == "cuda" else "gloo")
-    main = rank == 0
-    cache = Cache.open(cache_path)
+    return device, rank, world
+
+
+def _check_layers(cfg: FitConfig, cache: Cache, cache_path, world: int) -> list[int]:
+    """Pre-flight check: the layers asked for (default: every cached one) are in the cache, and
+    there are no more processes than layers. -> the layers."""
     layers = cfg.layers or cache.layers
     missing = [l for l in layers if l not in cache.layers]
     if missing:
@@ -470,6 +569,14 @@ def _fit_encoders(cache_path, out, cfg, progress, on_step) -> dict:
     if world > len(layers):
         raise CacheError(f"{world} processes for {len(layers)} layer(s): each process trains whole layers, "
                          f"so run at most {len(layers)}")
+    return layers
+
+
+def _prepare_run(cfg: FitConfig, out: Path, cache: Cache, cache_path, layers: list[int], rank: int, world: int,
+                 device) -> _FitRun:
+    """Seed, split the samples (refused unless both sides are non-empty), and build this process's
+    reader, encoders (seeded per layer, so a process building only its layers gets the same
+    weights), optimizer and schedule."""
     mine = layers_of_rank(layers, rank, world)  # all of them in one process
     autocast = autocast_for(device, cfg.compute)
     torch.manual_seed(cfg.seed)
@@ -484,116 +591,65 @@ def _fit_encoders(cache_path, out, cfg, progress, on_step) -> dict:
     stack = EncoderStack(cfg.encoder_config(cache.hidden_size), mine, seed=cfg.seed).to(device)
     stack.sink = sink_of(cache.settings)
     opt = torch.optim.AdamW(stack.parameters(), lr=cfg.lr_max, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    batches_per_epoch = -(-len(train_idx) // cfg.batch_size)
-    steps_per_epoch = -(-batches_per_epoch // cfg.grad_accum)
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    warmup = int(round(cfg.warmup_fraction * total_steps))
+    total_steps, warmup = schedule_steps(cfg, len(train_idx))
     run_id = {"cache": cache.fingerprint(), "config": cfg.run_config() | {"layers": layers}}
+    return _FitRun(cfg, out, cache, layers, mine, rank, world, device, autocast, train_idx, val_idx, reader, emb,
+                   stack, opt, total_steps, warmup, run_id)
 
-    ckpt_dir = rank_checkpoint_dir(out, rank, world)
-    parts = [best_part_dir(out, r, world) for r in range(world)]  # world > 1 only
-    _check_checkpoint_layout(out, world)
+
+def _resume_state(run: _FitRun) -> dict:
+    """Resume logic: load this process's checkpoint into the encoders and optimizer (refused when
+    it belongs to another run; under a launcher every process must be at the same step), or a
+    fresh state."""
+    out = run.out
 
     def load():
-        st = load_checkpoint(out, stack, opt, where=ckpt_dir)
-        if st and st.get("run") != json.loads(json.dumps(run_id)):
+        st = load_checkpoint(out, run.stack, run.opt, where=run.ckpt_dir)
+        if st and st.get("run") != json.loads(json.dumps(run.run_id)):
             raise CacheError(f"{out}/{CHECKPOINT_DIR}: a checkpoint of a different run (other cache or settings) is "
                              "there; use another --out or delete it")
         return st
 
-    state = load() if world == 1 else _resume_together(load, checkpoint_dir(out), rank, world)
-    state = state or {"run": run_id, "step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": None,
-                      "bad_evals": 0, "history": []}
-    mean = _train_mean(reader, train_idx, 64, cfg.seed)
-    mean = {l: m.to(device) for l, m in mean.items()}
+    state = load() if run.world == 1 else _resume_together(load, checkpoint_dir(out), run.rank, run.world)
+    return state or new_state(run.run_id)
 
-    def val_loader():
-        return BatchLoader(reader, val_idx, cfg.batch_size, cfg.buffer_samples, cfg.seed, 0, shuffle=False)
 
-    def evaluate_now(train_mse: dict[int, float]):
-        res = evaluate_layers(stack, emb, val_loader(), device, mean, autocast)
-        if world > 1:  # every process needs every layer's numbers: history, best step, early stop
-            table = share_layer_values({l: [r[k] for k in VAL_KEYS] + [train_mse[l]] for l, r in res.items()}, layers,
-                                       len(VAL_KEYS) + 1)
-            res = {l: dict(zip(VAL_KEYS, row[:-1])) for l, row in table.items()}
-            train_mse = {l: row[-1] for l, row in table.items()}
-        total = sum(r["mse"] for r in res.values())
-        return res, total, train_mse
-
-    def save_best(res):
-        if world == 1:
-            _save_bundle(out, stack, cache, cfg, layers, state, res)
-            return
-        save_bundle(parts[rank], stack, _bundle_meta(cache, cfg, state, res))
-        distributed.barrier()  # every part is on disk
-        if main:
-            _combine_parts(out, parts, layers, state["best_step"])
-
-    def checkpoint():
-        save_checkpoint(out, stack, opt, state, where=ckpt_dir,
-                        before_publish=distributed.barrier if world > 1 else None)
-
-    params = {l: list(stack.encoder(l).parameters()) for l in mine}
-    stack.train()
-    step, t_start, wait, tokens_seen = state["step"], time.perf_counter(), 0.0, 0
-    stop = step >= total_steps
-    if stop and (out / "summary.json").exists():
-        # Finished by an earlier run: report its figures (wall time included), rewrite nothing.
-        done = json.loads((out / "summary.json").read_text())
-        distributed.barrier()
-        return {**done, "skipped": True}
-    bar = tqdm(total=total_steps, initial=step, desc="fit", unit="step", disable=not (progress and main),
+def _train(run: _FitRun, params: dict, progress: bool, on_step) -> tuple[float, int]:
+    """The training loop, from ``run.state`` (epoch, batch in epoch, step) to the last step, early
+    stop or divergence: optimizer steps every ``grad_accum`` batches, evaluation every
+    ``eval_every`` steps, a checkpoint every ``checkpoint_every``. -> (seconds waiting for data,
+    tokens seen)."""
+    cfg, state, mine = run.cfg, run.state, run.mine
+    step, wait, tokens_seen = state["step"], 0.0, 0
+    stop = step >= run.total_steps
+    bar = tqdm(total=run.total_steps, initial=step, desc="fit", unit="step", disable=not (progress and run.main),
                dynamic_ncols=True)
     train_acc = {l: 0.0 for l in mine}
     n_acc = 0
     while not stop:
         epoch = state["epoch"]
-        loader = BatchLoader(reader, train_idx, cfg.batch_size, cfg.buffer_samples, cfg.seed, epoch,
+        loader = BatchLoader(run.reader, run.train_idx, cfg.batch_size, cfg.buffer_samples, cfg.seed, epoch,
                              skip=state["batch_in_epoch"])
         micro = 0
         for bi, batch in enumerate(loader, start=state["batch_in_epoch"]):
-            batch = batch.to(device)
-            with autocast():
-                preds = predict(stack, emb, batch)
-                losses = {l: masked_mse(preds[l].float(), batch.targets[l], batch.loss_mask) for l in mine}
-            (sum(losses.values()) / cfg.grad_accum).backward()
-            tokens_seen += int(batch.valid.sum())
-            for l in mine:
-                train_acc[l] += float(losses[l].detach())
+            tokens_seen += _backward(run, batch, train_acc)
             n_acc += 1
             micro += 1
             if micro % cfg.grad_accum and bi + 1 < len(loader):
                 continue
-            lr = lr_at(step, total_steps, warmup, cfg.lr_min, cfg.lr_max)
-            optimizer_step(opt, params, cfg.clip_norm, lr)
+            lr = lr_at(step, run.total_steps, run.warmup, cfg.lr_min, cfg.lr_max)
+            optimizer_step(run.opt, params, cfg.clip_norm, lr)
             step += 1
             state.update(step=step, batch_in_epoch=bi + 1)
             bar.update(1)
-            if step % cfg.eval_every == 0 or step == total_steps:
-                res, total, train_mse = evaluate_now({l: train_acc[l] / max(n_acc, 1) for l in mine})
-                entry = {"step": step, "lr": lr, "train_mse": {str(l): train_mse[l] for l in layers},
-                         "val": {str(l): r for l, r in res.items()}, "val_total_mse": total}
-                state["history"].append(entry)
+            if step % cfg.eval_every == 0 or step == run.total_steps:
+                stop = _evaluate_step(run, step, lr, {l: train_acc[l] / max(n_acc, 1) for l in mine}, bar)
                 train_acc, n_acc = {l: 0.0 for l in mine}, 0
-                bar.set_postfix(val_fvu=" ".join(f"{r['fvu']:.3f}" for r in res.values()))
-                if state["best"] is None or total < state["best"]:
-                    state.update(best=total, best_step=step, bad_evals=0)
-                    save_best(res)
-                else:
-                    state["bad_evals"] += 1
-                if not math.isfinite(total):
-                    state["stopped"] = "diverged (non-finite validation loss)"
-                    stop = True
-                elif state["bad_evals"] >= cfg.patience:
-                    state["stopped"] = f"early stop: no improvement in {cfg.patience} evaluations"
-                    stop = True
-            if step % cfg.checkpoint_every == 0 or stop or step == total_steps:
-                checkpoint()
+            if step % cfg.checkpoint_every == 0 or stop or step == run.total_steps:
+                run.checkpoint()
             if on_step:
                 on_step(step)
-            if stop or step >= total_steps:
+            if stop or step >= run.total_steps:
                 stop = True
                 break
         wait += loader.wait_seconds
@@ -601,16 +657,60 @@ def _fit_encoders(cache_path, out, cfg, progress, on_step) -> dict:
         if not stop:
             state.update(epoch=state["epoch"] + 1, batch_in_epoch=0)
     bar.close()
+    return wait, tokens_seen
+
+
+def _backward(run: _FitRun, batch: Batch, train_acc: dict[int, float]) -> int:
+    """Forward and backward pass of one micro-batch (the summed per-layer losses, scaled by
+    ``1 / grad_accum``); adds each layer's loss to ``train_acc``. -> the batch's valid tokens."""
+    batch = batch.to(run.device)
+    with run.autocast():
+        preds = predict(run.stack, run.emb, batch)
+        losses = {l: masked_mse(preds[l].float(), batch.targets[l], batch.loss_mask) for l in run.mine}
+    (sum(losses.values()) / run.cfg.grad_accum).backward()
+    tokens = int(batch.valid.sum())
+    for l in run.mine:
+        train_acc[l] += float(losses[l].detach())
+    return tokens
+
+
+def _evaluate_step(run: _FitRun, step: int, lr: float, train_mse: dict[int, float], bar) -> bool:
+    """Evaluate, record the history entry, keep the best weights, and decide whether to stop
+    (divergence or ``patience`` evaluations without improvement; the reason goes in the state)."""
+    state = run.state
+    res, total, train_mse = run.evaluate_now(train_mse)
+    entry = {"step": step, "lr": lr, "train_mse": {str(l): train_mse[l] for l in run.layers},
+             "val": {str(l): r for l, r in res.items()}, "val_total_mse": total}
+    state["history"].append(entry)
+    bar.set_postfix(val_fvu=" ".join(f"{r['fvu']:.3f}" for r in res.values()))
+    if state["best"] is None or total < state["best"]:
+        state.update(best=total, best_step=step, bad_evals=0)
+        run.save_best(res)
+    else:
+        state["bad_evals"] += 1
+    if not math.isfinite(total):
+        state["stopped"] = "diverged (non-finite validation loss)"
+        return True
+    if state["bad_evals"] >= run.cfg.patience:
+        state["stopped"] = f"early stop: no improvement in {run.cfg.patience} evaluations"
+        return True
+    return False
+
+
+def _finish_fit(run: _FitRun, t_start: float, wait: float, tokens_seen: int) -> dict:
+    """Final checkpoint and merge of the best parts, then the summary (the first process writes
+    summary.json, curves.png and history.json); returns once ``out`` is complete on every process."""
+    out, state, layers = run.out, run.state, run.layers
     state.setdefault("stopped", "finished all steps")
-    checkpoint()
-    if world > 1 and main and state["best_step"] is not None:
+    run.checkpoint()
+    if run.world > 1 and run.main and state["best_step"] is not None:
         # Again at the end: a crash between the parts and their merge must not leave out/ stale.
-        _combine_parts(out, parts, layers, state["best_step"])
+        _combine_parts(out, run.parts, layers, state["best_step"])
     summary = _summary(out, state, layers)
     summary["wall_seconds"] = time.perf_counter() - t_start
     summary["data_wait_seconds"] = wait
     summary["tokens_per_second"] = tokens_seen / max(summary["wall_seconds"], 1e-9)
-    if main:  # the other processes hold the same state: they return the same summary, write nothing shared
+    if run.main:  # the other processes hold the same state: they return the same summary, write nothing shared
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_history(state["history"], out / "curves.png", layers)
         (out / "history.json").write_text(json.dumps(state["history"], indent=1))

@@ -58,6 +58,23 @@ def lr_at(step: int, total: int, warmup: int, lr_min: float, lr_max: float) -> f
     return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * progress))
 
 
+def schedule_steps(cfg: OptimConfig, n_samples: int) -> tuple[int, int]:
+    """(total optimizer steps, warm-up steps) for ``n_samples`` training samples:
+    ``ceil(ceil(n_samples / batch_size) / grad_accum) * epochs``, capped at ``max_steps``."""
+    batches_per_epoch = -(-n_samples // cfg.batch_size)
+    steps_per_epoch = -(-batches_per_epoch // cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    return total_steps, int(round(cfg.warmup_fraction * total_steps))
+
+
+def new_state(run_id: dict) -> dict:
+    """The loop state of a run that starts from scratch (what a checkpoint stores and resumes)."""
+    return {"run": run_id, "step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": None, "bad_evals": 0,
+            "history": []}
+
+
 def optimizer_step(opt, params: dict[int, list], clip_norm: float, lr: float) -> None:
     """Clip each encoder's gradients on its own (so each trains exactly as it would alone), set
     the learning rate, step and clear the gradients."""

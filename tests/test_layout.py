@@ -337,3 +337,33 @@ def test_public_api_is_lazy_and_complete():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip()) >= 10
+
+
+# Functions allowed over MAX_FUNCTION_LINES, as "path:name". kcache/store.py, storage.py, cache.py,
+# location.py, integrity.py, merge.py and remote.py were left alone by the split (longest today:
+# integrity.part_problems, 78 lines), so none is needed; an entry for one of them would read:
+# moved to kcache/cache/ in a parallel branch; split there.
+LONG_FUNCTIONS_ALLOWED: set[str] = set()
+MAX_FUNCTION_LINES = 100
+
+
+def _function_lengths():
+    import ast
+
+    for path in sorted((ROOT / "kcache").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(), filename=rel)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):  # methods and nested functions included
+                yield rel, node.lineno, node.name, node.end_lineno - node.lineno + 1
+
+
+def test_no_function_is_longer_than_a_hundred_lines():
+    """Issue 14: the stages read top to bottom, their checks, resume logic, loop body and report in
+    named helpers; no function in kcache/ is over 100 lines."""
+    long = [(rel, line, name, n) for rel, line, name, n in _function_lengths() if n > MAX_FUNCTION_LINES]
+    offenders = [f"{rel}:{line}:{name}:{n}" for rel, line, name, n in long
+                 if f"{rel}:{name}" not in LONG_FUNCTIONS_ALLOWED]
+    assert not offenders, f"functions over {MAX_FUNCTION_LINES} lines (file:line:name:length): " + ", ".join(offenders)
+    stale = LONG_FUNCTIONS_ALLOWED - {f"{rel}:{name}" for rel, _, name, _ in long}
+    assert not stale, (f"allowed to be long but no longer are (or are gone): {sorted(stale)}; "
+                       "drop them from LONG_FUNCTIONS_ALLOWED")

@@ -81,8 +81,7 @@ def _bench_inject(decoder, model, device, sizes, input_tokens, layers, stack, re
 
     from kcache.align import parse_layers
     from kcache.encoders import EncoderConfig, EncoderStack
-    from kcache.evaluate import PeakMemory, synchronize
-    from kcache.inject import Injector, encoder_additions
+    from kcache.inject import Injector
     from kcache.models import load_decoder
 
     if decoder is None:
@@ -93,64 +92,14 @@ def _bench_inject(decoder, model, device, sizes, input_tokens, layers, stack, re
         stack = EncoderStack(EncoderConfig(d_model=decoder.layers.hidden_size), layer_list)
     inj = Injector.from_stack(decoder, stack, {"site": "mlp", "layers": stack.layers})
     stack.to(dev)
-    m = decoder.model
+    runners = _runners(decoder, stack, inj)
 
-    def run_kx(k, x):
-        ids = torch.tensor([k + x], device=dev)
-        return m(input_ids=ids, use_cache=False, logits_to_keep=len(x)).logits
-
-    def run_ekx(k, x):
-        add = encoder_additions(decoder, stack, [k], [x])
-        with inj.static(add):
-            ids = torch.tensor([x], device=dev)
-            return m(input_ids=ids, use_cache=False, logits_to_keep=len(x)).logits
-
-    def run_enc(k, x):
-        return encoder_additions(decoder, stack, [k], [x])
-
-    def timed(fn, *a):
-        synchronize(dev)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            fn(*a)
-        synchronize(dev)
-        return time.perf_counter() - t0
-
-    def peak(fn, *a):
-        with PeakMemory(dev) as mem, torch.inference_mode():
-            fn(*a)
-        return mem.peak, mem.kind
-
-    dec_params, enc_params = _param_bytes(m), _param_bytes(stack)
+    dec_params, enc_params = _param_bytes(decoder.model), _param_bytes(stack)
     rows = []
     with inj:
         for n_k in sizes:
             k, x = _bench_tokens(decoder.tokenizer, n_k, input_tokens)
-            for _ in range(warmup):
-                timed(run_kx, k, x)
-                timed(run_ekx, k, x)
-            t_kx, t_ekx, t_enc = [], [], []
-            for _ in range(repeats):
-                t_kx.append(timed(run_kx, k, x))
-                t_ekx.append(timed(run_ekx, k, x))
-                t_enc.append(timed(run_enc, k, x))
-            # memory: median of a few single runs each, alternating the order
-            m_kx, m_ekx = [], []
-            for r in range(memory_repeats):
-                order = [("kx", run_kx), ("ekx", run_ekx)] if r % 2 == 0 else [("ekx", run_ekx), ("kx", run_kx)]
-                for name, fn in order:
-                    p, kind = peak(fn, k, x)
-                    (m_kx if name == "kx" else m_ekx).append(p)
-            row = {
-                "knowledge_tokens": n_k,
-                "input_tokens": len(x),
-                "kx_seconds": statistics.median(t_kx),
-                "ekx_seconds": statistics.median(t_ekx),
-                "encoder_seconds": statistics.median(t_enc),
-                "kx_peak_bytes": int(statistics.median(m_kx)),
-                "ekx_peak_bytes": int(statistics.median(m_ekx)),
-                "memory_kind": kind,
-            }
+            row = _measure(dev, runners, n_k, k, x, repeats, warmup, memory_repeats)
             row["kx_total_bytes"] = dec_params + row["kx_peak_bytes"]
             row["ekx_total_bytes"] = dec_params + enc_params + row["ekx_peak_bytes"]
             row["time_ratio"] = row["ekx_seconds"] / row["kx_seconds"]
@@ -158,14 +107,7 @@ def _bench_inject(decoder, model, device, sizes, input_tokens, layers, stack, re
             row["total_memory_ratio"] = row["ekx_total_bytes"] / row["kx_total_bytes"]
             rows.append(row)
             echo(format_row(row, header=len(rows) == 1))
-    big = [r for r in rows if r["knowledge_tokens"] >= 512]
-    verdict = {
-        "time_target": TIME_TARGET,
-        "memory_target": MEMORY_TARGET,
-        "time_met": bool(big) and all(r["time_ratio"] <= TIME_TARGET for r in big),
-        "memory_met": bool(big) and all(r["memory_ratio"] <= MEMORY_TARGET for r in big),
-        "total_memory_met": bool(big) and all(r["total_memory_ratio"] <= MEMORY_TARGET for r in big),
-    }
+    verdict = _verdict(rows)
     res = {
         "model": decoder.fingerprint.to_dict(),
         "device": str(dev),
@@ -189,6 +131,103 @@ def _bench_inject(decoder, model, device, sizes, input_tokens, layers, stack, re
         plot_bench(res, out / "bench-inject.png")
         echo(f"wrote {out / 'bench-inject.json'} and {out / 'bench-inject.png'}")
     return res
+
+
+def _runners(decoder, stack, inj) -> dict:
+    """The three measured computations, each ``fn(k, x)``: ``kx`` = D(K,x), ``ekx`` = D(E(K,x)+x)
+    (encoders, then the decoder over ``x`` with the additions injected), ``enc`` = the encoders
+    alone. Logits for the ``x`` positions only, no KV cache."""
+    import torch
+
+    from kcache.inject import encoder_additions
+
+    dev = decoder.device
+    m = decoder.model
+
+    def run_kx(k, x):
+        ids = torch.tensor([k + x], device=dev)
+        return m(input_ids=ids, use_cache=False, logits_to_keep=len(x)).logits
+
+    def run_ekx(k, x):
+        add = encoder_additions(decoder, stack, [k], [x])
+        with inj.static(add):
+            ids = torch.tensor([x], device=dev)
+            return m(input_ids=ids, use_cache=False, logits_to_keep=len(x)).logits
+
+    def run_enc(k, x):
+        return encoder_additions(decoder, stack, [k], [x])
+
+    return {"kx": run_kx, "ekx": run_ekx, "enc": run_enc}
+
+
+def _timed(dev, fn, *a) -> float:
+    """Wall seconds of ``fn(*a)`` in inference mode, synchronised with the device on both sides."""
+    import torch
+
+    from kcache.evaluate import synchronize
+
+    synchronize(dev)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        fn(*a)
+    synchronize(dev)
+    return time.perf_counter() - t0
+
+
+def _peak(dev, fn, *a):
+    """Peak memory of ``fn(*a)`` in inference mode (``PeakMemory``). -> (bytes, kind)."""
+    import torch
+
+    from kcache.evaluate import PeakMemory
+
+    with PeakMemory(dev) as mem, torch.inference_mode():
+        fn(*a)
+    return mem.peak, mem.kind
+
+
+def _measure(dev, runners: dict, n_k: int, k: list[int], x: list[int], repeats: int, warmup: int,
+             memory_repeats: int) -> dict:
+    """One knowledge size: ``warmup`` untimed rounds, then median times over ``repeats``
+    interleaved rounds (kx, ekx, enc) and median peak memory over ``memory_repeats`` single runs
+    each, alternating the order. -> the row's measured fields."""
+    run_kx, run_ekx, run_enc = runners["kx"], runners["ekx"], runners["enc"]
+    for _ in range(warmup):
+        _timed(dev, run_kx, k, x)
+        _timed(dev, run_ekx, k, x)
+    t_kx, t_ekx, t_enc = [], [], []
+    for _ in range(repeats):
+        t_kx.append(_timed(dev, run_kx, k, x))
+        t_ekx.append(_timed(dev, run_ekx, k, x))
+        t_enc.append(_timed(dev, run_enc, k, x))
+    # memory: median of a few single runs each, alternating the order
+    m_kx, m_ekx = [], []
+    for r in range(memory_repeats):
+        order = [("kx", run_kx), ("ekx", run_ekx)] if r % 2 == 0 else [("ekx", run_ekx), ("kx", run_kx)]
+        for name, fn in order:
+            p, kind = _peak(dev, fn, k, x)
+            (m_kx if name == "kx" else m_ekx).append(p)
+    return {
+        "knowledge_tokens": n_k,
+        "input_tokens": len(x),
+        "kx_seconds": statistics.median(t_kx),
+        "ekx_seconds": statistics.median(t_ekx),
+        "encoder_seconds": statistics.median(t_enc),
+        "kx_peak_bytes": int(statistics.median(m_kx)),
+        "ekx_peak_bytes": int(statistics.median(m_ekx)),
+        "memory_kind": kind,
+    }
+
+
+def _verdict(rows: list[dict]) -> dict:
+    """Whether the time and memory targets are met at every size of >= 512 knowledge tokens."""
+    big = [r for r in rows if r["knowledge_tokens"] >= 512]
+    return {
+        "time_target": TIME_TARGET,
+        "memory_target": MEMORY_TARGET,
+        "time_met": bool(big) and all(r["time_ratio"] <= TIME_TARGET for r in big),
+        "memory_met": bool(big) and all(r["memory_ratio"] <= MEMORY_TARGET for r in big),
+        "total_memory_met": bool(big) and all(r["total_memory_ratio"] <= MEMORY_TARGET for r in big),
+    }
 
 
 def format_row(r: dict, header: bool = False) -> str:

@@ -106,8 +106,6 @@ def bench_store(cache_path, rows: int = 200_000, options=DEFAULT_OPTIONS, out_js
     cannot use (bitround on a float32 cache) is reported under ``skipped`` with the reason.
     ``tmp_dir`` is where the scratch arrays go (default: the system temp dir).
     """
-    from tqdm.auto import tqdm
-
     storages = [(storage_spec(parse_storage(o)), parse_storage(o)) for o in options]  # bad specs fail before any work
     cache = Cache.open(cache_path)
     s = cache.settings
@@ -118,7 +116,50 @@ def bench_store(cache_path, rows: int = 200_000, options=DEFAULT_OPTIONS, out_js
         raise ValueError(f"{cache_path}: no rows to benchmark (cache has {cache.total_rows}, asked for {rows})")
     compressors = compressors_for_cache()  # every kcache cache uses these (settings.codecs)
     machine = _machine_info()
+    runnable, skipped = _runnable(storages, hidden, dtype, log)
+    wtimes, rtimes, acc, nbytes = _measure(cache, runnable, n, repeats, compressors, tmp_dir, progress)
+    if hasattr(os, "getloadavg"):
+        machine["load_average_end"] = list(os.getloadavg())
 
+    f32_bytes = n * hidden * 4 * len(layers)
+    mib = f32_bytes / 2**20
+    results = {}
+    for spec, st in runnable:
+        wsum = sum(statistics.median(t) for t in wtimes[spec])  # median per layer, summed over layers
+        rsum = sum(statistics.median(t) for t in rtimes[spec])
+        ov = acc[spec].overall()
+        results[spec] = {
+            "storage": st,
+            "bits_per_value": bits_per_value(st, dtype, hidden),
+            "bytes": nbytes[spec],
+            "bytes_per_token_layer": nbytes[spec] / (n * len(layers)),
+            "bits_per_value_on_disk": 8 * nbytes[spec] / (n * len(layers) * hidden),
+            "ratio_vs_float32": f32_bytes / nbytes[spec],
+            "ratio_vs_float16": f32_bytes / 2 / nbytes[spec],
+            "write_mb_per_s": mib / wsum,
+            "read_mb_per_s": mib / rsum,
+            "write_seconds": wtimes[spec],
+            "read_seconds": rtimes[spec],
+            "relative_rmse": ov["relative_rmse"],
+            "max_abs_error": ov["max_abs_error"],
+            "per_layer": acc[spec].summary(),
+            "error_state": acc[spec].state(),
+        }
+    res = {
+        "machine": machine, "cache": str(cache_path), "rows": n, "rows_in_cache": int(cache.total_rows),
+        "layers": layers,
+        "hidden": hidden, "dtype": dtype, "cache_storage": getattr(cache, "storage", {"kind": "lossless"}),
+        "chunk_rows": chunk, "shard_rows": shard, "codecs": s.get("codecs"),
+        "repeats": repeats, "float32_bytes": f32_bytes, "results": results, "skipped": skipped,
+    }
+    _report(res, out_json, out_png, log)
+    return res
+
+
+def _runnable(storages: list[tuple[str, dict]], hidden: int, dtype: str,
+              log) -> tuple[list[tuple[str, dict]], dict[str, str]]:
+    """Pre-flight check of each option on one zero row: the ones the cache's dtype can use, and
+    the others with the reason (logged). -> (runnable, skipped)."""
     runnable, skipped = [], {}
     for spec, st in storages:
         try:
@@ -127,7 +168,22 @@ def bench_store(cache_path, rows: int = 200_000, options=DEFAULT_OPTIONS, out_js
         except ValueError as e:
             skipped[spec] = str(e)
             log(f"  skipping {spec}: {e}")
+    return runnable, skipped
 
+
+def _measure(cache: Cache, runnable: list[tuple[str, dict]], n: int, repeats: int, compressors, tmp_dir,
+             progress: bool):
+    """Write and read back the first ``n`` rows of every layer with every option, ``repeats`` times,
+    in scratch arrays under ``tmp_dir`` (deleted afterwards). Layers are the outer loop, so each
+    layer's reference rows are read from the cache once.
+
+    -> (write seconds, read seconds, error accumulator, bytes on disk), each per option.
+    """
+    from tqdm.auto import tqdm
+
+    s = cache.settings
+    layers, dtype, hidden = list(cache.layers), cache.dtype, int(cache.hidden_size)
+    chunk, shard = int(s["chunk_rows"]), int(s["shard_rows"])
     acc = {spec: ErrorAccumulator(layers) for spec, _ in runnable}
     wtimes = {spec: [] for spec, _ in runnable}
     rtimes = {spec: [] for spec, _ in runnable}
@@ -161,40 +217,11 @@ def bench_store(cache_path, rows: int = 200_000, options=DEFAULT_OPTIONS, out_js
     finally:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    if hasattr(os, "getloadavg"):
-        machine["load_average_end"] = list(os.getloadavg())
+    return wtimes, rtimes, acc, nbytes
 
-    f32_bytes = n * hidden * 4 * len(layers)
-    mib = f32_bytes / 2**20
-    results = {}
-    for spec, st in runnable:
-        wsum = sum(statistics.median(t) for t in wtimes[spec])  # median per layer, summed over layers
-        rsum = sum(statistics.median(t) for t in rtimes[spec])
-        ov = acc[spec].overall()
-        results[spec] = {
-            "storage": st,
-            "bits_per_value": bits_per_value(st, dtype, hidden),
-            "bytes": nbytes[spec],
-            "bytes_per_token_layer": nbytes[spec] / (n * len(layers)),
-            "bits_per_value_on_disk": 8 * nbytes[spec] / (n * len(layers) * hidden),
-            "ratio_vs_float32": f32_bytes / nbytes[spec],
-            "ratio_vs_float16": f32_bytes / 2 / nbytes[spec],
-            "write_mb_per_s": mib / wsum,
-            "read_mb_per_s": mib / rsum,
-            "write_seconds": wtimes[spec],
-            "read_seconds": rtimes[spec],
-            "relative_rmse": ov["relative_rmse"],
-            "max_abs_error": ov["max_abs_error"],
-            "per_layer": acc[spec].summary(),
-            "error_state": acc[spec].state(),
-        }
-    res = {
-        "machine": machine, "cache": str(cache_path), "rows": n, "rows_in_cache": int(cache.total_rows),
-        "layers": layers, "hidden": hidden, "dtype": dtype,
-        "cache_storage": getattr(cache, "storage", {"kind": "lossless"}),
-        "chunk_rows": chunk, "shard_rows": shard, "codecs": s.get("codecs"),
-        "repeats": repeats, "float32_bytes": f32_bytes, "results": results, "skipped": skipped,
-    }
+
+def _report(res: dict, out_json, out_png, log) -> None:
+    """Log the table, and write the JSON and the plot when asked."""
     log(format_table(res))
     if out_json:
         out_json = Path(out_json)
@@ -204,7 +231,6 @@ def bench_store(cache_path, rows: int = 200_000, options=DEFAULT_OPTIONS, out_js
     if out_png:
         plot_png(res, Path(out_png))
         log(f"  wrote {out_png}")
-    return res
 
 
 def format_table(res: dict) -> str:

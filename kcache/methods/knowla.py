@@ -395,6 +395,16 @@ def _links_table(links: Any) -> pa.Table:
     return read_links(links)
 
 
+def _kg_record(emb_t, links_t, index: LinkIndex) -> dict:
+    """The KG half of a KnowLA method config: which graph, embeddings and links it was trained with."""
+    from kcache.kg.tables import _meta, embedding_info
+
+    info = embedding_info(emb_t)
+    return {"name": info["kg_name"], "fingerprint": info["kg_fingerprint"], "embedding_model": info["model"],
+            "embedding_dim": info["dim"], "embedding_source": info["source"], "embedding_rows": info["rows"],
+            "link_k": index.k, "link_tokenizer_fingerprint": _meta(links_t).get("kcache.link.tokenizer_fingerprint")}
+
+
 def train_knowla(
     decoder: Decoder,
     samples: Any,
@@ -474,22 +484,16 @@ def train_knowla(
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
-    from kcache.kg.tables import _meta, embedding_info
-
     save_file({k: v.detach().cpu().contiguous() for k, v in knowla.state_dict().items()}, str(out / KNOWLA_WEIGHTS))
     if lora:
         model.save_pretrained(str(out / B.ADAPTER_DIR), safe_serialization=True)
-    info = embedding_info(emb_t)
     cfg = {
         "format": "kcache-method", "version": 1, "method": "knowla",
         "model": decoder.fingerprint.to_dict(),
         "knowla": knowla.settings,
         "lora": {"rank": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "targets": list(targets),
                  "layers": None} if lora else None,
-        "kg": {"name": info["kg_name"], "fingerprint": info["kg_fingerprint"], "embedding_model": info["model"],
-               "embedding_dim": info["dim"],
-               "embedding_source": info["source"], "embedding_rows": info["rows"], "link_k": index.k,
-               "link_tokenizer_fingerprint": _meta(links_t).get("kcache.link.tokenizer_fingerprint")},
+        "kg": _kg_record(emb_t, links_t, index),
         "train": {"samples": len(records), "used": len(examples), "skipped": skipped, "steps": steps, "epochs": epochs,
                   "lr": lr, "batch_size": batch_size, "seed": seed, "warmup": warmup, "max_length": max_length,
                   "split": split, "template": dataclasses.asdict(template), "links_dropped_misaligned": index.dropped},
