@@ -15,15 +15,6 @@ from kcache.methods import baselines as B
 from kcache.models import ModelError, wrap_decoder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one intra-op thread is faster, and far faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def samples():
     from kcache.data.synth import synth_samples

@@ -16,14 +16,6 @@ from kcache.edit import EditConfig, edit, edit_metrics, full_string_logprobs
 SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def dec(tokenizer_nobos):
     from conftest import make_model

@@ -28,14 +28,6 @@ from kcache.evaluate import (
 SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _fresh_stack(decoder, layers=(1, 2)):
     return EncoderStack(EncoderConfig(d_model=decoder.layers.hidden_size, **SMALL), list(layers))
 

@@ -16,14 +16,6 @@ from kcache.methods.scoring import register_baseline_methods, release
 from kcache.models import wrap_decoder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _decoder(tok, seed=0):
     return wrap_decoder(make_model("llama", len(tok), seed=seed), tok, name="tiny")
 

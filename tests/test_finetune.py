@@ -30,14 +30,6 @@ from kcache.finetune import (
 SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def dec(tokenizer_bos):
     from conftest import make_model

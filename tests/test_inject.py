@@ -16,15 +16,6 @@ from kcache.inject import InjectError, Injector, encoder_additions, generate_tok
 SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and OpenMP barriers crawl on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _stack(decoder, layers=(1, 2), std=0.5, seed=0):
     stack = EncoderStack(EncoderConfig(d_model=decoder.layers.hidden_size, **SMALL), list(layers), seed=seed)
     g = torch.Generator().manual_seed(seed + 17)

@@ -16,15 +16,6 @@ from kcache.models import ModelError, wrap_decoder
 H, D, N_ENT = 64, 8, 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one intra-op thread is faster, and far faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def table():
     g = torch.Generator().manual_seed(0)
