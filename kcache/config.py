@@ -77,6 +77,11 @@ def _plural(tp) -> str:
     return {int: "integers", float: "numbers", str: "strings", bool: "booleans"}.get(tp, "values")
 
 
+# scalar annotation -> (TOML types accepted, conversion)
+_SCALARS = {bool: (bool, bool), int: (int, int), float: ((int, float), float), str: (str, str),
+            Path: ((str, Path), Path)}
+
+
 def _convert(value, tp):
     """``value`` checked against annotation ``tp`` (converted where needed), or ``_Mismatch``."""
     if tp is Any or tp is object:
@@ -93,25 +98,11 @@ def _convert(value, tp):
             except _Mismatch:
                 continue
         raise _Mismatch
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise _Mismatch
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
-    if tp is Path:
-        if isinstance(value, (str, Path)):
-            return Path(value)
+    if tp in _SCALARS:
+        accepted, make = _SCALARS[tp]
+        # bool is an int subclass, but `epochs = true` is a typo, not 1
+        if isinstance(value, accepted) and (tp is bool or not isinstance(value, bool)):
+            return make(value)
         raise _Mismatch
     if tp is dict or origin is dict:
         if isinstance(value, dict):

@@ -8,7 +8,6 @@ The commands are in ``kcache/cli/bench.py``.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -19,20 +18,20 @@ import torch
 from kcache.align import length_mask, pad_right, shift_left
 
 
-def _bar_png(path: Path, title: str, labels: list[str], values: list[float], unit: str) -> None:
-    import matplotlib
+def _write_result(out: Path, res: dict, title: str, labels: list[str], values: list[float], unit: str, log) -> None:
+    """``res`` as JSON at ``out`` and a horizontal bar chart of ``values`` beside it (``.png``)."""
+    from kcache._io import atomic_write_json, pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, res, indent=2)
+    fig, ax = pyplot().subplots(figsize=(7, 3.2))
     bars = ax.barh(labels, values, color=["#888", "#4a7", "#47a", "#a74"][: len(values)])
     ax.bar_label(bars, fmt="%.2f")
     ax.set(title=title, xlabel=unit)
     ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, out.with_suffix(".png"))
+    log(f"  wrote {out} and {out.with_suffix('.png')}")
 
 
 def _sync(device):
@@ -154,13 +153,9 @@ def bench_extract(model: str = "smollm2-135m", n: int = 300, layers: str = "3-8"
     log(f"  throughput                   {res['tokens_per_second']:.0f} tokens/s through the decoder "
         f"({res['input_tokens_per_second']:.0f} input tokens/s cached)")
     if out:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=2))
-        _bar_png(out.with_suffix(".png"), f"stage one on {res['model']} ({res['device']}), {n} samples",
-                 ["full depth + hidden states", "kcache extract", "bare truncated passes"], list(best.values()),
-                 "seconds")
-        log(f"  wrote {out} and {out.with_suffix('.png')}")
+        _write_result(out, res, f"stage one on {res['model']} ({res['device']}), {n} samples",
+                      ["full depth + hidden states", "kcache extract", "bare truncated passes"], list(best.values()),
+                      "seconds", log)
     return res
 
 
@@ -234,11 +229,6 @@ def bench_fit(cache: Path, steps: int = 60, batch_size: int = 8, device: str | N
     log(f"  waiting for data {res['data_wait_fraction']:.1%} of training time (target <= 10%: "
         f"{'met' if res['target_met'] else 'NOT met'})")
     if out:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=2))
-        _bar_png(out.with_suffix(".png"), "stage two: tokens/s",
-                 ["loader alone"] + [f"training ({r['resolved']})" for r in runs],
-                 [res["loader_tokens_per_second"]] + [r["tokens_per_second"] for r in runs], "tokens / s")
-        log(f"  wrote {out} and {out.with_suffix('.png')}")
+        _write_result(out, res, "stage two: tokens/s", ["loader alone"] + [f"training ({r['resolved']})" for r in runs],
+                      [res["loader_tokens_per_second"]] + [r["tokens_per_second"] for r in runs], "tokens / s", log)
     return res
