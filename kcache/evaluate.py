@@ -219,6 +219,21 @@ register_method("ekx", method_ekx, "D(E(K,x)+x)", needs=("encoders",), reads_kno
 register_method("oracle", method_oracle, "oracle: cached Δ injected", needs=("cache",))
 
 
+def method_ekx_ft(decoder: Decoder, batch: EvalBatch) -> list[torch.Tensor]:
+    """``D(E_ft(K,x)+x)``: like ``ekx`` with the fine-tuned injector from ``extras["finetuned"]``."""
+    inj = batch.extras.get("finetuned")
+    if inj is None:
+        raise ValueError("method 'ekx_ft' needs extras={'finetuned': Injector} (the fine-tuned bundle)")
+    items = batch.items
+    add = inj.additions([it.k_ids for it in items], [it.x_ids for it in items])
+    with inj.static(add):
+        return score_sequences(decoder, [it.x_ids for it in items], [0] * len(items), items)
+
+
+register_method("ekx_fit", method_ekx, "D(E(K,x)+x) after fit", needs=("encoders",), reads_knowledge=True)
+register_method("ekx_ft", method_ekx_ft, "D(E(K,x)+x) after finetune", reads_knowledge=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # pure aggregation
 

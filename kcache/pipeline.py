@@ -16,11 +16,11 @@ import dataclasses
 import json
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
+from kcache import stages
 from kcache.config import ConfigError, config_from
-
-STAGES = ("data", "extract", "fit", "finetune", "evaluate", "edit")
 
 
 @dataclasses.dataclass
@@ -100,6 +100,44 @@ def data_options(cfg: dict, file=None) -> Path | ConvertOptions | SynthOptions:
     return config_from(SynthOptions, d.synth or {}, "data.synth", file)
 
 
+def _extract_options(cfg: dict, file=None):
+    from kcache.extract import ExtractConfig
+
+    return config_from(ExtractConfig, cfg["extract"], "extract", file)
+
+
+def _fit_options(cfg: dict, file=None):
+    from kcache.fit import FitConfig
+
+    return config_from(FitConfig, cfg["fit"], "fit", file)
+
+
+@dataclasses.dataclass
+class Context:
+    """What every stage of one run shares: the settings, the run folder, the samples (set by the
+    data stage), the cache path, the decoder (loaded on first use) and the log."""
+
+    raw: dict
+    run: RunOptions
+    run_dir: Path
+    get_decoder: Callable
+    log: Callable = print
+    samples: Path | None = None
+    cache: Path | None = None
+    report: Path | None = None  # the previous report.json (stages reuse what it recorded)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: ``options(cfg, file)`` builds its settings from the whole TOML (a
+    ``ConfigError`` names file, section and key); ``run(ctx, settings)`` does the work (or skips it
+    when its output is complete for the same settings) and returns a JSON-ready summary whose
+    ``skipped`` says which."""
+
+    options: Callable
+    run: Callable
+
+
 def load_pipeline(path: str | Path) -> dict:
     """Read and check a whole pipeline config without running anything: every section built into
     its settings, every error a ``ConfigError`` naming the file, the section and the key.
@@ -108,25 +146,18 @@ def load_pipeline(path: str | Path) -> dict:
     (``data_options``) and, for each stage section present, ``"extract"`` (``ExtractConfig``),
     ``"fit"`` (``FitConfig``), ``"finetune"`` (``(FinetuneConfig, StageIO)``), ``"evaluate"``
     (``(EvaluateOptions, (EditConfig, StageIO) or None)``), ``"edit"`` (``(EditConfig, StageIO)``)``}``."""
-    from kcache import stages
-    from kcache.extract import ExtractConfig
-    from kcache.fit import FitConfig
-
     path = Path(path)
     cfg = load_config(path)
-    out: dict = {"path": path, "raw": cfg, "run": config_from(RunOptions, cfg["run"], "run", path),
-                 "data": data_options(cfg, path)}
-    if "extract" in cfg:
-        out["extract"] = config_from(ExtractConfig, cfg["extract"], "extract", path)
-    if "fit" in cfg:
-        out["fit"] = config_from(FitConfig, cfg["fit"], "fit", path)
-    if "finetune" in cfg:
-        out["finetune"] = stages.finetune_options(cfg, path)
-    if "evaluate" in cfg:
-        out["evaluate"] = stages.evaluate_options(cfg, path)
-    if "edit" in cfg:
-        out["edit"] = stages.edit_options(cfg["edit"], "edit", path)
+    out: dict = {"path": path, "raw": cfg, "run": config_from(RunOptions, cfg["run"], "run", path)}
+    for name, stage in STAGES.items():
+        if name == "data" or name in cfg:  # data has a default (the synthetic set)
+            out[name] = stage.options(cfg, path)
     return out
+
+
+def _run_data(ctx: Context, source) -> dict:
+    ctx.samples = _data(source, ctx.run_dir, ctx.log)
+    return {"samples": str(ctx.samples), "skipped": False}
 
 
 def _data(source, run_dir: Path, log) -> Path:
@@ -191,28 +222,37 @@ def _converted(c: ConvertOptions, run_dir: Path):
     return table
 
 
+def _run_extract(ctx: Context, ecfg) -> dict:
+    from kcache.extract import extract
+
+    key = _extract_key(ctx.run.model, ecfg, ctx.samples)
+    old = _previous_stage(ctx.report, "extract") if ctx.report is not None else {}
+    if old.get("key") == key and (ctx.cache / "manifest.json").exists():
+        # Same model, settings and samples as the run that finalized the cache: no decoder needed.
+        ctx.log(f"extract: {ctx.cache} complete for these settings (skipped)")
+        return {**old, "status": "already complete", "skipped": True}
+    rep = extract(ctx.get_decoder(), ctx.samples, ctx.cache, ecfg)
+    for line in rep.lines():
+        ctx.log(f"extract: {line}")
+    return {"samples": rep.samples, "skipped": rep.status == "already complete", "status": rep.status,
+            "input_tokens": rep.input_tokens, "key": key}
+
+
+def _run_fit(ctx: Context, fcfg) -> dict:
+    from kcache.fit import fit_encoders, summary_table
+
+    summary = fit_encoders(ctx.cache, ctx.run_dir / "encoders", fcfg)
+    ctx.log("fit:\n" + summary_table(summary))
+    return {**summary, "skipped": bool(summary.get("skipped"))}
+
+
 def run_pipeline(config: str | Path, log=print) -> dict:
-    """Run (or resume) every stage of a pipeline config; returns the report (also written to
-    ``[run].dir/report.json``)."""
+    """Run (or resume) every stage of a pipeline config in ``STAGES`` order; returns the report
+    (also written to ``[run].dir/report.json``)."""
     built = load_pipeline(config)  # every section checked before any work
-    cfg, run = built["raw"], built["run"]
+    run = built["run"]
     run_dir = Path(run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    report: dict = {"config": str(config), "stages": {}}
-    timings = {}
-    skipped: list[str] = []
-    previous = _previous_seconds(run_dir / "report.json")
-
-    def timed(stage: str, t0: float, was_skipped: bool) -> None:
-        # A skipped stage keeps the time of the run that did its work, so report.json says what it costs.
-        timings[stage] = previous.get(stage, time.perf_counter() - t0) if was_skipped else time.perf_counter() - t0
-        if was_skipped:
-            skipped.append(stage)
-
-    t0 = time.perf_counter()
-    samples = _data(built["data"], run_dir, log)
-    timings["data"] = time.perf_counter() - t0
-
     decoder = None
 
     def get_decoder():
@@ -223,43 +263,24 @@ def run_pipeline(config: str | Path, log=print) -> dict:
             decoder = load_decoder(run.model, device=run.device, dtype=run.model_dtype)
         return decoder
 
-    cache = run_dir / "cache.zarr"
-    if "extract" in cfg:
-        from kcache.extract import extract
-
+    ctx = Context(raw=built["raw"], run=run, run_dir=run_dir, get_decoder=get_decoder, log=log,
+                  cache=run_dir / "cache.zarr", report=run_dir / "report.json")
+    previous = _previous_seconds(ctx.report)
+    report: dict = {"config": str(config), "stages": {}}
+    timings: dict = {}
+    skipped: list[str] = []
+    for name, stage in STAGES.items():
+        if name not in built:
+            continue
         t0 = time.perf_counter()
-        ecfg = built["extract"]
-        key = _extract_key(run.model, ecfg, samples)
-        old = _previous_stage(run_dir / "report.json", "extract")
-        if old.get("key") == key and (cache / "manifest.json").exists():
-            # Same model, settings and samples as the run that finalized the cache: no decoder needed.
-            log(f"extract: {cache} complete for these settings (skipped)")
-            report["stages"]["extract"] = {**old, "status": "already complete"}
-        else:
-            rep = extract(get_decoder(), samples, cache, ecfg)
-            for line in rep.lines():
-                log(f"extract: {line}")
-            report["stages"]["extract"] = {"samples": rep.samples, "skipped": rep.skipped, "status": rep.status,
-                                           "input_tokens": rep.input_tokens, "key": key}
-        timed("extract", t0, report["stages"]["extract"]["status"] == "already complete")
-
-    encoders = run_dir / "encoders"
-    if "fit" in cfg:
-        from kcache.fit import fit_encoders, summary_table
-
-        t0 = time.perf_counter()
-        summary = fit_encoders(cache, encoders, built["fit"])
-        log("fit:\n" + summary_table(summary))
-        timed("fit", t0, bool(summary.get("skipped")))
-        report["stages"]["fit"] = summary
-
-    for stage in ("finetune", "evaluate", "edit"):
-        if stage in cfg:
-            from kcache import stages
-
-            t0 = time.perf_counter()
-            report["stages"][stage] = stages.run_stage(stage, cfg, run_dir, get_decoder, samples, cache, log)
-            timed(stage, t0, bool(report["stages"][stage].get("skipped")))
+        summary = stage.run(ctx, built[name])
+        # A skipped stage keeps the time of the run that did its work, so report.json says what it costs.
+        timings[name] = previous.get(name, time.perf_counter() - t0) if summary.get("skipped") \
+            else time.perf_counter() - t0
+        if summary.get("skipped"):
+            skipped.append(name)
+        if name != "data":
+            report["stages"][name] = summary
 
     report["seconds"] = timings
     report["skipped"] = skipped
@@ -268,3 +289,15 @@ def run_pipeline(config: str | Path, log=print) -> dict:
         + ", ".join(f"{k} {v:.0f} s" + (" (earlier run)" if k in skipped else "") for k, v in timings.items()))
     log(f"report: {run_dir / 'report.json'}")
     return report
+
+
+# The pipeline, in order: each stage's settings builder and runner (see ``Stage``). ``load_pipeline``
+# builds every section present, ``run_pipeline`` runs them, ``stages.run_stage`` runs one.
+STAGES: dict[str, Stage] = {
+    "data": Stage(data_options, _run_data),
+    "extract": Stage(_extract_options, _run_extract),
+    "fit": Stage(_fit_options, _run_fit),
+    "finetune": Stage(stages.finetune_options, stages.run_finetune),
+    "evaluate": Stage(stages.evaluate_options, stages.run_evaluate),
+    "edit": Stage(stages.top_edit_options, stages.run_edit),
+}

@@ -1,8 +1,8 @@
 """Pipeline stages after ``fit``: ``finetune``, ``evaluate`` (and ``edit``).
 
-``kcache.pipeline.run_pipeline`` calls ``run_stage(stage, cfg, run_dir, get_decoder, samples,
-cache, log)`` for each of these sections of a pipeline TOML; each returns a JSON-ready summary
-that goes into ``report.json``. A stage whose output is complete for the same settings is
+``kcache.pipeline.STAGES`` maps each of these sections of a pipeline TOML to its options builder
+and its runner here (``run_finetune(ctx, options)`` ...); each returns a JSON-ready summary that
+goes into ``report.json``. A stage whose output is complete for the same settings is
 skipped.
 
 ``[finetune]`` - options of ``kcache.finetune.FinetuneConfig`` (``lr`` is accepted for
@@ -36,33 +36,6 @@ from pathlib import Path
 
 from kcache._io import sha256_file
 from kcache.config import config_from, configs_from
-from kcache.evaluate import (
-    METHODS,
-    EvalBatch,
-    method_ekx,
-    register_method,
-    score_sequences,
-)
-
-# ---------------------------------------------------------------------------------------------
-# extra evaluation methods: the two encoder bundles, labelled apart
-
-
-def method_ekx_ft(decoder, batch: EvalBatch):
-    """``D(E_ft(K,x)+x)``: like ``ekx`` with the fine-tuned injector from ``extras["finetuned"]``."""
-    inj = batch.extras.get("finetuned")
-    if inj is None:
-        raise ValueError("method 'ekx_ft' needs extras={'finetuned': Injector} (the fine-tuned bundle)")
-    items = batch.items
-    add = inj.additions([it.k_ids for it in items], [it.x_ids for it in items])
-    with inj.static(add):
-        return score_sequences(decoder, [it.x_ids for it in items], [0] * len(items), items)
-
-
-if "ekx_fit" not in METHODS:
-    register_method("ekx_fit", method_ekx, "D(E(K,x)+x) after fit", needs=("encoders",), reads_knowledge=True)
-if "ekx_ft" not in METHODS:
-    register_method("ekx_ft", method_ekx_ft, "D(E(K,x)+x) after finetune", reads_knowledge=True)
 
 
 def gap_closed(results: dict, methods: list[str]) -> dict:
@@ -143,10 +116,17 @@ def _samples_key(samples) -> str:
 # stages
 
 
-def run_finetune(cfg: dict, run_dir: Path, get_decoder, samples, log) -> dict:
+def top_edit_options(cfg: dict, file=None):
+    """The top-level ``[edit]`` of ``cfg`` -> ``(EditConfig, StageIO)``."""
+    return edit_options(cfg.get("edit"), "edit", file)
+
+
+def run_finetune(ctx, options) -> dict:
+    """``[finetune]``: ``options`` from ``finetune_options``; ``ctx`` a ``kcache.pipeline.Context``."""
     from kcache.finetune import finetune
 
-    fcfg, io = finetune_options(cfg)
+    fcfg, io = options
+    run_dir, log = ctx.run_dir, ctx.log
     source = io.encoders
     out = Path(io.out) if io.out is not None else run_dir / "encoders-ft"
     if not fcfg.from_scratch:
@@ -154,16 +134,19 @@ def run_finetune(cfg: dict, run_dir: Path, get_decoder, samples, log) -> dict:
         if not _bundle_ready(source):
             raise ValueError(f"[finetune]: no encoder bundle at {source} to start from (run [fit] first, "
                              "set encoders = \"...\", or from_scratch = true)")
-    summary = finetune(get_decoder(), samples, None if fcfg.from_scratch else source, out, fcfg, progress=True,
+    summary = finetune(ctx.get_decoder(), ctx.samples, None if fcfg.from_scratch else source, out, fcfg, progress=True,
                        log=lambda m: log(m if m.startswith("finetune") else f"finetune: {m}"))
     return {k: v for k, v in summary.items() if k != "run"}
 
 
-def run_evaluate(cfg: dict, run_dir: Path, get_decoder, samples, cache, log) -> dict:
-    from kcache.evaluate import evaluate, markdown_report, write_report
+def run_evaluate(ctx, options) -> dict:
+    """``[evaluate]``: ``options`` from ``evaluate_options``; ``ctx`` a ``kcache.pipeline.Context``."""
+    from kcache.evaluate import METHODS, evaluate, markdown_report, write_report
     from kcache.inject import Injector
 
-    opts, edit_opts = evaluate_options(cfg)
+    opts, edit_opts = options
+    cfg, run_dir, get_decoder, samples, cache, log = (ctx.raw, ctx.run_dir, ctx.get_decoder, ctx.samples,
+                                                       ctx.cache, ctx.log)
     split = opts.split or None
     limit = opts.limit
     use_oracle = opts.oracle
@@ -190,7 +173,7 @@ def run_evaluate(cfg: dict, run_dir: Path, get_decoder, samples, cache, log) -> 
             summary = _eval_summary(old, out)
             summary["skipped"] = True
             if edit_opts is not None:
-                summary["edit"] = _run_edit(edit_opts, run_dir, get_decoder, samples, log)
+                summary["edit"] = run_edit(ctx, edit_opts)
             return summary
     if not (have_fit or have_ft):
         log("evaluate: no encoder bundle found (fit / finetune not run): evaluating D(x) and D(K,x) only")
@@ -232,7 +215,7 @@ def run_evaluate(cfg: dict, run_dir: Path, get_decoder, samples, cache, log) -> 
     summary = _eval_summary(res, out)
     summary["skipped"] = False
     if edit_opts is not None:
-        summary["edit"] = _run_edit(edit_opts, run_dir, get_decoder, samples, log)
+        summary["edit"] = run_edit(ctx, edit_opts)
     return summary
 
 
@@ -264,14 +247,12 @@ def _eval_summary(res: dict, out: Path) -> dict:
             "knowledge_use": res.get("knowledge_use")}
 
 
-def run_edit(cfg: dict, run_dir: Path, get_decoder, samples, log) -> dict:
-    return _run_edit(edit_options(cfg.get("edit")), run_dir, get_decoder, samples, log)
-
-
-def _run_edit(options, run_dir: Path, get_decoder, samples, log) -> dict:
+def run_edit(ctx, options) -> dict:
+    """``[edit]`` / ``[evaluate.edit]``: ``options`` from ``edit_options``; ``ctx`` a ``kcache.pipeline.Context``."""
     from kcache.edit import edit
 
     ecfg, io = options
+    run_dir, samples, log = ctx.run_dir, ctx.samples, ctx.log
     source = io.encoders
     out = Path(io.out) if io.out is not None else run_dir / "edit"
     if not ecfg.from_scratch:
@@ -290,7 +271,7 @@ def _run_edit(options, run_dir: Path, get_decoder, samples, log) -> dict:
         if old.get("stage_key") == key:
             log(f"edit: {out} up to date (skipped)")
             return {"out": str(out), "before": old["before"], "after": old["after"], "skipped": True}
-    res = edit(get_decoder(), samples, out, None if ecfg.from_scratch else source, ecfg, progress=True,
+    res = edit(ctx.get_decoder(), samples, out, None if ecfg.from_scratch else source, ecfg, progress=True,
                log=lambda m: log(f"edit: {m}"))
     res["stage_key"] = key
     done.write_text(json.dumps(res, indent=2, default=str))
@@ -298,12 +279,12 @@ def _run_edit(options, run_dir: Path, get_decoder, samples, log) -> dict:
 
 
 def run_stage(stage: str, cfg: dict, run_dir, get_decoder, samples, cache, log=print) -> dict:
-    """Run one post-fit pipeline stage (``finetune``, ``evaluate`` or ``edit``) -> its summary."""
-    run_dir = Path(run_dir)
-    if stage == "finetune":
-        return run_finetune(cfg, run_dir, get_decoder, samples, log)
-    if stage == "evaluate":
-        return run_evaluate(cfg, run_dir, get_decoder, samples, cache, log)
-    if stage == "edit":
-        return run_edit(cfg, run_dir, get_decoder, samples, log)
-    raise ValueError(f"unknown stage {stage!r}; kcache.stages runs finetune, evaluate, edit")
+    """Run one post-fit stage (``finetune``, ``evaluate`` or ``edit``) of pipeline config ``cfg``
+    outside ``kcache run`` -> its summary (what ``kcache.pipeline.STAGES`` does for each stage)."""
+    from kcache.pipeline import STAGES, Context, RunOptions
+
+    if stage not in ("finetune", "evaluate", "edit"):
+        raise ValueError(f"unknown stage {stage!r}; kcache.stages runs finetune, evaluate, edit")
+    ctx = Context(raw=cfg, run=RunOptions(dir=str(run_dir)), run_dir=Path(run_dir), get_decoder=get_decoder,
+                  log=log, samples=samples, cache=None if cache is None else Path(cache))
+    return STAGES[stage].run(ctx, STAGES[stage].options(cfg))

@@ -96,13 +96,18 @@ def make_model(arch: str, vocab: int, layers: int = 4, seed: int = 0):
 ARCHS = ["llama", "mistral", "qwen2"]
 
 
+def tiny_dec(arch: str, tok, seed: int = 0, name: str = "in-memory"):
+    """A tiny randomly initialised ``arch`` decoder wrapped with ``tok`` (one place, so every test builds it alike)."""
+    from kcache.models import wrap_decoder
+
+    return wrap_decoder(make_model(arch, len(tok), seed=seed), tok, name=name)
+
+
 @pytest.fixture(params=ARCHS)
 def tiny_decoder(request, tokenizer_bos, tokenizer_nobos):
     """A tiny decoder per architecture (llama with a BOS-adding tokenizer, the others without)."""
-    from kcache.models import wrap_decoder
-
     tok = tokenizer_bos if request.param == "llama" else tokenizer_nobos
-    return wrap_decoder(make_model(request.param, len(tok)), tok, name=f"tiny-{request.param}")
+    return tiny_dec(request.param, tok, name=f"tiny-{request.param}")
 
 
 @pytest.fixture

@@ -7,12 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, tiny_dec
 from torch import nn
 
 from kcache.align import TemplateSpec
 from kcache.methods import baselines as B
-from kcache.models import ModelError, wrap_decoder
+from kcache.models import ModelError
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def samples():
 
 
 def _decoder(tok, seed=0):
-    return wrap_decoder(make_model("llama", len(tok), seed=seed), tok, name="tiny")
+    return tiny_dec("llama", tok, seed=seed, name="tiny")
 
 
 def _losses(model, tok, samples):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_model, relist, unlock
+from conftest import relist, tiny_dec, unlock
 from typer.testing import CliRunner
 
 from kcache.cache import Cache, validate_cache
@@ -37,6 +37,7 @@ def _arrays_equal(a: Path, b: Path):
     assert ca.attrs["stats"] == cb.attrs["stats"]
 
 
+@pytest.mark.integration
 def test_resume_after_sigkill_gives_identical_cache(saved_model, tmp_path):
     samples = tmp_path / "s.parquet"
     write_samples(synth_samples(300, seed=3), samples)
@@ -96,9 +97,8 @@ def test_changed_settings_are_refused(tiny_decoder, demo_samples, tmp_path):
 
 @pytest.fixture
 def good_cache(tokenizer_nobos, tmp_path):
-    from kcache.models import wrap_decoder
 
-    dec = wrap_decoder(make_model("llama", len(tokenizer_nobos)), tokenizer_nobos)
+    dec = tiny_dec("llama", tokenizer_nobos)
     out = tmp_path / "c.zarr"
     extract(dec, synth_samples(40, seed=1), out, ExtractConfig(layers="1-2", chunk_rows=64, shard_rows=128,
                                                                dtype="float32"), progress=False)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_model, unlock
+from conftest import tiny_dec, unlock
 from httpserver import serve
 from typer.testing import CliRunner
 
@@ -29,12 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_cache(tmp_path_factory, tokenizer_nobos):
     """A finalized cache of a tiny llama (layers 1-2) and the samples it was made from."""
     from kcache.extract import ExtractConfig, extract
-    from kcache.models import wrap_decoder
 
     root = tmp_path_factory.mktemp("cli-errors")
     samples = root / "s.jsonl"
     write_samples(synth_samples(16, seed=3), samples)
-    dec = wrap_decoder(make_model("llama", len(tokenizer_nobos)), tokenizer_nobos, name="tiny-llama")
+    dec = tiny_dec("llama", tokenizer_nobos, name="tiny-llama")
     extract(dec, samples, root / "c.zarr", ExtractConfig(layers="1-2", token_budget=256, chunk_rows=32, shard_rows=64),
             progress=False)
     return root / "c.zarr", samples
@@ -373,6 +372,7 @@ atexit.register(report)
 """
 
 
+@pytest.mark.integration
 def test_background_threads_are_stopped_before_exit(tiny_cache):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(tiny_cache[0])], env=env, capture_output=True, text=True,
@@ -463,6 +463,7 @@ worker.join(30)
 """
 
 
+@pytest.mark.integration
 def test_exit_cleanup_has_one_deadline_even_with_stuck_threads():
     """A tracked reader that takes long to close and a stuck zarr pool task cannot hold the exit:
     everything shares one deadline; zarr is left alone while another non-daemon thread runs.

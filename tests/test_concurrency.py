@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_model, unlock
+from conftest import make_model, tiny_dec, unlock
 from typer.testing import CliRunner
 
 from kcache.cache import Cache, CacheError, finalize, merge, validate_cache
@@ -186,6 +186,7 @@ def test_lock_is_refused_while_held_and_released_by_kill_9(tmp_path):
     assert not lock_path(out).exists()
 
 
+@pytest.mark.integration
 def test_temporary_names_are_process_unique_and_only_dead_ones_are_cleaned(tmp_path):
     final = tmp_path / "c.zarr"
     a, b = tmp_name(final, "creating"), tmp_name(final, "creating")
@@ -278,9 +279,8 @@ def test_two_extracts_really_racing(tmp_path, env, model_dir, sample_files, refe
 
 @pytest.fixture
 def llama(tokenizer_nobos):
-    from kcache.models import wrap_decoder
 
-    return wrap_decoder(make_model("llama", len(tokenizer_nobos)), tokenizer_nobos, name="tiny-llama")
+    return tiny_dec("llama", tokenizer_nobos, name="tiny-llama")
 
 
 @pytest.fixture
@@ -337,6 +337,7 @@ def test_pull_refuses_while_locked(two_caches, tmp_path):
 # interrupted finalize (item 6)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("rerun", ["extract", "finalize"])
 def test_rerun_completes_a_finalize_killed_half_way(llama, tmp_path, rerun):
     samples = synth_samples(12, seed=4)
@@ -482,6 +483,7 @@ def test_a_live_thread_s_temporary_is_not_stale_but_an_unregistered_one_of_this_
     assert remove_stale_tmp(final, "creating") == [box[0]]  # its thread is gone: stale now
 
 
+@pytest.mark.integration
 def test_the_lock_is_released_when_writing_the_holder_info_fails(tmp_path, monkeypatch):
     import kcache.lock as lk
 
@@ -501,6 +503,7 @@ def test_the_lock_is_released_when_writing_the_holder_info_fails(tmp_path, monke
     assert r.returncode == 0 and "locked" in r.stdout, r.stderr[-2000:]  # another process can take it: not leaked
 
 
+@pytest.mark.integration
 def test_lock_files_of_a_killed_merge_are_removed_with_its_temporaries(tmp_path):
     from kcache.lock import fresh_tmp
 

@@ -263,3 +263,15 @@ def test_messages_without_a_file_start_with_the_section():
         config_from(FitConfig, {"epochs": "x"}, "fit")
     with pytest.raises(ConfigError, match=r"^\[fit\] must be a table"):
         config_from(FitConfig, 3, "fit")
+
+
+def test_one_stage_table_orders_the_pipeline_and_names_the_sections(tmp_path):
+    from kcache.pipeline import STAGES, Stage
+
+    assert list(STAGES) == ["data", "extract", "fit", "finetune", "evaluate", "edit"]
+    assert all(isinstance(s, Stage) and callable(s.options) and callable(s.run) for s in STAGES.values())
+    path = tmp_path / "p.toml"
+    path.write_text('[run]\ndir = "x"\n[fitt]\nepochs = 1\n')
+    with pytest.raises(ConfigError, match=r"unknown section\(s\) \['fitt'\]; expected run, data, extract, fit, "
+                                          r"finetune, evaluate, edit"):
+        load_pipeline(path)

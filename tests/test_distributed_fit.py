@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import tiny_dec
 
 from kcache.cache import CacheError
 from kcache.data.synth import synth_samples
 from kcache.extract import ExtractConfig, extract
 from kcache.fit import FitConfig, fit_encoders, layers_of_rank
-from kcache.models import wrap_decoder
 
 pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                                 reason="needs gloo")
@@ -79,7 +78,7 @@ def launch(cache, out, cfg: FitConfig, world: int = 2, crash_at: int = -1) -> li
 @pytest.fixture(scope="module")
 def cache3(tmp_path_factory, tokenizer_nobos):
     out = tmp_path_factory.mktemp("dfit") / "c.zarr"
-    dec = wrap_decoder(make_model("llama", len(tokenizer_nobos)), tokenizer_nobos)
+    dec = tiny_dec("llama", tokenizer_nobos)
     extract(dec, synth_samples(24, seed=9), out, ExtractConfig(layers="1-3", dtype="float32", chunk_rows=64,
                                                                shard_rows=128), progress=False)
     return out
@@ -134,6 +133,7 @@ def test_layers_are_dealt_round_robin():
     assert layers_of_rank([4, 5], 0, 1) == [4, 5]
 
 
+@pytest.mark.integration
 def test_two_processes_match_one(cache3, reference, tmp_path):
     runs = launch(cache3, tmp_path / "e", CFG)
     for r in runs:
@@ -150,6 +150,7 @@ def test_two_processes_match_one(cache3, reference, tmp_path):
         fit_encoders(cache3, tmp_path / "e", CFG, progress=False)
 
 
+@pytest.mark.integration
 def test_two_processes_resume_after_crash(cache3, reference, tmp_path):
     runs = launch(cache3, tmp_path / "e", CFG, crash_at=7)  # last checkpoint at step 6, mid-epoch
     assert all(r.returncode == 17 for r in runs), [r.stderr[-3000:] for r in runs]

@@ -18,11 +18,10 @@ SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 
 @pytest.fixture(scope="module")
 def dec(tokenizer_nobos):
-    from conftest import make_model
+    from conftest import tiny_dec
 
-    from kcache.models import wrap_decoder
 
-    return wrap_decoder(make_model("qwen2", len(tokenizer_nobos)), tokenizer_nobos, name="tiny-qwen2")
+    return tiny_dec("qwen2", tokenizer_nobos, name="tiny-qwen2")
 
 
 def test_metrics_on_a_constructed_case():

@@ -175,11 +175,10 @@ def test_oracle_at_the_last_block_equals_knowledge_in_context(tiny_decoder, tmp_
 
 
 def test_reports_are_written(tokenizer_nobos, tmp_path):
-    from conftest import make_model
+    from conftest import tiny_dec
 
-    from kcache.models import wrap_decoder
 
-    dec = wrap_decoder(make_model("mistral", len(tokenizer_nobos)), tokenizer_nobos, name="tiny-mistral")
+    dec = tiny_dec("mistral", tokenizer_nobos, name="tiny-mistral")
     res = evaluate(dec, _classification_table(3), _bundle(dec, _fresh_stack(dec)), ["x", "kx", "ekx"])
     paths = write_report(res, tmp_path / "out")
     doc = json.loads(paths["json"].read_text())
@@ -226,12 +225,11 @@ def test_evaluate_command(tmp_path, monkeypatch, tokenizer_nobos):
 
 
 def test_bench_inject_runs_and_writes(tokenizer_bos, tmp_path):
-    from conftest import make_model
+    from conftest import tiny_dec
 
     from kcache.bench.inject import bench_inject
-    from kcache.models import wrap_decoder
 
-    dec = wrap_decoder(make_model("llama", len(tokenizer_bos)), tokenizer_bos, name="tiny-llama")
+    dec = tiny_dec("llama", tokenizer_bos, name="tiny-llama")
     lines = []
     res = bench_inject(dec, sizes=(8, 24), input_tokens=6, layers=[1, 2], repeats=1, warmup=0, memory_repeats=1,
                        out=tmp_path, echo=lines.append)

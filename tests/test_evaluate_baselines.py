@@ -7,17 +7,16 @@ import math
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, tiny_dec
 
 from kcache.data.synth import synth_samples
 from kcache.evaluate import METHODS, evaluate
 from kcache.methods import baselines as B
 from kcache.methods.scoring import register_baseline_methods, release
-from kcache.models import wrap_decoder
 
 
 def _decoder(tok, seed=0):
-    return wrap_decoder(make_model("llama", len(tok), seed=seed), tok, name="tiny")
+    return tiny_dec("llama", tok, seed=seed, name="tiny")
 
 
 def _state(model):

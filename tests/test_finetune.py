@@ -32,11 +32,10 @@ SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 
 @pytest.fixture(scope="module")
 def dec(tokenizer_bos):
-    from conftest import make_model
+    from conftest import tiny_dec
 
-    from kcache.models import wrap_decoder
 
-    return wrap_decoder(make_model("llama", len(tokenizer_bos)), tokenizer_bos, name="tiny-llama")
+    return tiny_dec("llama", tokenizer_bos, name="tiny-llama")
 
 
 @pytest.fixture(scope="module")
@@ -108,17 +107,16 @@ def test_finetune_lowers_target_ce_and_trains_only_the_encoders(dec, table, tmp_
 
 
 def test_bundle_fingerprint_is_checked(dec, table, tmp_path, tokenizer_bos):
-    from conftest import make_model
+    from conftest import tiny_dec
 
     from kcache.inject import Injector
-    from kcache.models import wrap_decoder
 
     src = _bundle(dec, tmp_path / "fit")
     out = tmp_path / "ft"
     finetune(dec, table, src, out, _cfg(max_steps=2, eval_every=2), progress=False)
     load_bundle(out, dec.fingerprint.to_dict())
     Injector.from_bundle(dec, out)
-    other = wrap_decoder(make_model("llama", len(tokenizer_bos), seed=1), tokenizer_bos, name="other")
+    other = tiny_dec("llama", tokenizer_bos, seed=1, name="other")
     with pytest.raises(BundleError):
         Injector.from_bundle(other, out)
     with pytest.raises(Exception, match="another model"):

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_model
+from conftest import tiny_dec
 
 from kcache.cache import Cache, CacheError
 from kcache.data.synth import synth_samples
@@ -25,7 +25,6 @@ from kcache.fit import (
     predict,
     shuffle_schedule,
 )
-from kcache.models import wrap_decoder
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 
@@ -33,7 +32,7 @@ TINY = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory, tokenizer_nobos):
     out = tmp_path_factory.mktemp("fit") / "c.zarr"
-    dec = wrap_decoder(make_model("llama", len(tokenizer_nobos)), tokenizer_nobos)
+    dec = tiny_dec("llama", tokenizer_nobos)
     extract(dec, synth_samples(60, seed=9), out, ExtractConfig(layers="1-2", dtype="float32", chunk_rows=64,
                                                                shard_rows=128), progress=False)
     return out
@@ -115,7 +114,7 @@ def test_resume_after_crash_gives_identical_weights(tiny_cache, tmp_path):
 
 
 def test_a_handful_of_samples_overfits(tmp_path, tokenizer_nobos):
-    dec = wrap_decoder(make_model("llama", len(tokenizer_nobos)), tokenizer_nobos)
+    dec = tiny_dec("llama", tokenizer_nobos)
     extract(dec, synth_samples(16, seed=9), tmp_path / "c.zarr", ExtractConfig(layers="1-2", dtype="float32"),
             progress=False)
     cache = Cache.open(tmp_path / "c.zarr")

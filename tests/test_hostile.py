@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_model, relist, unlock
+from conftest import relist, tiny_dec, unlock
 from httpserver import serve
 from test_remote import _copy, _rewrite_manifest, served  # noqa: F401 - the module-scoped cache fixture
 
@@ -276,9 +276,8 @@ def test_deleted_shard_is_refused_naming_the_file(evil, tmp_path):
 
 @pytest.fixture
 def llama(tokenizer_nobos):
-    from kcache.models import wrap_decoder
 
-    return wrap_decoder(make_model("llama", len(tokenizer_nobos)), tokenizer_nobos, name="tiny-llama")
+    return tiny_dec("llama", tokenizer_nobos, name="tiny-llama")
 
 
 def test_two_rank_cache_with_an_empty_part_validates(llama, tmp_path):

@@ -261,11 +261,10 @@ def test_session_refuses_beam_search_and_foreign_batches(tiny_decoder):
 
 
 def test_fingerprint_mismatch_is_refused(tiny_decoder, tokenizer_nobos, tmp_path):
-    from conftest import make_model
+    from conftest import tiny_dec
 
-    from kcache.models import wrap_decoder
 
-    other = wrap_decoder(make_model("llama", len(tokenizer_nobos), seed=1), tokenizer_nobos, name="tiny-other")
+    other = tiny_dec("llama", tokenizer_nobos, seed=1, name="tiny-other")
     stack = _stack(tiny_decoder)
     meta = {"site": "mlp", "layers": stack.layers, "model": other.fingerprint.to_dict()}
     with pytest.raises(InjectError) as e:

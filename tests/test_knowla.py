@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, tiny_dec
 
 from kcache.align import TemplateSpec
 from kcache.methods import baselines as B
 from kcache.methods import knowla as K
-from kcache.models import ModelError, wrap_decoder
+from kcache.models import ModelError
 
 H, D, N_ENT = 64, 8, 12
 
@@ -207,7 +207,7 @@ def test_train_save_reload_and_random_vectors(tokenizer_bos, tmp_path):
     samples = synth_samples(12, seed=4)
     links, emb = _tiny_kg_links(tok, samples, tmp_path)
     assert links.num_rows > 0
-    dec = wrap_decoder(make_model("llama", len(tok)), tok)
+    dec = tiny_dec("llama", tok)
     ex, _ = B.encode_examples(tok, samples.to_pylist(), TemplateSpec(), 1024)
     res = K.train_knowla(dec, samples, links, emb, tmp_path / "run", steps=6, batch_size=4, lr=5e-3, lora_r=4,
                          lora_alpha=4, intermediate_size=16, log=lambda s: None)
@@ -218,7 +218,7 @@ def test_train_save_reload_and_random_vectors(tokenizer_bos, tmp_path):
     assert float(kl.layers["2"].gate) != 0.5  # the gate was trained
     records = [dict(r, options=[r["target"], r["target_true"]], label=0) for r in samples.to_pylist()]
     s1 = K.multiple_choice_accuracy(res.model, kl, tok, records, links, return_details=True)[1]["scores"]
-    dec2 = wrap_decoder(make_model("llama", len(tok)), tok)
+    dec2 = tiny_dec("llama", tok)
     m2, kl2 = K.load_knowla(tmp_path / "run", dec2, emb)
     s2 = K.multiple_choice_accuracy(m2, kl2, tok, records, links, return_details=True)[1]["scores"]
     assert s1 == s2
@@ -226,8 +226,8 @@ def test_train_save_reload_and_random_vectors(tokenizer_bos, tmp_path):
     rnd = K.random_embeddings(emb, seed=1)
     assert rnd.num_rows == emb.num_rows and not np.allclose(rnd["vector"].to_pylist(), emb["vector"].to_pylist())
     with pytest.raises(ModelError, match="random"):
-        K.load_knowla(tmp_path / "run", wrap_decoder(make_model("llama", len(tok)), tok), rnd)
+        K.load_knowla(tmp_path / "run", tiny_dec("llama", tok), rnd)
     other = embeddings_table(np.zeros((3, D), np.float32), kg_name="other", kg_fingerprint="sha256:" + "0" * 64,
                              model="test")
     with pytest.raises(KGCompatibilityError):
-        K.load_knowla(tmp_path / "run", wrap_decoder(make_model("llama", len(tok)), tok), other)
+        K.load_knowla(tmp_path / "run", tiny_dec("llama", tok), other)

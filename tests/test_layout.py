@@ -304,6 +304,7 @@ print("FAILED " + ",".join(failed) if failed else "OK %d" % len(modules))
 """
 
 
+@pytest.mark.integration
 def test_every_kcache_module_imports_on_its_own():
     """Each module imported first, in a process where no kcache module was imported yet (a fork of
     one that only preloaded the third-party libraries kcache imports, so the heavy ones load once):
@@ -328,6 +329,7 @@ def test_every_kcache_module_imports_on_its_own():
     assert r.returncode == 0 and r.stdout.strip() == f"OK {len(modules)}", r.stdout + r.stderr[-5000:]
 
 
+@pytest.mark.integration
 def test_public_api_is_lazy_and_complete():
     import subprocess
     import sys
@@ -367,3 +369,56 @@ def test_no_function_is_longer_than_a_hundred_lines():
     stale = LONG_FUNCTIONS_ALLOWED - {f"{rel}:{name}" for rel, _, name, _ in long}
     assert not stale, (f"allowed to be long but no longer are (or are gone): {sorted(stale)}; "
                        "drop them from LONG_FUNCTIONS_ALLOWED")
+
+
+# A test that starts a process (the CLI, torchrun ranks, a writer killed with -9), directly or through
+# a helper or fixture of its own file, is an integration test: `pytest -m "not integration"` is the
+# quick in-process suite.
+_SPAWNS = re.compile(r"subprocess\.|Popen|torch\.distributed\.run|os\.kill|signal\.SIGKILL")
+
+
+def _unmarked_process_tests(path: Path) -> list[str]:
+    import ast
+
+    src = path.read_text()
+    tree = ast.parse(src)
+    funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    spawners = {name for name, n in funcs.items()
+                if not name.startswith("test_") and _SPAWNS.search(ast.get_source_segment(src, n))}
+    module_marked = any(isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in n.targets)
+                        and "integration" in ast.get_source_segment(src, n) for n in tree.body)
+    out = []
+    for name, n in funcs.items():
+        if not name.startswith("test_") or module_marked:
+            continue
+        body = ast.get_source_segment(src, n)
+        spawns = (_SPAWNS.search(body) or any(re.search(rf"\b{s}\(", body) for s in spawners)
+                  or {a.arg for a in n.args.args} & spawners)
+        marked = any("integration" in ast.get_source_segment(src, d) for d in n.decorator_list)
+        if spawns and not marked:
+            out.append(f"{path.name}::{name}")
+    return out
+
+
+def test_tests_that_start_processes_are_marked_integration():
+    unmarked = [t for p in sorted((ROOT / "tests").glob("test_*.py")) for t in _unmarked_process_tests(p)]
+    assert unmarked == [], f"start processes but lack @pytest.mark.integration: {unmarked}"
+
+
+def test_the_process_check_sees_a_spawning_helper(tmp_path):
+    f = tmp_path / "test_x.py"
+    f.write_text("import subprocess\n\ndef run_it():\n    subprocess" ".run(['true'])\n\n"  # split: not a match here
+                 "def test_a():\n    run_it()\n\ndef test_b():\n    assert 1\n")
+    assert _unmarked_process_tests(f) == ["test_x.py::test_a"]
+
+
+@pytest.mark.integration
+def test_evaluation_methods_do_not_depend_on_what_else_was_imported():
+    # `kcache evaluate --methods ekx_fit` used to work only once kcache.stages had been imported.
+    import subprocess
+
+    code = ("import sys, kcache.evaluate as e; assert 'kcache.stages' not in sys.modules; "
+            "print(sorted(m for m in e.METHODS if m.startswith('ekx')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["['ekx',", "'ekx_fit',", "'ekx_ft']"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_model
+from conftest import tiny_dec
 from httpserver import serve
 from typer.testing import CliRunner
 
@@ -40,10 +40,9 @@ def served(tmp_path_factory, tokenizer_nobos):
     """A directory holding one finalized cache, ``cache.zarr`` (tiny llama, layers 1-2)."""
     from kcache.data.synth import synth_samples
     from kcache.extract import ExtractConfig, extract
-    from kcache.models import wrap_decoder
 
     root = tmp_path_factory.mktemp("served")
-    decoder = wrap_decoder(make_model("llama", len(tokenizer_nobos)), tokenizer_nobos, name="tiny-llama")
+    decoder = tiny_dec("llama", tokenizer_nobos, name="tiny-llama")
     extract(decoder, synth_samples(24, seed=7), root / "cache.zarr", ExtractConfig(layers="1-2", token_budget=256),
             progress=False)
     assert (root / "cache.zarr" / MANIFEST).exists(), "extract() finalizes the cache"

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_model, relist, unlock
+from conftest import relist, tiny_dec, unlock
 from typer.testing import CliRunner
 
 from kcache.cache import Cache, CacheError, finalize, merge, validate_cache
@@ -46,9 +46,8 @@ def _same_samples(a: Cache, b: Cache, exact: bool = True):
 
 @pytest.fixture
 def llama(tokenizer_nobos):
-    from kcache.models import wrap_decoder
 
-    return wrap_decoder(make_model("llama", len(tokenizer_nobos)), tokenizer_nobos, name="tiny-llama")
+    return tiny_dec("llama", tokenizer_nobos, name="tiny-llama")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,6 +66,7 @@ def test_rank_batches_are_contiguous_balanced_and_cover_everything():
     assert max(loads) <= 0.5 * sum(costs) + max(costs)
 
 
+@pytest.mark.integration
 def test_two_rank_extraction_equals_one_rank(saved_model, tmp_path):
     samples = tmp_path / "s.parquet"
     write_samples(synth_samples(60, seed=5), samples)
