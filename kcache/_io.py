@@ -125,6 +125,14 @@ def atomic_write_json(path: str | os.PathLike, obj, *, end: str = "", fsync: boo
 # figures
 
 
+def read_json(path: str | os.PathLike, error: type[Exception]):
+    """The JSON document at ``path``; text that does not parse raises ``error`` naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+
+
 def pyplot():
     """``matplotlib.pyplot`` on the non-interactive Agg backend (no display needed)."""
     import matplotlib

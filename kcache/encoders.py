@@ -31,6 +31,7 @@ WEIGHTS_FILE = "encoders.safetensors"
 CONFIG_FILE = "config.json"
 
 
+from kcache._io import read_json  # noqa: E402
 from kcache.errors import KCacheError  # noqa: E402
 
 
@@ -293,10 +294,7 @@ def read_bundle_config(path: str | Path) -> dict:
     cfg_path = Path(path) / CONFIG_FILE
     if not cfg_path.exists():
         raise BundleError(f"{path}: not an encoder bundle (no {CONFIG_FILE})")
-    try:
-        doc = json.loads(cfg_path.read_text())
-    except ValueError as e:
-        raise BundleError(f"{cfg_path}: not valid JSON ({e})") from None
+    doc = read_json(cfg_path, BundleError)
     if doc.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{cfg_path}: not a kcache encoder bundle (format {doc.get('format')!r})")
     if doc.get("schema_version") != BUNDLE_SCHEMA_VERSION:
@@ -318,8 +316,9 @@ def load_bundle(path: str | Path, model_fingerprint: dict | None = None) -> tupl
     doc = read_bundle_config(path)
     if model_fingerprint is not None:
         mine = doc["model"]
-        diff = [k for k in ("architecture", "config_hash", "weights_hash", "tokenizer_hash")
-                if mine.get(k) != model_fingerprint.get(k)]
+        from kcache.models import ModelFingerprint
+
+        diff = ModelFingerprint.from_dict(mine).diff(ModelFingerprint.from_dict(model_fingerprint))
         if diff:
             raise BundleError(
                 f"{path / CONFIG_FILE}: encoders were trained for another model ({', '.join(diff)} differ: "

@@ -176,10 +176,13 @@ def method_kx(decoder: Decoder, batch: EvalBatch) -> list[torch.Tensor]:
 
 def method_ekx(decoder: Decoder, batch: EvalBatch) -> list[torch.Tensor]:
     """``D(E(K, x) + x)``: the encoders read ``k_ids + x_ids``; the decoder reads ``x_ids``."""
-    inj = batch.injector
-    if inj is None:
+    if batch.injector is None:
         raise ValueError("method 'ekx' needs encoders (--encoders DIR / bundle=...)")
-    items = batch.items
+    return _score_injected(decoder, batch.injector, batch.items)
+
+
+def _score_injected(decoder: Decoder, inj, items: list[ScoreItem]) -> list[torch.Tensor]:
+    """Score ``x`` with ``inj``'s encoders reading each item's ``K + x`` and their output added."""
     add = inj.additions([it.k_ids for it in items], [it.x_ids for it in items])
     with inj.static(add):
         return score_sequences(decoder, [it.x_ids for it in items], [0] * len(items), items)
@@ -224,10 +227,7 @@ def method_ekx_ft(decoder: Decoder, batch: EvalBatch) -> list[torch.Tensor]:
     inj = batch.extras.get("finetuned")
     if inj is None:
         raise ValueError("method 'ekx_ft' needs extras={'finetuned': Injector} (the fine-tuned bundle)")
-    items = batch.items
-    add = inj.additions([it.k_ids for it in items], [it.x_ids for it in items])
-    with inj.static(add):
-        return score_sequences(decoder, [it.x_ids for it in items], [0] * len(items), items)
+    return _score_injected(decoder, inj, batch.items)
 
 
 register_method("ekx_fit", method_ekx, "D(E(K,x)+x) after fit", needs=("encoders",), reads_knowledge=True)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from kcache.align import input_keep, pad_right, sink_keep, sink_of, targets_of
 from kcache.errors import KCacheError  # noqa: E402
-from kcache.models import Decoder
+from kcache.models import Decoder, ModelFingerprint
 
 
 class InjectError(KCacheError, ValueError):
@@ -83,8 +83,7 @@ def check_fingerprint(expected: dict, decoder: Decoder, what: str = "encoder bun
     """Raise ``InjectError`` naming both models when ``expected`` (a fingerprint dict) is not the
     loaded decoder's. ``name`` is only a label and is not compared."""
     mine = decoder.fingerprint.to_dict()
-    diff = [k for k in ("architecture", "config_hash", "weights_hash", "tokenizer_hash")
-            if expected.get(k) != mine.get(k)]
+    diff = ModelFingerprint.from_dict(expected).diff(decoder.fingerprint)
     if diff:
         raise InjectError(
             f"{what} was made for another model ({', '.join(diff)} differ): it expects "

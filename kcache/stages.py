@@ -106,6 +106,18 @@ def evaluate_options(cfg: dict, file=None):
     return opts, (edit_options(opts.edit, "evaluate.edit", file) if opts.edit is not None else None)
 
 
+def _source_bundle(io: StageIO, from_scratch: bool, run_dir: Path, section: str, hint: str = "") -> Path | None:
+    """The bundle a training stage starts from: ``None`` from scratch, else ``encoders =`` or ``RUN/encoders``,
+    which must exist."""
+    if from_scratch:
+        return None
+    source = Path(io.encoders) if io.encoders else run_dir / "encoders"
+    if not _bundle_ready(source):
+        raise ValueError(f"[{section}]: no encoder bundle at {source} to start from ({hint}set encoders = "
+                         "\"...\", or from_scratch = true)")
+    return source
+
+
 def _samples_key(samples) -> str:
     from kcache.data.samples import read_samples, sample_set_fingerprint
 
@@ -127,14 +139,9 @@ def run_finetune(ctx, options) -> dict:
 
     fcfg, io = options
     run_dir, log = ctx.run_dir, ctx.log
-    source = io.encoders
     out = Path(io.out) if io.out is not None else run_dir / "encoders-ft"
-    if not fcfg.from_scratch:
-        source = Path(source) if source else run_dir / "encoders"
-        if not _bundle_ready(source):
-            raise ValueError(f"[finetune]: no encoder bundle at {source} to start from (run [fit] first, "
-                             "set encoders = \"...\", or from_scratch = true)")
-    summary = finetune(ctx.get_decoder(), ctx.samples, None if fcfg.from_scratch else source, out, fcfg, progress=True,
+    source = _source_bundle(io, fcfg.from_scratch, run_dir, "finetune", "run [fit] first, ")
+    summary = finetune(ctx.get_decoder(), ctx.samples, source, out, fcfg, progress=True,
                        log=lambda m: log(m if m.startswith("finetune") else f"finetune: {m}"))
     return {k: v for k, v in summary.items() if k != "run"}
 
@@ -164,17 +171,12 @@ def run_evaluate(ctx, options) -> dict:
            "methods": methods, "fit": sha256_file(fit_dir / "encoders.safetensors") if have_fit else None,
            "finetuned": sha256_file(ft_dir / "encoders.safetensors") if have_ft else None,
            "cache": str(cache_path) if use_oracle else None, "controls": "other,empty"}
-    summary: dict
     done = out / "evaluation.json"
     if done.exists():
         old = json.loads(done.read_text())
         if old.get("stage_key") == key:
             log(f"evaluate: {out} up to date (skipped)")
-            summary = _eval_summary(old, out)
-            summary["skipped"] = True
-            if edit_opts is not None:
-                summary["edit"] = run_edit(ctx, edit_opts)
-            return summary
+            return _then_edit(ctx, edit_opts, {**_eval_summary(old, out), "skipped": True})
     if not (have_fit or have_ft):
         log("evaluate: no encoder bundle found (fit / finetune not run): evaluating D(x) and D(K,x) only")
     decoder = get_decoder()
@@ -212,8 +214,11 @@ def run_evaluate(ctx, options) -> dict:
     for line in md.splitlines():
         if line.startswith("|") or line.startswith("Fine-tuned") or line.startswith("**"):
             log(f"evaluate: {line}")
-    summary = _eval_summary(res, out)
-    summary["skipped"] = False
+    return _then_edit(ctx, edit_opts, {**_eval_summary(res, out), "skipped": False})
+
+
+def _then_edit(ctx, edit_opts, summary: dict) -> dict:
+    """``[evaluate.edit]`` runs after the evaluation (skipped or not); its summary joins the evaluation's."""
     if edit_opts is not None:
         summary["edit"] = run_edit(ctx, edit_opts)
     return summary
@@ -253,16 +258,9 @@ def run_edit(ctx, options) -> dict:
 
     ecfg, io = options
     run_dir, samples, log = ctx.run_dir, ctx.samples, ctx.log
-    source = io.encoders
     out = Path(io.out) if io.out is not None else run_dir / "edit"
-    if not ecfg.from_scratch:
-        source = Path(source) if source else run_dir / "encoders"
-        if not _bundle_ready(source):
-            raise ValueError(f"[edit]: no encoder bundle at {source} to start from (set encoders = "
-                             "\"...\" or from_scratch = true)")
-        src_key = sha256_file(source / "encoders.safetensors")
-    else:
-        src_key = None
+    source = _source_bundle(io, ecfg.from_scratch, run_dir, "edit")
+    src_key = sha256_file(source / "encoders.safetensors") if source is not None else None
     key = {"samples": _samples_key(samples), "config": json.loads(json.dumps(dataclasses.asdict(ecfg))),
            "source": src_key}
     done = out / "edit.json"
@@ -271,7 +269,7 @@ def run_edit(ctx, options) -> dict:
         if old.get("stage_key") == key:
             log(f"edit: {out} up to date (skipped)")
             return {"out": str(out), "before": old["before"], "after": old["after"], "skipped": True}
-    res = edit(ctx.get_decoder(), samples, out, None if ecfg.from_scratch else source, ecfg, progress=True,
+    res = edit(ctx.get_decoder(), samples, out, source, ecfg, progress=True,
                log=lambda m: log(f"edit: {m}"))
     res["stage_key"] = key
     done.write_text(json.dumps(res, indent=2, default=str))

@@ -37,6 +37,18 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
+def _records(path: Path, count: list[int]):
+    """The non-blank ``(lineno, line)`` records of an OpenKE file after its count line, streamed (the
+    files run to millions of lines); the count is appended to ``count`` when its line is read."""
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        if not count:
+            count.append(_count_header(path, lineno, line))
+        else:
+            yield lineno, line
+
+
 def _count_header(path: Path, lineno: int, line: str) -> int:
     try:
         n = int(line.strip())
@@ -52,13 +64,9 @@ def read_openke_ids(path: str | os.PathLike, what: str) -> list[str]:
     """``entity2id.txt`` / ``relation2id.txt``: count line, then ``key<TAB>id`` lines. Returns the
     keys ordered by id; ids must be exactly ``0..n-1``."""
     path = _require(Path(path), what)
-    count, by_id, keys_seen = None, {}, {}
-    for lineno, line in _lines(path):
-        if not line.strip():
-            continue
-        if count is None:
-            count = _count_header(path, lineno, line)
-            continue
+    header: list[int] = []
+    by_id, keys_seen = {}, {}
+    for lineno, line in _records(path, header):
         parts = line.rsplit("\t", 1) if "\t" in line else line.rsplit(None, 1)
         if len(parts) != 2 or not parts[0].strip():
             raise KGError(f"{path}: line {lineno}: expected '<key><TAB><id>', got {line[:80]!r}")
@@ -75,8 +83,9 @@ def read_openke_ids(path: str | os.PathLike, what: str) -> list[str]:
             raise KGError(f"{path}: line {lineno}: key {key!r} already listed on line {keys_seen[key]}")
         by_id[i] = key
         keys_seen[key] = lineno
-    if count is None:
+    if not header:
         raise KGError(f"{path}: empty file (expected the {what} count on line 1)")
+    count = header[0]
     if len(by_id) != count:
         raise KGError(f"{path}: line 1 declares {count} {what}s but the file lists {len(by_id)}")
     missing = next((i for i in range(count) if i not in by_id), None)
@@ -89,13 +98,9 @@ def read_openke_triples(path: str | os.PathLike, num_entities: int, num_relation
     """``train2id.txt``-style file: count line, then ``head tail relation`` (OpenKE order).
     Returns an ``(n, 3)`` int64 array of (head, relation, tail)."""
     path = _require(Path(path), "triples")
-    count, rows = None, []
-    for lineno, line in _lines(path):
-        if not line.strip():
-            continue
-        if count is None:
-            count = _count_header(path, lineno, line)
-            continue
+    header: list[int] = []
+    rows = []
+    for lineno, line in _records(path, header):
         parts = line.split()
         if len(parts) != 3:
             raise KGError(f"{path}: line {lineno}: expected 'head tail relation' (3 integer ids), got {line[:80]!r}")
@@ -110,8 +115,9 @@ def read_openke_triples(path: str | os.PathLike, num_entities: int, num_relation
         if not 0 <= r < num_relations:
             raise KGError(f"{path}: line {lineno}: relation {r} is not a relation id (0..{num_relations - 1})")
         rows.append((h, r, t))
-    if count is None:
+    if not header:
         raise KGError(f"{path}: empty file (expected the triple count on line 1)")
+    count = header[0]
     if len(rows) != count:
         raise KGError(f"{path}: line 1 declares {count} triples but the file lists {len(rows)}")
     return np.asarray(rows, dtype=np.int64).reshape(-1, 3)

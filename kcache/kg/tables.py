@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from kcache._io import atomic_path, atomic_write_json
+from kcache._io import atomic_path, atomic_write_json, read_json
 from kcache.schemas import SchemaError, _parse_type, load_schema, validate_document
 
 ENTITIES = "kg-entities-v1"
@@ -408,10 +408,7 @@ class KG:
         mpath = d / MANIFEST_FILE
         if not mpath.exists():
             raise KGError(f"{d}: not a kcache KG directory (no {MANIFEST_FILE}); create one with kcache kg import-*")
-        try:
-            doc = json.loads(mpath.read_text())
-        except ValueError as e:
-            raise KGError(f"{mpath}: invalid JSON ({e})") from None
+        doc = read_json(mpath, KGError)
         validate_document(doc, MANIFEST, str(mpath))
         tables = {label: read_table_file(d / doc["files"][label], label) for label in TABLE_FILES}
         kg = cls(doc["name"], tables["entities"], tables["relations"], tables["triples"], doc.get("source", {}),
