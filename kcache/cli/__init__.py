@@ -77,6 +77,7 @@ COMMANDS: dict[str, Callable | Group] = {
         "inject": bench.inject_cmd,
         "extract": bench.extract_cmd,
         "fit": bench.fit_cmd,
+        "finetune": bench.finetune_cmd,
         "store": bench.store_cmd,
     }),
     "knowla": Group(methods.KNOWLA_HELP, {
