@@ -47,7 +47,7 @@ from kcache.align import (
 )
 from kcache.encoders import EncoderConfig, EncoderStack, load_bundle, publish_bundle
 from kcache.inject import add_at_site, check_fingerprint, stack_additions
-from kcache.models import Decoder
+from kcache.models import Decoder, backward_attention
 from kcache.precision import autocast_for
 from kcache.train import OptimConfig, load_checkpoint, lr_at, new_state, optimizer_step, save_checkpoint, schedule_steps
 
@@ -243,7 +243,8 @@ def train_encoders(decoder: Decoder, stack: EncoderStack, *, site: str, layers: 
         if log and val:
             log(f"step 0: validation NLL {e['val_nll']:.4f} (ppl {e['val_ppl'] or float('inf'):.3f})")
     t0 = time.perf_counter()
-    tokens = _train_steps(run, progress, on_step, log)
+    with backward_attention(decoder):
+        tokens = _train_steps(run, progress, on_step, log)
     _finish_training(run, resumed, t0, tokens)
     return state
 

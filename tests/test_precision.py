@@ -159,3 +159,14 @@ def test_bench_extract_compares_decoder_dtypes(saved_model, tmp_path):
     assert got == pytest.approx(res["runs"]["bfloat16"]["seconds"]["kcache_extract"]
                                 / res["runs"]["float32"]["seconds"]["kcache_extract"])
     assert (tmp_path / "x.png").exists()
+
+
+def test_training_through_a_bf16_cpu_decoder_uses_eager_attention_and_restores_it(saved_model):
+    from kcache.models import backward_attention, load_decoder
+
+    for dtype, inside in (("bfloat16", "eager"), ("float32", "sdpa")):
+        dec = load_decoder(str(saved_model), device="cpu", dtype=dtype)
+        assert dec.model.config._attn_implementation == "sdpa"
+        with backward_attention(dec):
+            assert dec.model.config._attn_implementation == inside
+        assert dec.model.config._attn_implementation == "sdpa"
