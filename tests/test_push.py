@@ -172,6 +172,9 @@ def test_push_refuses_a_destination_holding_something_else(caches, mem_url, tmp_
     with pytest.raises(CacheError, match="is not empty"):
         push(caches["one"], tmp_path / "busy", progress=False)
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(CacheError, match="is not a directory"):
+        push(caches["one"], tmp_path / "a-file", progress=False)
 
 
 def test_push_refuses_unfinalized_and_invalid_caches(caches, tmp_path, mem_url):
@@ -189,6 +192,8 @@ def test_push_refuses_unfinalized_and_invalid_caches(caches, tmp_path, mem_url):
         push(copy, mem_url, progress=False)
     fs, root = fsspec.core.url_to_fs(mem_url)
     assert not fs.exists(root)  # refused before anything was written
+    with pytest.raises(CacheError, match="read-only"):
+        push(caches["one"], "https://example.invalid/c.zarr", progress=False)
 
 
 def test_a_multi_part_cache_gets_its_card_as_readme(caches, mem_url, tmp_path):
@@ -348,7 +353,9 @@ def test_partial_pull_refuses_what_the_cache_does_not_have(caches, tmp_path):
         pull(str(caches["one"]), tmp_path / "b", progress=False, split="nope")
     with pytest.raises(CacheError, match="at least 1"):
         pull(str(caches["one"]), tmp_path / "c", progress=False, limit_samples=0)
-    assert not any((tmp_path / n).exists() for n in "abc")
+    with pytest.raises(CacheError, match="no layer chosen"):
+        pull(str(caches["one"]), tmp_path / "d", progress=False, layers=[])
+    assert not any((tmp_path / n).exists() for n in "abcd")
 
 
 def test_stored_reads_across_parts(caches):
@@ -386,6 +393,9 @@ def test_cli_push_and_partial_pull(caches, tmp_path):
     assert "written; 4 samples, layers 1" in res.output
     res = CliRunner().invoke(app, ["validate", str(tmp_path / "small.zarr")])
     assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["inspect", str(tmp_path / "small.zarr")])
+    assert res.exit_code == 0 and f"subset     of file://{dest}" in res.output
+    assert "layers 1, split train, 4 of 36 samples" in res.output
 
 
 # ---------------------------------------------------------------------------------------------

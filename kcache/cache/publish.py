@@ -135,6 +135,10 @@ class Destination:
         except (ImportError, ValueError) as e:
             raise CacheError(f"{spec}: cannot open this URL for writing ({e}); install the fsspec backend for its "
                              "scheme (e.g. s3fs, gcsfs, huggingface_hub)") from None
+        protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+        if {"http", "https"} & set(protocols):
+            raise CacheError(f"{spec}: http(s) URLs are read-only; push to a store that takes writes (s3://, gs://, "
+                             "hf://, az://, file:// or a local path) and serve that over HTTP")
         return cls(spec, fs, root, local)
 
     def info(self, key: str) -> dict | None:
@@ -159,11 +163,18 @@ class Destination:
         with self.fs.open(self.path(key), "rb") as fh:
             return hash_stream(fh, size)
 
-    def write_small(self, key: str, data: bytes) -> None:
+    def prepare(self, key: str) -> None:
+        """Local destinations: create the folders on the way to ``key`` and remove a file already there (a
+        failed earlier upload, or a read-only file of an earlier push: replaced, never written into).
+        Object stores need neither."""
         if self.local is not None:
-            self.fs.makedirs(self.fs._parent(self.path(key)), exist_ok=True)
+            path = Path(self.path(key))
+            path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(self.path(key))  # a read-only file from an earlier push is replaced, not written into
+                path.unlink()
+
+    def write_small(self, key: str, data: bytes) -> None:
+        self.prepare(key)
         self.fs.pipe_file(self.path(key), data)
 
     def is_empty(self) -> bool:
@@ -177,16 +188,15 @@ class Destination:
 
 def upload_file(dest: Destination, src: Path, key: str) -> None:
     """Upload one local file to ``key`` (the whole file; tests replace this to interrupt a push)."""
-    if dest.local is not None:
-        dest.fs.makedirs(dest.fs._parent(dest.path(key)), exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            dest.fs.rm_file(dest.path(key))  # a failed earlier upload, made read-only or not
+    dest.prepare(key)
     dest.fs.put_file(str(src), dest.path(key))
 
 
 def check_destination(dest: Destination, raw: bytes) -> str:
     """``"published"`` (holds this very manifest), ``"resume"`` (an unfinished push of it) or ``"new"``
     (empty); anything else is refused naming the URL."""
+    if dest.local is not None and (dest.local.is_symlink() or dest.local.exists()) and not dest.local.is_dir():
+        raise CacheError(f"{dest.url} exists and is not a directory; push into a new or empty directory")
     old = dest.read_small(MANIFEST)
     if old is not None:
         if old == raw:
@@ -341,7 +351,7 @@ def _folder_warnings(entries: list[FileEntry]) -> list[str]:
     out = []
     for folder, n in crowded_folders([e.key for e in entries], OBJECT_STORE_FOLDER_LIMIT)[:3]:
         out.append(f"folder {folder or '.'!r} holds {n:,} entries, more than the {OBJECT_STORE_FOLDER_LIMIT:,} "
-                   "object stores handle well (the Hugging Face Hub refuses more); re-extract with a larger "
+                   "object stores handle well (the Hugging Face Hub's recommended maximum); re-extract with a larger "
                    "--shard-rows (kcache.cache.writer.shard_rows_within) or split the cache")
     return out
 

@@ -71,6 +71,8 @@ def choose_layers(available: list[int], wanted: list[int] | None, where: str) ->
     """``wanted`` (all when None) in the source's order; a layer the source lacks is an error naming it."""
     if wanted is None:
         return list(available)
+    if not wanted:
+        raise CacheError(f"{where}: no layer chosen (the cache has layers {', '.join(map(str, available))})")
     missing = sorted(set(wanted) - set(available))
     if missing:
         raise CacheError(f"{where}: layer(s) {', '.join(map(str, missing))} not in this cache "

@@ -44,7 +44,7 @@ FLAT_CHUNK = 1 << 20
 FLAT_SHARD_CHUNKS = 16
 EMBEDDING_SHARD_CHUNKS = 8
 # Entries (files or sub-folders) one folder of a cache should hold at most: the Hugging Face Hub's
-# limit per folder, and a listing that stays a few pages on S3/GCS (docs/sharing.md, "Object-store limits").
+# recommended maximum per folder, and a listing of ten pages on S3 (docs/sharing.md, "Object-store limits").
 OBJECT_STORE_FOLDER_LIMIT = 10_000
 
 

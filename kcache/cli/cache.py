@@ -106,6 +106,11 @@ def inspect_cmd(cache: str = typer.Argument(..., help="cache directory or URL"),
     typer.echo(_extraction_line(a.get("extraction") or {}))
     if c.manifest is not None:
         typer.echo(f"parts      {len(c.parts)}, finalized (immutable), metadata {c.manifest['metadata_digest'][:23]}…")
+        sub = (c.manifest.get("provenance") or {}).get("subset")
+        if sub:
+            typer.echo(f"subset     of {sub['source']} (manifest {sub['source_manifest_sha256'][:23]}…): layers "
+                       f"{','.join(map(str, sub['layers']))}, split {sub.get('split') or 'all'}, "
+                       f"{sub['samples']} of {sub.get('source_samples', '?')} samples")
     else:
         typer.echo(f"parts      {len(c.parts)}, not finalized (no manifest.json)")
     cnt = a["counts"]
