@@ -143,6 +143,20 @@ def test_an_interrupted_push_leaves_no_manifest_and_resumes(caches, mem_url, mon
     assert validate_cache(mem_url) == []
 
 
+def test_stores_that_refuse_reads_get_a_size_check_and_say_so(caches, mem_url, monkeypatch):
+    def refuse(self, key, size):
+        raise PermissionError(f"{key}: write-only credentials")
+
+    monkeypatch.setattr(publish_mod.Destination, "digest", refuse)
+    report = push(caches["one"], mem_url, progress=False)
+    assert report["verified_size_only"] == report["files"] and report["verified_sha256"] == 0
+    assert f"{report['files']} file(s) checked by size only" in publish_mod.summary_line("one.zarr", report)
+    monkeypatch.undo()
+    _assert_published(caches["one"], mem_url)
+    off = push(caches["one"], mem_url, readback=False, progress=False)  # --no-readback
+    assert off["verified_size_only"] == off["files"] and off["files_uploaded"] == 0
+
+
 def test_upload_order_puts_each_parts_zarr_json_last(caches):
     entries = manifest_files(json.loads((caches["merged"] / MANIFEST).read_bytes()))
     keys = [e.key for e in upload_order(entries)]
@@ -377,6 +391,7 @@ def test_cli_push_and_partial_pull(caches, tmp_path):
                                    "--dataset-license", "synth=cc0-1.0"])
     assert res.exit_code == 0, res.output
     assert "36 samples" not in res.output and "every file read back and hashed" in res.output
+    assert validate_cache(dest) == []  # README.md at a multi-part root is not a file of any part
     meta = _front_matter((dest / "README.md").read_text())
     assert meta["license"] == "mit" and meta["kcache"]["source_datasets"][0]["license"] == "cc0-1.0"
     res = CliRunner().invoke(app, ["push", str(caches["merged"]), str(dest), "-q", "--license", "mit",

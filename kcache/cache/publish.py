@@ -247,10 +247,11 @@ def push(cache: str | os.PathLike, url: str, license: str = "other", dataset_lic
     "seconds"}``; ``state`` is what the destination held before: ``new``, ``resume`` or ``published``.
     ``license``/``dataset_licenses`` go into the dataset card; ``storage_options`` to fsspec.
     """
+    cache = Path(str(cache).removeprefix("file://"))
     dest = Destination.open(url, storage_options)
     lock = output_lock(dest.local, "push into it") if dest.local is not None else contextlib.nullcontext()
     with lock:
-        return _push(Path(cache), dest, license, dataset_licenses, readback, progress)
+        return _push(cache, dest, license, dataset_licenses, readback, progress)
 
 
 def _source(cache: Path) -> tuple[Cache, bytes, dict, list[FileEntry]]:
