@@ -84,8 +84,9 @@ def _remote(root: Path, transport: str):
     fs = fsspec.filesystem("memory")
     name = f"kcache-test-stream-{os.getpid()}-{threading.get_ident()}"
     cache = root / "c.zarr"
-    for rel in [*_files(cache), MANIFEST]:
-        fs.pipe_file(f"/{name}/{rel}", (cache / rel).read_bytes())
+    for path in cache.rglob("*"):
+        if path.is_file():
+            fs.pipe_file(f"/{name}/{path.relative_to(cache).as_posix()}", path.read_bytes())
     try:
         yield f"memory://{name}", None
     finally:  # the memory file system is global to the process
@@ -314,3 +315,28 @@ def test_verification_needs_a_finalized_cache(served, tmp_path):
     with serve(root) as (url, _), pytest.raises(CacheError, match="not finalized"):
         open_streaming(f"{url}/c.zarr")
     assert open_streaming(f"{root}/c.zarr", verify=False).verified is None
+
+
+def test_a_cache_of_several_parts_streams_every_part(served, tmp_path, tokenizer_nobos):
+    from kcache.cache.merge import merge
+    from kcache.data.synth import synth_samples
+    from kcache.extract import ExtractConfig, extract
+
+    other = tmp_path / "b.zarr"
+    extract(tiny_dec("llama", tokenizer_nobos), synth_samples(40, seed=2), other,
+            ExtractConfig(layers="1-2", dtype="float32", chunk_rows=64, shard_rows=128), progress=False)
+    root = tmp_path / "root"
+    merge([str(served / "c.zarr"), str(other)], root / "c.zarr", progress=False)
+    local = Cache.open(root / "c.zarr")
+    assert len(local.parts) == 2
+    with _remote(root, "memory") as (url, _):
+        streamed = open_streaming(url)
+        rows = local.total_rows
+        for layer in local.layers:
+            np.testing.assert_array_equal(streamed.read_rows(layer, 0, rows), local.read_rows(layer, 0, rows))
+        listed = {(p["path"], rel) for p in local.manifest["parts"] for rel in p["files"] if "deltas/layer_" in rel
+                  and "/c/" in rel}
+        part_of = {p.loc.spec: p.name for p in streamed.parts}
+        planned = {(part_of[loc.spec], rel) for loc, rel in rows_files(streamed, local.layers, 0, rows)}
+        assert planned == listed  # the read-ahead plan names every delta shard of both parts
+        assert streamed.verified.stats["files_fetched"] > 0

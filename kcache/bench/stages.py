@@ -186,29 +186,35 @@ def bench_extract_dtypes(model: str, dtypes: tuple[str, ...], n: int = 300, laye
     return res
 
 
-def _fit_run(cache: Path, steps: int, batch_size: int, device: str | None, compute: str) -> dict:
-    """``steps`` training steps from a fresh start, one validation at the end."""
+def _fit_run(cache: Path, steps: int, batch_size: int, device: str | None, compute: str, **read) -> dict:
+    """``steps`` training steps from a fresh start, one validation at the end (``read``: how to read the
+    cache, ``verify`` / ``stream_buffer_mb``)."""
     from kcache.fit import FitConfig, fit_encoders
 
     tmp = Path(tempfile.mkdtemp(prefix="kcache-benchfit-"))
     try:
         cfg = FitConfig(epochs=100, batch_size=batch_size, max_steps=steps, eval_every=steps, checkpoint_every=10**9,
-                        device=device, compute=compute)
+                        device=device, compute=compute, **read)
+        t0 = time.perf_counter()
         s = fit_encoders(cache, tmp / "enc", cfg, progress=False)
+        total = time.perf_counter() - t0  # with opening the cache, the embeddings and the train-mean baseline
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     fvu = {l: v["val_fvu"] for l, v in s["layers"].items()}
-    return {"compute": compute, "steps": s["steps"], "seconds": s["wall_seconds"],
+    return {"compute": compute, "steps": s["steps"], "seconds": s["wall_seconds"], "total_seconds": total,
             "steps_per_second": s["steps"] / s["wall_seconds"], "tokens_per_second": s["tokens_per_second"],
             "data_wait_fraction": s["data_wait_seconds"] / s["wall_seconds"],
             "val_fvu": fvu, "val_fvu_mean": sum(fvu.values()) / len(fvu)}
 
 
 def bench_fit(cache: Path, steps: int = 60, batch_size: int = 8, device: str | None = None, out: Path | None = None,
-              log=print, computes: tuple[str, ...] = ("float32", "auto")) -> dict:
+              log=print, computes: tuple[str, ...] = ("float32", "auto"), sources: tuple[str, ...] = (),
+              stream_buffer_mb: int = 512) -> dict:
     """Loader alone (tokens/s, MB/s) vs training steps in each compute precision, run one after the other on
     the same cache, batches and seed: steps/s, the fraction of time waiting for data, and the validation FVU
-    after the same number of steps (the speed must not cost accuracy)."""
+    after the same number of steps (the speed must not cost accuracy). ``sources``: the same loader and a fit
+    in the last precision with the cache read locally, verified, over loopback HTTP, pulled
+    (kcache.bench.stream; ``res["stream"]``, a second PNG ``<out>-sources.png``)."""
     import numpy as np
 
     from kcache.cache.reader import Cache
@@ -255,6 +261,15 @@ def bench_fit(cache: Path, steps: int = 60, batch_size: int = 8, device: str | N
             f"mean val FVU {res['fvu_change']:+.4f}")
     log(f"  waiting for data {res['data_wait_fraction']:.1%} of training time (target <= 10%: "
         f"{'met' if res['target_met'] else 'NOT met'})")
+    if sources:
+        from kcache.bench.stream import bench_sources, plot_sources
+
+        def fit_run(spec, **read):
+            return _fit_run(spec, steps, batch_size, device, last["compute"], **read)
+
+        res["stream"] = bench_sources(cache, sources, fit_run, batch_size, stream_buffer_mb, log, local_fit=last)
+        if out:
+            plot_sources(Path(out).with_name(Path(out).stem + "-sources.png"), res["stream"])
     if out:
         _write_result(out, res, "stage two: tokens/s", ["loader alone"] + [f"training ({r['resolved']})" for r in runs],
                       [res["loader_tokens_per_second"]] + [r["tokens_per_second"] for r in runs], "tokens / s", log)

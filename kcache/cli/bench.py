@@ -72,12 +72,18 @@ def fit_cmd(
     compute: str = typer.Option("float32,auto", "--compute",
                                 help="compute precisions to run side by side (first = baseline)"),
     out: Path = typer.Option(Path("bench/fit.json"), "--out"),
+    sources: str = typer.Option("local,local-verify,http,pulled", "--sources",
+                                help="read the cache also as: local-verify (sha256 on the fly), http (loopback, "
+                                     "streamed and verified), pulled (kcache pull first); '' for none"),
+    stream_buffer_mb: int = typer.Option(512, "--stream-buffer-mb", help="verified-file buffer of the streamed reads"),
 ):
-    """Stage two: cache loader throughput vs training throughput per compute precision, time waiting for data."""
+    """Stage two: cache loader throughput vs training throughput per compute precision, time waiting for data;
+    loader MB/s and data wait with the cache read locally, verified, over loopback HTTP and pulled."""
     from kcache.bench.stages import bench_fit
 
     bench_fit(cache, steps, batch_size, device, out, log=typer.echo,
-              computes=tuple(c.strip() for c in compute.split(",") if c.strip()))
+              computes=tuple(c.strip() for c in compute.split(",") if c.strip()),
+              sources=tuple(s.strip() for s in sources.split(",") if s.strip()), stream_buffer_mb=stream_buffer_mb)
 
 
 def finetune_cmd(
