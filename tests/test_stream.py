@@ -36,6 +36,7 @@ from kcache.fit import BatchLoader, CacheReader, FitConfig, fit_encoders, split_
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 # Small shuffling buffer: the first batches need only the first few blocks (and so only some shards).
 CFG = dict(**TINY, epochs=1, batch_size=4, buffer_samples=8, eval_every=1000, checkpoint_every=1000)
+FIT = {**CFG, "eval_every": 10, "checkpoint_every": 5}  # the fits compared bit for bit
 MANIFEST = "manifest.json"
 
 
@@ -49,6 +50,14 @@ def served(tmp_path_factory, tokenizer_nobos):
     extract(tiny_dec("llama", tokenizer_nobos), synth_samples(120, seed=9), root / "c.zarr",
             ExtractConfig(layers="1-2", dtype="float32", chunk_rows=64, shard_rows=128), progress=False)
     return root
+
+
+@pytest.fixture(scope="module")
+def local_fit(served, tmp_path_factory):
+    """The reference: ``FIT`` trained from the local directory."""
+    out = tmp_path_factory.mktemp("local-fit") / "enc"
+    fit_encoders(served / "c.zarr", out, FitConfig(**FIT), progress=False)
+    return out
 
 
 def _files(cache: Path) -> dict[str, dict]:
@@ -215,30 +224,45 @@ def test_a_changed_file_is_refused_naming_it():
 
 
 @pytest.mark.parametrize("transport", ["http", "memory"])
-def test_streamed_fit_equals_local_fit_bit_for_bit(served, tmp_path, transport):
-    cfg = FitConfig(**{**CFG, "eval_every": 10})
-    fit_encoders(served / "c.zarr", tmp_path / "local", cfg, progress=False)
+def test_streamed_fit_equals_local_fit_bit_for_bit(served, local_fit, tmp_path, transport):
     with _remote(served, transport) as (url, server):
-        fit_encoders(url, tmp_path / "remote", cfg, progress=False)
+        fit_encoders(url, tmp_path / "remote", FitConfig(**FIT), progress=False)
     for name in ("encoders.safetensors", "history.json", "checkpoint/model.safetensors",
                  "checkpoint/optimizer.safetensors"):
-        assert (tmp_path / "remote" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+        assert (tmp_path / "remote" / name).read_bytes() == (local_fit / name).read_bytes(), name
     if server is not None:  # every file read whole (to be hashed), once: the buffer holds this small cache
         gets = [p for m, p, _ in server.log if m == "GET"]
         assert all(r is None for m, _, r in server.log if m == "GET")
         assert sorted(set(gets) - {f"c.zarr/{MANIFEST}"}) == sorted(g for g in gets if g != f"c.zarr/{MANIFEST}")
 
 
-def test_a_small_buffer_still_gives_the_same_fit(served, tmp_path):
+def test_a_small_buffer_still_gives_the_same_fit(served, local_fit, tmp_path):
     """A buffer smaller than the cache: files are evicted and fetched (and verified) again, same weights."""
-    cfg = FitConfig(**CFG)
-    fit_encoders(served / "c.zarr", tmp_path / "local", cfg, progress=False)
     with serve(served) as (url, server):
-        fit_encoders(f"{url}/c.zarr", tmp_path / "remote", FitConfig(**CFG, stream_buffer_mb=1), progress=False)
+        fit_encoders(f"{url}/c.zarr", tmp_path / "remote", FitConfig(**FIT, stream_buffer_mb=1), progress=False)
     gets = [p for m, p, _ in server.log if m == "GET" and "/c/" in p]
     assert len(gets) > len(set(gets)), "files should have been evicted and fetched again"
     name = "encoders.safetensors"
-    assert (tmp_path / "remote" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    assert (tmp_path / "remote" / name).read_bytes() == (local_fit / name).read_bytes()
+
+
+def test_a_fit_streamed_then_resumed_from_a_local_copy_is_the_same_fit(served, local_fit, tmp_path):
+    """How the cache is read is not part of the run: a checkpoint written while streaming resumes locally."""
+    cfg = FitConfig(**FIT)
+
+    class Crash(Exception):
+        pass
+
+    def crash(step):
+        if step == 12:  # last checkpoint at 10
+            raise Crash
+
+    with serve(served) as (url, _), pytest.raises(Crash):
+        fit_encoders(f"{url}/c.zarr", tmp_path / "run", cfg, progress=False, on_step=crash)
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 10
+    fit_encoders(served / "c.zarr", tmp_path / "run", cfg, progress=False)
+    name = "encoders.safetensors"
+    assert (tmp_path / "run" / name).read_bytes() == (local_fit / name).read_bytes()
 
 
 def _first_batch_needing(cache_dir: Path, cfg: FitConfig) -> dict[str, int]:

@@ -19,8 +19,9 @@ WAIT_TARGET = 0.10  # of the training wall time, over loopback HTTP
 
 def loader_pass(spec: str, verify: bool | None, batch_size: int, buffer_mb: int) -> dict:
     """One epoch of the training loader over the train split, from a freshly opened cache (a cold
-    buffer): tokens/s, MB/s of stored deltas (uncompressed, as ``bench fit``'s loader figure), and
-    for a verified read the bytes fetched (compressed files, whole) and the time spent hashing."""
+    buffer): tokens/s, MB/s of stored deltas (uncompressed, as ``bench fit``'s loader figure), the
+    time to the first batch, and for a verified read the bytes fetched (compressed files, whole) and
+    the time spent hashing."""
     import numpy as np
 
     from kcache.cache.stream import open_streaming
@@ -32,10 +33,14 @@ def loader_pass(spec: str, verify: bool | None, batch_size: int, buffer_mb: int)
     before = dict(c.verified.stats) if c.verified is not None else None
     t0 = time.perf_counter()
     loader = BatchLoader(reader, train, batch_size, 2048, 0, 0)
-    tokens = sum(int(b.valid.sum()) for b in loader)
+    tokens, first = 0, None
+    for b in loader:
+        first = time.perf_counter() - t0 if first is None else first
+        tokens += int(b.valid.sum())
     seconds = time.perf_counter() - t0
     loader.close()
-    out = {"seconds": seconds, "tokens_per_second": tokens / seconds,
+    # The first batch waits for the shuffling buffer (2,048 samples) to fill: for a small cache, the whole epoch.
+    out = {"seconds": seconds, "first_batch_seconds": first, "tokens_per_second": tokens / seconds,
            "mb_per_second": reader.bytes_read / 2**20 / seconds, "verified": c.verified is not None}
     if before is not None:
         fetched = c.verified.stats["bytes_fetched"] - before["bytes_fetched"]
@@ -98,7 +103,8 @@ def _log_row(name: str, row: dict, log) -> None:
     ld, fit = row["loader"], row["fit"]
     fetched = (f", {ld['fetched_mb_per_second']:6.1f} MB/s fetched+verified ({ld['hash_seconds']:.1f} s hashing)"
                if ld.get("verified") else "")
-    log(f"  {name:>12}: loader {ld['mb_per_second']:6.1f} MB/s of deltas{fetched}; fit "
+    log(f"  {name:>12}: loader {ld['mb_per_second']:6.1f} MB/s of deltas{fetched}, first batch after "
+        f"{ld['first_batch_seconds']:.1f} s; fit "
         f"{fit['steps_per_second']:.2f} steps/s, data wait {fit['data_wait_fraction']:.1%}")
 
 
