@@ -217,6 +217,9 @@ def test_a_changed_file_is_refused_naming_it():
     with pytest.raises(CacheError, match=r"fake://part/deltas/layer_01/c/0/0: content differs .*sha256"):
         files.get(loc, "deltas/layer_01/c/0/0")
     assert files.held_bytes == 0  # nothing kept
+    with pytest.raises(CacheError, match="more than the 10-byte stream buffer"):  # refused before it is fetched
+        VerifiedFiles(capacity=10).get(loc, "deltas/layer_01/c/0/0")
+    assert len(loc.fetches) == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ place. Conventions:
   (docs/benchmarks.md). Remote caches always are, unless ``verify=False``.
 
 Memory: at most ``capacity`` bytes of verified files, plus, per reading loader, the files of the
-block it is reading when they alone exceed the read-ahead budget, plus the files being fetched.
+block it is reading when they alone exceed the read-ahead budget, plus the files being fetched. A
+file the manifest says is larger than ``capacity`` is refused before it is fetched.
 """
 
 from __future__ import annotations
@@ -219,6 +220,10 @@ class VerifiedFiles:
 
     def _fetch(self, loc, rel: str) -> bytes:
         size, sha = loc.sizes[rel], loc.digests[rel]
+        if size > self.lru.capacity:  # bounded before allocating: one file never exceeds the buffer
+            raise CacheError(f"{loc.url(rel)}: {size:,} bytes (manifest), more than the {self.lru.capacity:,}-byte "
+                             "stream buffer it must be verified in; give a larger --stream-buffer-mb, or pull the "
+                             "cache (`kcache pull`) and train from the copy")
         t0 = time.perf_counter()
         try:
             data = loc.read_unverified(rel, size)
