@@ -10,8 +10,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import stat
 import threading
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import pytest
 import torch
 from conftest import tiny_dec
 from httpserver import serve
+from test_remote import _copy as _writable_copy  # noqa: E402
 
 from kcache.cache import Cache, CacheError
 from kcache.cache.stream import (
@@ -60,18 +59,6 @@ def local_fit(served, tmp_path_factory):
     return out
 
 
-def _files(cache: Path) -> dict[str, dict]:
-    (part,) = json.loads((cache / MANIFEST).read_text())["parts"]
-    return part["files"]
-
-
-def _writable_copy(served: Path, tmp_path: Path) -> Path:
-    root = tmp_path / "served"
-    shutil.copytree(served, root)
-    for p in root.rglob("*"):
-        if p.is_file():
-            os.chmod(p, stat.S_IRUSR | stat.S_IWUSR)
-    return root
 
 
 def _tamper(path: Path) -> None:
