@@ -35,6 +35,11 @@ def _write_result(out: Path, res: dict, title: str, labels: list[str], values: l
     log(f"  wrote {out} and {out.with_suffix('.png')}")
 
 
+def _target(met: bool, target: str) -> str:
+    """``(target <= 0.40: met)`` for a printed figure."""
+    return f"(target {target}: {'met' if met else 'NOT met'})"
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -145,12 +150,13 @@ def bench_extract(model: str = "smollm2-135m", n: int = 300, layers: str = "3-8"
         f"layers {layers} of {res['num_model_layers']}, {len(plan.batches)} batches, {tokens_a}+{tokens_b} tokens")
     for k, v in best.items():
         log(f"  {k:28s} {v:8.2f} s")
-    log(f"  kcache / full depth          {res['ratio_kcache_vs_full_depth']:.3f}x  (target <= 0.40: "
-        f"{'met' if res['targets_met']['ratio_kcache_vs_full_depth'] else 'NOT met'})")
-    log(f"  kcache / bare passes         {res['ratio_kcache_vs_bare']:.3f}x  (target <= 1.10: "
-        f"{'met' if res['targets_met']['ratio_kcache_vs_bare'] else 'NOT met'})")
-    log(f"  useful tokens in batches     {res['useful_token_fraction']:.1%}  (target >= 90%: "
-        f"{'met' if res['targets_met']['useful_token_fraction'] else 'NOT met'})")
+    met = res["targets_met"]
+    log(f"  kcache / full depth          {res['ratio_kcache_vs_full_depth']:.3f}x  "
+        + _target(met["ratio_kcache_vs_full_depth"], "<= 0.40"))
+    log(f"  kcache / bare passes         {res['ratio_kcache_vs_bare']:.3f}x  "
+        + _target(met["ratio_kcache_vs_bare"], "<= 1.10"))
+    log(f"  useful tokens in batches     {res['useful_token_fraction']:.1%}  "
+        + _target(met["useful_token_fraction"], ">= 90%"))
     log(f"  throughput                   {res['tokens_per_second']:.0f} tokens/s through the decoder "
         f"({res['input_tokens_per_second']:.0f} input tokens/s cached)")
     if out:
@@ -177,7 +183,7 @@ def bench_extract_dtypes(model: str, dtypes: tuple[str, ...], n: int = 300, laye
     res = {"model": model, "dtypes": list(dtypes), "runs": runs, "target_ratio": 0.5,
            f"ratio_{dtypes[0]}_vs_{dtypes[-1]}": ratio}
     log(f"bench extract: whole extraction, decoder {dtypes[0]} ({first['model_dtype']}) vs {dtypes[-1]} "
-        f"({last['model_dtype']}): {ratio:.3f}x (target <= 0.50: {'met' if ratio <= 0.5 else 'NOT met'}); "
+        f"({last['model_dtype']}): {ratio:.3f}x " + _target(ratio <= 0.5, "<= 0.50") + "; "
         f"{dtypes[0]} vs its own bare passes {first['ratio_kcache_vs_bare']:.3f}x (target <= 1.10)")
     if out:
         _write_result(out, res, f"stage one on {model}: whole extraction per decoder dtype",
@@ -259,8 +265,7 @@ def bench_fit(cache: Path, steps: int = 60, batch_size: int = 8, device: str | N
     if len(runs) > 1:
         log(f"  {last['compute']} vs {base['compute']}: {res['speedup']:.2f}x steps/s, "
             f"mean val FVU {res['fvu_change']:+.4f}")
-    log(f"  waiting for data {res['data_wait_fraction']:.1%} of training time (target <= 10%: "
-        f"{'met' if res['target_met'] else 'NOT met'})")
+    log(f"  waiting for data {res['data_wait_fraction']:.1%} of training time " + _target(res["target_met"], "<= 10%"))
     if sources:
         from kcache.bench.stream import bench_sources, plot_sources
 
@@ -323,8 +328,8 @@ def bench_finetune(model: str = "smollm2-135m", n: int = 240, steps: int = 12, b
     for r in runs:
         log(f"  decoder {r['dtype']:>8} ({r['model_dtype']:>8}, compute {r['compute']:>8})  "
             f"{r['seconds_per_step']:.3f} s/step  val NLL {r['val_nll_start']:.4f} -> {r['val_nll_end']:.4f}")
-    log(f"  {last['dtype']} vs {base['dtype']}: {res['ratio_seconds_per_step']:.2f}x seconds per step (target <= 0.40: "
-        f"{'met' if res['ratio_seconds_per_step'] <= 0.40 else 'NOT met'}), val NLL {res['val_nll_change']:+.4f}")
+    log(f"  {last['dtype']} vs {base['dtype']}: {res['ratio_seconds_per_step']:.2f}x seconds per step "
+        + _target(res["ratio_seconds_per_step"] <= 0.40, "<= 0.40") + f", val NLL {res['val_nll_change']:+.4f}")
     if out:
         _write_result(out, res, f"finetune on {model}: seconds per step",
                       [f"decoder {r['dtype']} ({r['model_dtype']})" for r in runs],
