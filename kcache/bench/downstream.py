@@ -43,6 +43,7 @@ import dataclasses
 import math
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -234,11 +235,12 @@ def _perplexities(decoder, table, bundle: Path, view, methods, token_budget: int
 def run_option(cache, st: dict, decoder, table, fit_cfg, dcfg: DownstreamConfig, tmp: Path, methods,
                progress: bool, name: str | None = None) -> dict:
     """Fit on ``cache`` read as ``st`` stores it, then measure: ``val_fvu`` / ``val_fvu_stored`` (mean
-    over layers, and ``per_layer``), ``ppl`` per method, the fit's ``seconds``."""
+    over layers, and ``per_layer``), ``ppl`` per method, ``fit_seconds`` and ``seconds`` (all of it)."""
     import torch
 
     from kcache.fit import fit_encoders
 
+    t0 = time.perf_counter()
     view = cache.stored_as(st)
     out = tmp / (name or storage_spec(st)).replace(":", "-").replace(" ", "-")
     summary = fit_encoders(view, out, fit_cfg, progress=progress)
@@ -247,7 +249,8 @@ def run_option(cache, st: dict, decoder, table, fit_cfg, dcfg: DownstreamConfig,
     stored = {int(l): v["val_fvu"] for l, v in summary["layers"].items()}
     ppl = _perplexities(decoder, table, out, view, methods, dcfg.token_budget)
     shutil.rmtree(out, ignore_errors=True)
-    return {"storage": st, "steps": summary["steps"], "seconds": summary["wall_seconds"],
+    return {"storage": st, "steps": summary["steps"], "fit_seconds": summary["wall_seconds"],
+            "seconds": time.perf_counter() - t0,
             "val_fvu": float(np.mean(list(true.values()))), "val_fvu_stored": float(np.mean(list(stored.values()))),
             "per_layer": {str(l): {"val_fvu": true[l], "val_fvu_stored": stored[l]} for l in true}, "ppl": ppl}
 
@@ -283,8 +286,10 @@ def bench_store_downstream(cache_path, samples, decoder=None, model: str | None 
         decoder = load_decoder(model or cache.model_fingerprint.get("name") or "smollm2-135m", device=cfg.device,
                                dtype=model_dtype)
     check_fingerprint(cache.model_fingerprint, decoder, f"cache {cache_path}")
+    t0 = time.perf_counter()
     res = bench_store(cache_path, rows, [s for s, _ in specs], None, None, repeats=repeats, tmp_dir=tmp_dir,
                       progress=progress, log=log)
+    sizes_seconds = time.perf_counter() - t0
     fit_cfg = FitConfig(epochs=10**6, batch_size=cfg.batch_size, max_steps=cfg.steps, eval_every=cfg.steps,
                         checkpoint_every=10**9, seed=cfg.seed, compute=cfg.compute, device=cfg.device)
     runs: dict[str, dict] = {}
@@ -314,6 +319,7 @@ def bench_store_downstream(cache_path, samples, decoder=None, model: str | None 
                                              "samples": "<table>" if hasattr(samples, "num_rows") else str(samples)},
         "model": decoder.fingerprint.to_dict(), "model_dtype": str(decoder.dtype).removeprefix("torch."),
         "held_out": table["id"].to_pylist(), "runs": runs, "rows": table_,
+        "seconds": {"sizes": sizes_seconds, "total": time.perf_counter() - t0},
         "recommendation": recommend(options_, cfg.max_ppl_change, cfg.judge),
     }
     report(res, out_json, out_png, log)
@@ -364,6 +370,10 @@ def format_downstream_table(res: dict) -> str:
         if d["runs"][r["storage"]].get("control"):
             lines.append(f"  seed control: {r['storage']} moves D(E+x) perplexity by {_pct(r['ppl_change']['ekx'])} "
                          f"and val FVU by {r['val_fvu_change']:+.4f} with no storage error at all")
+    if "seconds" in d:
+        per = ", ".join(f"{k} {v['seconds']:.0f}" for k, v in d["runs"].items())
+        lines.append(f"  time: sizes {d['seconds']['sizes']:.0f} s; fit + scoring per option (s): {per}; "
+                     f"total {d['seconds']['total']:.0f} s")
     return "\n".join(lines)
 
 
