@@ -119,7 +119,8 @@ def test_downstream_bench_on_a_small_cache(tiny, tmp_path):
     # The control sits beside the options (another seed moves the fit with no storage error) but is never judged.
     control = rows["lossless (seed 1)"]
     assert control["bytes_per_token_layer"] == lossless["bytes_per_token_layer"] and control["val_fvu_change"] != 0
-    assert d["recommendation"] == json.loads(json.dumps(recommend(res["downstream"]["rows"][:2], 0.5, ("ekx",))))
+    want = recommend(res["downstream"]["rows"][:2], 0.5, ("ekx",), res["downstream"]["rows"][2])
+    assert d["recommendation"] == json.loads(json.dumps(want))
     # The view is transparent: a plain fit from the cache's path ends at the lossless row's figures.
     s = fit_encoders(caches["lossless"], tmp_path / "enc", FitConfig(**d["config"]["fit"]), progress=False)
     fvu = np.mean([v["val_fvu"] for v in s["layers"].values()])
@@ -157,6 +158,16 @@ def test_recommend_picks_the_cheapest_option_within_tolerance():
     assert recommend(rows, 0.011)["recommended"] == "int8"
     # Ties in size go to the first listed.
     assert recommend([_row("a", 10, 0.0), _row("b", 10, 0.0)], 0.01)["recommended"] == "a"
+
+
+def test_recommend_warns_when_a_rerun_moves_more_than_the_tolerance():
+    rows = [_row("lossless", 1000, 0.0, 0.0), _row("int8", 500, 0.005, 0.02)]
+    quiet = recommend(rows, 0.01, control=_row("seed 1", 1000, 0.002, 0.0))
+    assert quiet["recommended"] == "int8" and "warning" not in quiet
+    loud = recommend(rows, 0.01, control=_row("seed 1", 1000, -0.01, 0.0))  # at the tolerance: already noise
+    assert loud["recommended"] == "int8" and "-1.00%" in loud["warning"] and "run-to-run" in loud["warning"]
+    # Only judged perplexities count: the oracle does not depend on the seed.
+    assert "warning" not in recommend(rows, 0.03, ("oracle",), control=_row("seed 1", 1000, -0.05, 0.0))
 
 
 def test_recommend_none_within_tolerance():

@@ -145,11 +145,14 @@ def table_rows(sizes: dict, runs: dict, ref: str = "lossless") -> list[dict]:
     return rows
 
 
-def recommend(rows: list[dict], max_change: float, judge=("ekx",)) -> dict:
+def recommend(rows: list[dict], max_change: float, judge=("ekx",), control: dict | None = None) -> dict:
     """The cheapest option whose judged perplexities all changed by at most ``max_change`` (relative,
     either direction) -> ``{"recommended": spec or None, "within": [specs], "not_within": {spec:
     reason}, "max_ppl_change", "judged_on"}``. Cheapest = fewest ``bytes_per_token_layer``; ties go
-    to the first row. A judged change that is missing (None) counts as not within."""
+    to the first row. A judged change that is missing (None) counts as not within.
+
+    ``control``: the seed control's row. When another seed alone moves a judged perplexity by at
+    least ``max_change``, the verdicts on it say nothing about storage: ``"warning"`` says so."""
     within, not_within = [], {}
     for r in rows:
         reasons = []
@@ -164,8 +167,16 @@ def recommend(rows: list[dict], max_change: float, judge=("ekx",)) -> dict:
         else:
             within.append(r)
     best = min(within, key=lambda r: r["bytes_per_token_layer"]) if within else None
-    return {"recommended": best["storage"] if best else None, "within": [r["storage"] for r in within],
-            "not_within": not_within, "max_ppl_change": max_change, "judged_on": list(judge)}
+    out = {"recommended": best["storage"] if best else None, "within": [r["storage"] for r in within],
+           "not_within": not_within, "max_ppl_change": max_change, "judged_on": list(judge)}
+    noisy = {k: c for k in judge if (c := (control or {}).get("ppl_change", {}).get(k)) is not None
+             and abs(c) >= max_change}
+    if noisy:
+        out["warning"] = ("another seed alone (no storage error) moves " + ", ".join(
+            f"{PPL_LABELS.get(k, k)} perplexity by {c:+.2%}" for k, c in noisy.items())
+            + f", at least the tolerance {max_change:.2%}: changes this small are run-to-run variation, "
+            "so the verdicts above do not rank the options")
+    return out
 
 
 def option_list(options, ref: str = "lossless") -> list[tuple[str, dict]]:
@@ -314,13 +325,14 @@ def bench_store_downstream(cache_path, samples, decoder=None, model: str | None 
         r["bytes_per_value"] = r["bytes_per_token_layer"] / res["hidden"]
     table_ = table_rows(res["results"], runs)
     options_ = [r for r in table_ if not runs[r["storage"]].get("control")]
+    control = next((r for r in table_ if runs[r["storage"]].get("control")), None)
     res["downstream"] = {
         "config": dataclasses.asdict(cfg) | {"fit": fit_cfg.run_config(),
                                              "samples": "<table>" if hasattr(samples, "num_rows") else str(samples)},
         "model": decoder.fingerprint.to_dict(), "model_dtype": str(decoder.dtype).removeprefix("torch."),
         "held_out": table["id"].to_pylist(), "runs": runs, "rows": table_,
         "seconds": {"sizes": sizes_seconds, "total": time.perf_counter() - t0},
-        "recommendation": recommend(options_, cfg.max_ppl_change, cfg.judge),
+        "recommendation": recommend(options_, cfg.max_ppl_change, cfg.judge, control),
     }
     report(res, out_json, out_png, log)
     return res
@@ -366,6 +378,8 @@ def format_downstream_table(res: dict) -> str:
     else:
         lines += ["", f"recommended: none (no option keeps {judged} perplexity within {rec['max_ppl_change']:.2%})"]
     lines += [f"  not within: {s}: {why}" for s, why in rec["not_within"].items()]
+    if rec.get("warning"):
+        lines.append(f"  WARNING: {rec['warning']}")
     for r in d["rows"]:
         if d["runs"][r["storage"]].get("control"):
             lines.append(f"  seed control: {r['storage']} moves D(E+x) perplexity by {_pct(r['ppl_change']['ekx'])} "
