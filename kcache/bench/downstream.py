@@ -280,11 +280,13 @@ def bench_store_downstream(cache_path, samples, decoder=None, model: str | None 
     model the cache names). Returns (and writes to ``out_json`` / ``out_png``) ``bench_store``'s
     result with a ``downstream`` entry: ``config``, ``runs`` per option, ``rows`` (``table_rows``)
     and ``recommendation`` (``recommend``)."""
+    import torch
     from tqdm.auto import tqdm
 
     from kcache.cache.reader import Cache
     from kcache.fit import FitConfig
     from kcache.inject import check_fingerprint
+    from kcache.precision import compute_name
 
     cfg = cfg or DownstreamConfig()
     specs = option_list(options)  # bad specs fail before any work (bad settings did in DownstreamConfig)
@@ -330,6 +332,7 @@ def bench_store_downstream(cache_path, samples, decoder=None, model: str | None 
         "config": dataclasses.asdict(cfg) | {"fit": fit_cfg.run_config(),
                                              "samples": "<table>" if hasattr(samples, "num_rows") else str(samples)},
         "model": decoder.fingerprint.to_dict(), "model_dtype": str(decoder.dtype).removeprefix("torch."),
+        "fit_compute": compute_name(cfg.compute, cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")),
         "held_out": table["id"].to_pylist(), "runs": runs, "rows": table_,
         "seconds": {"sizes": sizes_seconds, "total": time.perf_counter() - t0},
         "recommendation": recommend(options_, cfg.max_ppl_change, cfg.judge, control),
@@ -353,7 +356,8 @@ def format_downstream_table(res: dict) -> str:
     ref = d["runs"]["lossless"]["ppl"]
     head = (f"bench store --downstream: {res['cache']}, sizes on {res['rows']} rows x {len(res['layers'])} layers x "
             f"hidden {res['hidden']}; fit {c['steps']} steps, batch {c['batch_size']}, seed {c['seed']}; perplexity "
-            f"on {len(d['held_out'])} held-out samples ({d['model'].get('name')}, {d['model_dtype']}); lossless: "
+            f"on {len(d['held_out'])} held-out samples ({d['model'].get('name')}, {d['model_dtype']}; fit compute "
+            f"{d.get('fit_compute', c['compute'])}); lossless: "
             f"D(x) {ref.get('x', float('nan')):.2f}, D(K,x) {ref.get('kx', float('nan')):.2f}")
     lines = [head, "",
              "| storage | bytes/token-layer | bytes/dim | ratio vs f16 | write MB/s | read MB/s | relative RMSE | "
