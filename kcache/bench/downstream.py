@@ -228,8 +228,8 @@ def _fvu_against(cache, bundle: Path, cfg, device) -> dict[int, float]:
     try:
         # The mean only feeds a baseline column that is not read here.
         zeros = {l: torch.zeros(cache.hidden_size, device=device) for l in stack.layers}
-        res = evaluate_layers(stack, cache.embeddings().to(device), loader, device, zeros, autocast_for(device,
-                                                                                                         cfg.compute))
+        autocast = autocast_for(device, cfg.compute)
+        res = evaluate_layers(stack, cache.embeddings().to(device), loader, device, zeros, autocast)
     finally:
         loader.close()
     return {l: r["fvu"] for l, r in res.items()}
