@@ -448,9 +448,10 @@ def _resume_together(load, where: Path, rank: int, world: int):
     return state
 
 
-def fit_encoders(cache_path: str | Path, out: str | Path, cfg: FitConfig | None = None, progress: bool = True,
-                 on_step=None) -> dict:
-    """Train encoders on a cache; writes the best bundle to ``out`` and returns the summary.
+def fit_encoders(cache_path: str | Path | Cache, out: str | Path, cfg: FitConfig | None = None,
+                 progress: bool = True, on_step=None) -> dict:
+    """Train encoders on a cache (a path or URL, or an opened ``Cache``); writes the best bundle to
+    ``out`` and returns the summary.
 
     Rerunning with the same arguments resumes from ``out/checkpoint``. ``on_step(step)`` is
     called after every optimizer step (tests use it to simulate a crash).
@@ -548,7 +549,10 @@ def _fit_encoders(cache_path, out, cfg, progress, on_step) -> dict:
     if cfg.parallel not in ("layers",):
         raise ValueError(f"parallel={cfg.parallel!r}: expected 'layers'")
     device, rank, world = _start_processes(cfg)
-    cache = open_streaming(cache_path, cfg.verify, cfg.stream_buffer_mb)  # every file verified when remote
+    # An opened cache is used as it is: ``kcache bench store --downstream`` passes a ``Cache.stored_as`` view;
+    # a path or URL is opened with every file verified when remote.
+    cache = cache_path if isinstance(cache_path, Cache) else open_streaming(cache_path, cfg.verify,
+                                                                            cfg.stream_buffer_mb)
     layers = _check_layers(cfg, cache, cache_path, world)
     run = _prepare_run(cfg, out, cache, cache_path, layers, rank, world, device)
     _check_checkpoint_layout(out, world)

@@ -14,6 +14,7 @@ zarr instantiates a codec or reads a chunk.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -27,7 +28,7 @@ import torch
 
 from kcache.cache.format import ATTRS_KEY, DTYPES, FORMAT, MANIFEST, SCHEMA_VERSION, CacheError, decode_rows
 from kcache.cache.location import Location
-from kcache.cache.lossy import dequantize_int8_rows
+from kcache.cache.lossy import decode_block, dequantize_int8_rows, encode_block, storage_spec
 from kcache.paths import check_manifest_paths, local_tree_problems, safe_local_path
 from kcache.schemas import SchemaError, arrow_schema, validate_document
 
@@ -363,7 +364,13 @@ def settings_differences(a: dict, b: dict, prefix: str = "", ignore=("name", "sa
 
 
 class Cache:
-    """Read access to a cache (one or many parts, local or remote). Use ``Cache.open``."""
+    """Read access to a cache (one or many parts, local or remote). Use ``Cache.open``.
+
+    ``roundtrip``: None, or the storage option a view made by ``stored_as`` simulates; every delta
+    row read passes through that option's encode/decode.
+    """
+
+    roundtrip: dict | None = None
 
     def __init__(self, loc: Location, parts: list[Part], manifest: dict | None):
         self.location, self.parts, self.manifest = loc, parts, manifest
@@ -494,6 +501,37 @@ class Cache:
     def finalized(self) -> bool:
         return self.manifest is not None
 
+    def __str__(self) -> str:
+        return str(self.location) + (f" (read as {storage_spec(self.roundtrip)})" if self.roundtrip else "")
+
+    def stored_as(self, storage: dict) -> Cache:
+        """This lossless cache read as if it had been extracted with ``--storage`` ``storage``.
+
+        A view (nothing is written): every delta row read goes through ``encode_block`` then
+        ``decode_block`` of that option, exactly what the extractor's writer stores and the reader
+        decodes. Both options are row-local (bitround per value, int8 per row), so reading by any
+        row range gives what reading the stored shards would. From a float16 cache the bitround
+        values are bit-identical to a ``--storage bitround:N`` extraction's (both round the same
+        float16 values); int8 is quantized from the float16 values instead of the float32 deltas
+        an extraction sees, which can move a value to the neighbouring int8 code where the two
+        roundings differ (and the row's scale by float16's rounding of its absmax, <= 2^-11 relative).
+        ``settings.storage`` is set as the extractor sets it, so the view's fingerprint is that of
+        the cache the option would have produced. An option the cache's dtype cannot hold
+        (bitround on a float32 cache) is a ValueError here, before any data is read.
+        """
+        if self.storage["kind"] != "lossless":
+            raise CacheError(f"{self.location}: stored {storage_spec(self.storage)}; a storage option can only be "
+                             "simulated from a lossless cache (its values are the reference)")
+        encode_block(np.zeros((1, self.hidden_size), np.float32), storage, self.dtype)  # refuse bad pairs early
+        view = copy.copy(self)
+        view.attrs = json.loads(json.dumps(self.attrs))
+        if storage["kind"] == "lossless":
+            view.attrs["settings"].pop("storage", None)  # lossless caches carry no storage key
+        else:
+            view.attrs["settings"]["storage"] = dict(storage)
+        view.roundtrip = dict(storage)
+        return view
+
     def fingerprint(self) -> str:
         """Identity of this cache's content: settings (sample set included) + counts."""
         doc = {"settings": self.settings, "counts": self.attrs["counts"]}
@@ -547,6 +585,8 @@ class Cache:
             rows = out[0]
         else:
             rows = np.concatenate(out) if out else np.zeros((0, self.hidden_size), np.float32)
+        if self.roundtrip is not None and len(rows):
+            rows = decode_block(encode_block(rows, self.roundtrip, self.dtype), self.roundtrip, self.dtype)
         return (rows, nbytes) if with_bytes else rows
 
     def deltas(self, sample: int | str, layer: int) -> np.ndarray:

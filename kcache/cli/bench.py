@@ -110,12 +110,50 @@ def store_cmd(
     rows: int = typer.Option(200_000, "--rows", help="first N rows of each layer"),
     options: str = typer.Option(",".join(DEFAULT_OPTIONS), "--options", help="comma-separated storage specs"),
     repeats: int = typer.Option(3, "--repeats", help="times are the median of this many runs"),
-    out_json: Path = typer.Option(Path("docs/bench/store.json"), "--json"),
-    out_png: Path = typer.Option(Path("docs/bench/store.png"), "--png"),
+    out_json: Path = typer.Option(None, "--json",
+                                  help="default docs/bench/store.json (store-downstream.json with --downstream)"),
+    out_png: Path = typer.Option(None, "--png", help="default: the --json path with .png"),
     tmp_dir: Path = typer.Option(None, "--tmp-dir", help="scratch directory for the written arrays"),
+    downstream: bool = typer.Option(False, "--downstream",
+                                    help="also fit encoders on each option and compare validation FVU and D(E+x) "
+                                         "perplexity with lossless (needs --samples and the decoder)"),
+    samples: Path = typer.Option(None, "--samples", help="the samples the cache was extracted from (--downstream)"),
+    model: str = typer.Option(None, "--model", "-m", help="decoder (default: the model the cache names)"),
+    model_dtype: str = typer.Option(None, "--model-dtype", help="decoder dtype (default: auto)"),
+    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
+    steps: int = typer.Option(60, "--steps", help="fit steps per option (same seed and batches for all)"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    test_samples: int = typer.Option(40, "--test-samples", help="held-out samples scored for perplexity"),
+    max_ppl_change: str = typer.Option("1%", "--max-ppl-change",
+                                       help="tolerance on the perplexity change vs lossless: 1% or 0.01"),
+    judge: str = typer.Option("ekx", "--judge", help="perplexities that must stay within it: ekx, oracle or both "
+                                                       "(ekx,oracle)"),
+    compute: str = typer.Option("auto", "--compute", help="fit compute precision"),
+    seed: int = typer.Option(0, "--seed"),
+    seed_control: bool = typer.Option(False, "--seed-control",
+                                      help="also fit lossless with seed + 1: how much a rerun moves the figures"),
 ):
-    """Lossless vs bit-rounded vs int8 storage: bytes per token-layer, MB/s, error vs the cache."""
-    from kcache.bench.storage import bench_store
+    """Lossless vs bit-rounded vs int8 storage: bytes per token-layer, MB/s, error vs the cache; with
+    --downstream also validation FVU after a short fit and D(E+x) perplexity vs lossless, and the
+    cheapest option within --max-ppl-change."""
+    specs = tuple(o.strip() for o in options.split(",") if o.strip())
+    if not downstream:
+        from kcache.bench.storage import bench_store
 
-    bench_store(cache, rows, tuple(o.strip() for o in options.split(",") if o.strip()), out_json, out_png,
-                repeats=repeats, tmp_dir=tmp_dir, log=typer.echo)
+        out_json = out_json or Path("docs/bench/store.json")
+        bench_store(cache, rows, specs, out_json, out_png or out_json.with_suffix(".png"), repeats=repeats,
+                    tmp_dir=tmp_dir, log=typer.echo)
+        return
+    from kcache.bench.downstream import DownstreamConfig, bench_store_downstream, parse_tolerance
+
+    with errors():  # bad values are reported before the cache or the decoder is opened
+        cfg = DownstreamConfig(steps=steps, batch_size=batch_size, test_samples=test_samples,
+                               max_ppl_change=parse_tolerance(max_ppl_change),
+                               judge=tuple(j.strip() for j in judge.split(",") if j.strip()), seed=seed,
+                               compute=compute, device=device, seed_control=seed_control)
+        if samples is None:
+            raise ValueError("--downstream needs --samples: the samples file the cache was extracted from")
+        out_json = out_json or Path("docs/bench/store-downstream.json")
+        bench_store_downstream(cache, samples, model=model, model_dtype=model_dtype, options=specs, rows=rows,
+                               repeats=repeats, cfg=cfg, out_json=out_json,
+                               out_png=out_png or out_json.with_suffix(".png"), tmp_dir=tmp_dir, log=typer.echo)
