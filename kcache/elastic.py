@@ -104,14 +104,16 @@ class ElasticConfig:
     unit_tokens: int = UNIT_TOKENS  # padded tokens (both passes) per work unit
     stale_s: float = STALE_SECONDS  # a lease without a heartbeat for this long is taken over
     heartbeat_s: float | None = None  # default: stale_s / 10, at most 60 s
-    poll_s: float | None = None  # every open unit leased: look again after this long (default stale_s / 20, 0.2-15 s)
+    poll_s: float | None = None  # every open unit leased: look again after this long (default stale_s / 300, 0.2-2 s)
     start_wait_s: float = 120.0  # how long to wait while another worker's brief start/finalize step holds the lock
 
     def heartbeat(self) -> float:
         return self.heartbeat_s if self.heartbeat_s is not None else min(60.0, max(0.05, self.stale_s / 10))
 
     def poll(self) -> float:
-        return self.poll_s if self.poll_s is not None else min(15.0, max(0.2, self.stale_s / 20))
+        # Short: waiting workers see the last unit committed (and a dead host's unit go stale) soon
+        # after it happens; a look costs a stat per open unit and a read per lease, nothing more.
+        return self.poll_s if self.poll_s is not None else min(2.0, max(0.2, self.stale_s / 300))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -454,6 +454,12 @@ def test_workers_that_differ_are_refused_naming_the_difference(decoder, samples_
     with pytest.raises(CacheError, match="--overwrite cannot be combined with --elastic"):
         extract(decoder, samples_file, out, cfg, elastic=ecfg, overwrite=True, progress=False)
     assert sorted(p.name for p in out.iterdir()) == [ELASTIC_DIR]  # nothing else written
+    from kcache.cli import app
+
+    res = CliRunner().invoke(app, ["finalize", str(out)])
+    assert res.exit_code == 2 and "elastic extraction in progress (0 of 10 units committed)" in res.output
+    res = CliRunner().invoke(app, ["extract", "--samples", str(samples_file), "--out", str(out), "--unit-tokens", "9"])
+    assert res.exit_code == 2 and "only apply with --elastic" in res.output
     plain = tmp_path / "plain.zarr"
     extract(decoder, samples_file, plain, ExtractConfig(**SMALL, max_length=512), progress=False)
     with pytest.raises(CacheError, match="different settings"):  # finalized: immutable, as always
@@ -491,42 +497,61 @@ def test_three_processes_and_two_torchrun_ranks_give_the_reference_bytes(referen
     _same_bytes(reference, two)
 
 
+def _wait_hung(procs, logs, which, timeout: float = 240) -> None:
+    """Wait until the workers ``which`` hang inside a batch (every worker must still run)."""
+    end = time.monotonic() + timeout
+    while not all(Path(f"{logs[i]}.hung").exists() for i in which):
+        for p, log in zip(procs, logs):
+            assert p.poll() is None, Path(f"{log}.err").read_text()[-3000:]
+        assert time.monotonic() < end, "workers did not hang"
+        time.sleep(0.02)
+
+
+def _lease_pids(out: Path) -> dict[int, int]:
+    """unit -> pid of its lease holder."""
+    docs = [read_lease(p) for p in (out / ELASTIC_DIR / "leases").glob("unit-*.lease")]
+    return {d["unit"]: d["pid"] for d in docs if d}
+
+
 @pytest.mark.integration
-def test_workers_killed_mid_unit_then_two_others_finish_it_identically(reference, env, model_dir, samples_file,
-                                                                       tmp_path):
+def test_a_worker_killed_mid_unit_is_taken_over_and_two_new_workers_finish_identically(reference, env, model_dir,
+                                                                                        samples_file, tmp_path):
     from kcache.cli import app
 
     out, gate = tmp_path / "c.zarr", tmp_path / "go"
     logs = [tmp_path / f"w{i}" for i in range(3)]
-    # Each worker hangs inside its 3rd, 5th, 7th batch (units have 3-4), holding its lease (its
-    # heartbeat goes on, so no other takes its unit), and is killed with -9 there.
+    # Worker 0 hangs inside its 3rd batch (units have 3-4), holding its lease, and is killed with -9
+    # there; the two others, still running, take its unit over (a dead pid on this host: at once).
+    # They hang inside their 9th batch and are killed too; two fresh workers finish the cache.
     procs = [_worker(env, model_dir, samples_file, out, log, gate=gate, hang_at=hang, batch_sleep=0.02)
-             for log, hang in zip(logs, (3, 5, 7))]
+             for log, hang in zip(logs, (3, 9, 9))]
     try:
         _open_gate(gate, procs)
-        end = time.monotonic() + 240
-        while not all(Path(f"{log}.hung").exists() for log in logs):
-            for p, log in zip(procs, logs):
-                assert p.poll() is None, Path(f"{log}.err").read_text()[-3000:]
-            assert time.monotonic() < end, "workers did not hang"
-            time.sleep(0.02)
+        _wait_hung(procs, logs, [0])
+        (k0,) = [k for k, pid in _lease_pids(out).items() if pid == procs[0].pid]
+        os.kill(procs[0].pid, signal.SIGKILL)
+        procs[0].wait(30)
+        _wait_hung(procs[1:], logs[1:], [0, 1])
+        # taken over by a survivor: committed, or held by it when it hung
+        assert (out / unit_name(k0)).is_dir() or _lease_pids(out)[k0] in (procs[1].pid, procs[2].pid)
     finally:
         for p in procs:
-            os.kill(p.pid, signal.SIGKILL)
+            p.kill()
             p.wait(30)
     progress = elastic_progress(out)
-    assert progress["committed"] < 10 and len(progress["leases"]) == 3  # each died holding a unit
-    assert len(list((out / "parts").glob("unit-*.tmp"))) == 3
+    assert progress["committed"] < 10 and len(progress["leases"]) >= 2  # the last two died holding a unit each
+    assert len(list((out / "parts").glob("unit-*.tmp"))) >= 2
     res = CliRunner().invoke(app, ["inspect", str(out)])
-    assert res.exit_code == 0 and f"{progress['committed']} of 10 units committed, 3 lease(s)" in res.output
+    assert res.exit_code == 0, res.output
+    assert f"{progress['committed']} of 10 units committed, {len(progress['leases'])} lease(s)" in res.output
 
     logs2 = [tmp_path / f"v{i}" for i in range(2)]
     procs2 = [_worker(env, model_dir, samples_file, out, log) for log in logs2]
     outs = _finish(procs2, logs2)
     taken = [int(o.split("took over ")[1].split()[0]) if "took over" in o else 0 for o in outs]
-    # The three dead workers' leases are taken over (a worker that finds one just moved away by the
+    # The dead workers' leases are taken over (a worker that finds one just moved away by the
     # other's takeover claims it afresh, uncounted: kcache.lease), and their units redone from scratch.
-    assert 1 <= sum(taken) <= 3, outs
+    assert 1 <= sum(taken) <= len(progress["leases"]), outs
     assert sum(_units_done(o) for o in outs) == 10 - progress["committed"]
     _same_bytes(reference, out)
     res = CliRunner().invoke(app, ["inspect", str(out)])

@@ -241,8 +241,14 @@ def finalize_cmd(cache: Path = typer.Argument(..., help="a complete cache writte
     """Write the manifest (digests) of a complete cache and make it read-only."""
     from kcache.cache.integrity import finalize
     from kcache.cache.reader import Cache
+    from kcache.elastic import elastic_progress
 
     with errors():
+        p = elastic_progress(cache)
+        if p is not None:
+            fail(f"{cache} is an elastic extraction in progress ({p['committed']} of {p['units']} units committed): "
+                 "the worker that commits the last unit finalizes it; rerun `kcache extract --elastic` with the same "
+                 "settings to finish it")
         Cache.open(cache)
         m = finalize(cache, provenance={"finalized_later": True})
     typer.echo(f"{cache}: finalized, {sum(len(p['files']) for p in m['parts'])} files, "
