@@ -69,8 +69,9 @@ def full_string_logprobs(decoder: Decoder, stack, site: str, layers: list[int], 
     The encoders read the input only (no knowledge). Input position 0 is never scored."""
     tok = decoder.tokenizer
     enc = [encode_input(tok, p, t) for p, t in zip(prompts, targets)]
-    # scoring keeps the evaluation's precision: bf16 on CUDA, float32 on CPU
-    autocast = autocast_for(decoder.device, "bfloat16" if decoder.device.type == "cuda" else "float32")
+    # scoring keeps the evaluation's precision: bf16 with a bf16 decoder (and on CUDA), else float32
+    bf16 = decoder.device.type == "cuda" or decoder.dtype == torch.bfloat16
+    autocast = autocast_for(decoder.device, "bfloat16" if bf16 else "float32")
     out = [0.0] * len(enc)
     order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))
     was = stack.training if stack is not None else False

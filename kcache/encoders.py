@@ -188,6 +188,65 @@ class KnowledgeEncoder(nn.Module):
         return (out, new_past) if use_cache else out
 
 
+def _stacked(encoders: list[KnowledgeEncoder], get) -> torch.Tensor:
+    """One parameter of every encoder stacked on a new leading dim (gradients flow back to each)."""
+    return torch.stack([get(e) for e in encoders])
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x`` (E, ..., in) times each encoder's ``w`` (E, out, in) transposed -> (E, ..., out)."""
+    e, shape = x.shape[0], x.shape[1:-1]
+    return torch.bmm(x.reshape(e, -1, x.shape[-1]), w.transpose(1, 2)).view(e, *shape, w.shape[1])
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """``RMSNorm`` of (E, ..., h) with per-encoder weights ``w`` (E, h)."""
+    xf = x.float()
+    norm = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return norm * w.view(w.shape[0], *([1] * (x.dim() - 2)), w.shape[1])
+
+
+def stacked_forward(encoders: list[KnowledgeEncoder], embeds: torch.Tensor, valid: torch.Tensor,
+                    positions: torch.Tensor | None = None, shifts: torch.Tensor | None = None,
+                    length: int | None = None) -> torch.Tensor:
+    """``torch.stack([enc(embeds, valid, positions, shifts=shifts, length=length) for enc in encoders])``
+    in one pass: (E, B, L', d_model).
+
+    The same maths as ``KnowledgeEncoder.forward``, shaped for the hardware: the encoders of a stack
+    read the same tokens, so each linear layer of all E encoders is one batched matmul (q/k/v and
+    gate/up fused per encoder), the down-projection one matmul of E*hidden columns, and attention
+    one call over E*B sequences. A handful of large kernels instead of ~30*E small ones is what
+    makes fit/finetune fast on CPU, where each small bf16 kernel costs more to launch than to run.
+    Results equal the per-encoder forward up to float rounding (tests/test_precision.py).
+    """
+    c = encoders[0].c
+    e, (b, n, _) = len(encoders), embeds.shape
+    h, heads, hd = c.hidden_size, c.num_heads, c.head_dim
+    if positions is None:
+        positions = torch.arange(n, device=embeds.device)[None].expand(b, n)
+    mask = attention_mask(valid, n)
+    rope_cs = rope_tables(positions, hd, c.rope_theta)
+    down = _stacked(encoders, lambda m: m.down_proj.weight)  # (E, h, d)
+    x = (embeds.reshape(b * n, -1) @ down.reshape(e * h, -1).t()).view(b, n, e, h).permute(2, 0, 1, 3)
+    for i in range(c.num_layers):
+        blocks = [enc.blocks[i] for enc in encoders]
+        y = _rms(x, _stacked(blocks, lambda m: m.attn_norm.weight), c.rms_eps)
+        qkv = _linear(y, _stacked(blocks, lambda m: torch.cat([m.q.weight, m.k.weight, m.v.weight])))
+        q, k, v = (t.reshape(e, b, n, heads, hd).transpose(2, 3) for t in qkv.split(h, -1))
+        att = attend(rope(q, *rope_cs), rope(k, *rope_cs), v, mask)  # (E, B, H, n, hd)
+        x = x + _linear(att.transpose(2, 3).reshape(e, b, n, h), _stacked(blocks, lambda m: m.o.weight))
+        y = _rms(x, _stacked(blocks, lambda m: m.mlp_norm.weight), c.rms_eps)
+        gate, up = _linear(y, _stacked(blocks, lambda m: torch.cat([m.gate.weight, m.up.weight]))).chunk(2, -1)
+        x = x + _linear(F.silu(gate) * up, _stacked(blocks, lambda m: m.down.weight))
+    if shifts is not None:
+        from kcache.align import shift_left
+
+        x = shift_left(x.reshape(e * b, n, h), shifts.repeat(e), length)
+        x = x.view(e, b, -1, h)
+    x = _rms(x, _stacked(encoders, lambda m: m.norm.weight), c.rms_eps)
+    return _linear(x, _stacked(encoders, lambda m: m.up_proj.weight))
+
+
 class EncoderStack(nn.Module):
     """One encoder per decoder layer, fed by the same tokens.
 
@@ -212,7 +271,9 @@ class EncoderStack(nn.Module):
 
     def forward(self, embeds: torch.Tensor, valid: torch.Tensor, positions=None, shifts=None,
                 length=None) -> dict[int, torch.Tensor]:
-        return {l: self.encoder(l)(embeds, valid, positions, shifts=shifts, length=length) for l in self.layers}
+        """Every encoder on the same input, as one batched pass (``stacked_forward``)."""
+        out = stacked_forward([self.encoder(l) for l in self.layers], embeds, valid, positions, shifts, length)
+        return {l: out[i] for i, l in enumerate(self.layers)}
 
     def num_parameters(self, per_encoder: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -40,6 +40,7 @@ from kcache.align import (
     plan_batches,
     shift_left,
 )
+from kcache.cache.card import write_card  # the store card (README.md); kcache.extract.write_card is the same
 from kcache.cache.format import ATTRS_KEY, FORMAT, MANIFEST, SCHEMA_VERSION, CacheError, encode_rows
 from kcache.cache.integrity import finalize, refuse_if_finalized, write_part_record
 from kcache.cache.lossy import ErrorAccumulator, parse_storage
@@ -779,38 +780,6 @@ def _initial_attrs(decoder: Decoder, settings: dict, counts: dict, cfg: ExtractC
         "counts": counts,
         "stats": {},
     }
-
-
-def write_card(path: Path, attrs: dict) -> None:
-    """The cache card: what a person receiving this cache needs to know, as Markdown."""
-    s, c = attrs["settings"], attrs["counts"]
-    unit = attrs.get("extraction", {}).get("unit")
-    # Elastic parts carry no times: their bytes must not depend on when or where a unit ran.
-    when = (f"unit {unit['index']} of {unit['count']} of an elastic extraction" if unit
-            else f"{attrs.get('created')} → {attrs.get('finished')}")
-    lines = [
-        "# kcache delta cache",
-        "",
-        f"Format `{attrs['format']}` v{attrs['schema_version']}, written by kcache {attrs['kcache_version']} "
-        f"({when}).",
-        "",
-        "| | |", "|---|---|",
-        f"| model | {s['model'].get('name', '')} `{s['model']['architecture']}` |",
-        f"| weights | `{s['model']['weights_hash'][:23]}…` |",
-        f"| site / layers | {s['site']} / {', '.join(map(str, s['layers']))} |",
-        f"| template | `{s['template']['template']}` (separator `{s['template']['separator']}`, "
-        f"end {s['template']['end']}) |",
-        f"| max length | {s['max_length']} |",
-        f"| dtype | {s['dtype']} |",
-        f"| samples | {c['samples']} of {c['samples_in']} ({c['skipped']} skipped, {c['truncated']} truncated) |",
-        f"| input tokens | {c['input_tokens']} |",
-        "",
-        "| layer | mean | std | rms |", "|---|---|---|---|",
-    ]
-    for l, st in sorted(attrs.get("stats", {}).items(), key=lambda kv: int(kv[0])):
-        lines.append(f"| {l} | {st['mean']:.4g} | {st['std']:.4g} | {st['rms']:.4g} |")
-    lines += ["", "Read it with `kcache inspect`, check it with `kcache validate`; format: docs/cache-format.md."]
-    (Path(path) / "README.md").write_text("\n".join(lines) + "\n")
 
 
 def settings_json(attrs: dict) -> str:

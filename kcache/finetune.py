@@ -41,15 +41,13 @@ from kcache.align import (
     DEFAULT_SINK,
     TemplateSpec,
     encode_sample,
-    input_keep,
     pad_right,
-    shift_left,
     sink_of,
     targets_of,
 )
 from kcache.encoders import EncoderConfig, EncoderStack, load_bundle, publish_bundle
-from kcache.inject import add_at_site, check_fingerprint, embed_ids
-from kcache.models import Decoder
+from kcache.inject import add_at_site, check_fingerprint, stack_additions
+from kcache.models import Decoder, backward_attention
 from kcache.precision import autocast_for
 from kcache.train import OptimConfig, load_checkpoint, lr_at, new_state, optimizer_step, save_checkpoint, schedule_steps
 
@@ -87,20 +85,7 @@ def trainable_additions(decoder: Decoder, stack: EncoderStack, k_ids: list[list[
     """``inject.encoder_additions`` with gradients: ``{layer: (B, max len(x), hidden)}``,
     right-padded, encoder output shifted left by ``len(k_ids[i])``, padding rows and the first
     ``stack.sink`` input positions zero."""
-    dev = decoder.device
-    pdtype = next(stack.parameters()).dtype
-    ids, mask = pad_right([list(k) + list(x) for k, x in zip(k_ids, x_ids)], 0)
-    ids, valid = ids.to(dev), mask.to(dev).bool()
-    emb = embed_ids(decoder, ids, pdtype)  # frozen embedding matrix: no gradient into it
-    k_lens = torch.tensor([len(k) for k in k_ids], device=dev)
-    x_lens = torch.tensor([len(x) for x in x_ids], device=dev)
-    n = int(x_lens.max()) if len(x_ids) else 0
-    keep = input_keep(x_lens, n, stack.sink)[..., None]
-    out = {}
-    for l in layers:
-        e = stack.encoder(l)(emb, valid)
-        out[l] = shift_left(e, k_lens, n) * keep.to(e.dtype)
-    return out
+    return stack_additions(decoder, stack, k_ids, x_ids, layers)
 
 
 def scored_positions(masks: list[list[bool]]) -> list[tuple[int, int]]:
@@ -258,7 +243,8 @@ def train_encoders(decoder: Decoder, stack: EncoderStack, *, site: str, layers: 
         if log and val:
             log(f"step 0: validation NLL {e['val_nll']:.4f} (ppl {e['val_ppl'] or float('inf'):.3f})")
     t0 = time.perf_counter()
-    tokens = _train_steps(run, progress, on_step, log)
+    with backward_attention(decoder):
+        tokens = _train_steps(run, progress, on_step, log)
     _finish_training(run, resumed, t0, tokens)
     return state
 
@@ -525,6 +511,7 @@ def _finetune(decoder: Decoder, samples, encoders, out, cfg, progress, on_step, 
         raise ValueError("need train and validation samples with knowledge and targets (have "
                          f"{len(train)} / {len(val)})")
     run_id = {"samples": sample_set_fingerprint(table), "model": base_meta["model"],
+              "decoder_dtype": str(decoder.dtype).removeprefix("torch."),
               "start": {k: v for k, v in prov.items() if k != "source_training"},
               "config": dataclasses.asdict(cfg) | {"layers": layers}}
 

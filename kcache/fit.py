@@ -33,6 +33,7 @@ from kcache._io import now, pyplot, save_png
 from kcache.align import length_mask, sink_of, targets_of
 from kcache.cache.format import CacheError
 from kcache.cache.reader import Cache
+from kcache.cache.stream import open_streaming
 from kcache.encoders import CONFIG_FILE, WEIGHTS_FILE, EncoderConfig, EncoderStack, publish_bundle, save_bundle
 from kcache.precision import autocast_for
 from kcache.train import (  # noqa: F401 - OptimConfig, lr_at, optimizer_step, CHECKPOINT_* are also re-exported
@@ -52,6 +53,9 @@ from kcache.train import (  # noqa: F401 - OptimConfig, lr_at, optimizer_step, C
 _save_checkpoint, _load_checkpoint, final_dir = save_checkpoint, load_checkpoint, checkpoint_dir
 
 
+_READ_ONLY_SETTINGS = ("parallel", "verify", "stream_buffer_mb")
+
+
 @dataclasses.dataclass
 class FitConfig(OptimConfig):
     layers: list[int] | None = None  # default: every cached layer
@@ -65,11 +69,13 @@ class FitConfig(OptimConfig):
     buffer_samples: int = 2048  # shuffling buffer (bounds memory)
     device: str | None = None
     parallel: str = "layers"  # on several processes: "layers" (each trains its own layers); ignored in one
+    verify: bool | None = None  # check every file read against the manifest (None: remote caches only)
+    stream_buffer_mb: int = 512  # verified files kept in memory when verifying (kcache.cache.stream)
 
     def run_config(self) -> dict:
-        """The settings that define the run (resume check, bundle metadata). ``parallel`` is left
-        out: in one process it means nothing, and on several the results do not depend on it."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "parallel"}
+        """The settings that define the run (resume check, bundle metadata). ``parallel``, ``verify`` and
+        ``stream_buffer_mb`` are left out: how the cache is read does not change the results."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _READ_ONLY_SETTINGS}
 
     def encoder_config(self, d_model: int) -> EncoderConfig:
         return EncoderConfig(d_model=d_model, hidden_size=self.hidden_size, num_layers=self.num_layers,
@@ -177,6 +183,17 @@ class CacheReader:
         self.loss = cache.flat("masks/loss")
         self.bytes_read = 0
 
+    def read_ahead(self, blocks: list[list[int]]):
+        """Fetch the files of ``blocks`` (in reading order) ahead of ``read_block`` when the cache is
+        streamed (kcache.cache.stream); call ``advance(i)`` before reading block i, ``close()`` after."""
+        from kcache.cache.stream import read_ahead
+
+        return read_ahead(self.cache, self.layers, [self.block_rows(b) for b in blocks])
+
+    def block_rows(self, block: list[int]) -> tuple[int, int]:
+        """The delta rows ``[start, stop)`` a block reads."""
+        return int(self.row_off[block[0]]), int(self.row_off[block[-1]] + self.x_len[block[-1]])
+
     def blocks(self, samples: np.ndarray) -> list[list[int]]:
         """Group samples (any order) by the chunk their rows start in, in layout order."""
         groups: dict[int, list[int]] = {}
@@ -185,8 +202,7 @@ class CacheReader:
         return [groups[k] for k in sorted(groups)]
 
     def read_block(self, block: list[int]) -> dict[int, dict]:
-        a = int(self.row_off[block[0]])
-        b = int(self.row_off[block[-1]] + self.x_len[block[-1]])
+        a, b = self.block_rows(block)
         rows = {}
         for l in self.layers:
             try:
@@ -256,6 +272,7 @@ class BatchLoader:
             order = [s for b in blocks for s in b]
         self.batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         self.reader, self.blocks, self.skip = reader, blocks, skip
+        self.ahead = reader.read_ahead(blocks)  # a no-op unless the cache is streamed
         self.q: queue.Queue = queue.Queue(maxsize=prefetch)
         self.wait_seconds = 0.0
         self._stop = False
@@ -272,6 +289,7 @@ class BatchLoader:
             next_block = 0
             for bi, batch in enumerate(self.batches):
                 while any(s not in loaded for s in batch):
+                    self.ahead.advance(next_block)
                     loaded.update(self.reader.read_block(self.blocks[next_block]))
                     next_block += 1
                 items = [loaded.pop(s) for s in batch]
@@ -289,6 +307,8 @@ class BatchLoader:
             self.q.put(None)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             self.q.put(e)
+        finally:
+            self.ahead.close()
 
     def __iter__(self):
         while True:
@@ -305,6 +325,7 @@ class BatchLoader:
         """Stop reading ahead and wait (up to ``timeout`` s) for the worker thread (it finishes the block it is
         reading)."""
         self._stop = True
+        self.ahead.close()
         deadline = time.monotonic() + timeout
         while self.thread is not threading.current_thread() and self.thread.is_alive() and time.monotonic() < deadline:
             try:  # drain: the worker may be blocked putting its last batch, None or an error
@@ -527,7 +548,7 @@ def _fit_encoders(cache_path, out, cfg, progress, on_step) -> dict:
     if cfg.parallel not in ("layers",):
         raise ValueError(f"parallel={cfg.parallel!r}: expected 'layers'")
     device, rank, world = _start_processes(cfg)
-    cache = Cache.open(cache_path)
+    cache = open_streaming(cache_path, cfg.verify, cfg.stream_buffer_mb)  # every file verified when remote
     layers = _check_layers(cfg, cache, cache_path, world)
     run = _prepare_run(cfg, out, cache, cache_path, layers, rank, world, device)
     _check_checkpoint_layout(out, world)

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from kcache.align import input_keep, pad_right, sink_keep, sink_of, targets_of
+from kcache.encoders import stacked_forward
 from kcache.errors import KCacheError  # noqa: E402
 from kcache.models import Decoder, ModelFingerprint
 
@@ -116,6 +117,13 @@ def encoder_positions(base: torch.Tensor, new_valid: torch.Tensor) -> torch.Tens
 def encoder_additions(decoder: Decoder, stack, k_ids: list[list[int]], x_ids: list[list[int]],
                       layers: list[int] | None = None, pad_id: int = 0,
                       sink: int | None = None) -> dict[int, torch.Tensor]:
+    """``stack_additions`` without gradients (injection at inference)."""
+    return stack_additions(decoder, stack, k_ids, x_ids, layers, pad_id, sink)
+
+
+def stack_additions(decoder: Decoder, stack, k_ids: list[list[int]], x_ids: list[list[int]],
+                    layers: list[int] | None = None, pad_id: int = 0,
+                    sink: int | None = None) -> dict[int, torch.Tensor]:
     """One-shot DIEKÆ additions for a batch: ``{layer: (B, max len(x_ids), hidden)}``, right-padded.
 
     Runs each encoder on the right-padded ``k_ids[i] + x_ids[i]``, shifts its output left by
@@ -134,11 +142,8 @@ def encoder_additions(decoder: Decoder, stack, k_ids: list[list[int]], x_ids: li
     x_lens = torch.tensor([len(x) for x in x_ids], device=dev)
     n = int(x_lens.max()) if len(x_ids) else 0
     keep = input_keep(x_lens, n, sink)[..., None]
-    out = {}
-    for l in layers:
-        e = stack.encoder(l)(emb, valid, shifts=k_lens, length=n)
-        out[l] = e * keep.to(e.dtype)
-    return out
+    stacked = stacked_forward([stack.encoder(l) for l in layers], emb, valid, shifts=k_lens, length=n)
+    return {l: stacked[i] * keep.to(stacked.dtype) for i, l in enumerate(layers)}
 
 
 def oracle_rows(cache, sample: int | str, layers: list[int],

@@ -196,15 +196,18 @@ def _previous_stage(path: Path, stage: str) -> dict:
     return dict((_previous_report(path).get("stages") or {}).get(stage) or {})
 
 
-def _extract_key(model: str, ecfg, samples: Path) -> dict:
+def _extract_key(run: RunOptions, ecfg, samples: Path) -> dict:
     """What makes a finished extraction reusable without loading the decoder: the model as named in
-    the config (a local path: also its size and mtime), the extract settings and the sample set."""
-    import dataclasses
-
+    the config (a local path: also its size and mtime) and the dtype it loads in, the extract
+    settings and the sample set."""
     from kcache.data.samples import read_samples, sample_set_fingerprint
+    from kcache.models import resolve_device, resolve_dtype
 
+    model = run.model
     mp = Path(model)
-    ident = {"model": model, **({"model_stat": [mp.stat().st_size, mp.stat().st_mtime_ns]} if mp.exists() else {})}
+    ident = {"model": model, **({"model_stat": [mp.stat().st_size, mp.stat().st_mtime_ns]} if mp.exists() else {}),
+             # the dtype "auto" resolves to here: a float32 cache is not "complete" for a bf16 run
+             "model_dtype": str(resolve_dtype(run.model_dtype, resolve_device(run.device))).removeprefix("torch.")}
     return {**ident, "extract": json.loads(json.dumps(dataclasses.asdict(ecfg))),
             "samples": sample_set_fingerprint(read_samples(samples))}
 
@@ -225,7 +228,7 @@ def _converted(c: ConvertOptions, run_dir: Path):
 def _run_extract(ctx: Context, ecfg) -> dict:
     from kcache.extract import extract
 
-    key = _extract_key(ctx.run.model, ecfg, ctx.samples)
+    key = _extract_key(ctx.run, ecfg, ctx.samples)
     old = _previous_stage(ctx.report, "extract") if ctx.report is not None else {}
     if old.get("key") == key and (ctx.cache / "manifest.json").exists():
         # Same model, settings and samples as the run that finalized the cache: no decoder needed.

@@ -27,6 +27,15 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+def fast_bf16(device: torch.device | str) -> bool:
+    """Whether "auto" means bfloat16 on ``device``: CUDA, or a CPU with native bf16 matmuls;
+    ``KCACHE_COMPUTE=float32`` in the environment says no everywhere."""
+    if (os.environ.get("KCACHE_COMPUTE") or "auto") == "float32":
+        return False
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+
+
 def resolve_compute(compute: str | None, device: torch.device | str, frozen: torch.dtype | None = None) -> torch.dtype:
     """``"auto"`` / ``None`` -> bfloat16 on CUDA or a bf16-capable CPU, else float32.
 
@@ -42,8 +51,7 @@ def resolve_compute(compute: str | None, device: torch.device | str, frozen: tor
     if name not in COMPUTE_CHOICES:
         raise ValueError(f"compute={name!r}: expected one of {', '.join(COMPUTE_CHOICES)}")
     if name == "auto":
-        fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()
-                                         and frozen in (None, torch.bfloat16))
+        fast = fast_bf16(device) and (device.type == "cuda" or frozen in (None, torch.bfloat16))
         return torch.bfloat16 if fast else torch.float32
     return torch.bfloat16 if name == "bfloat16" else torch.float32
 

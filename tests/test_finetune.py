@@ -278,3 +278,25 @@ def test_kl_objective_trains_and_bad_objective_is_refused(dec, table, tmp_path):
     assert s["steps"] == 4 and math.isfinite(s["val_nll_best"])
     with pytest.raises(ValueError, match="objective must be one of"):
         finetune(dec, table, src, tmp_path / "ft2", _cfg(objective="mse"), progress=False)
+
+
+def test_backward_stops_at_the_lowest_injected_layer(dec, table):
+    """Blocks below the lowest injected layer do not depend on the encoders: their outputs carry no
+    graph, so a finetune step's backward runs from the top down to that layer and no further."""
+    from kcache.finetune import _split_rows
+
+    items, _ = knowledge_items(dec.tokenizer, _split_rows(table, "train"), TemplateSpec(), 1024)
+    stack = _stack(dec, layers=(2, 3), random_up=True)
+    graph = {}
+    hooks = [blk.register_forward_hook(lambda m, a, o, i=i: graph.__setitem__(i, (o[0] if isinstance(o, tuple) else o)
+                                                                              .requires_grad))
+             for i, blk in ((i, dec.layers.block(i)) for i in range(dec.layers.num_layers))]
+    try:
+        lp, _ = scored_logprobs(dec, stack, "block", [2, 3], [it.k_ids for it in items[:3]],
+                                [it.x_ids for it in items[:3]], [it.mask for it in items[:3]])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert lp.requires_grad
+    # block 2's own output is computed before the addition (site "block": added to its output)
+    assert graph == {0: False, 1: False, 2: False, 3: True}

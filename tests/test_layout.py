@@ -98,7 +98,7 @@ def test_old_names_of_moved_things(monkeypatch):
     register(app)
     root = typer.main.get_command(app)
     assert list(root.commands) == ["generate", "evaluate", "bench"]
-    assert list(root.commands["bench"].commands) == ["inject", "extract", "fit", "store"]
+    assert list(root.commands["bench"].commands) == ["inject", "extract", "fit", "finetune", "store"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,10 +77,13 @@ def test_bad_specs(tmp_path):
         load_decoder(str(tmp_path / "empty"))
 
 
-def test_device_dtype_defaults():
+def test_device_dtype_defaults(monkeypatch):
     dev = resolve_device(None)
     assert dev.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    # the suite pins KCACHE_COMPUTE=float32: float32 whatever the hardware (test_precision covers "auto")
     assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert resolve_dtype(None, torch.device("cuda")) == torch.float32
+    monkeypatch.delenv("KCACHE_COMPUTE")
     assert resolve_dtype(None, torch.device("cuda")) == torch.bfloat16
     with pytest.raises(ModelError, match="unknown dtype"):
         resolve_dtype("int8", dev)

@@ -87,3 +87,86 @@ def test_bench_fit_runs_each_precision_side_by_side(tiny_cache, tmp_path):  # no
     assert json.loads((tmp_path / "fit.json").read_text())["runs"][1]["compute"] == "bfloat16"
     assert (tmp_path / "fit.png").stat().st_size > 0
     assert any("bfloat16 vs float32" in l for l in lines)
+
+
+def test_model_dtype_auto_follows_the_hardware_and_the_override(monkeypatch):
+    from kcache.models import resolve_dtype
+
+    monkeypatch.delenv("KCACHE_COMPUTE", raising=False)
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    assert resolve_dtype(None, torch.device("cpu")) == torch.bfloat16
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32  # one flag away
+    monkeypatch.setenv("KCACHE_COMPUTE", "float32")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float32
+    monkeypatch.delenv("KCACHE_COMPUTE")
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert resolve_dtype(None, torch.device("cuda")) == torch.bfloat16
+
+
+@pytest.mark.parametrize("shape", [dict(hidden_size=32, num_heads=4, intermediate_size=48, num_layers=2),
+                                   dict(hidden_size=24, num_heads=3, intermediate_size=40, num_layers=3)])
+def test_the_batched_stack_forward_is_the_per_encoder_forward(shape):
+    """One batched pass over all encoders (kcache.encoders.stacked_forward) computes what each
+    encoder computes alone, with and without the shift to input positions, and the same gradients."""
+    from kcache.encoders import EncoderConfig, EncoderStack
+
+    stack = EncoderStack(EncoderConfig(d_model=40, **shape), [1, 3, 4], seed=2)
+    with torch.no_grad():
+        for p in stack.parameters():
+            p.normal_(0.0, 0.2)  # up_proj starts at zero: give every weight something to do
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(3, 11, 40, generator=g)
+    valid = torch.ones(3, 11, dtype=torch.bool)
+    valid[1, 8:] = False
+    shifts = torch.tensor([2, 4, 1])
+    for kw in ({}, {"shifts": shifts, "length": 7}):
+        alone = {l: stack.encoder(l)(emb, valid, **kw) for l in stack.layers}
+        batched = stack(emb, valid, **kw)
+        for l in stack.layers:
+            torch.testing.assert_close(batched[l], alone[l], rtol=1e-5, atol=1e-6)
+    sum(o.square().sum() for o in stack(emb, valid, shifts=shifts, length=7).values()).backward()
+    grads = [p.grad.clone() for p in stack.parameters()]
+    stack.zero_grad()
+    sum(stack.encoder(l)(emb, valid, shifts=shifts, length=7).square().sum() for l in stack.layers).backward()
+    for a, b in zip(grads, (p.grad for p in stack.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bench_finetune_runs_each_decoder_dtype_side_by_side(saved_model, tmp_path):
+    from kcache.bench.stages import bench_finetune
+
+    lines = []
+    res = bench_finetune(str(saved_model), n=40, steps=4, batch_size=4, layers="1-2", dtypes=("float32", "bfloat16"),
+                         out=tmp_path / "ft.json", log=lines.append)
+    assert [r["model_dtype"] for r in res["runs"]] == ["float32", "bfloat16"]
+    assert res["runs"][0]["compute"] == "float32" and all(r["steps"] == 4 for r in res["runs"])
+    assert res["ratio_seconds_per_step"] == pytest.approx(
+        res["runs"][1]["seconds_per_step"] / res["runs"][0]["seconds_per_step"])
+    assert res["val_nll_change"] == pytest.approx(res["runs"][1]["val_nll_end"] - res["runs"][0]["val_nll_end"])
+    assert json.loads((tmp_path / "ft.json").read_text())["steps"] == 4 and (tmp_path / "ft.png").exists()
+    assert any("seconds per step" in line for line in lines)
+
+
+def test_bench_extract_compares_decoder_dtypes(saved_model, tmp_path):
+    from kcache.bench.stages import bench_extract_dtypes
+
+    res = bench_extract_dtypes(str(saved_model), ("bfloat16", "float32"), n=12, layers="1-2", out=tmp_path / "x.json",
+                               log=lambda m: None)
+    assert [res["runs"][d]["model_dtype"] for d in ("bfloat16", "float32")] == ["bfloat16", "float32"]
+    got = res["ratio_bfloat16_vs_float32"]
+    assert got == pytest.approx(res["runs"]["bfloat16"]["seconds"]["kcache_extract"]
+                                / res["runs"]["float32"]["seconds"]["kcache_extract"])
+    assert (tmp_path / "x.png").exists()
+
+
+def test_training_through_a_bf16_cpu_decoder_uses_eager_attention_and_restores_it(saved_model):
+    from kcache.models import backward_attention, load_decoder
+
+    for dtype, inside in (("bfloat16", "eager"), ("float32", "sdpa")):
+        dec = load_decoder(str(saved_model), device="cpu", dtype=dtype)
+        assert dec.model.config._attn_implementation == "sdpa"
+        with backward_attention(dec):
+            assert dec.model.config._attn_implementation == inside
+        assert dec.model.config._attn_implementation == "sdpa"

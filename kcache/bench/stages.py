@@ -1,4 +1,4 @@
-"""``kcache bench extract`` and ``kcache bench fit``: stage one and two measured side by side.
+"""``kcache bench extract``, ``bench fit`` and ``bench finetune``: the stages measured side by side.
 
 Every figure comes from one run on the same samples, so ratios compare like with like. Results
 are printed, written as JSON, and drawn as a PNG next to the JSON.
@@ -8,6 +8,7 @@ The commands are in ``kcache/cli/bench.py``.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -159,29 +160,61 @@ def bench_extract(model: str = "smollm2-135m", n: int = 300, layers: str = "3-8"
     return res
 
 
-def _fit_run(cache: Path, steps: int, batch_size: int, device: str | None, compute: str) -> dict:
-    """``steps`` training steps from a fresh start, one validation at the end."""
+def bench_extract_dtypes(model: str, dtypes: tuple[str, ...], n: int = 300, layers: str = "3-8",
+                         site: str = "block", token_budget: int = 8192, device: str | None = None,
+                         out: Path | None = None, repeats: int = 1, log=print) -> dict:
+    """``bench_extract`` with the decoder in each of ``dtypes`` (``auto`` = the default), one after the
+    other in one process on the same samples; the whole extraction of the first against the last."""
+    from kcache.models import load_decoder
+
+    runs = {}
+    for d in dtypes:
+        dec = load_decoder(model, device=device, dtype=None if d == "auto" else d)
+        runs[d] = bench_extract(model, n, layers, site, token_budget, device, d, None, repeats, decoder=dec, log=log)
+        del dec
+    first, last = runs[dtypes[0]], runs[dtypes[-1]]
+    ratio = first["seconds"]["kcache_extract"] / last["seconds"]["kcache_extract"]
+    res = {"model": model, "dtypes": list(dtypes), "runs": runs, "target_ratio": 0.5,
+           f"ratio_{dtypes[0]}_vs_{dtypes[-1]}": ratio}
+    log(f"bench extract: whole extraction, decoder {dtypes[0]} ({first['model_dtype']}) vs {dtypes[-1]} "
+        f"({last['model_dtype']}): {ratio:.3f}x (target <= 0.50: {'met' if ratio <= 0.5 else 'NOT met'}); "
+        f"{dtypes[0]} vs its own bare passes {first['ratio_kcache_vs_bare']:.3f}x (target <= 1.10)")
+    if out:
+        _write_result(out, res, f"stage one on {model}: whole extraction per decoder dtype",
+                      [f"kcache extract, {d} ({runs[d]['model_dtype']})" for d in dtypes],
+                      [runs[d]["seconds"]["kcache_extract"] for d in dtypes], "seconds", log)
+    return res
+
+
+def _fit_run(cache: Path, steps: int, batch_size: int, device: str | None, compute: str, **read) -> dict:
+    """``steps`` training steps from a fresh start, one validation at the end (``read``: how to read the
+    cache, ``verify`` / ``stream_buffer_mb``)."""
     from kcache.fit import FitConfig, fit_encoders
 
     tmp = Path(tempfile.mkdtemp(prefix="kcache-benchfit-"))
     try:
         cfg = FitConfig(epochs=100, batch_size=batch_size, max_steps=steps, eval_every=steps, checkpoint_every=10**9,
-                        device=device, compute=compute)
+                        device=device, compute=compute, **read)
+        t0 = time.perf_counter()
         s = fit_encoders(cache, tmp / "enc", cfg, progress=False)
+        total = time.perf_counter() - t0  # with opening the cache, the embeddings and the train-mean baseline
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     fvu = {l: v["val_fvu"] for l, v in s["layers"].items()}
-    return {"compute": compute, "steps": s["steps"], "seconds": s["wall_seconds"],
+    return {"compute": compute, "steps": s["steps"], "seconds": s["wall_seconds"], "total_seconds": total,
             "steps_per_second": s["steps"] / s["wall_seconds"], "tokens_per_second": s["tokens_per_second"],
             "data_wait_fraction": s["data_wait_seconds"] / s["wall_seconds"],
             "val_fvu": fvu, "val_fvu_mean": sum(fvu.values()) / len(fvu)}
 
 
 def bench_fit(cache: Path, steps: int = 60, batch_size: int = 8, device: str | None = None, out: Path | None = None,
-              log=print, computes: tuple[str, ...] = ("float32", "auto")) -> dict:
+              log=print, computes: tuple[str, ...] = ("float32", "auto"), sources: tuple[str, ...] = (),
+              stream_buffer_mb: int = 512) -> dict:
     """Loader alone (tokens/s, MB/s) vs training steps in each compute precision, run one after the other on
     the same cache, batches and seed: steps/s, the fraction of time waiting for data, and the validation FVU
-    after the same number of steps (the speed must not cost accuracy)."""
+    after the same number of steps (the speed must not cost accuracy). ``sources``: the same loader and a fit
+    in the last precision with the cache read locally, verified, over loopback HTTP, pulled
+    (kcache.bench.stream; ``res["stream"]``, a second PNG ``<out>-sources.png``)."""
     import numpy as np
 
     from kcache.cache.reader import Cache
@@ -228,7 +261,72 @@ def bench_fit(cache: Path, steps: int = 60, batch_size: int = 8, device: str | N
             f"mean val FVU {res['fvu_change']:+.4f}")
     log(f"  waiting for data {res['data_wait_fraction']:.1%} of training time (target <= 10%: "
         f"{'met' if res['target_met'] else 'NOT met'})")
+    if sources:
+        from kcache.bench.stream import bench_sources, plot_sources
+
+        def fit_run(spec, **read):
+            return _fit_run(spec, steps, batch_size, device, last["compute"], **read)
+
+        res["stream"] = bench_sources(cache, sources, fit_run, batch_size, stream_buffer_mb, log, local_fit=last)
+        if out:
+            plot_sources(Path(out).with_name(Path(out).stem + "-sources.png"), res["stream"])
     if out:
         _write_result(out, res, "stage two: tokens/s", ["loader alone"] + [f"training ({r['resolved']})" for r in runs],
                       [res["loader_tokens_per_second"]] + [r["tokens_per_second"] for r in runs], "tokens / s", log)
+    return res
+
+
+def _finetune_run(model: str, dtype: str, samples, encoders, steps: int, batch_size: int, layers: str,
+                  device: str | None) -> dict:
+    """``steps`` finetune steps with the decoder loaded in ``dtype`` (``auto``: the default) and the
+    default compute for it; seconds per step from the steps alone (no validation, no loading)."""
+    from kcache.finetune import FinetuneConfig, finetune
+    from kcache.models import load_decoder
+    from kcache.precision import compute_name
+
+    dec = load_decoder(model, device=device, dtype=None if dtype == "auto" else dtype)
+    tmp = Path(tempfile.mkdtemp(prefix="kcache-benchft-"))
+    stamps: dict[int, float] = {}
+    try:
+        cfg = FinetuneConfig(batch_size=batch_size, max_steps=steps, eval_every=steps, checkpoint_every=10**9,
+                             val_max_samples=32, from_scratch=encoders is None, layers=layers,
+                             compute="auto" if dtype == "auto" else "float32")
+        s = finetune(dec, samples, encoders, tmp / "ft", cfg, progress=False,
+                     on_step=lambda k: stamps.setdefault(k, time.perf_counter()))
+        end = json.loads((tmp / "ft" / "history.json").read_text())[-1]["val_nll"]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    timed = steps - 2  # from the end of step 1 (warm) to the end of step steps-1 (before the last validation)
+    per_step = (stamps[steps - 1] - stamps[1]) / timed
+    return {"model_dtype": str(dec.dtype).removeprefix("torch."),
+            "compute": compute_name(cfg.compute, dec.device, dec.dtype), "steps": s["steps"],
+            "seconds_per_step": per_step, "val_nll_start": s["val_nll_start"], "val_nll_end": end}
+
+
+def bench_finetune(model: str = "smollm2-135m", n: int = 240, steps: int = 12, batch_size: int = 8,
+                   encoders: Path | None = None, layers: str = "3-8", dtypes: tuple[str, ...] = ("float32", "auto"),
+                   device: str | None = None, out: Path | None = None, log=print) -> dict:
+    """Finetune steps with the decoder in each dtype (first = baseline), one after the other on the same
+    samples, batches and seed: seconds per step and the validation NLL after the same number of steps."""
+    from kcache.data.synth import synth_samples
+
+    samples = synth_samples(n, seed=1)
+    runs = [_finetune_run(model, d, samples, encoders, steps, batch_size, layers, device) | {"dtype": d}
+            for d in dtypes]
+    base, last = runs[0], runs[-1]
+    res = {"model": model, "samples": n, "steps": steps, "batch_size": batch_size, "layers": layers,
+           "encoders": str(encoders) if encoders else "fresh (from scratch)", "threads": torch.get_num_threads(),
+           "runs": runs, "ratio_seconds_per_step": last["seconds_per_step"] / base["seconds_per_step"],
+           "val_nll_change": last["val_nll_end"] - base["val_nll_end"], "target_ratio": 0.40}
+    log(f"bench finetune: {model}, {n} samples, batch {batch_size}, {steps} steps per run, layers {layers}, "
+        f"{res['threads']} thread(s), encoders {res['encoders']}")
+    for r in runs:
+        log(f"  decoder {r['dtype']:>8} ({r['model_dtype']:>8}, compute {r['compute']:>8})  "
+            f"{r['seconds_per_step']:.3f} s/step  val NLL {r['val_nll_start']:.4f} -> {r['val_nll_end']:.4f}")
+    log(f"  {last['dtype']} vs {base['dtype']}: {res['ratio_seconds_per_step']:.2f}x seconds per step (target <= 0.40: "
+        f"{'met' if res['ratio_seconds_per_step'] <= 0.40 else 'NOT met'}), val NLL {res['val_nll_change']:+.4f}")
+    if out:
+        _write_result(out, res, f"finetune on {model}: seconds per step",
+                      [f"decoder {r['dtype']} ({r['model_dtype']})" for r in runs],
+                      [r["seconds_per_step"] for r in runs], "seconds / step", log)
     return res

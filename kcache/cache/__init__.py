@@ -7,10 +7,13 @@ module          job
 ``lossy``       optional lossy storage of delta rows: bit rounding, int8 per row, error accounting
 ``location``    where a cache lives: a local directory or an fsspec URL, read-only, never lists
 ``reader``      ``Cache``: one or many parts, local or remote, untrusted-input checks before zarr
-``writer``      writing one store: creation, the whole-shard delta writer and its commit log
+``writer``      writing one store: creation, the whole-shard delta writer and its commit log, layout figures
+``card``        the store card and the dataset card (pure: documents in, Markdown out)
 ``integrity``   ``finalize`` (manifest, digests, read-only) and ``validate_cache``
 ``merge``       ``merge``: same-settings caches into one
-``remote``      ``pull``: resumable, verified download of a finalized cache
+``subset``      partial pulls: chosen layers and samples of a cache as a new finalized cache
+``remote``      ``pull``: resumable, verified download of a finalized cache (or a partial pull)
+``publish``     ``push``: resumable, verified upload of a finalized cache, manifest last, with a dataset card
 ==============  ===================================================================================
 
 Module-level imports only go down that list (``format`` imports nothing of kcache but
@@ -33,6 +36,7 @@ from kcache.cache.integrity import finalize, validate_cache
 from kcache.cache.location import Location
 from kcache.cache.lossy import parse_storage
 from kcache.cache.merge import merge
+from kcache.cache.publish import push
 from kcache.cache.reader import Cache, open_cache
 from kcache.cache.remote import pull
 from kcache.cache.writer import DeltaWriter, create_cache
@@ -50,6 +54,7 @@ __all__ = [
     "open_cache",
     "parse_storage",
     "pull",
+    "push",
     "validate",
     "validate_cache",
 ]

@@ -32,6 +32,7 @@ import numpy as np
 
 from kcache import __version__
 from kcache._io import atomic_path, atomic_write_json, now
+from kcache.cache.card import SIDECAR_CARD_NAME
 from kcache.cache.format import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, CacheError, decode_rows, manifest_schema
 from kcache.cache.location import Location
 from kcache.cache.reader import Cache, Part, has_embeddings
@@ -278,6 +279,8 @@ def digest_problems(cache: Cache) -> list[str]:
             problems.append(msg)
         if part.loc.local_path is not None:
             extra = set(part_files(part.loc.local_path)) - set(prec["files"])
+            if prec["path"] == ".":
+                extra.discard(SIDECAR_CARD_NAME)  # the dataset card `kcache push` adds beside a single-store cache
             for rel in sorted(extra):
                 problems.append(f"{loc.url(rel)}: not listed in {MANIFEST} (added after finalizing?)")
         if part_digest(prec["files"]) != prec["digest"]:

@@ -33,6 +33,10 @@ class Location:
         # For a part of a finalized cache: relpath -> size from the manifest. The manifest is then
         # the authority on which files exist, and no file is read past its recorded size.
         self.sizes: dict[str, int] | None = None
+        # With ``verified`` (a kcache.cache.stream.VerifiedFiles) every listed file is read whole and
+        # checked against ``digests`` (relpath -> sha256 from the manifest) before any byte is used.
+        self.digests: dict[str, str] | None = None
+        self.verified = None
 
     def __str__(self) -> str:
         return self.spec
@@ -74,12 +78,23 @@ class Location:
         except (OSError, ValueError):
             return False
 
+    def verifies(self, rel: str) -> bool:
+        """True when reads of ``rel`` go through the verified buffer (a listed file, verification on)."""
+        return self.verified is not None and self.sizes is not None and rel in self.sizes
+
     def read_bytes(self, rel: str, size: int | None = None) -> bytes:
         """The file ``rel``, read to at most ``size`` bytes (default: its manifest size, if known).
 
         Local files are reached without following links and must be regular files; a file longer
         than its size is a CacheError, so a hostile cache cannot make a reader read without end.
+        With verification on, a listed file is also checked against its manifest sha256 first.
         """
+        if self.verifies(rel) and size in (None, self.sizes[rel]):
+            return self.verified.get(self, rel)
+        return self.read_unverified(rel, size)
+
+    def read_unverified(self, rel: str, size: int | None = None) -> bytes:
+        """``read_bytes`` without the sha256 check (size limits and link checks still apply)."""
         if size is None and self.sizes is not None:
             size = self.sizes.get(rel)
         if not self.remote:
@@ -89,7 +104,9 @@ class Location:
             protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
             if {"http", "https"} & set(protocols):
                 # A streamed GET, read in blocks: a server cannot push more than size + 1 bytes on us.
-                with self.fs.open(self.url(rel), "rb", block_size=0) as fh:
+                # A known size spares fsspec the HEAD request it would send to learn it (a round trip per file).
+                known = {} if size is None else {"size": size + 1}
+                with self.fs.open(self.url(rel), "rb", block_size=0, **known) as fh:
                     return read_limited(fh, size, self.url(rel))
             if size is not None:
                 data = self.fs.cat_file(self.url(rel), start=0, end=size + 1)
@@ -113,7 +130,7 @@ class Location:
         if not self.remote:
             return hash_regular(safe_local_path(self.spec, rel), size)
         try:
-            data = self.read_bytes(rel, size)
+            data = self.read_unverified(rel, size)  # validate reports a mismatch, it does not raise it
         except CacheError as e:
             if size is None or "longer than" not in str(e):
                 raise
@@ -144,6 +161,8 @@ def manifest_store(store, loc: Location):
     key the store cannot find is an error naming the file, never silently zeros. No read goes past
     a file's manifest size: a whole-file read asks for ``size + 1`` bytes and refuses a longer
     file, explicit ranges are clamped to ``size`` (a grown file or an endless body is never read).
+    With ``loc.verified`` set, ranges are cut from the whole file after it matched the manifest's
+    sha256 (kcache.cache.stream), never read from the store directly.
     """
     from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
     from zarr.storage import WrapperStore
@@ -172,6 +191,9 @@ def manifest_store(store, loc: Location):
             rng = bounded(byte_range, size)
             if rng.start >= rng.end:  # nothing to read (a range at or past the manifest's end)
                 return prototype.buffer.from_bytes(b"")
+            if loc.verifies(key):  # the range, cut from the whole file once it matched its sha256
+                data = await loc.verified.aget(loc, key)
+                return prototype.buffer.from_bytes(data[rng.start : min(rng.end, size)])
             out = await self._store.get(key, prototype, rng)
             if out is None:
                 raise CacheError(f"{loc.url(key)}: listed in {MANIFEST} but missing; the cache is incomplete "

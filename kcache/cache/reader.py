@@ -422,15 +422,23 @@ class Cache:
         self._tok_offset = self.index["tok_offset"].to_numpy()
         self._ids = {sid: i for i, sid in enumerate(self.index["sample_id"].to_pylist())}
         self._flat_cache: dict[str, np.ndarray] = {}
+        self.verified = None  # the VerifiedFiles every read goes through (Cache.open(verified=...)), if any
 
     # -- opening
 
     @classmethod
-    def open(cls, spec: str | os.PathLike | Location, require_complete: bool = True) -> Cache:
-        """Open a cache directory or URL; refuses anything malformed before data is read."""
+    def open(cls, spec: str | os.PathLike | Location, require_complete: bool = True, verified=None) -> Cache:
+        """Open a cache directory or URL; refuses anything malformed before data is read.
+
+        ``verified`` (a ``kcache.cache.stream.VerifiedFiles``): read every file whole and check it
+        against the manifest's sha256 before any of its bytes is used (a finalized cache only).
+        """
         loc = spec if isinstance(spec, Location) else Location(spec)
         manifest = read_manifest(loc)
         if manifest is None:
+            if verified is not None:
+                raise CacheError(f"{loc}: not finalized (no {MANIFEST}), so there are no digests to verify its "
+                                 "files against; finalize it (`kcache finalize`), or read it unverified")
             return cls(loc, [Part.open(loc, require_complete=require_complete,
                                        sizes=local_part_sizes(loc, loc, None))], None)
         parts = []
@@ -439,8 +447,13 @@ class Cache:
             local_part_sizes(loc, ploc, p["files"])
             # The manifest is the authority on this part's files and their sizes from here on.
             ploc.sizes = {rel: int(f["size"]) for rel, f in p["files"].items()}
+            if verified is not None:  # before the part's first read
+                ploc.digests = {rel: f["sha256"] for rel, f in p["files"].items()}
+                ploc.verified = verified
             parts.append(Part.open(ploc, p["path"], p.get("exclude", ()), require_complete, sizes=ploc.sizes))
-        return cls(loc, parts, manifest)
+        cache = cls(loc, parts, manifest)
+        cache.verified = verified
+        return cache
 
     def _combined_attrs(self) -> dict:
         if len(self.parts) == 1 and not self.parts[0].exclude:

@@ -35,6 +35,7 @@ from kcache._io import atomic_write_bytes, sha256_file
 from kcache.cache.format import MANIFEST, CacheError, manifest_schema
 from kcache.cache.integrity import validate_cache
 from kcache.cache.location import Location
+from kcache.cache.subset import pull_subset
 from kcache.lock import output_lock
 from kcache.paths import hash_regular, safe_local_path, safe_relpath
 from kcache.schemas import SchemaError, validate_document
@@ -205,14 +206,21 @@ def check_destination(dest: Path, raw: bytes) -> None:
                          "pull into a new or empty directory")
 
 
-def pull(url: str, dest: str | os.PathLike, progress: bool = True, block_size: int = BLOCK_SIZE) -> dict:
+def pull(url: str, dest: str | os.PathLike, progress: bool = True, block_size: int = BLOCK_SIZE,
+         layers: list[int] | None = None, split: str | None = None, limit_samples: int | None = None) -> dict:
     """Copy the finalized cache at ``url`` (any fsspec URL or a local path) into directory ``dest``.
 
     Rerunning resumes (verified files are skipped, partial files continue where they stopped).
     Returns ``{"files", "files_skipped", "bytes_downloaded", "bytes_resumed", "seconds"}``.
     Holds the output lock on ``dest`` throughout (kcache.lock) and refuses a ``dest`` holding
     anything but a pull of the same manifest (``check_destination``).
+
+    With ``layers``, ``split`` or ``limit_samples`` it is a partial pull instead: a new, smaller
+    finalized cache of those layers and samples (:func:`kcache.cache.subset.pull_subset`, whose
+    report it returns).
     """
+    if layers is not None or split is not None or limit_samples is not None:
+        return pull_subset(url, dest, layers, split, limit_samples, progress)
     with output_lock(dest, "pull into it"):
         return _pull(url, dest, progress, block_size)
 

@@ -38,6 +38,67 @@ def default_chunk_rows(hidden: int, dtype: str, target_bytes: int = 2 << 20) -> 
     return lo if rows - lo <= 2 * lo - rows else 2 * lo
 
 
+# Flat arrays (tokens/ids, tokens/offsets, masks): elements per chunk and chunks per shard; the
+# embedding matrix: chunks of ~2 MiB of rows, EMBEDDING_SHARD_CHUNKS per shard (create_cache).
+FLAT_CHUNK = 1 << 20
+FLAT_SHARD_CHUNKS = 16
+EMBEDDING_SHARD_CHUNKS = 8
+# Entries (files or sub-folders) one folder of a cache should hold at most: the Hugging Face Hub's
+# recommended maximum per folder, and a listing of ten pages on S3 (docs/sharing.md, "Object-store limits").
+OBJECT_STORE_FOLDER_LIMIT = 10_000
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _array_folders(name: str, shards: int, two_d: bool) -> dict[str, int]:
+    """Folders of one sharded array with ``shards`` shard files along its first axis."""
+    out = {name: 1 + (shards > 0)}  # zarr.json (+ c/)
+    if shards:
+        out[f"{name}/c"] = shards
+        if two_d:  # ARRAY/c/I/0: the second axis is one shard
+            out.update({f"{name}/c/{i}": 1 for i in range(shards)})
+    return out
+
+
+def store_folder_entries(rows: int, tokens: int, samples: int, vocab: int, hidden: int, dtype: str,
+                         layers: list[int], chunk_rows: int | None = None, shard_rows: int | None = None,
+                         int8: bool = False) -> dict[str, int]:
+    """Folder (relative to the store, '' = its root) -> entries it holds (files and sub-folders), by
+    the layout rules of :func:`create_cache`, for a store of ``rows`` delta rows, ``tokens`` encoder
+    tokens, ``samples`` samples and a ``vocab`` x ``hidden`` embedding matrix.
+
+    zarr v3 sharding writes one file per shard: ``ARRAY/c/I/0`` for the 2-D arrays (deltas,
+    embeddings; the hidden axis is one shard) and ``ARRAY/c/I`` for the 1-D ones, so ``ARRAY/c``
+    holds one entry per shard along the first axis. A shard holding only the fill value is not
+    written, so these are upper bounds. ``chunk_rows``/``shard_rows`` default as in extraction
+    (~2 MiB chunks, 8 per shard). A finalized store's manifest.json is counted at its root.
+    """
+    chunk = chunk_rows or default_chunk_rows(hidden, dtype)
+    shard = shard_rows or chunk * 8
+    out: dict[str, int] = {"": 10}  # zarr.json README.md index.parquet skipped.parquet commits.jsonl manifest.json
+    out["deltas"] = len(layers) * (2 if int8 else 1) + 1  # the arrays + the group's zarr.json
+    for l in layers:
+        out.update(_array_folders(f"deltas/layer_{l:02d}", _ceil(rows, shard), True))
+        if int8:
+            out.update(_array_folders(f"deltas/scale_{l:02d}", _ceil(rows, shard), False))
+    out["tokens"] = out["masks"] = 3  # two arrays + the group's zarr.json
+    for name, n in (("tokens/ids", tokens), ("tokens/offsets", samples + 1), ("masks/loss", rows),
+                    ("masks/target", rows)):
+        out.update(_array_folders(name, _ceil(n, min(n, FLAT_CHUNK * FLAT_SHARD_CHUNKS)) if n else 0, False))
+    erows = max(1, min(vocab, default_chunk_rows(hidden, dtype)))
+    out.update(_array_folders("embeddings", _ceil(vocab, erows * EMBEDDING_SHARD_CHUNKS), True))
+    return out
+
+
+def shard_rows_within(rows: int, chunk_rows: int, limit: int = OBJECT_STORE_FOLDER_LIMIT) -> int:
+    """The smallest ``--shard-rows`` (a multiple of ``chunk_rows``) that keeps ``ARRAY/c`` of a
+    delta array of ``rows`` rows at most ``limit`` entries."""
+    per = _ceil(_ceil(rows, limit), chunk_rows)
+    return max(1, per) * chunk_rows
+
+
 def codecs_description() -> list[dict]:
     return [{"name": "blosc", "cname": "zstd", "clevel": 3, "shuffle": "shuffle"}, {"name": "crc32c"}]
 
@@ -115,18 +176,18 @@ def create_cache(
                np.int8 if int8 else np_dtype)
         if int8:
             _array(group, f"deltas/scale_{layer:02d}", (total,), (chunk,), (shard,), np.float32)
-    flat_chunk = 1 << 20
     for name, arr in (("tokens/ids", token_ids), ("tokens/offsets", token_offsets), ("masks/loss", loss_mask),
                       ("masks/target", target_mask)):
         n = max(1, len(arr))
-        a = _array(group, name, arr.shape, (min(n, flat_chunk),), (min(n, flat_chunk * 16),), arr.dtype,
+        a = _array(group, name, arr.shape, (min(n, FLAT_CHUNK),), (min(n, FLAT_CHUNK * FLAT_SHARD_CHUNKS),), arr.dtype,
                    fill=False if arr.dtype == bool else 0)
         if len(arr):
             a[:] = arr
     if embeddings is not None:
         v = embeddings.shape[0]
         erows = max(1, min(v, default_chunk_rows(hidden, s["dtype"])))
-        e = _array(group, "embeddings", embeddings.shape, (erows, hidden), (erows * 8, hidden), embeddings.dtype)
+        e = _array(group, "embeddings", embeddings.shape, (erows, hidden), (erows * EMBEDDING_SHARD_CHUNKS, hidden),
+                   embeddings.dtype)
         e[:] = embeddings
     pq.write_table(index.cast(arrow_schema("cache-index-v1")), path / "index.parquet")
     pq.write_table(skipped.cast(arrow_schema("cache-skipped-v1")), path / "skipped.parquet")

@@ -6,7 +6,7 @@ functions live in one module per group of commands:
 ============  =====================================================================
 module        commands
 ============  =====================================================================
-``cache``     ``extract``, ``inspect``, ``validate``, ``merge``, ``finalize``, ``pull``
+``cache``     ``extract``, ``inspect``, ``validate``, ``merge``, ``finalize``, ``pull``, ``push``
 ``train``     ``fit-encoders``, ``finetune``, ``edit``
 ``pipeline``  ``run``
 ``inject``    ``generate``, ``evaluate``
@@ -56,6 +56,7 @@ COMMANDS: dict[str, Callable | Group] = {
     "finetune": train.finetune_cmd,
     "edit": train.edit_cmd,
     "pull": cache.pull_cmd,
+    "push": cache.push_cmd,
     "train-baseline": methods.train_baseline_cmd,
     "eval-choice": methods.eval_choice_cmd,
     "evaluate-baselines": methods.evaluate_baselines_cmd,
@@ -77,6 +78,7 @@ COMMANDS: dict[str, Callable | Group] = {
         "inject": bench.inject_cmd,
         "extract": bench.extract_cmd,
         "fit": bench.fit_cmd,
+        "finetune": bench.finetune_cmd,
         "store": bench.store_cmd,
     }),
     "knowla": Group(methods.KNOWLA_HELP, {

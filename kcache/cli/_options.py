@@ -10,4 +10,5 @@ DEVICE_HELP = "cpu | cuda | cuda:N (default: cuda when available)"
 ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP)
 DeviceOpt = typer.Option(None, "--device", help=DEVICE_HELP)
 DtypeOpt = typer.Option(None, "--model-dtype",
-                        help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)")
+                        help="float32 | bfloat16 | float16 (default: bfloat16 on cuda and on CPUs with native bf16, "
+                             "else float32; KCACHE_COMPUTE=float32 forces float32)")

@@ -49,13 +49,19 @@ def extract_cmd(
     token_budget: int = typer.Option(8192, "--token-budget"),
     repeats: int = typer.Option(1, "--repeats", help="take the best of this many runs"),
     device: str = typer.Option(None, "--device"),
-    model_dtype: str = typer.Option(None, "--model-dtype"),
+    model_dtype: str = typer.Option(None, "--model-dtype",
+                                    help="decoder dtype; a comma-separated list (e.g. auto,float32) runs each "
+                                         "side by side and compares the whole extraction of the first and last"),
     out: Path = typer.Option(Path("bench/extract.json"), "--out", help="JSON result; a PNG is written beside it"),
 ):
     """Stage one: full-depth extraction vs kcache vs bare truncated passes, one run, same samples."""
-    from kcache.bench.stages import bench_extract
+    from kcache.bench.stages import bench_extract, bench_extract_dtypes
 
-    bench_extract(model, n, layers, site, token_budget, device, model_dtype, out, repeats, log=typer.echo)
+    dtypes = tuple(d.strip() for d in (model_dtype or "").split(",") if d.strip())
+    if len(dtypes) > 1:
+        bench_extract_dtypes(model, dtypes, n, layers, site, token_budget, device, out, repeats, log=typer.echo)
+    else:
+        bench_extract(model, n, layers, site, token_budget, device, model_dtype, out, repeats, log=typer.echo)
 
 
 def fit_cmd(
@@ -66,12 +72,37 @@ def fit_cmd(
     compute: str = typer.Option("float32,auto", "--compute",
                                 help="compute precisions to run side by side (first = baseline)"),
     out: Path = typer.Option(Path("bench/fit.json"), "--out"),
+    sources: str = typer.Option("local,local-verify,http,pulled", "--sources",
+                                help="read the cache also as: local-verify (sha256 on the fly), http (loopback, "
+                                     "streamed and verified), pulled (kcache pull first); '' for none"),
+    stream_buffer_mb: int = typer.Option(512, "--stream-buffer-mb", help="verified-file buffer of the streamed reads"),
 ):
-    """Stage two: cache loader throughput vs training throughput per compute precision, time waiting for data."""
+    """Stage two: cache loader throughput vs training throughput per compute precision, time waiting for data;
+    loader MB/s and data wait with the cache read locally, verified, over loopback HTTP and pulled."""
     from kcache.bench.stages import bench_fit
 
     bench_fit(cache, steps, batch_size, device, out, log=typer.echo,
-              computes=tuple(c.strip() for c in compute.split(",") if c.strip()))
+              computes=tuple(c.strip() for c in compute.split(",") if c.strip()),
+              sources=tuple(s.strip() for s in sources.split(",") if s.strip()), stream_buffer_mb=stream_buffer_mb)
+
+
+def finetune_cmd(
+    model: str = typer.Option("smollm2-135m", "--model", "-m"),
+    n: int = typer.Option(240, "--samples", help="synthetic samples (80 % train)"),
+    steps: int = typer.Option(12, "--steps", help="finetune steps per run (the first and last are not timed)"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    encoders: Path = typer.Option(None, "--encoders", "-e", help="bundle to start from (default: fresh encoders)"),
+    layers: str = typer.Option("3-8", "--layers", help="injected layers (fresh encoders)"),
+    model_dtype: str = typer.Option("float32,auto", "--model-dtype",
+                                    help="decoder dtypes to run side by side (first = baseline; auto = the default)"),
+    device: str = typer.Option(None, "--device"),
+    out: Path = typer.Option(Path("bench/finetune.json"), "--out"),
+):
+    """Stage three: finetune seconds per step with the decoder in each dtype, validation NLL after the same steps."""
+    from kcache.bench.stages import bench_finetune
+
+    bench_finetune(model, n, steps, batch_size, encoders, layers,
+                   tuple(d.strip() for d in model_dtype.split(",") if d.strip()), device, out, log=typer.echo)
 
 
 def store_cmd(

@@ -1,6 +1,7 @@
-"""Stage one and the cache itself: ``extract``, ``inspect``, ``validate``, ``merge``, ``finalize``, ``pull``.
+"""Stage one and the cache itself: ``extract``, ``inspect``, ``validate``, ``merge``, ``finalize``, ``pull``,
+``push``.
 
-Thin layers over :mod:`kcache.extract` and :mod:`kcache.cache` (reader, integrity, merge, remote).
+Thin layers over :mod:`kcache.extract` and :mod:`kcache.cache` (reader, integrity, merge, subset, remote, publish).
 """
 
 from __future__ import annotations
@@ -141,6 +142,11 @@ def inspect_cmd(cache: str = typer.Argument(..., help="cache directory or URL"),
     typer.echo(_extraction_line(a.get("extraction") or {}))
     if c.manifest is not None:
         typer.echo(f"parts      {len(c.parts)}, finalized (immutable), metadata {c.manifest['metadata_digest'][:23]}…")
+        sub = (c.manifest.get("provenance") or {}).get("subset")
+        if sub:
+            typer.echo(f"subset     of {sub['source']} (manifest {sub['source_manifest_sha256'][:23]}…): layers "
+                       f"{','.join(map(str, sub['layers']))}, split {sub.get('split') or 'all'}, "
+                       f"{sub['samples']} of {sub.get('source_samples', '?')} samples")
     else:
         typer.echo(f"parts      {len(c.parts)}, not finalized (no manifest.json)")
     cnt = a["counts"]
@@ -259,10 +265,66 @@ def pull_cmd(
     url: str = typer.Argument(..., help="finalized cache: http(s)://, s3://, gs://, hf://, ... or a local path"),
     dest: Path = typer.Argument(..., help="local directory to pull into (rerun to resume)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    layers: str = typer.Option(None, "--layers",
+                               help="partial pull: only these layers (3,4 or 3-5), as a new smaller finalized cache"),
+    split: str = typer.Option(None, "--split", help="partial pull: only samples of this split"),
+    limit_samples: int = typer.Option(None, "--limit-samples",
+                                      help="partial pull: only the first N samples (of --split), in the cache's "
+                                           "order (shortest first)"),
 ):
-    """Download a finalized cache, verifying every file against its manifest; resumes where it stopped."""
+    """Download a finalized cache, verifying every file against its manifest; resumes where it stopped.
+
+    With --layers, --split or --limit-samples: a partial pull, written as a new, smaller, finalized
+    cache whose manifest records the source URL and manifest digest.
+    """
     from kcache.cache.remote import pull, summary_line
 
     with errors():
-        report = pull(url, dest, progress=not quiet)
+        chosen = _layer_list(layers) if layers is not None else None
+        report = pull(url, dest, progress=not quiet, layers=chosen, split=split, limit_samples=limit_samples)
+    if "state" in report:  # a partial pull
+        typer.echo(f"{url} -> {dest}: {report['state']}; {report['samples']} samples, layers "
+                   f"{','.join(map(str, report['layers']))}, {report['rows']} rows, {report['files']} files, "
+                   f"{report['bytes']:,} bytes in {report['seconds']:.1f} s")
+        return
     typer.echo(summary_line(url, dest, report))
+
+
+def _layer_list(spec: str) -> list[int] | None:
+    """``3,4`` / ``3-5`` -> layer indices (``all`` -> None: every layer)."""
+    if spec.strip().lower() == "all":
+        return None
+    from kcache.align import parse_layers
+
+    return parse_layers(spec, 1 << 20)  # the bound is checked against the cache's layers by the pull
+
+
+def push_cmd(
+    cache: Path = typer.Argument(..., help="finalized local cache"),
+    url: str = typer.Argument(..., help="destination: s3://bucket/path, gs://..., hf://datasets/ORG/NAME, "
+                                        "memory://, file:// or a local path (rerun to resume)"),
+    license: str = typer.Option("other", "--license",
+                                help="license of the published cache, for the dataset card (Hugging Face ids: "
+                                     "cc-by-4.0, mit, ...; other = not stated)"),
+    dataset_license: list[str] = typer.Option(None, "--dataset-license",
+                                              help="NAME=LICENSE of a source dataset, for the card (repeatable; "
+                                                   "others are 'unknown')"),
+    no_readback: bool = typer.Option(False, "--no-readback",
+                                     help="check uploaded files by size only (default: read each back and hash it)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+):
+    """Publish a finalized cache to any fsspec URL: files verified, dataset card, manifest.json last; resumable."""
+    from kcache.cache.publish import push, summary_line
+
+    licenses = {}
+    for item in dataset_license or []:
+        name, sep, lic = item.partition("=")
+        if not sep or not name or not lic:
+            fail(f"--dataset-license {item!r}: expected NAME=LICENSE, e.g. dream=unknown")
+        licenses[name] = lic
+    with errors():
+        report = push(cache, url, license=license, dataset_licenses=licenses, readback=not no_readback,
+                      progress=not quiet)
+    for w in report["warnings"]:
+        typer.echo(f"warning: {w}", err=True)
+    typer.echo(summary_line(cache, report))

@@ -37,6 +37,11 @@ def fit_cmd(
     parallel: str = typer.Option("layers", "--parallel",
                                  help="under torchrun/SLURM: 'layers' = each process trains its share of the layers"),
     compute: str = typer.Option("auto", "--compute", help=COMPUTE_HELP),
+    verify: bool = typer.Option(None, "--verify/--no-verify",
+                                help="check every file read against the manifest's sha256 before using it "
+                                     "(default: on for URLs, off for local caches)"),
+    stream_buffer_mb: int = typer.Option(512, "--stream-buffer-mb",
+                                         help="memory for verified files when verifying (half of it reads ahead)"),
 ):
     """Stage two: train one encoder per cached layer from the cache alone (no decoder needed).
 
@@ -44,7 +49,7 @@ def fit_cmd(
     layers[r::N]; the bundle is the same as a single process would write.
     """
     from kcache.align import parse_layers
-    from kcache.cache.reader import Cache
+    from kcache.cache.stream import open_streaming
     from kcache.fit import FitConfig, fit_encoders, summary_table
 
     with errors():
@@ -54,8 +59,9 @@ def fit_cmd(
                         lr_min=lr_min, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
                         intermediate_size=intermediate_size,
                         eval_every=eval_every, patience=patience, buffer_samples=buffer_samples, seed=seed,
-                        device=device, max_steps=max_steps, parallel=parallel, compute=compute)
-        Cache.open(cache)
+                        device=device, max_steps=max_steps, parallel=parallel, compute=compute, verify=verify,
+                        stream_buffer_mb=stream_buffer_mb)
+        open_streaming(cache, verify, stream_buffer_mb)  # a bad cache is reported before any output is made
         summary = fit_encoders(cache, out, cfg)
     from kcache import distributed
 
