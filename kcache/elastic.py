@@ -82,7 +82,9 @@ from kcache.schemas import SchemaError, validate_document
 # enough to spread over many workers and to lose little to a kill, few enough that per-unit costs
 # (a store's metadata, a digest record, a lease) stay negligible.
 UNIT_TOKENS = 1 << 18
-MAX_UNITS = 4096  # parts/ then holds at most ~2 entries per unit (+ one per worker): no folder over 10k entries
+# parts/ holds one entry per unit once finalized (while running, up to two per unit plus one per
+# worker): under the 10k entries per folder object stores and the Hub take (writer.OBJECT_STORE_FOLDER_LIMIT).
+MAX_UNITS = 4096
 STALE_SECONDS = 600.0
 ELASTIC_DIR = "elastic"
 RECORD = "settings.json"

@@ -376,6 +376,24 @@ def test_one_worker_gives_the_single_process_values_in_a_reproducible_cache(refe
     assert validate_cache(tmp_path / "m.zarr") == []
 
 
+def test_an_elastic_cache_pulls_partially_and_publishes_like_any_cache(reference, tmp_path):
+    from kcache.cache import pull
+    from kcache.cache.publish import push
+
+    whole = tmp_path / "whole.zarr"
+    pull(str(reference), whole, progress=False)
+    _same_bytes(reference, whole)  # a version-2 manifest is pulled as it is
+    part = tmp_path / "part.zarr"
+    pull(str(reference), part, layers=[2], limit_samples=20, progress=False)
+    c, ref = Cache.open(part), Cache.open(reference)
+    assert c.layers == [2] and c.num_samples == 20 and validate_cache(part) == []
+    assert np.array_equal(c.embeddings().numpy(), ref.embeddings().numpy())  # from unit 0
+    sid = c.index["sample_id"][7].as_py()
+    assert np.array_equal(c.deltas(sid, 2), ref.deltas(sid, 2))
+    report = push(reference, str(tmp_path / "published"), progress=False)
+    assert report["manifest_written"] and validate_cache(tmp_path / "published") == []
+
+
 def test_a_first_part_without_embeddings_is_refused(reference, tmp_path):
     bad = tmp_path / "bad.zarr"
     shutil.copytree(reference, bad)
