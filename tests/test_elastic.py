@@ -540,25 +540,29 @@ def test_a_worker_killed_mid_unit_is_taken_over_and_two_new_workers_finish_ident
     logs = [tmp_path / f"w{i}" for i in range(3)]
     # Worker 0 hangs inside its 3rd batch (units have 3-4), holding its lease, and is killed with -9
     # there; the two others, still running, take its unit over (a dead pid on this host: at once).
-    # They hang inside their 9th batch and are killed too; two fresh workers finish the cache.
-    procs = [_worker(env, model_dir, samples_file, out, log, gate=gate, hang_at=hang, batch_sleep=0.02)
-             for log, hang in zip(logs, (3, 9, 9))]
+    # Then they are killed too, wherever they are, and two fresh workers finish the cache.
+    procs = [_worker(env, model_dir, samples_file, out, log, gate=gate, hang_at=hang, batch_sleep=0.3)
+             for log, hang in zip(logs, (3, 0, 0))]
     try:
         _open_gate(gate, procs)
         _wait_hung(procs, logs, [0])
         (k0,) = [k for k, pid in _lease_pids(out).items() if pid == procs[0].pid]
+        assert not (out / unit_name(k0)).exists() and list((out / "parts").glob(f"unit-{k0:05d}.*.tmp"))  # mid-unit
         os.kill(procs[0].pid, signal.SIGKILL)
         procs[0].wait(30)
-        _wait_hung(procs[1:], logs[1:], [0, 1])
-        # taken over by a survivor: committed, or held by it when it hung
-        assert (out / unit_name(k0)).is_dir() or _lease_pids(out)[k0] in (procs[1].pid, procs[2].pid)
+        end = time.monotonic() + 120
+        # taken over by a survivor: held by it, or already committed
+        while not ((out / unit_name(k0)).is_dir() or _lease_pids(out).get(k0) in (procs[1].pid, procs[2].pid)):
+            for p, log in zip(procs[1:], logs[1:]):
+                assert p.poll() is None, Path(f"{log}.err").read_text()[-3000:]
+            assert time.monotonic() < end, "the dead worker's unit was not taken over"
+            time.sleep(0.02)
     finally:
         for p in procs:
             p.kill()
             p.wait(30)
     progress = elastic_progress(out)
-    assert progress["committed"] < 10 and len(progress["leases"]) >= 2  # the last two died holding a unit each
-    assert len(list((out / "parts").glob("unit-*.tmp"))) >= 2
+    assert progress is not None and progress["committed"] < 10
     res = CliRunner().invoke(app, ["inspect", str(out)])
     assert res.exit_code == 0, res.output
     assert f"{progress['committed']} of 10 units committed, {len(progress['leases'])} lease(s)" in res.output
@@ -567,9 +571,9 @@ def test_a_worker_killed_mid_unit_is_taken_over_and_two_new_workers_finish_ident
     procs2 = [_worker(env, model_dir, samples_file, out, log) for log in logs2]
     outs = _finish(procs2, logs2)
     taken = [int(o.split("took over ")[1].split()[0]) if "took over" in o else 0 for o in outs]
-    # The dead workers' leases are taken over (a worker that finds one just moved away by the
-    # other's takeover claims it afresh, uncounted: kcache.lease), and their units redone from scratch.
-    assert 1 <= sum(taken) <= len(progress["leases"]), outs
+    # The dead workers' leases are taken over (or, when one was just moved away by the other
+    # worker's takeover, claimed afresh, uncounted: kcache.lease) and their units redone from scratch.
+    assert sum(taken) <= len(progress["leases"]), outs
     assert sum(_units_done(o) for o in outs) == 10 - progress["committed"]
     _same_bytes(reference, out)
     res = CliRunner().invoke(app, ["inspect", str(out)])
