@@ -400,6 +400,7 @@ class ExtractReport:
     forward_seconds: float
     resumed_from_row: int
     status: str
+    notes: list[str] = dataclasses.field(default_factory=list)  # e.g. an elastic worker's share of the units
 
     def lines(self) -> list[str]:
         out = [f"cache {self.path}: {self.status}; {self.samples} samples, {self.input_tokens} input tokens"]
@@ -408,6 +409,7 @@ class ExtractReport:
         out.append(f"skipped {self.skipped}" + (f" ({', '.join(f'{r}: {n}' for r, n in self.skip_reasons.items())})"
                                                 if self.skipped else ""))
         out.append(f"truncated knowledge in {self.truncated} samples")
+        out += self.notes
         if self.seconds:
             out.append(f"{self.seconds:.1f} s ({self.forward_seconds:.1f} s in forward passes, "
                        f"{self.input_tokens / max(self.seconds, 1e-9):.0f} input tokens/s)")
@@ -427,6 +429,7 @@ def extract(
     progress: bool = True,
     rank: int = 0,
     world: int = 1,
+    elastic=None,
 ) -> ExtractReport:
     """Extract (or resume extracting) the delta cache for ``samples`` into ``out``.
 
@@ -438,9 +441,17 @@ def extract(
     One writer per output: the whole call holds the lock on ``out`` (rank r > 0 of a
     distributed run: the lock of its part), so a second extraction into the same ``out``
     fails at once naming the process that writes it (``kcache.lock``).
+
+    ``elastic`` (a ``kcache.elastic.ElasticConfig``): this call is one worker of an elastic
+    extraction instead; any number of them, started anywhere and any time, fill ``out`` unit by
+    unit and the last one finalizes it (``kcache.elastic.extract_elastic``; ``rank``/``world`` unused).
     """
     from kcache.lock import output_lock
 
+    if elastic is not None:
+        from kcache.elastic import extract_elastic
+
+        return extract_elastic(decoder, samples, out, cfg, elastic, overwrite=overwrite, progress=progress)
     tag = f"rank-{rank:05d}-of-{world:05d}" if world > 1 and rank > 0 else None
     with output_lock(out, "extract into it", tag=tag):
         return _extract(decoder, samples, out, cfg, overwrite, progress, rank, world)
@@ -456,6 +467,9 @@ def _extract(decoder, samples, out, cfg, overwrite, progress, rank, world) -> Ex
     report = _finalized_report(root, settings, overwrite)
     if report is not None:
         return report
+    from kcache.elastic import refuse_if_elastic
+
+    refuse_if_elastic(root)
     plan = _rank_plan(decoder, table, samples, cfg, rank, world)
 
     resume_row = 0
@@ -617,6 +631,16 @@ def _create_part(decoder: Decoder, out: Path, table: pa.Table, ids_col: list, se
     attrs = _initial_attrs(decoder, settings, counts, cfg, plan)
     if world > 1:
         attrs["extraction"]["rank"] = {"rank": rank, "world": world}
+    tables = _part_tables(decoder, table, ids_col, cfg, plan)
+    attrs["counts"]["loss_tokens"] = int(tables[4].sum())
+    emb = decoder.layers.embed_tokens().weight.detach().float()
+    group = create_cache(out, attrs, *tables, encode_rows(emb, cfg.dtype, "embedding matrix"))
+    return group, attrs
+
+
+def _part_tables(decoder: Decoder, table: pa.Table, ids_col: list, cfg: ExtractConfig, plan: Plan) -> tuple:
+    """What a part stores besides its deltas and embeddings, from the plan alone:
+    (index, skipped, token ids, token offsets, loss mask, target mask)."""
     tok_lens = np.array([len(e.k_ids) + len(e.x_ids) for e in plan.encoded], dtype=np.int64)
     tok_off = np.concatenate([[0], np.cumsum(tok_lens)]).astype(np.int64)
     token_ids = np.array([t for e in plan.encoded for t in e.k_ids + e.x_ids], dtype=np.int32)
@@ -626,7 +650,6 @@ def _create_part(decoder: Decoder, out: Path, table: pa.Table, ids_col: list, se
 
     lmask = np.array([m for e in plan.encoded for m in loss_mask(len(e.x_ids), skips_bos(e), cfg.sink)], dtype=bool)
     tmask = np.array([m for e in plan.encoded for m in e.target_mask], dtype=bool)
-    attrs["counts"]["loss_tokens"] = int(lmask.sum())
     index = pa.table({
         "sample_id": [ids_col[r] for r in plan.order],
         "dataset": [table["dataset"][r].as_py() for r in plan.order],
@@ -644,10 +667,7 @@ def _create_part(decoder: Decoder, out: Path, table: pa.Table, ids_col: list, se
         "source_row": pa.array([r for r, _ in plan.skipped], pa.int64()),
         "reason": [reason for _, reason in plan.skipped],
     })
-    emb = decoder.layers.embed_tokens().weight.detach().float()
-    group = create_cache(out, attrs, index, skipped, token_ids, tok_off, lmask, tmask,
-                         encode_rows(emb, cfg.dtype, "embedding matrix"))
-    return group, attrs
+    return index, skipped, token_ids, tok_off, lmask, tmask
 
 
 def _open_writer(out: Path, group, layers: list[int], cfg: ExtractConfig, shard: int, total: int,
@@ -703,8 +723,15 @@ def _extract_batches(decoder: Decoder, plan: Plan, cfg: ExtractConfig, layers: l
 
 
 def _complete_part(root: Path, out: Path, rank: int, world: int, group, attrs: dict, stats, errors, plan: Plan) -> None:
+    """Record the finish time, mark the part complete (``_mark_complete``) and finalize (``_finish``)."""
+    attrs["finished"] = now()
+    _mark_complete(out, group, attrs, stats, errors, plan)
+    _finish(root, rank, world, attrs)
+
+
+def _mark_complete(out: Path, group, attrs: dict, stats, errors, plan: Plan) -> None:
     """Record the statistics, the storage error (lossy storage) and the useful-token fraction,
-    mark the part complete, write its card, and finalize (``_finish``)."""
+    mark the part complete and write its card."""
     attrs["stats"] = stats.summary()
     if errors is not None:
         # Sums kept beside the figures so parts can be pooled (kcache.cache.reader.combine_errors).
@@ -712,11 +739,9 @@ def _complete_part(root: Path, out: Path, rank: int, world: int, group, attrs: d
         attrs["storage_error"] = {l: {**e, "sse": sums[l]["sse"],
                                       "ssr": sums[l]["ssr"]} for l, e in errors.summary().items()}
     attrs["status"] = "complete"
-    attrs["finished"] = now()
     attrs["extraction"] = {**attrs.get("extraction", {}), "useful_token_fraction": useful_fraction(plan)}
     group.attrs[ATTRS_KEY] = attrs
     write_card(out, attrs)
-    _finish(root, rank, world, attrs)
 
 
 def _finish(root: Path, rank: int, world: int, attrs: dict) -> None:

@@ -42,11 +42,15 @@ UNKNOWN = "unknown"
 def store_card(attrs: dict) -> str:
     """The store card: what a person receiving this cache needs to know, as Markdown."""
     s, c = attrs["settings"], attrs["counts"]
+    unit = attrs.get("extraction", {}).get("unit")
+    # Elastic parts carry no times: their bytes must not depend on when or where a unit ran.
+    when = (f"{attrs.get('created')} → {attrs.get('finished')}" if "created" in attrs or not unit
+            else f"unit {unit['index']} of {unit['count']} of an elastic extraction")
     lines = [
         "# kcache delta cache",
         "",
         f"Format `{attrs['format']}` v{attrs['schema_version']}, written by kcache {attrs['kcache_version']} "
-        f"({attrs['created']} → {attrs.get('finished')}).",
+        f"({when}).",
         "",
         "| | |", "|---|---|",
         f"| model | {s['model'].get('name', '')} `{s['model']['architecture']}` |",

@@ -39,11 +39,13 @@ __all__ = [
     "MANIFEST",
     "MANIFEST_FORMAT",
     "MANIFEST_VERSION",
+    "MANIFEST_VERSIONS",
     "POSITION_STATS",
     "SCHEMA_VERSION",
     "CacheError",
     "decode_rows",
     "encode_rows",
+    "manifest_schema",
 ]
 
 FORMAT = "kcache-cache"
@@ -55,6 +57,9 @@ POSITION_STATS = 16  # mean delta norm is reported for input positions 0..15
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "kcache-manifest"
 MANIFEST_VERSION = 1
+# Version 2 only makes "created" optional: elastic extractions leave it out, so their manifest bytes
+# do not depend on when or by how many workers the cache was made (kcache.elastic).
+MANIFEST_VERSIONS = (1, 2)
 
 # storage dtype -> (numpy dtype on disk, torch dtype it holds). bfloat16 is stored as its raw 16 bits.
 DTYPES = {
@@ -63,6 +68,15 @@ DTYPES = {
     "float32": (np.float32, torch.float32),
 }
 FLOAT16_MAX = 65504.0
+
+
+def manifest_schema(doc) -> str:
+    """The schema a manifest document claims (``cache-manifest-v1`` or ``-v2``, by its ``schema_version``).
+
+    An unknown or missing version is checked against v1, whose ``schema_version`` constant then
+    names the problem."""
+    v = doc.get("schema_version") if isinstance(doc, dict) else None
+    return f"cache-manifest-v{v}" if v in MANIFEST_VERSIONS and not isinstance(v, bool) else "cache-manifest-v1"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,9 +33,9 @@ import numpy as np
 from kcache import __version__
 from kcache._io import atomic_path, atomic_write_json, now
 from kcache.cache.card import SIDECAR_CARD_NAME
-from kcache.cache.format import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, CacheError, decode_rows
+from kcache.cache.format import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, CacheError, decode_rows, manifest_schema
 from kcache.cache.location import Location
-from kcache.cache.reader import Cache, Part
+from kcache.cache.reader import Cache, Part, has_embeddings
 from kcache.lock import is_tmp_name, output_lock
 from kcache.paths import check_manifest_paths, hash_regular, safe_relpath
 from kcache.schemas import validate_document
@@ -116,16 +116,18 @@ def write_part_record(root: Path, rel: str, origin: str | None = None) -> Path:
 
 
 def finalize(root: str | os.PathLike, parts: list[str] | None = None, provenance: dict | None = None,
-             records: list[dict] | None = None) -> dict:
+             records: list[dict] | None = None, reproducible: bool = False) -> dict:
     """Write ``root/manifest.json`` for complete parts and make every file read-only.
 
     ``parts`` defaults to ``["."]`` (a single store at the root). Records already written by
     ``write_part_record`` (or passed in ``records``) are used instead of re-hashing. Holds the
     output lock (kcache.lock) throughout; completes a finalize that was killed part-way (its
     temporary manifest is dropped, files it already made read-only are only read).
+    ``reproducible``: a version-2 manifest without ``created``, so its bytes depend on the parts
+    and ``provenance`` alone (elastic extraction, kcache.elastic).
     """
     with output_lock(root, "finalize it"):
-        return _finalize(root, parts, provenance, records)
+        return _finalize(root, parts, provenance, records, reproducible)
 
 
 def _drop_legacy_manifest_tmp(root: Path) -> None:
@@ -136,7 +138,7 @@ def _drop_legacy_manifest_tmp(root: Path) -> None:
 
 
 def _finalize(root: str | os.PathLike, parts: list[str] | None, provenance: dict | None,
-              records: list[dict] | None) -> dict:
+              records: list[dict] | None, reproducible: bool = False) -> dict:
     root = Path(root)
     if (root / MANIFEST).exists():
         raise CacheError(f"{root}: already finalized ({MANIFEST} exists); a finalized cache is immutable")
@@ -153,14 +155,14 @@ def _finalize(root: str | os.PathLike, parts: list[str] | None, provenance: dict
             recs.append(part_record(root, rel))
     doc = {
         "format": MANIFEST_FORMAT,
-        "schema_version": MANIFEST_VERSION,
+        "schema_version": 2 if reproducible else MANIFEST_VERSION,
         "kcache_version": __version__,
-        "created": now(),
+        **({} if reproducible else {"created": now()}),
         "parts": recs,
         "metadata_digest": metadata_digest(recs),
         "provenance": provenance or {},
     }
-    validate_document(doc, "cache-manifest-v1", str(root / MANIFEST))
+    validate_document(doc, manifest_schema(doc), str(root / MANIFEST))
     check_manifest_paths(doc, str(root / MANIFEST))
     _drop_legacy_manifest_tmp(root)
     # Written first, then every file is made read-only, then the (read-only) manifest renamed into place.
@@ -327,7 +329,9 @@ def part_problems(cache: Cache, j: int, progress: bool) -> list[str]:
         problems.append(f"{where.url('index.parquet')}: x_len sums to {part.rows} but zarr.json counts "
                         f"{c['input_tokens']} input tokens")
     names = [f"deltas/layer_{l:02d}" for l in cache.layers] + ["tokens/ids", "tokens/offsets", "masks/loss",
-                                                               "masks/target", "embeddings"]
+                                                               "masks/target"]
+    if has_embeddings(attrs):
+        names.append("embeddings")
     if cache.storage["kind"] == "int8":
         names += [f"deltas/scale_{l:02d}" for l in cache.layers]
     for name in names:

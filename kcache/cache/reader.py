@@ -26,7 +26,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from kcache.cache.format import ATTRS_KEY, DTYPES, FORMAT, MANIFEST, SCHEMA_VERSION, CacheError, decode_rows
+from kcache.cache.format import (
+    ATTRS_KEY,
+    DTYPES,
+    FORMAT,
+    MANIFEST,
+    SCHEMA_VERSION,
+    CacheError,
+    decode_rows,
+    manifest_schema,
+)
 from kcache.cache.location import Location
 from kcache.cache.lossy import decode_block, dequantize_int8_rows, encode_block, storage_spec
 from kcache.paths import check_manifest_paths, local_tree_problems, safe_local_path
@@ -68,9 +77,16 @@ def expected_arrays(attrs: dict, rows: int, tokens: int, samples: int) -> dict[s
         "tokens/offsets": ((samples + 1,), "int64"),
         "masks/loss": ((rows,), "bool"),
         "masks/target": ((rows,), "bool"),
-        "embeddings": ((attrs["vocab_size"], h), base),
     })
+    if has_embeddings(attrs):
+        out["embeddings"] = ((attrs["vocab_size"], h), base)
     return out
+
+
+def has_embeddings(attrs: dict) -> bool:
+    """Whether a part stores the embedding matrix: every part does, except the unit parts of an
+    elastic extraction after the first (``has_embeddings: false``; the cache's first part holds it)."""
+    return attrs.get("has_embeddings", True) is not False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +222,7 @@ def read_manifest(loc: Location) -> dict | None:
         return None
     doc = read_json(loc, MANIFEST)
     try:
-        validate_document(doc, "cache-manifest-v1", loc.url(MANIFEST))
+        validate_document(doc, manifest_schema(doc), loc.url(MANIFEST))
     except SchemaError as e:
         raise CacheError(str(e)) from None
     check_manifest_paths(doc, loc.url(MANIFEST))
@@ -376,6 +392,9 @@ class Cache:
         self.location, self.parts, self.manifest = loc, parts, manifest
         self.path = loc.local_path if loc.local_path is not None else loc.spec
         first = parts[0].attrs
+        if not has_embeddings(first):
+            raise CacheError(f"{loc}: its first part ({parts[0].name}) holds no embedding matrix (has_embeddings: "
+                             "false); only an elastic extraction's later units may leave it to the first part")
         for p in parts[1:]:
             diffs = settings_differences(first["settings"], p.attrs["settings"])
             if diffs:
@@ -477,6 +496,12 @@ class Cache:
             a["storage_error"] = combine_errors([p.attrs.get("storage_error", {}) for p in self.parts])
         a["status"] = "complete" if all(p.attrs["status"] == "complete" for p in self.parts) else "extracting"
         a["parts"] = len(self.parts)
+        ex = [p.attrs.get("extraction") or {} for p in self.parts]
+        if isinstance(a.get("extraction"), dict) and all(isinstance(e.get("batches"), int) for e in ex):
+            a["extraction"]["batches"] = sum(e["batches"] for e in ex)  # the whole cache's, not its first part's
+        if isinstance(a.get("extraction"), dict) and all("unit" in e for e in ex):
+            del a["extraction"]["unit"]  # an elastic extraction's units: say how many, not the first one's place
+            a["extraction"]["units"] = len(ex)
         return a
 
     # -- metadata

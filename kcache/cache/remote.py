@@ -3,8 +3,8 @@
 Conventions:
 
 - Only finalized caches can be pulled: ``manifest.json`` at the cache root (schema
-  cache-manifest-v1) lists every file with its size and sha256. Nothing is listed remotely (plain
-  HTTP cannot list directories); the manifest is the list.
+  cache-manifest-v1, or -v2 for elastic extractions) lists every file with its size and sha256.
+  Nothing is listed remotely (plain HTTP cannot list directories); the manifest is the list.
 - A file of part ``P`` listed as ``R`` lands at ``DIR/P/R`` (``P`` = '.' is the root itself).
   Manifest paths are untrusted: absolute paths, '..', '.', empty components, backslashes, NUL, and
   a symlink anywhere on the way into ``DIR`` are refused before a single byte is fetched
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from kcache._io import atomic_write_bytes, sha256_file
-from kcache.cache.format import MANIFEST, CacheError
+from kcache.cache.format import MANIFEST, CacheError, manifest_schema
 from kcache.cache.integrity import validate_cache
 from kcache.cache.location import Location
 from kcache.cache.subset import pull_subset
@@ -85,7 +85,7 @@ def parse_manifest(raw: bytes, where: str) -> dict:
     if not isinstance(doc, dict):
         raise CacheError(f"{where}: not a kcache manifest (a JSON object is expected)")
     try:
-        validate_document(doc, "cache-manifest-v1", where)
+        validate_document(doc, manifest_schema(doc), where)
     except SchemaError as e:
         raise CacheError(str(e)) from None
     return doc

@@ -153,9 +153,12 @@ def create_cache(
     token_offsets: np.ndarray,
     loss_mask: np.ndarray,
     target_mask: np.ndarray,
-    embeddings: np.ndarray,
+    embeddings: np.ndarray | None,
 ):
-    """Write everything known before any forward pass; the delta arrays are created empty."""
+    """Write everything known before any forward pass; the delta arrays are created empty.
+
+    ``embeddings`` None: no embedding matrix in this store (an elastic extraction's later units,
+    ``has_embeddings: false`` in ``attrs``; the cache's first part holds it)."""
     s = attrs["settings"]
     validate_document(attrs, "cache-v1", f"{path}/zarr.json")
     final = Path(path)
@@ -180,11 +183,12 @@ def create_cache(
                    fill=False if arr.dtype == bool else 0)
         if len(arr):
             a[:] = arr
-    v = embeddings.shape[0]
-    erows = max(1, min(v, default_chunk_rows(hidden, s["dtype"])))
-    e = _array(group, "embeddings", embeddings.shape, (erows, hidden), (erows * EMBEDDING_SHARD_CHUNKS, hidden),
-               embeddings.dtype)
-    e[:] = embeddings
+    if embeddings is not None:
+        v = embeddings.shape[0]
+        erows = max(1, min(v, default_chunk_rows(hidden, s["dtype"])))
+        e = _array(group, "embeddings", embeddings.shape, (erows, hidden), (erows * EMBEDDING_SHARD_CHUNKS, hidden),
+                   embeddings.dtype)
+        e[:] = embeddings
     pq.write_table(index.cast(arrow_schema("cache-index-v1")), path / "index.parquet")
     pq.write_table(skipped.cast(arrow_schema("cache-skipped-v1")), path / "skipped.parquet")
     (path / COMMIT_LOG).write_bytes(b"")

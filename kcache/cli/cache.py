@@ -55,11 +55,21 @@ def extract_cmd(
                                       help="--targets distilled: Adam steps on the deltas per batch"),
     distill_lr: float = typer.Option(0.05, "--distill-lr",
                                      help="--targets distilled: learning rate, times each layer's delta RMS"),
+    elastic: bool = typer.Option(False, "--elastic",
+                                 help="be one worker of an elastic extraction: any number of workers (torchrun ranks, "
+                                      "a SLURM array, processes on machines sharing the filesystem), started or "
+                                      "stopped any time, fill --out unit by unit; same bytes whatever their number"),
+    unit_tokens: int = typer.Option(None, "--unit-tokens",
+                                    help="--elastic: padded tokens (both passes) per work unit (default 262144)"),
+    lease_stale: float = typer.Option(None, "--lease-stale",
+                                      help="--elastic: seconds without a heartbeat after which another worker takes a "
+                                           "unit over (default 600; a dead worker on the same host at once)"),
 ):
     """Stage one: run the frozen decoder twice per sample and cache the per-layer differences.
 
     Under torchrun (``torchrun --nproc-per-node N -m kcache extract ...``) each rank writes its
-    own part and rank 0 writes the manifest that joins them.
+    own part and rank 0 writes the manifest that joins them. With ``--elastic`` every process is
+    an independent worker instead (docs/sharing.md, "Extracting on many processes").
     """
     from kcache import distributed as dist
     from kcache.extract import ExtractConfig, extract
@@ -68,8 +78,12 @@ def extract_cmd(
     rank, world, local = dist.dist_env()
     if distributed and world == 1:
         fail("--distributed needs a launcher that sets RANK/WORLD_SIZE (torchrun, srun)")
+    if distributed and elastic:
+        fail("--elastic and --distributed exclude each other: elastic workers need no process group")
+    ecfg = _elastic_config(elastic, unit_tokens, lease_stale)
     if world > 1:
-        dist.init()
+        if ecfg is None:
+            dist.init()  # elastic workers never talk to each other: no process group
         if device is None:
             import torch
 
@@ -81,9 +95,28 @@ def extract_cmd(
                         distill_steps=distill_steps, distill_lr=distill_lr)
     with errors():
         decoder = load_decoder(model, device=device, dtype=model_dtype, trust_remote_code=trust_remote_code)
-        report = extract(decoder, samples, out, cfg, overwrite=overwrite, progress=rank == 0, rank=rank, world=world)
+        report = extract(decoder, samples, out, cfg, overwrite=overwrite, progress=rank == 0, rank=rank, world=world,
+                         elastic=ecfg)
     for line in report.lines():
         typer.echo(f"[rank {rank}/{world}] {line}" if world > 1 else line)
+
+
+def _elastic_config(elastic: bool, unit_tokens: int | None, lease_stale: float | None):
+    """The ``ElasticConfig`` of ``--elastic`` (None without it; its options alone are refused)."""
+    if not elastic:
+        if unit_tokens is not None or lease_stale is not None:
+            fail("--unit-tokens and --lease-stale only apply with --elastic")
+        return None
+    from kcache.elastic import ElasticConfig
+
+    ecfg = ElasticConfig()
+    if unit_tokens is not None:
+        ecfg.unit_tokens = unit_tokens
+    if lease_stale is not None:
+        if lease_stale <= 0:
+            fail(f"--lease-stale must be > 0 seconds, not {lease_stale}")
+        ecfg.stale_s = lease_stale
+    return ecfg
 
 
 def inspect_cmd(cache: str = typer.Argument(..., help="cache directory or URL"),
@@ -91,11 +124,14 @@ def inspect_cmd(cache: str = typer.Argument(..., help="cache directory or URL"),
     """Summarise a cache: settings, counts, per-layer statistics."""
     from kcache.cache.reader import Cache
 
+    if _elastic_in_progress(cache):
+        return
     with errors():
         c = Cache.open(cache, require_complete=False)
     a, s = c.attrs, c.settings
+    made = f" on {a['created']}" if a.get("created") else ""
     typer.echo(f"{cache}: kcache cache v{a['schema_version']} ({a['status']}), "
-               f"written by kcache {a['kcache_version']} on {a['created']}")
+               f"written by kcache {a['kcache_version']}{made}")
     typer.echo(f"model      {s['model'].get('name', '')} {s['model']['architecture']} weights "
                f"{s['model']['weights_hash'][:19]}")
     typer.echo(f"site       {s['site']}   layers {','.join(map(str, s['layers']))}   dtype {s['dtype']}   "
@@ -140,7 +176,25 @@ def _extraction_line(ex: dict) -> str:
             f"{ex.get('model_dtype', '?')} weights, "
             + (f"{threads} thread(s)" if threads is not None else "thread count not recorded")
             + f", {ex.get('batches', '?')} batches" + (f", {world} ranks" if world > 1 else "")
+            + (f", elastic: {ex['units']} units" if ex.get("units") else "")
             + " (bit-identical re-extraction needs the same torch, device and thread count)")
+
+
+def _elastic_in_progress(cache: str) -> bool:
+    """Print where an unfinished elastic extraction stands; False when ``cache`` is not one."""
+    from kcache.elastic import elastic_progress
+
+    if "://" in cache:
+        return False
+    with errors():
+        p = elastic_progress(cache)
+    if p is None:
+        return False
+    typer.echo(f"{cache}: elastic extraction in progress: {p['committed']} of {p['units']} units committed, "
+               f"{len(p['leases'])} lease(s)")
+    for lease in p["leases"]:
+        typer.echo(f"  unit {lease['unit']}: {lease['owner']}, heartbeat {lease['heartbeat_age_s']} s ago")
+    return True
 
 
 def _storage_line(c) -> str:
@@ -193,8 +247,14 @@ def finalize_cmd(cache: Path = typer.Argument(..., help="a complete cache writte
     """Write the manifest (digests) of a complete cache and make it read-only."""
     from kcache.cache.integrity import finalize
     from kcache.cache.reader import Cache
+    from kcache.elastic import elastic_progress
 
     with errors():
+        p = elastic_progress(cache)
+        if p is not None:
+            fail(f"{cache} is an elastic extraction in progress ({p['committed']} of {p['units']} units committed): "
+                 "the worker that commits the last unit finalizes it; rerun `kcache extract --elastic` with the same "
+                 "settings to finish it")
         Cache.open(cache)
         m = finalize(cache, provenance={"finalized_later": True})
     typer.echo(f"{cache}: finalized, {sum(len(p['files']) for p in m['parts'])} files, "
