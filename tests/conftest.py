@@ -143,6 +143,22 @@ def relist(root: Path, *rels: str, part: str = ".") -> None:
     man.write_text(json.dumps(doc))
 
 
+def cli_env(home) -> dict:
+    """Environment for ``kcache`` run in a subprocess: one thread (results comparable across
+    processes), unbuffered output, its own ``KCACHE_HOME``."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "KCACHE_HOME": str(home),
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_nobos):
+    """A tiny Llama saved as an HF directory, shared by a module's subprocess tests."""
+    d = tmp_path_factory.mktemp("model") / "tiny-llama"
+    make_model("llama", len(tokenizer_nobos), layers=4).save_pretrained(d)
+    tokenizer_nobos.save_pretrained(d)
+    return d
+
+
 @pytest.fixture
 def saved_model(tmp_path, tokenizer_nobos, monkeypatch):
     """A tiny Llama saved as an HF directory (for commands run in subprocesses)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_model, tiny_dec, unlock
+from conftest import cli_env, tiny_dec, unlock
 from typer.testing import CliRunner
 
 from kcache.cache import Cache, CacheError, finalize, merge, validate_cache
@@ -66,16 +66,7 @@ runpy.run_module("kcache", run_name="__main__")
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "KCACHE_HOME": str(home),
-            "TOKENIZERS_PARALLELISM": "false"}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer_nobos):
-    d = tmp_path_factory.mktemp("model") / "tiny-llama"
-    make_model("llama", len(tokenizer_nobos), layers=4).save_pretrained(d)
-    tokenizer_nobos.save_pretrained(d)
-    return d
+    return cli_env(home)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_model
+from conftest import cli_env
 from typer.testing import CliRunner
 
 from kcache.cache import Cache, CacheError, merge, validate_cache
@@ -88,16 +88,7 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def env(home):
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "KCACHE_HOME": str(home),
-            "TOKENIZERS_PARALLELISM": "false"}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer_nobos):
-    d = tmp_path_factory.mktemp("model") / "tiny-llama"
-    make_model("llama", len(tokenizer_nobos), layers=4).save_pretrained(d)
-    tokenizer_nobos.save_pretrained(d)
-    return d
+    return cli_env(home)
 
 
 @pytest.fixture(scope="module")
