@@ -215,8 +215,9 @@ def stacked_forward(encoders: list[KnowledgeEncoder], embeds: torch.Tensor, vali
     The same maths as ``KnowledgeEncoder.forward``, shaped for the hardware: the encoders of a stack
     read the same tokens, so each linear layer of all E encoders is one batched matmul (q/k/v and
     gate/up fused per encoder), the down-projection one matmul of E*hidden columns, and attention
-    one call over E*B sequences. A handful of large kernels instead of ~30*E small ones is what
-    makes fit/finetune fast on CPU, where each small bf16 kernel costs more to launch than to run.
+    one call over E*B sequences (4-D, so GPUs use their fused kernels). A handful of large kernels
+    instead of ~30*E small ones matters on GPUs, where launching a kernel of this size costs more
+    than running it; on CPU it runs as fast as E separate passes (docs/training.md).
     Results equal the per-encoder forward up to float rounding (tests/test_precision.py).
     """
     c = encoders[0].c
@@ -224,17 +225,18 @@ def stacked_forward(encoders: list[KnowledgeEncoder], embeds: torch.Tensor, vali
     h, heads, hd = c.hidden_size, c.num_heads, c.head_dim
     if positions is None:
         positions = torch.arange(n, device=embeds.device)[None].expand(b, n)
-    mask = attention_mask(valid, n)
-    rope_cs = rope_tables(positions, hd, c.rope_theta)
+    masks = attention_mask(valid, n).repeat(e, 1, 1, 1)  # (E*B, 1, n, n), encoder-major like q/k/v
+    cs = tuple(t.repeat(e, 1, 1, 1) for t in rope_tables(positions, hd, c.rope_theta))
     down = _stacked(encoders, lambda m: m.down_proj.weight)  # (E, h, d)
     x = (embeds.reshape(b * n, -1) @ down.reshape(e * h, -1).t()).view(b, n, e, h).permute(2, 0, 1, 3)
     for i in range(c.num_layers):
         blocks = [enc.blocks[i] for enc in encoders]
         y = _rms(x, _stacked(blocks, lambda m: m.attn_norm.weight), c.rms_eps)
         qkv = _linear(y, _stacked(blocks, lambda m: torch.cat([m.q.weight, m.k.weight, m.v.weight])))
-        q, k, v = (t.reshape(e, b, n, heads, hd).transpose(2, 3) for t in qkv.split(h, -1))
-        att = attend(rope(q, *rope_cs), rope(k, *rope_cs), v, mask)  # (E, B, H, n, hd)
-        x = x + _linear(att.transpose(2, 3).reshape(e, b, n, h), _stacked(blocks, lambda m: m.o.weight))
+        # (E*B, H, n, hd): 4-D, as the fused attention kernels (CUDA flash / memory-efficient) need
+        q, k, v = (t.reshape(e * b, n, heads, hd).transpose(1, 2) for t in qkv.split(h, -1))
+        att = attend(rope(q, *cs), rope(k, *cs), v, masks)
+        x = x + _linear(att.transpose(1, 2).reshape(e, b, n, h), _stacked(blocks, lambda m: m.o.weight))
         y = _rms(x, _stacked(blocks, lambda m: m.mlp_norm.weight), c.rms_eps)
         gate, up = _linear(y, _stacked(blocks, lambda m: torch.cat([m.gate.weight, m.up.weight]))).chunk(2, -1)
         x = x + _linear(F.silu(gate) * up, _stacked(blocks, lambda m: m.down.weight))

@@ -464,7 +464,7 @@ def _extract(decoder, samples, out, cfg, overwrite, progress, rank, world) -> Ex
     out = root / part_name(rank, world) if world > 1 else root
     table, layers, chunk, shard = _check_request(decoder, samples, root, cfg, world)
     settings = _settings(decoder, cfg, layers, table, chunk, shard)
-    report = _finalized_report(root, settings, overwrite)
+    report = _finalized_report(root, settings, overwrite, decoder)
     if report is not None:
         return report
     from kcache.elastic import refuse_if_elastic
@@ -475,6 +475,7 @@ def _extract(decoder, samples, out, cfg, overwrite, progress, rank, world) -> Ex
     resume_row = 0
     existing = _existing_part(out, settings, overwrite)
     if existing is not None:
+        _same_model_dtype(existing, decoder, out)
         if existing["status"] == "complete":
             return _finish_completed_part(root, out, rank, world, existing)
         resume_row, budget = _resume_point(out, existing, cfg)
@@ -526,7 +527,19 @@ def _check_request(decoder: Decoder, samples, root: Path, cfg: ExtractConfig,
     return table, layers, chunk, shard
 
 
-def _finalized_report(root: Path, settings: dict, overwrite: bool) -> ExtractReport | None:
+def _same_model_dtype(attrs: dict, decoder: Decoder, where: Path) -> None:
+    """A cache's deltas come from one decoder precision: refuse to resume, or to call complete, a
+    cache whose recorded ``extraction.model_dtype`` is not the loaded decoder's (the default is bf16
+    on some hardware and float32 on other, so an old float32 cache meets a bf16 run)."""
+    had = (attrs.get("extraction") or {}).get("model_dtype")
+    now = str(decoder.dtype).removeprefix("torch.")
+    if had is not None and had != now:
+        raise CacheError(f"{where} was extracted with the decoder in {had}, the decoder is loaded in {now}; "
+                         f"pass --model-dtype {had} to continue or reuse it, or use another --out")
+
+
+def _finalized_report(root: Path, settings: dict, overwrite: bool,
+                      decoder: Decoder | None = None) -> ExtractReport | None:
     """Refuse or report a finalized cache (one with a manifest) at ``root``.
 
     Finalized caches are immutable: different settings, or ``overwrite``, are refused; the same
@@ -541,6 +554,8 @@ def _finalized_report(root: Path, settings: dict, overwrite: bool) -> ExtractRep
     if diffs:
         raise CacheError(f"{root} holds a finalized cache made with different settings (cache vs asked: "
                          f"{'; '.join(diffs)}); finalized caches are immutable: use another --out")
+    if decoder is not None and not overwrite:
+        _same_model_dtype(done.attrs, decoder, root)
     if overwrite:
         refuse_if_finalized(root, "overwrite it")
     c = done.attrs["counts"]

@@ -489,6 +489,14 @@ def finetune(decoder: Decoder, samples, encoders, out, cfg: FinetuneConfig | Non
         return _finetune(decoder, samples, encoders, out, cfg, progress, on_step, log)
 
 
+def _dtype_key(decoder: Decoder) -> dict:
+    """The decoder dtype as part of a finetune run's identity, only where it is not the dtype every
+    earlier kcache loaded on that device (bf16 on CUDA, float32 elsewhere): runs and checkpoints made
+    before the key existed keep matching, and a bf16 run on CPU is a different run."""
+    dtype = str(decoder.dtype).removeprefix("torch.")
+    return {} if dtype == ("bfloat16" if decoder.device.type == "cuda" else "float32") else {"decoder_dtype": dtype}
+
+
 def _finetune(decoder: Decoder, samples, encoders, out, cfg, progress, on_step, log) -> dict:
     from kcache.data.samples import read_samples, sample_set_fingerprint
 
@@ -510,8 +518,7 @@ def _finetune(decoder: Decoder, samples, encoders, out, cfg, progress, on_step, 
     if not train or not val:
         raise ValueError("need train and validation samples with knowledge and targets (have "
                          f"{len(train)} / {len(val)})")
-    run_id = {"samples": sample_set_fingerprint(table), "model": base_meta["model"],
-              "decoder_dtype": str(decoder.dtype).removeprefix("torch."),
+    run_id = {"samples": sample_set_fingerprint(table), "model": base_meta["model"], **_dtype_key(decoder),
               "start": {k: v for k, v in prov.items() if k != "source_training"},
               "config": dataclasses.asdict(cfg) | {"layers": layers}}
 

@@ -206,7 +206,8 @@ def _extract_key(run: RunOptions, ecfg, samples: Path) -> dict:
     model = run.model
     mp = Path(model)
     ident = {"model": model, **({"model_stat": [mp.stat().st_size, mp.stat().st_mtime_ns]} if mp.exists() else {}),
-             # the dtype "auto" resolves to here: a float32 cache is not "complete" for a bf16 run
+             # the dtype "auto" resolves to here: a cache of another decoder dtype is not reused
+             # silently (the extract stage then refuses it, naming both dtypes)
              "model_dtype": str(resolve_dtype(run.model_dtype, resolve_device(run.device))).removeprefix("torch.")}
     return {**ident, "extract": json.loads(json.dumps(dataclasses.asdict(ecfg))),
             "samples": sample_set_fingerprint(read_samples(samples))}
@@ -233,11 +234,11 @@ def _run_extract(ctx: Context, ecfg) -> dict:
     if old.get("key") == key and (ctx.cache / "manifest.json").exists():
         # Same model, settings and samples as the run that finalized the cache: no decoder needed.
         ctx.log(f"extract: {ctx.cache} complete for these settings (skipped)")
-        return {**old, "status": "already complete", "skipped": True}
+        return {**old, "status": "already complete"}
     rep = extract(ctx.get_decoder(), ctx.samples, ctx.cache, ecfg)
     for line in rep.lines():
         ctx.log(f"extract: {line}")
-    return {"samples": rep.samples, "skipped": rep.status == "already complete", "status": rep.status,
+    return {"samples": rep.samples, "skipped": rep.skipped, "status": rep.status,
             "input_tokens": rep.input_tokens, "key": key}
 
 
@@ -247,6 +248,14 @@ def _run_fit(ctx: Context, fcfg) -> dict:
     summary = fit_encoders(ctx.cache, ctx.run_dir / "encoders", fcfg)
     ctx.log("fit:\n" + summary_table(summary))
     return {**summary, "skipped": bool(summary.get("skipped"))}
+
+
+def _was_skipped(summary: dict) -> bool:
+    """Whether a stage found its output complete: extract says so in ``status`` (its ``skipped`` is
+    the number of samples it skipped, as report.json has always had it), the others in ``skipped``."""
+    if "status" in summary:
+        return summary["status"] == "already complete"
+    return bool(summary.get("skipped"))
 
 
 def run_pipeline(config: str | Path, log=print) -> dict:
@@ -278,9 +287,9 @@ def run_pipeline(config: str | Path, log=print) -> dict:
         t0 = time.perf_counter()
         summary = stage.run(ctx, built[name])
         # A skipped stage keeps the time of the run that did its work, so report.json says what it costs.
-        timings[name] = previous.get(name, time.perf_counter() - t0) if summary.get("skipped") \
-            else time.perf_counter() - t0
-        if summary.get("skipped"):
+        was_skipped = _was_skipped(summary)
+        timings[name] = previous.get(name, time.perf_counter() - t0) if was_skipped else time.perf_counter() - t0
+        if was_skipped:
             skipped.append(name)
         if name != "data":
             report["stages"][name] = summary

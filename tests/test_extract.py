@@ -60,3 +60,26 @@ def test_batch_size_one_equals_batched(tiny_decoder, demo_samples, tmp_path):
         x, y = a.read_rows(layer, 0, a.total_rows), b.read_rows(layer, 0, b.total_rows)
         assert x.shape == y.shape
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * np.abs(x).max())
+
+
+def test_a_cache_is_not_resumed_or_reused_by_a_decoder_of_another_dtype(saved_model, demo_samples, tmp_path):
+    """The default decoder dtype depends on the hardware (bf16 where it is fast): a float32 cache
+    met by a bf16 decoder is refused, naming both, whether finalized or interrupted."""
+    from kcache.errors import CacheError
+    from kcache.models import load_decoder
+
+    f32 = load_decoder(str(saved_model), device="cpu", dtype="float32")
+    bf16 = load_decoder(str(saved_model), device="cpu", dtype="bfloat16")
+    cfg = ExtractConfig(layers="1-2", dtype="float32")
+    out = tmp_path / "c.zarr"
+    extract(f32, demo_samples, out, cfg, progress=False)
+    assert extract(f32, demo_samples, out, cfg, progress=False).status == "already complete"
+    with pytest.raises(CacheError, match=r"extracted with the decoder in float32, the decoder is loaded in bfloat16"):
+        extract(bf16, demo_samples, out, cfg, progress=False)
+    # an interrupted one: the part without its manifest
+    part = tmp_path / "p.zarr"
+    extract(f32, demo_samples, part, cfg, progress=False)
+    (part / "manifest.json").chmod(0o644)
+    (part / "manifest.json").unlink()
+    with pytest.raises(CacheError, match=r"pass --model-dtype float32"):
+        extract(bf16, demo_samples, part, cfg, progress=False)
