@@ -34,11 +34,13 @@ def loader_pass(spec: str, verify: bool | None, batch_size: int, buffer_mb: int)
     t0 = time.perf_counter()
     loader = BatchLoader(reader, train, batch_size, 2048, 0, 0)
     tokens, first = 0, None
-    for b in loader:
-        first = time.perf_counter() - t0 if first is None else first
-        tokens += int(b.valid.sum())
+    try:
+        for b in loader:
+            first = time.perf_counter() - t0 if first is None else first
+            tokens += int(b.valid.sum())
+    finally:
+        loader.close()  # its read-ahead threads, whatever happened
     seconds = time.perf_counter() - t0
-    loader.close()
     # The first batch waits for the shuffling buffer (2,048 samples) to fill: for a small cache, the whole epoch.
     out = {"seconds": seconds, "first_batch_seconds": first, "tokens_per_second": tokens / seconds,
            "mb_per_second": reader.bytes_read / 2**20 / seconds, "verified": c.verified is not None}
