@@ -464,10 +464,18 @@ def _drop_coordination(root: Path) -> None:
 
 def _finish_job(job: _Job, owner: Owner) -> str:
     """Write the manifest if no other worker does: under the finalize lease and the output lock,
-    exactly once however many workers find every unit committed at the same moment."""
-    lease, _ = acquire(job.lease_path(FINALIZE), owner, FINALIZE, job.ecfg.stale_s)
-    if lease is None:
-        return "complete (another worker writes the manifest)"
+    exactly once however many workers find every unit committed at the same moment.
+
+    While another worker holds the finalize lease, wait (looking every ``poll`` seconds) until the
+    manifest appears or that lease goes stale and is taken over: a finalizer that dies (on another
+    host, where its pid cannot be tested) is then completed by a survivor."""
+    while True:
+        if (job.root / MANIFEST).exists() and not (job.root / ELASTIC_DIR).exists():
+            return "complete (finalized by another worker)"
+        lease, _ = acquire(job.lease_path(FINALIZE), owner, FINALIZE, job.ecfg.stale_s)
+        if lease is not None:
+            break
+        time.sleep(job.ecfg.poll())
     try:
         with keep_alive(lease, job.ecfg.heartbeat()), _locked(job.root, FINALIZING, job.ecfg.start_wait_s):
             if (job.root / MANIFEST).exists():

@@ -385,6 +385,34 @@ def test_the_heartbeat_outlives_a_missed_beat_and_stops_once_the_loss_is_confirm
     assert gone.calls == LOST_BEATS
 
 
+def test_a_dead_finalizer_elsewhere_is_waited_for_then_taken_over(tmp_path, monkeypatch):
+    """Every unit committed, the finalize lease held by a worker on another host that died: a survivor
+    waits until that lease goes stale, takes it over and writes the manifest (never 'complete' with
+    no manifest). A live finalizer that writes it meanwhile is waited for too."""
+    import kcache.elastic as el
+
+    def fake_finalize(root, parts, **kw):
+        (Path(root) / "manifest.json").write_text("{}")
+
+    monkeypatch.setattr(el, "finalize", fake_finalize)
+    for name, stale_s in (("dead", 1.0), ("live", 600.0)):
+        root = tmp_path / f"{name}.zarr"
+        (root / "parts").mkdir(parents=True)
+        job = el._Job(root, None, None, ElasticConfig(stale_s=stale_s, poll_s=0.05), None, None, [], 0, {}, None,
+                      [(0, 1)], {"units": {"count": 1, "unit_tokens": UNIT}})
+        _write_lease(job.lease_path("finalize"), "elsewhere", 1, time.time(), "finalize")
+        if name == "live":  # the holder finishes: manifest written, coordination dropped
+            def finish(root=root):
+                time.sleep(0.3)
+                (root / "manifest.json").write_text("{}")
+                shutil.rmtree(root / ELASTIC_DIR)
+            threading.Thread(target=finish).start()
+        with Owner.new() as me:
+            status = el._finish_job(job, me)
+        assert (root / "manifest.json").exists() and not (root / ELASTIC_DIR).exists(), name
+        assert status == ("complete" if name == "dead" else "complete (finalized by another worker)"), name
+
+
 def test_two_stealers_cannot_both_win(tmp_path):
     path = tmp_path / "unit-00003.lease"
     _write_lease(path, socket.gethostname(), _dead_pid(), time.time(), 3)
