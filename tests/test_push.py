@@ -191,6 +191,39 @@ def test_push_refuses_a_destination_holding_something_else(caches, mem_url, tmp_
         push(caches["one"], tmp_path / "a-file", progress=False)
 
 
+@pytest.mark.parametrize("race", ["marker", "manifest"])
+def test_a_concurrent_push_to_the_same_url_is_refused_before_the_manifest(caches, mem_url, monkeypatch, race):
+    """Two pushes of different caches to one URL at once: the one that finds the marker replaced (or
+    another manifest written) while it uploaded refuses to write its manifest, naming the URL."""
+    real = publish_mod.upload_file
+    fs, root = fsspec.core.url_to_fs(mem_url)
+    other = (caches["other"] / MANIFEST).read_bytes()
+
+    def racing(dest, path, key):
+        real(dest, path, key)
+        if race == "marker":  # the other push started after ours and wrote its marker
+            doc = publish_mod.marker_document(other, json.loads(other))
+            fs.pipe_file(f"{root}/{MARKER}", json.dumps(doc).encode())
+        else:  # the other push finished first
+            fs.pipe_file(f"{root}/{MANIFEST}", other)
+
+    monkeypatch.setattr(publish_mod, "upload_file", racing)
+    with pytest.raises(CacheError, match=rf"{mem_url}.*(another push|{MARKER})"):
+        push(caches["one"], mem_url, progress=False)
+    ours = (caches["one"] / MANIFEST).read_bytes()
+    assert not fs.exists(f"{root}/{MANIFEST}") or fs.cat_file(f"{root}/{MANIFEST}") != ours
+
+
+def test_a_new_hub_repository_counts_as_empty():
+    empty = publish_mod.listing_is_empty
+    assert empty([], hub=False) and empty([], hub=True)
+    assert empty(["datasets/u/r/.gitattributes"], hub=True)
+    assert empty(["datasets/u/r/.gitattributes", "datasets/u/r/README.md"], hub=True)
+    assert not empty(["datasets/u/r/.gitattributes", "datasets/u/r/README.md", "datasets/u/r/data.csv"], hub=True)
+    assert not empty(["datasets/u/r/.gitattributes", "datasets/u/r/notes.txt"], hub=True)
+    assert not empty(["/x/.gitattributes"], hub=False) and not empty(["/x/README.md"], hub=False)
+
+
 def test_push_refuses_unfinalized_and_invalid_caches(caches, tmp_path, mem_url):
     copy = tmp_path / "copy.zarr"
     shutil.copytree(caches["one"], copy)
