@@ -17,7 +17,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import tiny_dec, unlock
+from conftest import relist, tiny_dec, unlock
 from typer.testing import CliRunner
 
 from kcache.cache import Cache, CacheError, pull, push, validate_cache
@@ -26,7 +26,7 @@ from kcache.cache.card import SIDECAR_CARD_NAME, dataset_card, size_category, ya
 from kcache.cache.format import MANIFEST
 from kcache.cache.publish import MARKER, crowded_folders, folder_entries, upload_order
 from kcache.cache.remote import manifest_files
-from kcache.cache.subset import expand, select_samples, spans, stored
+from kcache.cache.subset import check_spans, expand, select_samples, spans, stored
 from kcache.cache.writer import OBJECT_STORE_FOLDER_LIMIT, shard_rows_within, store_folder_entries
 from kcache.cli import app
 
@@ -356,6 +356,50 @@ def test_selection_helpers():
     assert spans(pos, max_gap=8, max_len=100) == [(0, 5), (5, 10)]
     assert spans(pos, max_gap=100, max_len=3) == [(0, 3), (3, 5), (5, 7), (7, 10)]  # each under 3 positions long
     assert spans(np.zeros(0, np.int64), 1, 1) == []
+
+
+def test_check_spans_refuses_a_malformed_index():
+    check_spans(np.array([0, 3, 3, 9]), np.array([3, 0, 4, 1]), 10, "row_offset", "src")
+    check_spans(np.zeros(0, np.int64), np.zeros(0, np.int64), 0, "row_offset", "src")
+    for starts, lengths, why in (([0, 2], [3, 1], "not ascending"), ([5, 0], [1, 1], "not ascending"),
+                                 ([0, 8], [3, 5], "past the 10 stored"), ([-1, 3], [1, 1], "negative"),
+                                 ([0, 3], [3, -2], "negative length")):
+        with pytest.raises(CacheError, match=rf"s3://b/c\.zarr: malformed index: row_offset .*{why}"):
+            check_spans(np.array(starts), np.array(lengths), 10, "row_offset", "s3://b/c.zarr")
+
+
+def test_a_partial_pull_of_a_tampered_or_malformed_source_fails_and_leaves_nothing_finalized(caches, tmp_path):
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src.zarr"
+    shutil.copytree(caches["one"], src)
+    unlock(src)
+    man = json.loads((src / MANIFEST).read_text())
+    shard = next(k for k in man["parts"][0]["files"] if k.startswith("deltas/layer_02/c/"))
+    path = src / man["parts"][0]["path"] / shard
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes: only the sha256 tells
+    path.write_bytes(bytes(data))
+    dest = tmp_path / "small.zarr"
+    with pytest.raises(CacheError, match=rf"{shard}.*differs from the manifest"):
+        pull(str(src), dest, progress=False, layers=[2], limit_samples=5)
+    assert not dest.exists() and not (dest.parent / MANIFEST).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("small.zarr")]
+    # A malformed index (offsets not ascending): refused naming the source, nothing written.
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(caches["one"], bad)
+    unlock(bad)
+    part = man["parts"][0]["path"]
+    idx_path = bad / part / "index.parquet"
+    t = pq.read_table(idx_path)
+    ro = t["row_offset"].to_numpy().copy()
+    ro[[0, 1]] = ro[[1, 0]]
+    pq.write_table(t.set_column(t.schema.get_field_index("row_offset"), "row_offset", pa.array(ro, pa.int64())),
+                   idx_path)
+    relist(bad, "index.parquet", part=part)  # digests that match the damaged index: only the offsets are wrong
+    with pytest.raises(CacheError, match=rf"{bad}: malformed index: row_offset"):
+        pull(str(bad), tmp_path / "b.zarr", progress=False, layers=[2], limit_samples=5)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("b.zarr")]
 
 
 @pytest.mark.parametrize("source", ["one", "merged", "int8"])
