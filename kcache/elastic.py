@@ -376,9 +376,13 @@ def _write_unit(job: _Job, k: int, out: Path) -> float:
     return fwd
 
 
-def _commit(job: _Job, k: int, tmp: Path) -> bool:
+def _commit(job: _Job, k: int, tmp: Path, lease: Lease | None = None) -> bool:
     """Rename the complete unit into place; False when another worker committed it first (its
-    bytes equal ours: same batches, same job). Then its digest record, for the manifest."""
+    bytes equal ours: same batches, same job), or when ``lease`` was lost meanwhile (its taker may
+    have judged us dead and removed files of ``tmp`` while we wrote: our copy is not trusted, the
+    caller discards it). Then its digest record, for the manifest."""
+    if lease is not None and not lease.held():
+        return False
     try:
         os.rename(tmp, job.root / unit_name(k))
     except OSError as e:
@@ -392,8 +396,9 @@ def _commit(job: _Job, k: int, tmp: Path) -> bool:
 def _drop_dead_temporaries(parts: Path, k: int | None, owner: Owner) -> None:
     """Delete private unit directories (of unit ``k``, or all) left by dead workers of this host.
 
-    Only this host can tell a dead pid; another host's leftovers wait for finalize."""
-    mine = host_hash(owner.host)
+    Only this host (same host name and PID namespace: the owner tag's host hash covers both) can tell
+    a dead pid; another host's or container's leftovers wait for finalize."""
+    mine = host_hash(owner.host, owner.node)
     for p in parts.iterdir() if parts.is_dir() else ():
         m = UNIT_TMP.match(p.name)
         if not m or (k is not None and int(m[1]) != k):
@@ -403,15 +408,15 @@ def _drop_dead_temporaries(parts: Path, k: int | None, owner: Owner) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _run_unit(job: _Job, k: int, owner: Owner) -> tuple[bool, float]:
-    """Extract and commit unit ``k`` (from scratch); (committed by us, forward seconds)."""
+def _run_unit(job: _Job, k: int, owner: Owner, lease: Lease | None = None) -> tuple[bool, float]:
+    """Extract and commit unit ``k`` (from scratch) while holding ``lease``; (committed by us, forward seconds)."""
     parts = job.root / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     _drop_dead_temporaries(parts, k, owner)
     tmp = parts / f"unit-{k:05d}.{owner.tag}.tmp"
     try:
         fwd = _write_unit(job, k, tmp)
-        return _commit(job, k, tmp), fwd
+        return _commit(job, k, tmp, lease), fwd
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -440,13 +445,14 @@ def _work(job: _Job, owner: Owner, progress: bool) -> dict:
             out["taken_over"] += note is not None
             try:
                 with keep_alive(lease, job.ecfg.heartbeat()):
-                    committed, fwd = _run_unit(job, k, owner)
+                    committed, fwd = _run_unit(job, k, owner, lease)
             finally:
                 lease.release()
             out["forward"] += fwd
             if committed:
                 out["mine"].append(k)
-            done.add(k)
+            if job.committed(k):  # not when our lease was lost before the commit: its taker commits it
+                done.add(k)
     finally:
         bar.close()
 
@@ -458,10 +464,18 @@ def _drop_coordination(root: Path) -> None:
 
 def _finish_job(job: _Job, owner: Owner) -> str:
     """Write the manifest if no other worker does: under the finalize lease and the output lock,
-    exactly once however many workers find every unit committed at the same moment."""
-    lease, _ = acquire(job.lease_path(FINALIZE), owner, FINALIZE, job.ecfg.stale_s)
-    if lease is None:
-        return "complete (another worker writes the manifest)"
+    exactly once however many workers find every unit committed at the same moment.
+
+    While another worker holds the finalize lease, wait (looking every ``poll`` seconds) until the
+    manifest appears or that lease goes stale and is taken over: a finalizer that dies (on another
+    host, where its pid cannot be tested) is then completed by a survivor."""
+    while True:
+        if (job.root / MANIFEST).exists() and not (job.root / ELASTIC_DIR).exists():
+            return "complete (finalized by another worker)"
+        lease, _ = acquire(job.lease_path(FINALIZE), owner, FINALIZE, job.ecfg.stale_s)
+        if lease is not None:
+            break
+        time.sleep(job.ecfg.poll())
     try:
         with keep_alive(lease, job.ecfg.heartbeat()), _locked(job.root, FINALIZING, job.ecfg.start_wait_s):
             if (job.root / MANIFEST).exists():

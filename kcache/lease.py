@@ -12,7 +12,10 @@ POSIX filesystems (NFS v3+ and Lustre included) make atomic:
 * **stale** (:func:`stale_reason`, pure): the owner ran on *this* host and its pid is gone (the
   kernel says it is dead: taken over at once), or its heartbeat is older than ``stale_s`` (a worker
   on another host, or one that stopped heartbeating). Hosts' clocks must agree to well within
-  ``stale_s`` (NTP does).
+  ``stale_s`` (NTP does). "This host" means the same host name *and* the same ``node``
+  (:func:`local_node`: the PID namespace and the boot id), so containers that share a host name
+  but not a PID namespace (``docker --net=host``, Kubernetes ``hostNetwork``) never judge each
+  other's pids; a lease without a ``node`` (older kcache) is judged by its heartbeat only.
 * **takeover**: rename the stale file to a name unique to the stealer. Of two stealers only one
   rename finds the file; the other gets ``ENOENT`` and moves on. Right before renaming, the
   stealer checks that the path still names the file it judged (same inode), and after renaming
@@ -28,6 +31,10 @@ POSIX filesystems (NFS v3+ and Lustre included) make atomic:
   :meth:`Lease.held` says so. Losing a lease never corrupts anything in kcache's use: the work
   itself is committed by an atomic rename that only the first finisher wins
   (:mod:`kcache.elastic`), so a lease only keeps two workers from doing the same unit twice.
+
+The heartbeat thread stops when the lease is released or its loss is confirmed on
+``LOST_BEATS`` consecutive beats: a takeover's rename-aside briefly empties the path even when the
+taker then puts the live lease back.
 
 A worker that hangs while its heartbeat thread lives keeps its lease: stop it (``kill``), and the
 unit is taken over at once on its host, or after ``stale_s`` elsewhere.
@@ -53,30 +60,63 @@ from kcache.schemas import SchemaError, validate_document
 LEASE_FORMAT = "kcache-lease"
 LEASE_BYTES = 1024  # every write pads the JSON to this size: a rewrite in place never leaves a torn, shorter tail
 READ_RETRY_S = 1.0  # a lease that does not parse is re-read for this long (its creator may be writing it)
+LOST_BEATS = 3  # the heartbeat thread gives a lease up after this many consecutive beats find it gone
 
 # Owner ids of this process that are working now: a lease of this pid is live iff its owner is listed.
 _live_owners: set[str] = set()
 _guard = threading.Lock()
 
 
+def _read_first_line(path: str) -> str:
+    try:
+        with open(path, encoding="ascii", errors="replace") as fh:
+            return fh.readline().strip()
+    except OSError:
+        return ""
+
+
+def local_node() -> str:
+    """Where this process's pids mean something: ``pidns:<inode of /proc/self/ns/pid>;boot:<boot id>``,
+    each part when readable ("" where neither is: no /proc, as on macOS, where the host name says
+    it all). Two processes whose host names and nodes are equal can test each other's pids."""
+    parts = []
+    try:
+        parts.append(f"pidns:{os.stat('/proc/self/ns/pid').st_ino}")
+    except OSError:
+        pass
+    boot = _read_first_line("/proc/sys/kernel/random/boot_id")
+    if boot:
+        parts.append(f"boot:{boot}")
+    return ";".join(parts)
+
+
+def same_node(lease: dict, host: str, node: str) -> bool:
+    """Whether the owner of ``lease`` ran where ``host``/``node`` (this process's) can test its pid:
+    same host name and same node. A lease without ``node`` (written by an older kcache) never is."""
+    return lease.get("host") == host and lease.get("node") == node
+
+
 @dataclasses.dataclass(frozen=True)
 class Owner:
-    """Who holds leases: ``id`` is unique per worker (host, pid and a random token)."""
+    """Who holds leases: ``id`` is unique per worker (host, pid and a random token); ``node`` is
+    :func:`local_node` (the pid namespace and boot the pid belongs to)."""
 
     id: str
     host: str
     pid: int
     token: str
+    node: str = ""
 
     @classmethod
     def new(cls) -> Owner:
         host, pid, token = socket.gethostname(), os.getpid(), secrets.token_hex(4)
-        return cls(f"{host}/{pid}/{token}", host, pid, token)
+        return cls(f"{host}/{pid}/{token}", host, pid, token, local_node())
 
     @property
     def tag(self) -> str:
-        """A file-name-safe tag naming this owner: ``w_<host hash>_<pid>_<token>`` (see :func:`parse_tag`)."""
-        return f"w_{host_hash(self.host)}_{self.pid}_{self.token}"
+        """A file-name-safe tag naming this owner: ``w_<host hash>_<pid>_<token>`` (see :func:`parse_tag`);
+        the host hash covers the host name and the node."""
+        return f"w_{host_hash(self.host, self.node)}_{self.pid}_{self.token}"
 
     def __enter__(self) -> Owner:
         with _guard:
@@ -88,9 +128,11 @@ class Owner:
             _live_owners.discard(self.id)
 
 
-def host_hash(host: str) -> str:
-    """8 hex digits naming a host in file names (host names may hold characters file names should not)."""
-    return hashlib.sha256(host.encode()).hexdigest()[:8]
+def host_hash(host: str, node: str = "") -> str:
+    """8 hex digits naming a host (and the :func:`local_node` of a process on it) in file names (host
+    names may hold characters file names should not)."""
+    key = f"{host}|{node}" if node else host
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
 def parse_tag(tag: str) -> tuple[str, int] | None:
@@ -105,21 +147,23 @@ def parse_tag(tag: str) -> tuple[str, int] | None:
 # the decision (pure)
 
 
-def stale_reason(lease: dict, now: float, stale_s: float, host: str, alive: Callable[[dict], bool]) -> str | None:
+def stale_reason(lease: dict, now: float, stale_s: float, host: str, alive: Callable[[dict], bool],
+                 node: str = "") -> str | None:
     """Why ``lease`` no longer protects its unit, or None while it does.
 
     Convention: a lease is stale when
 
-    * its owner ran on this host (``lease["host"] == host``) and ``alive(lease)`` is false (its pid
-      is gone): the kernel's word beats any heartbeat, so a killed worker's unit is taken over at once;
+    * its owner ran on this host (``lease["host"] == host`` and ``lease["node"] == node``: the same
+      PID namespace and boot, :func:`same_node`) and ``alive(lease)`` is false (its pid is gone):
+      the kernel's word beats any heartbeat, so a killed worker's unit is taken over at once;
     * or its heartbeat (seconds since the epoch) is more than ``stale_s`` older than ``now``: the only
-      test for a worker on another host. A heartbeat ahead of ``now`` (a host whose clock runs
-      ahead) counts as fresh.
+      test for a worker on another host (or in another PID namespace). A heartbeat ahead of ``now``
+      (a host whose clock runs ahead) counts as fresh.
 
     A lease without a readable heartbeat must be given one by the caller (the file's mtime).
     Pure: the clock, the host and the liveness test are the caller's.
     """
-    if lease.get("host") == host and isinstance(lease.get("pid"), int) and not alive(lease):
+    if same_node(lease, host, node) and isinstance(lease.get("pid"), int) and not alive(lease):
         return f"its owner (pid {lease['pid']} on {host}) is gone"
     age = now - float(lease.get("heartbeat", 0.0))
     if age > stale_s:
@@ -150,8 +194,8 @@ def pid_alive(lease: dict) -> bool:
 
 
 def lease_doc(owner: Owner, unit: int | str, started: float, heartbeat: float) -> dict:
-    return {"format": LEASE_FORMAT, "owner": owner.id, "host": owner.host, "pid": owner.pid, "started": started,
-            "heartbeat": heartbeat, "unit": unit}
+    return {"format": LEASE_FORMAT, "owner": owner.id, "host": owner.host, "node": owner.node, "pid": owner.pid,
+            "started": started, "heartbeat": heartbeat, "unit": unit}
 
 
 def _encode(doc: dict) -> bytes:
@@ -267,7 +311,7 @@ def acquire(path: Path, owner: Owner, unit: int | str, stale_s: float,
     if got is None:  # released between our create and our read: try once more
         return Lease.create(path, owner, unit), None
     current, seen = got
-    why = stale_reason(current, now(), stale_s, owner.host, pid_alive)
+    why = stale_reason(current, now(), stale_s, owner.host, pid_alive, owner.node)
     if why is None:
         return None, _describe(current)
     lease = take_over(path, owner, unit, stale_s, now, judged=seen)
@@ -287,7 +331,7 @@ def take_over(path: Path, owner: Owner, unit: int | str, stale_s: float,
     except FileNotFoundError:
         return None
     got = read_lease(tomb) or {"heartbeat": 0.0}
-    if stale_reason(got, now(), stale_s, owner.host, pid_alive) is None:
+    if stale_reason(got, now(), stale_s, owner.host, pid_alive, owner.node) is None:
         # A fresh lease replaced the stale one between our read and the rename: put it back (same
         # inode, so its holder's held() stays true). If a third worker claimed the path meanwhile,
         # the holder finds its lease lost and its work is not committed twice (kcache.elastic).
@@ -312,13 +356,21 @@ def _describe(lease: dict) -> str:
 
 @contextlib.contextmanager
 def keep_alive(lease: Lease, interval: float):
-    """Refresh ``lease`` every ``interval`` seconds on a background thread for the ``with`` block."""
+    """Refresh ``lease`` every ``interval`` seconds on a background thread for the ``with`` block.
+
+    A beat that finds the lease gone is not the end: a takeover's rename-aside empties the path for
+    a moment even when the taker then puts the live lease back. The thread stops once the lease is
+    released, or after ``LOST_BEATS`` consecutive beats found it gone (lost for good)."""
     stop = threading.Event()
 
     def run():
+        missed = 0
         while not stop.wait(interval):
             try:
-                if not lease.beat():
+                if lease.closed:
+                    return
+                missed = 0 if lease.beat() else missed + 1
+                if missed >= LOST_BEATS:
                     return  # lost: nothing of ours to refresh any more
             except OSError as e:
                 if e.errno in (errno.EBADF,):

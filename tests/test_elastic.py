@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,8 @@ from kcache.data.synth import synth_samples
 from kcache.elastic import (
     ELASTIC_DIR,
     ElasticConfig,
+    _commit,
+    _drop_dead_temporaries,
     elastic_progress,
     record_differences,
     unit_name,
@@ -39,7 +42,20 @@ from kcache.elastic import (
     unit_target,
 )
 from kcache.extract import ExtractConfig, extract
-from kcache.lease import Lease, Owner, _encode, acquire, host_hash, lease_doc, read_lease, stale_reason, take_over
+from kcache.lease import (
+    LOST_BEATS,
+    Lease,
+    Owner,
+    _encode,
+    acquire,
+    host_hash,
+    keep_alive,
+    lease_doc,
+    local_node,
+    read_lease,
+    stale_reason,
+    take_over,
+)
 
 SMALL = dict(layers="1-2", chunk_rows=32, shard_rows=64, token_budget=96)
 UNIT = 500  # padded tokens per unit: the 36 samples below make 10 units of 3-4 batches
@@ -176,11 +192,16 @@ def _dead_pid() -> int:
     return int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
 
 
-def _write_lease(path: Path, host: str, pid: int, heartbeat: float, unit, owner: str = "someone/1/0") -> None:
-    """A lease written by hand, as another worker would have left it."""
+def _write_lease(path: Path, host: str, pid: int, heartbeat: float, unit, owner: str = "someone/1/0",
+                 node: str | None = None) -> None:
+    """A lease written by hand, as another worker would have left it (of this node when on this host,
+    unless ``node`` says otherwise; ``node=""`` writes none, as older kcache did)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"format": "kcache-lease", "owner": owner, "host": host, "pid": pid, "started": heartbeat - 5,
            "heartbeat": heartbeat, "unit": unit}
+    node = (local_node() if host == socket.gethostname() else "") if node is None else node
+    if node:
+        doc["node"] = node
     path.write_bytes(_encode(doc))
 
 
@@ -219,11 +240,18 @@ def test_stale_reason_convention():
     def alive(lease):
         return lease["pid"] == 42
 
-    fresh = {"host": me, "pid": 42, "heartbeat": now - 5}
-    assert stale_reason(fresh, now, 600, me, alive) is None
-    assert "is gone" in stale_reason({**fresh, "pid": 7}, now, 600, me, alive)  # dead on this host: at once
+    node = "pidns:4026531836;boot:b"
+    fresh = {"host": me, "node": node, "pid": 42, "heartbeat": now - 5}
+    assert stale_reason(fresh, now, 600, me, alive, node) is None
+    assert "is gone" in stale_reason({**fresh, "pid": 7}, now, 600, me, alive, node)  # dead on this host: at once
     other = {"host": "elsewhere", "pid": 7, "heartbeat": now - 599}
     assert stale_reason(other, now, 600, me, alive) is None  # another host's pid says nothing here
+    # Same host name, another PID namespace (docker --net=host, k8s hostNetwork) or boot, or a lease
+    # without a node (older kcache): its pid says nothing here either; only its heartbeat counts.
+    for there in ({**fresh, "pid": 7, "node": "pidns:4026532999;boot:b"}, {**fresh, "pid": 7, "node": "pidns:1;boot:c"},
+                  {k: v for k, v in {**fresh, "pid": 7}.items() if k != "node"}):
+        assert stale_reason(there, now, 600, me, alive, node) is None, there
+        assert "no heartbeat" in stale_reason({**there, "heartbeat": now - 601}, now, 600, me, alive, node)
     assert "no heartbeat for 601 s" in stale_reason({**other, "heartbeat": now - 601}, now, 600, me, alive)
     assert stale_reason({**other, "heartbeat": now + 3600}, now, 600, me, alive) is None  # clock ahead: fresh
     assert stale_reason({"heartbeat": now - 700, "unreadable": True}, now, 600, me, alive)  # by its mtime
@@ -290,6 +318,99 @@ def test_a_stale_lease_is_taken_over_and_a_live_one_is_not(tmp_path):
             lease, who = acquire(path, me, 0, stale_s=600)
             assert lease is None and "someone/1/0" in who, name
             assert path.read_bytes() == before
+
+
+def test_a_pid_of_another_pid_namespace_with_our_host_name_is_not_judged(tmp_path):
+    """Containers sharing a host name but not a PID namespace: the other's pid is not ours to test.
+    Its lease is respected while it heartbeats, and its private unit directory is left alone."""
+    host, now, there = socket.gethostname(), time.time(), "pidns:1;boot:another"
+    path = tmp_path / "leases" / "unit-00000.lease"
+    _write_lease(path, host, _dead_pid(), now, 0, node=there)
+    with Owner.new() as me:
+        assert me.node == local_node() and read_lease(path)["node"] == there
+        lease, who = acquire(path, me, 0, stale_s=600)
+        assert lease is None and "someone/1/0" in who
+        _write_lease(path, host, _dead_pid(), now - 700, 0, node="")  # an older kcache's lease: heartbeat only
+        lease, why = acquire(path, me, 0, stale_s=600)
+        assert lease is not None and "no heartbeat for 700 s" in why
+        assert read_lease(path)["node"] == me.node
+        lease.release()
+        parts = tmp_path / "parts"
+        theirs = parts / f"unit-00000.w_{host_hash(host, there)}_{_dead_pid()}_aa.tmp"
+        dead_here = parts / f"unit-00000.w_{host_hash(host, me.node)}_{_dead_pid()}_bb.tmp"
+        for d in (theirs, dead_here):
+            d.mkdir(parents=True)
+        _drop_dead_temporaries(parts, 0, me)
+        assert theirs.is_dir() and not dead_here.exists()
+
+
+def test_a_unit_is_not_committed_by_a_worker_that_lost_its_lease(tmp_path):
+    root = tmp_path / "c.zarr"
+    tmp = root / "parts" / "unit-00000.w_x.tmp"
+    tmp.mkdir(parents=True)
+    job = types.SimpleNamespace(root=root)
+    path = root / ELASTIC_DIR / "leases" / "unit-00000.lease"
+    with Owner.new() as a, Owner.new() as b:
+        mine = Lease.create(path, a, 0)
+        path.unlink()  # taken over meanwhile: another worker's lease names the path now
+        theirs = Lease.create(path, b, 0)
+        assert not _commit(job, 0, tmp, mine)
+        assert not (root / unit_name(0)).exists() and tmp.is_dir()  # the caller (_run_unit) drops it
+        mine.release()
+        theirs.release()
+
+
+def test_the_heartbeat_outlives_a_missed_beat_and_stops_once_the_loss_is_confirmed():
+    class Fake:
+        closed = False
+
+        def __init__(self, answers):
+            self.answers, self.calls = answers, 0
+
+        def beat(self):
+            self.calls += 1
+            return self.answers(self.calls)
+
+    # The path briefly empty (a takeover's rename-aside, then the live lease put back): beats go on.
+    blip = Fake(lambda n: n != 1)
+    with keep_alive(blip, 0.005):
+        end = time.monotonic() + 30
+        while blip.calls < LOST_BEATS + 3 and time.monotonic() < end:
+            time.sleep(0.01)
+    assert blip.calls >= LOST_BEATS + 3
+    # Lost for good: the thread stops after LOST_BEATS consecutive misses.
+    gone = Fake(lambda n: False)
+    with keep_alive(gone, 0.005):
+        time.sleep(0.3)
+    assert gone.calls == LOST_BEATS
+
+
+def test_a_dead_finalizer_elsewhere_is_waited_for_then_taken_over(tmp_path, monkeypatch):
+    """Every unit committed, the finalize lease held by a worker on another host that died: a survivor
+    waits until that lease goes stale, takes it over and writes the manifest (never 'complete' with
+    no manifest). A live finalizer that writes it meanwhile is waited for too."""
+    import kcache.elastic as el
+
+    def fake_finalize(root, parts, **kw):
+        (Path(root) / "manifest.json").write_text("{}")
+
+    monkeypatch.setattr(el, "finalize", fake_finalize)
+    for name, stale_s in (("dead", 1.0), ("live", 600.0)):
+        root = tmp_path / f"{name}.zarr"
+        (root / "parts").mkdir(parents=True)
+        job = el._Job(root, None, None, ElasticConfig(stale_s=stale_s, poll_s=0.05), None, None, [], 0, {}, None,
+                      [(0, 1)], {"units": {"count": 1, "unit_tokens": UNIT}})
+        _write_lease(job.lease_path("finalize"), "elsewhere", 1, time.time(), "finalize")
+        if name == "live":  # the holder finishes: manifest written, coordination dropped
+            def finish(root=root):
+                time.sleep(0.3)
+                (root / "manifest.json").write_text("{}")
+                shutil.rmtree(root / ELASTIC_DIR)
+            threading.Thread(target=finish).start()
+        with Owner.new() as me:
+            status = el._finish_job(job, me)
+        assert (root / "manifest.json").exists() and not (root / ELASTIC_DIR).exists(), name
+        assert status == ("complete" if name == "dead" else "complete (finalized by another worker)"), name
 
 
 def test_two_stealers_cannot_both_win(tmp_path):
@@ -407,7 +528,7 @@ def test_stale_leases_are_taken_over_and_a_live_one_waited_for(reference, decode
     _write_lease(leases / "unit-00000.lease", host, _dead_pid(), now, 0)
     _write_lease(leases / "unit-00001.lease", "elsewhere", 1, now - 700, 1)
     _write_lease(leases / "unit-00002.lease", host, os.getppid(), now, 2, owner="alive/1/0")
-    junk = out / "parts" / f"unit-00000.w_{host_hash(host)}_{_dead_pid()}_dead.tmp"
+    junk = out / "parts" / f"unit-00000.w_{host_hash(host, local_node())}_{_dead_pid()}_dead.tmp"
     (junk / "deltas").mkdir(parents=True)
     box = {}
 

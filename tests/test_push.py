@@ -17,7 +17,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import tiny_dec, unlock
+from conftest import relist, tiny_dec, unlock
 from typer.testing import CliRunner
 
 from kcache.cache import Cache, CacheError, pull, push, validate_cache
@@ -26,7 +26,7 @@ from kcache.cache.card import SIDECAR_CARD_NAME, dataset_card, size_category, ya
 from kcache.cache.format import MANIFEST
 from kcache.cache.publish import MARKER, crowded_folders, folder_entries, upload_order
 from kcache.cache.remote import manifest_files
-from kcache.cache.subset import expand, select_samples, spans, stored
+from kcache.cache.subset import check_spans, expand, select_samples, spans, stored
 from kcache.cache.writer import OBJECT_STORE_FOLDER_LIMIT, shard_rows_within, store_folder_entries
 from kcache.cli import app
 
@@ -191,6 +191,39 @@ def test_push_refuses_a_destination_holding_something_else(caches, mem_url, tmp_
         push(caches["one"], tmp_path / "a-file", progress=False)
 
 
+@pytest.mark.parametrize("race", ["marker", "manifest"])
+def test_a_concurrent_push_to_the_same_url_is_refused_before_the_manifest(caches, mem_url, monkeypatch, race):
+    """Two pushes of different caches to one URL at once: the one that finds the marker replaced (or
+    another manifest written) while it uploaded refuses to write its manifest, naming the URL."""
+    real = publish_mod.upload_file
+    fs, root = fsspec.core.url_to_fs(mem_url)
+    other = (caches["other"] / MANIFEST).read_bytes()
+
+    def racing(dest, path, key):
+        real(dest, path, key)
+        if race == "marker":  # the other push started after ours and wrote its marker
+            doc = publish_mod.marker_document(other, json.loads(other))
+            fs.pipe_file(f"{root}/{MARKER}", json.dumps(doc).encode())
+        else:  # the other push finished first
+            fs.pipe_file(f"{root}/{MANIFEST}", other)
+
+    monkeypatch.setattr(publish_mod, "upload_file", racing)
+    with pytest.raises(CacheError, match=rf"{mem_url}.*(another push|{MARKER})"):
+        push(caches["one"], mem_url, progress=False)
+    ours = (caches["one"] / MANIFEST).read_bytes()
+    assert not fs.exists(f"{root}/{MANIFEST}") or fs.cat_file(f"{root}/{MANIFEST}") != ours
+
+
+def test_a_new_hub_repository_counts_as_empty():
+    empty = publish_mod.listing_is_empty
+    assert empty([], hub=False) and empty([], hub=True)
+    assert empty(["datasets/u/r/.gitattributes"], hub=True)
+    assert empty(["datasets/u/r/.gitattributes", "datasets/u/r/README.md"], hub=True)
+    assert not empty(["datasets/u/r/.gitattributes", "datasets/u/r/README.md", "datasets/u/r/data.csv"], hub=True)
+    assert not empty(["datasets/u/r/.gitattributes", "datasets/u/r/notes.txt"], hub=True)
+    assert not empty(["/x/.gitattributes"], hub=False) and not empty(["/x/README.md"], hub=False)
+
+
 def test_push_refuses_unfinalized_and_invalid_caches(caches, tmp_path, mem_url):
     copy = tmp_path / "copy.zarr"
     shutil.copytree(caches["one"], copy)
@@ -323,6 +356,50 @@ def test_selection_helpers():
     assert spans(pos, max_gap=8, max_len=100) == [(0, 5), (5, 10)]
     assert spans(pos, max_gap=100, max_len=3) == [(0, 3), (3, 5), (5, 7), (7, 10)]  # each under 3 positions long
     assert spans(np.zeros(0, np.int64), 1, 1) == []
+
+
+def test_check_spans_refuses_a_malformed_index():
+    check_spans(np.array([0, 3, 3, 9]), np.array([3, 0, 4, 1]), 10, "row_offset", "src")
+    check_spans(np.zeros(0, np.int64), np.zeros(0, np.int64), 0, "row_offset", "src")
+    for starts, lengths, why in (([0, 2], [3, 1], "not ascending"), ([5, 0], [1, 1], "not ascending"),
+                                 ([0, 8], [3, 5], "past the 10 stored"), ([-1, 3], [1, 1], "negative"),
+                                 ([0, 3], [3, -2], "negative length")):
+        with pytest.raises(CacheError, match=rf"s3://b/c\.zarr: malformed index: row_offset .*{why}"):
+            check_spans(np.array(starts), np.array(lengths), 10, "row_offset", "s3://b/c.zarr")
+
+
+def test_a_partial_pull_of_a_tampered_or_malformed_source_fails_and_leaves_nothing_finalized(caches, tmp_path):
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src.zarr"
+    shutil.copytree(caches["one"], src)
+    unlock(src)
+    man = json.loads((src / MANIFEST).read_text())
+    shard = next(k for k in man["parts"][0]["files"] if k.startswith("deltas/layer_02/c/"))
+    path = src / man["parts"][0]["path"] / shard
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes: only the sha256 tells
+    path.write_bytes(bytes(data))
+    dest = tmp_path / "small.zarr"
+    with pytest.raises(CacheError, match=rf"{shard}.*differs from the manifest"):
+        pull(str(src), dest, progress=False, layers=[2], limit_samples=5)
+    assert not dest.exists() and not (dest.parent / MANIFEST).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("small.zarr")]
+    # A malformed index (offsets not ascending): refused naming the source, nothing written.
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(caches["one"], bad)
+    unlock(bad)
+    part = man["parts"][0]["path"]
+    idx_path = bad / part / "index.parquet"
+    t = pq.read_table(idx_path)
+    ro = t["row_offset"].to_numpy().copy()
+    ro[[0, 1]] = ro[[1, 0]]
+    pq.write_table(t.set_column(t.schema.get_field_index("row_offset"), "row_offset", pa.array(ro, pa.int64())),
+                   idx_path)
+    relist(bad, "index.parquet", part=part)  # digests that match the damaged index: only the offsets are wrong
+    with pytest.raises(CacheError, match=rf"{bad}: malformed index: row_offset"):
+        pull(str(bad), tmp_path / "b.zarr", progress=False, layers=[2], limit_samples=5)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("b.zarr")]
 
 
 @pytest.mark.parametrize("source", ["one", "merged", "int8"])

@@ -16,7 +16,10 @@ Conventions:
   destination that already holds it uploads nothing and verifies every file (a verified no-op).
 - Never overwrites another cache: a destination whose ``manifest.json`` differs, one holding an
   unfinished push of another manifest, or a non-empty destination without either, is refused
-  naming the URL. Nothing is ever deleted at the destination except the marker.
+  naming the URL (on the Hugging Face Hub, a new repository's ``.gitattributes`` and default
+  ``README.md`` count as empty). Right before the manifest is written the marker is read again and
+  must still be this push's, and no other manifest may have appeared: a concurrent push is refused.
+  Nothing is ever deleted at the destination except the marker.
 - The card is not listed in the manifest, which stays byte-identical. A single-store cache keeps
   its own ``README.md`` (the store card, one of its files), so its dataset card is written as
   ``DATASET_CARD.md``; a multi-part cache (torchrun, merge) gets it as ``README.md``.
@@ -98,6 +101,21 @@ def marker_document(raw_manifest: bytes, manifest: dict) -> dict:
             "metadata_digest": manifest["metadata_digest"]}
 
 
+HUB_DEFAULTS = (".gitattributes",)  # what the Hugging Face Hub puts in every new repository
+
+
+def listing_is_empty(names, hub: bool) -> bool:
+    """Whether a destination whose root lists ``names`` (paths or names) counts as empty. On the
+    Hugging Face Hub (``hub``) a new dataset repository already holds ``.gitattributes`` and perhaps
+    a default ``README.md``: those alone count as empty (the README is replaced by the dataset card)."""
+    left = {str(n).rstrip("/").rsplit("/", 1)[-1] for n in names}
+    if hub:
+        left -= set(HUB_DEFAULTS)
+        if left == {CARD_NAME}:
+            left = set()
+    return not left
+
+
 def dataset_counts(cache: Cache) -> dict[str, int]:
     """Samples per value of the index's ``dataset`` column."""
     return dict(collections.Counter(cache.index["dataset"].to_pylist()))
@@ -177,11 +195,17 @@ class Destination:
         self.prepare(key)
         self.fs.pipe_file(self.path(key), data)
 
+    @property
+    def hub(self) -> bool:
+        """Whether this is a Hugging Face Hub repository (``hf://``)."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        return "hf" in protocols
+
     def is_empty(self) -> bool:
         try:
             if self.fs.isfile(self.root):
                 return False
-            return not self.fs.ls(self.root, detail=False)
+            return listing_is_empty(self.fs.ls(self.root, detail=False), self.hub)
         except FileNotFoundError:
             return True
 
@@ -216,6 +240,21 @@ def check_destination(dest: Destination, raw: bytes) -> str:
         raise CacheError(f"{dest.url} is not empty and holds neither this cache nor an unfinished push of it; "
                          "push into a new or empty location")
     return "new"
+
+
+def check_still_ours(dest: Destination, raw: bytes, marker: bytes) -> None:
+    """Right before the manifest is written: the push marker must still be the one this push wrote, and
+    no other ``manifest.json`` may have appeared (two pushes to one URL at once); refused naming the URL."""
+    now_marker = dest.read_small(MARKER)
+    if now_marker != marker:
+        what = "is gone" if now_marker is None else "names another push"
+        raise CacheError(f"{dest.url}: the push marker {MARKER} {what}: another push to this URL ran at the same "
+                         f"time; {MANIFEST} was not written. Push one cache per URL at a time, check {dest.url}, "
+                         "and rerun")
+    old = dest.read_small(MANIFEST)
+    if old is not None and old != raw:
+        raise CacheError(f"{dest.url}: another push wrote a different {MANIFEST} meanwhile ({_digest_of(old)} vs "
+                         f"{_digest_of(raw)}); this push did not overwrite it. Push one cache per URL at a time")
 
 
 def _digest_of(raw: bytes) -> str:
@@ -280,8 +319,9 @@ def _push(cache: Path, dest: Destination, license: str, dataset_licenses, readba
     report = {"url": dest.url, "state": state, "files": len(entries), "files_skipped": 0, "files_uploaded": 0,
               "bytes_uploaded": 0, "verified_sha256": 0, "verified_size_only": 0, "card": card_name(entries),
               "card_written": False, "manifest_written": False, "warnings": _folder_warnings(entries)}
+    marker = json.dumps(marker_document(raw, doc), indent=1, sort_keys=True).encode()
     if state != "published":
-        dest.write_small(MARKER, json.dumps(marker_document(raw, doc), indent=1, sort_keys=True).encode())
+        dest.write_small(MARKER, marker)
     with tqdm(total=sum(e.size for e in entries), unit="B", unit_scale=True, desc=f"push {cache.name}",
               disable=not progress) as bar:
         for entry in upload_order(entries):
@@ -291,6 +331,7 @@ def _push(cache: Path, dest: Destination, license: str, dataset_licenses, readba
         card = dataset_card(doc, src.attrs, dataset_counts(src), license, dataset_licenses, dest.url).encode()
         report["card_written"] = _put_small(dest, report["card"], card)
     if state != "published":
+        check_still_ours(dest, raw, marker)
         _put_small(dest, MANIFEST, raw, mode=READ_ONLY)  # last: from here on the URL is a cache
         report["manifest_written"] = True
     with contextlib.suppress(FileNotFoundError):

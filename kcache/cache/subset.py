@@ -16,9 +16,11 @@ cache anywhere (any fsspec URL or a local path). Conventions:
   the whole source). Its manifest's ``provenance.subset`` records the source URL, the sha256 of the
   source's ``manifest.json`` bytes, its metadata digest and the selection
   (schemas/cache-manifest-v1.json).
-- Only the shards holding chosen rows are read; each chunk is checked by its crc32c as zarr
-  decodes it, but source files are not re-hashed (that needs whole shards: ``kcache validate URL``
-  checks a source end to end). The result is validated after it is written.
+- Only the shards holding chosen rows are read, each whole and checked against the source
+  manifest's size and sha256 before any of its bytes is used (as training from a URL does,
+  :mod:`kcache.cache.stream`), so the provenance's manifest sha256 vouches for every copied value;
+  a changed source file fails the pull naming it. A source index whose offsets are not ascending
+  or run past the stored rows is refused. The result is validated after it is written.
 - Written under a temporary name beside ``DIR`` and renamed into place once finalized; an
   interrupted partial pull leaves no ``DIR`` (rerun it: it starts over). ``DIR`` must be new or
   empty, or hold the result of the same partial pull (then it is validated and left as it is).
@@ -105,6 +107,32 @@ def spans(positions: np.ndarray, max_gap: int, max_len: int) -> list[tuple[int, 
     cuts = np.nonzero((np.diff(run) != 0) | (np.diff(bucket) != 0))[0] + 1
     edges = [0, *cuts.tolist(), n]
     return list(zip(edges[:-1], edges[1:]))
+
+
+def check_spans(starts: np.ndarray, lengths: np.ndarray, total: int, what: str, where: str) -> None:
+    """Refuse (CacheError naming ``where``) unless the spans ``[start, start + length)`` lie in
+    ``[0, total)``, ascending and without overlap: :func:`gather` and :func:`spans` read ascending
+    positions, and a malformed source index (its ``row_offset``/``tok_offset``) must never make them
+    read the wrong rows or one huge span."""
+    starts = np.asarray(starts, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if not len(starts):
+        return
+    ends = starts + lengths
+    bad = None
+    if (lengths < 0).any():
+        bad = f"negative length at sample {int(np.argmax(lengths < 0))}"
+    elif starts[0] < 0:
+        bad = f"first offset {int(starts[0])} is negative"
+    elif int(ends[-1]) > total or int(ends.max()) > total:
+        bad = f"offsets reach {int(ends.max())}, past the {total} stored"
+    elif (starts[1:] < ends[:-1]).any():
+        i = int(np.argmax(starts[1:] < ends[:-1]))
+        bad = f"offset {int(starts[i + 1])} of sample {i + 1} of the selection comes before the end {int(ends[i])} " \
+              "of the one before it (not ascending, or overlapping)"
+    if bad:
+        raise CacheError(f"{where}: malformed index: {what} {bad}; the source cache is damaged "
+                         f"(run `kcache validate {where}`)")
 
 
 def subset_sample_set(source_sample_set: str, ids: list[str]) -> str:
@@ -199,13 +227,21 @@ def pull_subset(url: str, dest: str | os.PathLike, layers: list[int] | None = No
 
 
 def _open_source(url: str) -> tuple[Cache, str]:
-    """The source cache (finalized) and the sha256 of its manifest bytes."""
+    """The source cache (finalized), opened so that every file read is checked against its manifest
+    (size and sha256, :class:`kcache.cache.stream.VerifiedFiles`), and the sha256 of its manifest bytes."""
+    from kcache.cache.stream import DEFAULT_BUFFER_MB, VerifiedFiles
+
     loc = Location(url)
     try:
         raw = loc.read_bytes(MANIFEST)
     except FileNotFoundError:
         raise CacheError(f"{loc}: no {MANIFEST} at the cache root; only finalized caches can be pulled") from None
-    cache = Cache.open(url)
+    try:
+        largest = max((int(f["size"]) for p in json.loads(raw)["parts"] for f in p["files"].values()), default=0)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        largest = 0  # Cache.open below refuses a malformed manifest, naming it
+    # Room for the largest file twice over: a shard is fetched whole and verified before any of it is used.
+    cache = Cache.open(url, verified=VerifiedFiles(max(DEFAULT_BUFFER_MB << 20, 2 * largest)))
     if cache.manifest is None or json.loads(raw) != cache.manifest:
         raise CacheError(f"{loc.url(MANIFEST)}: changed while it was being read; rerun the pull")
     return cache, "sha256:" + hashlib.sha256(raw).hexdigest()
@@ -229,7 +265,7 @@ def _pull_subset(url: str, dest: Path, layers, split, limit_samples, progress: b
         return {**done, "seconds": time.perf_counter() - t0}
     tmp = fresh_tmp(dest, "subsetting")  # after removing those of a killed partial pull
     try:
-        rows = _write_subset(src, tmp, chosen, layers, progress)
+        rows = _write_subset(src, tmp, chosen, layers, progress, str(url))
         manifest = finalize(tmp, provenance=provenance)
         if dest.exists():
             dest.rmdir()  # empty (checked by _existing): the finished cache takes its place
@@ -268,7 +304,8 @@ def _existing(dest: Path, provenance: dict) -> dict | None:
             "rows": sum(p["rows"] for p in man["parts"]), "files": len(files), "bytes": sum(f["size"] for f in files)}
 
 
-def _write_subset(src: Cache, out: Path, chosen: np.ndarray, layers: list[int], progress: bool) -> int:
+def _write_subset(src: Cache, out: Path, chosen: np.ndarray, layers: list[int], progress: bool,
+                  where: str = "") -> int:
     """Create the store at ``out`` with the chosen samples and layers (not finalized); returns its rows."""
     from tqdm.auto import tqdm
 
@@ -277,6 +314,9 @@ def _write_subset(src: Cache, out: Path, chosen: np.ndarray, layers: list[int], 
     chunk, shard = int(s["chunk_rows"]), int(s["shard_rows"])
     ro, xl = src.index["row_offset"].to_numpy(), src.index["x_len"].to_numpy()
     to, kl = src.index["tok_offset"].to_numpy(), src.index["k_len"].to_numpy()
+    where = where or str(src.location)
+    check_spans(ro[chosen], xl[chosen], int(src.row_base[-1]), "row_offset", where)
+    check_spans(to[chosen], xl[chosen].astype(np.int64) + kl[chosen], int(src.tok_base[-1]), "tok_offset", where)
     rows = expand(ro[chosen], xl[chosen])  # source row of every output row
     toks = expand(to[chosen], xl[chosen].astype(np.int64) + kl[chosen])
     lmask = gather(src, "masks/loss", rows, FLAT_CHUNK).astype(bool)
