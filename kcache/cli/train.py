@@ -61,8 +61,8 @@ def fit_cmd(
                         eval_every=eval_every, patience=patience, buffer_samples=buffer_samples, seed=seed,
                         device=device, max_steps=max_steps, parallel=parallel, compute=compute, verify=verify,
                         stream_buffer_mb=stream_buffer_mb)
-        open_streaming(cache, verify, stream_buffer_mb)  # a bad cache is reported before any output is made
-        summary = fit_encoders(cache, out, cfg)
+        # opened (remotely: every file verified) once, before any output is made, and trained from as opened
+        summary = fit_encoders(open_streaming(cache, verify, stream_buffer_mb), out, cfg)
     from kcache import distributed
 
     if not distributed.is_main():
