@@ -55,6 +55,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from kcache.lock import process_alive
 from kcache.schemas import SchemaError, validate_document
 
 LEASE_FORMAT = "kcache-lease"
@@ -178,15 +179,7 @@ def pid_alive(lease: dict) -> bool:
     if pid == os.getpid():
         with _guard:
             return lease.get("owner") in _live_owners
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    except OverflowError:
-        return False
-    return True
+    return process_alive(pid)
 
 
 # ---------------------------------------------------------------------------------------------

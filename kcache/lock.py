@@ -202,12 +202,13 @@ def is_tmp_name(name: str) -> bool:
     return name.endswith(TMP_SUFFIX) or name.endswith(".creating")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (in this PID namespace)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
-    except PermissionError:
+    except PermissionError:  # someone else's live process
         return True
     return True
 
@@ -240,7 +241,7 @@ def remove_stale_tmp(final: str | os.PathLike, tag: str = "tmp") -> list[Path]:
             continue
         if name.endswith(TMP_SUFFIX + LOCK_SUFFIX):
             pid = name[len(prefix):-len(TMP_SUFFIX + LOCK_SUFFIX)].split("-")[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
                 with contextlib.suppress(OSError):
                     p.unlink()
                 removed.append(p)
@@ -252,7 +253,7 @@ def remove_stale_tmp(final: str | os.PathLike, tag: str = "tmp") -> list[Path]:
             continue
         if int(pid) == os.getpid() and _live_here(p):
             continue
-        if int(pid) != os.getpid() and _alive(int(pid)):
+        if int(pid) != os.getpid() and process_alive(int(pid)):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
