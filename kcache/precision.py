@@ -31,7 +31,9 @@ def fast_bf16(device: torch.device | str) -> bool:
     """Whether "auto" means bfloat16 on ``device``: CUDA, or a CPU with native bf16 matmuls;
     ``KCACHE_COMPUTE=float32`` / ``bfloat16`` in the environment decides instead, everywhere."""
     forced = os.environ.get("KCACHE_COMPUTE") or "auto"
-    if forced in ("float32", "bfloat16"):  # one switch for the decoder dtype and the compute dtype
+    if forced not in COMPUTE_CHOICES:
+        raise ValueError(f"environment KCACHE_COMPUTE={forced!r}: expected one of {', '.join(COMPUTE_CHOICES)}")
+    if forced != "auto":  # one switch for the decoder dtype and the compute dtype
         return forced == "bfloat16"
     device = torch.device(device)
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())

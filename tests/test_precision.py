@@ -105,6 +105,9 @@ def test_model_dtype_auto_follows_the_hardware_and_the_override(monkeypatch):
     assert resolve_dtype(None, torch.device("cuda")) == torch.bfloat16
     monkeypatch.setenv("KCACHE_COMPUTE", "bfloat16")  # one switch for both dtypes, either way
     assert resolve_dtype(None, torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setenv("KCACHE_COMPUTE", "fp16")
+    with pytest.raises(ValueError, match="KCACHE_COMPUTE='fp16'"):
+        resolve_dtype(None, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("shape", [dict(hidden_size=32, num_heads=4, intermediate_size=48, num_layers=2),
