@@ -245,6 +245,13 @@ def input_keep(x_lens: torch.Tensor, length: int, sink: int) -> torch.Tensor:
 # shifts (batched, right-padded)
 
 
+def shift_index(shifts: torch.Tensor, length: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, length) positions ``shifts[i] + j`` on knowledge+input positions (clamped to ``seq - 1``)
+    and whether each falls inside ``seq``: where ``shift_left`` reads from."""
+    idx = shifts[:, None] + torch.arange(length, device=shifts.device)[None, :]
+    return idx.clamp(max=seq - 1), idx < seq
+
+
 def shift_left(t: torch.Tensor, shifts: torch.Tensor | int, length: int | None = None) -> torch.Tensor:
     """Align sequence ``t`` (B, L, ...) on knowledge+input positions to input positions.
 
@@ -258,9 +265,7 @@ def shift_left(t: torch.Tensor, shifts: torch.Tensor | int, length: int | None =
     shifts = shifts.to(device=t.device, dtype=torch.long)
     if length is None:
         length = seq - int(shifts.min()) if b else 0
-    idx = shifts[:, None] + torch.arange(length, device=t.device)[None, :]
-    valid = idx < seq
-    idx = idx.clamp(max=seq - 1)
+    idx, valid = shift_index(shifts, length, seq)
     gather_idx = idx.view(b, length, *([1] * (t.dim() - 2))).expand(b, length, *t.shape[2:])
     out = torch.gather(t, 1, gather_idx)
     return out * valid.view(b, length, *([1] * (t.dim() - 2))).to(out.dtype)

@@ -65,8 +65,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        xf = x.float()  # the statistics in float32; the output in x's dtype (a bf16 stream stays bf16)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight.to(x.dtype)
 
 
 def rope_tables(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,10 +78,11 @@ def rope_tables(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (LLaMA's rotate-half layout). x: (B, H, L, D)."""
+    """Rotary embedding (LLaMA's rotate-half layout), in x's dtype as transformers' LLaMA does it
+    (the tables are float32; a bf16 x is rotated in bf16). x: (B, H, L, D)."""
     d = x.shape[-1]
     rotated = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 class Block(nn.Module):
@@ -114,13 +115,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
     On CPU the explicit product is used: for the encoders' short, narrow heads it is faster than
     SDPA's CPU flash kernel, whose bf16 backward is several times slower than its float32 one.
-    The softmax runs in float32 either way.
+    The scores stay in q's dtype (the product's own output dtype); torch's CPU softmax computes in
+    float32 inside and rounds once, so the probabilities equal a float32 softmax of those scores
+    rounded to bf16, without two float32 copies of a (B, H, L, L) tensor.
     """
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(-1).to(v.dtype) @ v
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
 
 
 def attention_mask(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
@@ -130,13 +132,18 @@ def attention_mask(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
     produces NaN; those rows are masked out downstream.
     """
     b, k_len = key_valid.shape
-    qpos = torch.arange(k_len - q_len, k_len, device=key_valid.device)[:, None]
-    causal = torch.arange(k_len, device=key_valid.device)[None, :] <= qpos  # (q, K)
-    m = causal[None] & key_valid[:, None, :].bool()
-    diag = torch.zeros_like(causal)
-    diag[torch.arange(q_len), torch.arange(k_len - q_len, k_len)] = True
-    m = m | (diag[None] & ~m.any(-1, keepdim=True))
-    return m[:, None]
+    qpos = torch.arange(k_len - q_len, k_len, device=key_valid.device)[None].expand(b, q_len)
+    return attention_mask_at(key_valid, qpos)
+
+
+def attention_mask_at(key_valid: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
+    """(B, 1, Q, K) bool: query ``j`` of row ``i`` sits at key position ``qpos[i, j]`` and sees the
+    valid keys at or before it. A query that would see no key sees its own position (never NaN)."""
+    k_len = key_valid.shape[1]
+    keys = torch.arange(k_len, device=key_valid.device)
+    m = (keys[None, None, :] <= qpos[:, :, None]) & key_valid[:, None, :].bool()
+    own = keys[None, None, :] == qpos[:, :, None]
+    return (m | (own & ~m.any(-1, keepdim=True)))[:, None]
 
 
 class KnowledgeEncoder(nn.Module):
@@ -193,6 +200,13 @@ def _stacked(encoders: list[KnowledgeEncoder], get) -> torch.Tensor:
     return torch.stack([get(e) for e in encoders])
 
 
+def _stacked_rows(blocks: list[Block], names: tuple[str, ...]) -> torch.Tensor:
+    """The weights ``names`` of each block concatenated by rows, stacked over blocks: (E, sum(out), in),
+    as one copy (a stack of every weight, viewed) rather than a concatenation per block and a stack."""
+    w = torch.stack([getattr(m, n).weight for m in blocks for n in names])
+    return w.view(len(blocks), -1, w.shape[-1])
+
+
 def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x`` (E, ..., in) times each encoder's ``w`` (E, out, in) transposed -> (E, ..., out)."""
     e, shape = x.shape[0], x.shape[1:-1]
@@ -203,7 +217,7 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """``RMSNorm`` of (E, ..., h) with per-encoder weights ``w`` (E, h)."""
     xf = x.float()
     norm = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return norm * w.view(w.shape[0], *([1] * (x.dim() - 2)), w.shape[1])
+    return norm * w.view(w.shape[0], *([1] * (x.dim() - 2)), w.shape[1]).to(x.dtype)
 
 
 def stacked_forward(encoders: list[KnowledgeEncoder], embeds: torch.Tensor, valid: torch.Tensor,
@@ -222,31 +236,62 @@ def stacked_forward(encoders: list[KnowledgeEncoder], embeds: torch.Tensor, vali
     """
     c = encoders[0].c
     e, (b, n, _) = len(encoders), embeds.shape
-    h, heads, hd = c.hidden_size, c.num_heads, c.head_dim
+    h, hd = c.hidden_size, c.head_dim
     if positions is None:
         positions = torch.arange(n, device=embeds.device)[None].expand(b, n)
     masks = attention_mask(valid, n).repeat(e, 1, 1, 1)  # (E*B, 1, n, n), encoder-major like q/k/v
     cs = tuple(t.repeat(e, 1, 1, 1) for t in rope_tables(positions, hd, c.rope_theta))
     down = _stacked(encoders, lambda m: m.down_proj.weight)  # (E, h, d)
     x = (embeds.reshape(b * n, -1) @ down.reshape(e * h, -1).t()).view(b, n, e, h).permute(2, 0, 1, 3)
-    for i in range(c.num_layers):
-        blocks = [enc.blocks[i] for enc in encoders]
-        y = _rms(x, _stacked(blocks, lambda m: m.attn_norm.weight), c.rms_eps)
-        qkv = _linear(y, _stacked(blocks, lambda m: torch.cat([m.q.weight, m.k.weight, m.v.weight])))
-        # (E*B, H, n, hd): 4-D, as the fused attention kernels (CUDA flash / memory-efficient) need
-        q, k, v = (t.reshape(e * b, n, heads, hd).transpose(1, 2) for t in qkv.split(h, -1))
-        att = attend(rope(q, *cs), rope(k, *cs), v, masks)
-        x = x + _linear(att.transpose(1, 2).reshape(e, b, n, h), _stacked(blocks, lambda m: m.o.weight))
-        y = _rms(x, _stacked(blocks, lambda m: m.mlp_norm.weight), c.rms_eps)
-        gate, up = _linear(y, _stacked(blocks, lambda m: torch.cat([m.gate.weight, m.up.weight]))).chunk(2, -1)
-        x = x + _linear(F.silu(gate) * up, _stacked(blocks, lambda m: m.down.weight))
-    if shifts is not None:
+    last = c.num_layers - 1 if shifts is not None and c.num_layers else c.num_layers
+    for i in range(last):
+        x = _stacked_block(x, [enc.blocks[i] for enc in encoders], c, cs, masks)
+    if shifts is not None and last < c.num_layers:
+        # Only input positions are returned (``shift_left``), so the last block computes its queries,
+        # residual and MLP there alone; keys and values still cover K+x. Same maths, ~|x|/(|K|+|x|)
+        # of the last block's work.
+        from kcache.align import shift_index
+
+        shifts = shifts.to(device=embeds.device, dtype=torch.long)
+        idx, inside = shift_index(shifts, n - int(shifts.min()) if length is None else length, n)
+        qcs = tuple(t.repeat(e, 1, 1, 1) for t in rope_tables(positions.gather(1, idx), hd, c.rope_theta))
+        qmask = attention_mask_at(valid, idx).repeat(e, 1, 1, 1)
+        x = _stacked_block(x, [enc.blocks[last] for enc in encoders], c, cs, qmask, query_index=idx, query_cs=qcs)
+        x = x * inside.view(1, b, -1, 1).to(x.dtype)
+    elif shifts is not None:
         from kcache.align import shift_left
 
-        x = shift_left(x.reshape(e * b, n, h), shifts.repeat(e), length)
-        x = x.view(e, b, -1, h)
+        x = shift_left(x.reshape(e * b, n, h), shifts.repeat(e), length).view(e, b, -1, h)
     x = _rms(x, _stacked(encoders, lambda m: m.norm.weight), c.rms_eps)
     return _linear(x, _stacked(encoders, lambda m: m.up_proj.weight))
+
+
+def _stacked_block(x: torch.Tensor, blocks: list[Block], c: EncoderConfig, cs, mask, query_index=None,
+                   query_cs=None) -> torch.Tensor:
+    """Block ``i`` of E encoders on x (E, B, n, h). With ``query_index`` (B, Q) only those positions
+    are queries (rotated by ``query_cs``, masked by ``mask`` (E*B, 1, Q, n)); returns (E, B, Q, h)."""
+    e, b, n, h = x.shape
+    heads, hd = c.num_heads, c.head_dim
+    y = _rms(x, _stacked(blocks, lambda m: m.attn_norm.weight), c.rms_eps)
+    if query_index is None:
+        qkv = _linear(y, _stacked_rows(blocks, ("q", "k", "v")))
+        q, k, v = qkv.split(h, -1)
+        query_cs = cs
+    else:
+        kv = _linear(y, _stacked_rows(blocks, ("k", "v")))
+        k, v = kv.split(h, -1)
+        gather = query_index[None, :, :, None].expand(e, b, query_index.shape[1], h)
+        x = x.gather(2, gather)
+        q = _linear(y.gather(2, gather), _stacked(blocks, lambda m: m.q.weight))
+
+    def heads_of(t):  # (E*B, H, len, hd): 4-D, as the fused attention kernels (CUDA flash / memory-efficient) need
+        return t.reshape(e * b, t.shape[2], heads, hd).transpose(1, 2)
+
+    att = attend(rope(heads_of(q), *query_cs), rope(heads_of(k), *cs), heads_of(v), mask)
+    x = x + _linear(att.transpose(1, 2).reshape(e, b, -1, h), _stacked(blocks, lambda m: m.o.weight))
+    y = _rms(x, _stacked(blocks, lambda m: m.mlp_norm.weight), c.rms_eps)
+    gate, up = _linear(y, _stacked_rows(blocks, ("gate", "up"))).chunk(2, -1)
+    return x + _linear(F.silu(gate) * up, _stacked(blocks, lambda m: m.down.weight))
 
 
 class EncoderStack(nn.Module):

@@ -49,7 +49,16 @@ from kcache.encoders import EncoderConfig, EncoderStack, load_bundle, publish_bu
 from kcache.inject import add_at_site, check_fingerprint, stack_additions
 from kcache.models import Decoder, backward_attention
 from kcache.precision import autocast_for
-from kcache.train import OptimConfig, load_checkpoint, lr_at, new_state, optimizer_step, save_checkpoint, schedule_steps
+from kcache.train import (
+    OptimConfig,
+    adamw,
+    load_checkpoint,
+    lr_at,
+    new_state,
+    optimizer_step,
+    save_checkpoint,
+    schedule_steps,
+)
 
 
 @dataclasses.dataclass
@@ -262,7 +271,7 @@ def _make_trainable(decoder: Decoder, stack: EncoderStack, cfg):
     for p in stack.parameters():
         p.requires_grad_(True)
     stack.train()
-    opt = torch.optim.AdamW(stack.parameters(), lr=cfg.lr_max, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    opt = adamw(stack.parameters(), cfg)
     return autocast, opt
 
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from kcache import distributed, shutdown
 from kcache._io import now, pyplot, save_png
-from kcache.align import length_mask, sink_of, targets_of
+from kcache.align import sink_of, targets_of
 from kcache.cache.format import CacheError
 from kcache.cache.reader import Cache
 from kcache.cache.stream import open_streaming
@@ -40,6 +40,7 @@ from kcache.train import (  # noqa: F401 - OptimConfig, lr_at, optimizer_step, C
     CHECKPOINT_DIR,
     CHECKPOINT_FORMAT,
     OptimConfig,
+    adamw,
     checkpoint_dir,
     load_checkpoint,
     lr_at,
@@ -54,6 +55,7 @@ _save_checkpoint, _load_checkpoint, final_dir = save_checkpoint, load_checkpoint
 
 
 _READ_ONLY_SETTINGS = ("parallel", "verify", "stream_buffer_mb")
+VAL_KEEP_BYTES = 1 << 30  # validation batches (float32 targets) kept in memory up to this size
 
 
 @dataclasses.dataclass
@@ -206,7 +208,7 @@ class CacheReader:
         rows = {}
         for l in self.layers:
             try:
-                rows[l], stored = self.cache.read_rows(l, a, b, with_bytes=True)
+                rows[l], stored = self.cache.read_rows(l, a, b, with_bytes=True, widen=False)  # widened by collate
             except ValueError as e:  # zarr's crc32c check: "Stored and computed checksum do not match"
                 if (err := self._corrupt(f"deltas/layer_{l:02d}", a, b, e)) is None:
                     raise
@@ -237,20 +239,28 @@ class CacheReader:
 
 
 def collate(items: list[dict], layers: list[int], samples: list[int]) -> Batch:
+    """Pad a list of read samples into a ``Batch`` (float32 targets).
+
+    Built in numpy and wrapped with ``torch.from_numpy`` at the end: this runs on the loader thread,
+    and a torch op there large enough to go parallel starts a second OpenMP team whose spinning
+    threads slowed the training threads by half on a 2-core machine (docs/benchmarks.md).
+    """
     lens = [len(it["tokens"]) for it in items]
     xl = [len(it["loss"]) for it in items]
     L, X = max(lens), max(xl)
     hidden = items[0]["deltas"][layers[0]].shape[1]
-    tokens = torch.zeros(len(items), L, dtype=torch.long)
-    lmask = torch.zeros(len(items), X, dtype=torch.bool)
-    targets = {l: torch.zeros(len(items), X, hidden) for l in layers}
+    tokens = np.zeros((len(items), L), dtype=np.int64)
+    valid = np.arange(L)[None, :] < np.asarray(lens)[:, None]
+    lmask = np.zeros((len(items), X), dtype=bool)
+    targets = {l: np.zeros((len(items), X, hidden), dtype=np.float32) for l in layers}
     for i, it in enumerate(items):
-        tokens[i, : lens[i]] = torch.from_numpy(it["tokens"].astype(np.int64))
-        lmask[i, : xl[i]] = torch.from_numpy(np.asarray(it["loss"], dtype=bool))
+        tokens[i, : lens[i]] = it["tokens"]
+        lmask[i, : xl[i]] = np.asarray(it["loss"], dtype=bool)
         for l in layers:
-            targets[l][i, : xl[i]] = torch.from_numpy(it["deltas"][l])
-    return Batch(tokens, length_mask(torch.tensor(lens), L), torch.tensor([it["shift"] for it in items]), lmask,
-                 targets, samples)
+            targets[l][i, : xl[i]] = it["deltas"][l]
+    return Batch(torch.from_numpy(tokens), torch.from_numpy(valid),
+                 torch.from_numpy(np.array([it["shift"] for it in items], dtype=np.int64)), torch.from_numpy(lmask),
+                 {l: torch.from_numpy(t) for l, t in targets.items()}, samples)
 
 
 class BatchLoader:
@@ -500,6 +510,7 @@ class _FitRun:
     run_id: dict
     state: dict | None = None
     mean: dict | None = None
+    val_kept: list | None = None
 
     @property
     def main(self) -> bool:
@@ -516,9 +527,7 @@ class _FitRun:
     def evaluate_now(self, train_mse: dict[int, float]):
         """Validation figures of every layer (shared between processes when there are several).
         -> (per-layer results, total MSE, per-layer train MSE)."""
-        val_loader = BatchLoader(self.reader, self.val_idx, self.cfg.batch_size, self.cfg.buffer_samples, self.cfg.seed,
-                                 0, shuffle=False)
-        res = evaluate_layers(self.stack, self.emb, val_loader, self.device, self.mean, self.autocast)
+        res = evaluate_layers(self.stack, self.emb, self.val_batches(), self.device, self.mean, self.autocast)
         if self.world > 1:  # every process needs every layer's numbers: history, best step, early stop
             table = share_layer_values({l: [r[k] for k in VAL_KEYS] + [train_mse[l]] for l, r in res.items()},
                                        self.layers, len(VAL_KEYS) + 1)
@@ -526,6 +535,21 @@ class _FitRun:
             train_mse = {l: row[-1] for l, row in table.items()}
         total = sum(r["mse"] for r in res.values())
         return res, total, train_mse
+
+    def val_batches(self):
+        """The validation batches: read once and kept in memory when they fit in ``VAL_KEEP_BYTES``
+        (the validation samples are spread over the whole cache, so each reading touches most of
+        its chunks), else read again at each evaluation."""
+        if self.val_kept is not None:
+            return self.val_kept
+        loader = BatchLoader(self.reader, self.val_idx, self.cfg.batch_size, self.cfg.buffer_samples, self.cfg.seed, 0,
+                             shuffle=False)
+        rows = int(self.reader.x_len[self.val_idx].sum())
+        if rows * len(self.mine) * self.cache.hidden_size * 4 > VAL_KEEP_BYTES:
+            return loader
+        self.val_kept = list(loader)
+        loader.close()
+        return self.val_kept
 
     def save_best(self, res) -> None:
         """Publish the current weights as the best bundle in ``out`` (under a launcher: each
@@ -615,7 +639,7 @@ def _prepare_run(cfg: FitConfig, out: Path, cache: Cache, cache_path, layers: li
     # Each encoder is seeded by (seed, layer): a process building only its layers gets the same weights.
     stack = EncoderStack(cfg.encoder_config(cache.hidden_size), mine, seed=cfg.seed).to(device)
     stack.sink = sink_of(cache.settings)
-    opt = torch.optim.AdamW(stack.parameters(), lr=cfg.lr_max, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = adamw(stack.parameters(), cfg)
     total_steps, warmup = schedule_steps(cfg, len(train_idx))
     run_id = {"cache": cache.fingerprint(), "config": cfg.run_config() | {"layers": layers}}
     return _FitRun(cfg, out, cache, layers, mine, rank, world, device, autocast, train_idx, val_idx, reader, emb,

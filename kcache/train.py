@@ -4,6 +4,7 @@
   extend it).
 * :func:`lr_at`: linear warm-up from ``lr_min`` to ``lr_max`` over ``warmup`` optimizer steps,
   then cosine back to ``lr_min`` at the last step.
+* :func:`adamw`: the optimiser (fused where torch has a fused kernel).
 * :func:`optimizer_step`: per-encoder gradient clipping, set the LR, step, clear the gradients.
 * :func:`save_checkpoint` / :func:`load_checkpoint`: the training state in ``out/checkpoint``
   (``model.safetensors``, ``optimizer.safetensors`` with the CPU RNG state, ``state.json`` of schema
@@ -73,6 +74,15 @@ def new_state(run_id: dict) -> dict:
     """The loop state of a run that starts from scratch (what a checkpoint stores and resumes)."""
     return {"run": run_id, "step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "best_step": None, "bad_evals": 0,
             "history": []}
+
+
+def adamw(params, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with ``cfg``'s settings, fused into one kernel where torch has one (CPU and CUDA): the
+    same update as the per-tensor loop, at half its cost for the encoders' ~100 small tensors."""
+    params = list(params)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr_max, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                             fused=fused or None)
 
 
 def optimizer_step(opt, params: dict[int, list], clip_norm: float, lr: float) -> None:

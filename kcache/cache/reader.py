@@ -584,10 +584,12 @@ class Cache:
         if layer not in self.layers:
             raise CacheError(f"{self.location}: layer {layer} is not in this cache (layers {self.layers})")
 
-    def read_rows(self, layer: int, start: int, stop: int, with_bytes: bool = False):
+    def read_rows(self, layer: int, start: int, stop: int, with_bytes: bool = False, widen: bool = True):
         """Rows ``[start, stop)`` of a layer's (global) delta rows, as float32.
 
-        With ``with_bytes`` also returns the number of stored bytes read (before decoding).
+        With ``with_bytes`` also returns the number of stored bytes read (before decoding). With
+        ``widen=False`` rows stored losslessly as float16 / float32 come back in that dtype (the same
+        values; a consumer that copies them into float32 anyway skips a pass and half the memory).
         """
         self._check_layer(layer)
         out, nbytes = [], 0
@@ -602,14 +604,16 @@ class Cache:
                     scale = p.array(f"deltas/scale_{layer:02d}")[a:b]
                     nbytes += scale.nbytes
                     out.append(dequantize_int8_rows(raw, scale))
-                else:
+                elif widen or self.dtype not in ("float16", "float32") or self.roundtrip is not None:
                     out.append(decode_rows(raw, self.dtype))
+                else:
+                    out.append(raw)
                 start = base + b
             j += 1
         if len(out) == 1:
             rows = out[0]
         else:
-            rows = np.concatenate(out) if out else np.zeros((0, self.hidden_size), np.float32)
+            rows = np.concatenate(out) if out else np.zeros((0, self.hidden_size), np.float32 if widen else self.dtype)
         if self.roundtrip is not None and len(rows):
             rows = decode_block(encode_block(rows, self.roundtrip, self.dtype), self.roundtrip, self.dtype)
         return (rows, nbytes) if with_bytes else rows
