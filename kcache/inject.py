@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -113,12 +114,22 @@ def encoder_positions(base: torch.Tensor, new_valid: torch.Tensor) -> torch.Tens
     return base[:, None].long() + before
 
 
+def inference_autocast(decoder: Decoder):
+    """The encoders' precision at inference: bf16 autocast when the decoder runs in bf16 (as fit and
+    finetune train them next to it: ``precision.resolve_compute``), none otherwise (float32 decoders,
+    the exactness tests)."""
+    from kcache.precision import autocast_for
+
+    return autocast_for(decoder.device, "bfloat16" if decoder.dtype == torch.bfloat16 else "float32")()
+
+
 @torch.no_grad()
 def encoder_additions(decoder: Decoder, stack, k_ids: list[list[int]], x_ids: list[list[int]],
                       layers: list[int] | None = None, pad_id: int = 0,
                       sink: int | None = None) -> dict[int, torch.Tensor]:
-    """``stack_additions`` without gradients (injection at inference)."""
-    return stack_additions(decoder, stack, k_ids, x_ids, layers, pad_id, sink)
+    """``stack_additions`` without gradients (injection at inference), in ``inference_autocast``."""
+    with inference_autocast(decoder):
+        return stack_additions(decoder, stack, k_ids, x_ids, layers, pad_id, sink)
 
 
 def stack_additions(decoder: Decoder, stack, k_ids: list[list[int]], x_ids: list[list[int]],
@@ -146,9 +157,10 @@ def stack_additions(decoder: Decoder, stack, k_ids: list[list[int]], x_ids: list
     return {l: stacked[i] * keep.to(stacked.dtype) for i, l in enumerate(layers)}
 
 
-def oracle_rows(cache, sample: int | str, layers: list[int],
-                x_ids: list[int] | None = None) -> tuple[dict[int, torch.Tensor], int]:
-    """Exact cached deltas of one sample: ``({layer: (m, hidden) float32}, m)``.
+def oracle_rows(cache, sample: int | str, layers: list[int], x_ids: list[int] | None = None,
+                deltas: dict[int, np.ndarray] | None = None) -> tuple[dict[int, torch.Tensor], int]:
+    """Exact cached deltas of one sample: ``({layer: (m, hidden) float32}, m)`` (``deltas``: the
+    sample's rows already read, ``{layer: (x_len, hidden)}``).
 
     Without ``x_ids`` all ``x_len`` rows. With ``x_ids``, only the rows of the longest common
     prefix of ``x_ids`` and the cached input (delta at position ``j`` depends only on tokens
@@ -168,7 +180,9 @@ def oracle_rows(cache, sample: int | str, layers: list[int],
             if a != b:
                 break
             m += 1
-    return {l: torch.from_numpy(cache.deltas(sample, l)[:m].copy()) for l in layers}, m
+    if deltas is None:
+        deltas = {l: cache.deltas(sample, l) for l in layers}
+    return {l: torch.from_numpy(np.array(deltas[l][:m], dtype=np.float32)) for l in layers}, m
 
 
 def stack_rows(rows: list[dict[int, torch.Tensor]], layers: list[int], length: int,
@@ -258,7 +272,7 @@ class _Session:
         self.past: dict[int, list] = {}
         if self.k_cols:
             emb = embed_ids(dec, ids, self.dtype)
-            with torch.no_grad():
+            with torch.no_grad(), inference_autocast(dec):
                 for l in injector.layers:
                     _, self.past[l] = stack.encoder(l)(emb, kvalid, use_cache=True)
         else:
@@ -295,7 +309,7 @@ class _Session:
         key_valid = torch.cat([self.valid, new_valid], 1)
         write = new_valid & sink_keep(pos - self.k_lens[:, None], self.inj.sink)  # pos - |K| = input position
         out = {}
-        with torch.no_grad():
+        with torch.no_grad(), inference_autocast(self.inj.decoder):
             for l in self.inj.layers:
                 e, self.past[l] = self.inj.stack.encoder(l)(emb, key_valid, pos, past=self.past[l], use_cache=True)
                 out[l] = e * write[..., None].to(e.dtype)
@@ -507,8 +521,10 @@ class Injector:
         if self.cache is None:
             raise InjectError("not an oracle injector (build it with Injector.oracle(decoder, cache))")
         rows, covered = [], []
+        read = {l: self.cache.deltas_of(samples, l) for l in self.layers}  # each chunk once per batch
         for i, s in enumerate(samples):
-            r, m = oracle_rows(self.cache, s, self.layers, None if x_ids is None else x_ids[i])
+            r, m = oracle_rows(self.cache, s, self.layers, None if x_ids is None else x_ids[i],
+                               {l: read[l][i] for l in self.layers})
             rows.append(r)
             covered.append(m)
         length = max(len(x) for x in x_ids) if x_ids is not None else max(covered, default=0)

@@ -1,17 +1,29 @@
-"""How many CPU threads torch may use here, and a warning when it would oversubscribe.
+"""How many CPU threads torch uses here: the free cores, measured when the command starts.
 
-On a shared machine torch's default (one thread per visible core) loses badly to fewer threads
+On a shared machine torch's default (one thread per physical core) loses badly to fewer threads
 when other work is running: one evaluation on a 2-core machine took 255 s with 2 threads and
-44 s with 1 while another job ran. ``free_cores`` is what is left of this process's CPUs (affinity
-and cgroup quota) after the load average; ``set_threads`` applies a choice and warns when torch
-would use more threads than that.
+44 s with 1 while another job ran. So the CLI picks ``min(torch's default, free cores)``:
+
+* ``available_cores``: this process's CPUs (its affinity), bounded by a cgroup v2 CPU quota.
+* ``busy_cores``: how many of those CPUs other work keeps busy *now*, from two readings of
+  ``/proc/stat`` 50 ms apart (the 1-minute load average lags by minutes: it still counts a job
+  that has just ended and misses one that has just started).
+* ``free_cores = available - busy`` (at least 1).
+
+``--threads N`` (or ``KCACHE_THREADS``) is used as given, with a warning when N is more than the
+free cores; ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` in the environment also leave torch's choice
+alone (the user has decided).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
+
+_USER_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_default_threads: int | None = None  # torch's own choice, before kcache changed it
 
 
 def available_cores() -> int:
@@ -29,28 +41,92 @@ def available_cores() -> int:
     return max(1, n)
 
 
-def free_cores() -> int:
-    """Available cores minus the 1-minute load average (at least 1)."""
+def cpu_times(text: str) -> dict[int, tuple[int, int]]:
+    """``/proc/stat`` text -> {cpu: (busy jiffies, total jiffies)} for each ``cpuN`` line.
+
+    Busy is user + nice + system + irq + softirq; total adds idle, iowait and steal (time the
+    hypervisor gave to another guest is not this machine's work)."""
+    out = {}
+    for line in text.splitlines():
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu":
+            continue
+        v = [int(f) for f in fields[:8]] + [0] * max(0, 8 - len(fields))
+        user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
+        busy = user + nice + system + irq + softirq
+        out[int(name[3:])] = (busy, busy + idle + iowait + steal)
+    return out
+
+
+def busy_between(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]], cpus) -> float:
+    """CPUs' worth of busy time among ``cpus`` between two ``cpu_times`` readings (0 .. len(cpus))."""
+    busy = 0.0
+    for c in cpus:
+        if c in before and c in after:
+            db, dt = after[c][0] - before[c][0], after[c][1] - before[c][1]
+            busy += db / dt if dt > 0 else 0.0
+    return busy
+
+
+def busy_cores(window: float = 0.05) -> float | None:
+    """How many of this process's CPUs are busy over the next ``window`` seconds (None where
+    ``/proc/stat`` cannot be read: not Linux)."""
     try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # pragma: no cover
-        load = 0.0
-    return max(1, available_cores() - int(round(load)))
+        cpus = os.sched_getaffinity(0)
+        with open("/proc/stat") as f:
+            before = cpu_times(f.read())
+        time.sleep(window)
+        with open("/proc/stat") as f:
+            after = cpu_times(f.read())
+    except (AttributeError, OSError, ValueError):
+        return None
+    return busy_between(before, after, cpus)
+
+
+def free_cores() -> int:
+    """Available cores minus the busy ones (at least 1). Falls back to the 1-minute load average
+    where ``/proc/stat`` is not there."""
+    busy = busy_cores()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):  # pragma: no cover
+            busy = 0.0
+    return max(1, available_cores() - int(round(busy)))
+
+
+def default_threads() -> int:
+    """torch's own thread count (one per physical core), as it was before kcache set any."""
+    global _default_threads
+    if _default_threads is None:
+        import torch
+
+        _default_threads = torch.get_num_threads()
+    return _default_threads
+
+
+def choose_threads() -> int:
+    """The CLI's default: ``min(torch's default, free cores)`` (no measurement when that is 1)."""
+    d = default_threads()
+    return 1 if d <= 1 else max(1, min(d, free_cores()))
 
 
 def set_threads(threads: int | None, warn=None) -> int:
-    """Use ``threads`` torch threads (``None``: keep torch's choice) and, when that exceeds the free
-    cores, pass a warning to ``warn`` (default: ``warnings.warn``). Returns the number in use."""
+    """Use ``threads`` torch threads; ``None`` picks :func:`choose_threads` (or keeps torch's choice
+    when ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` is set). An explicit count above the free cores
+    passes a warning to ``warn`` (default: ``warnings.warn``). Returns the number in use."""
     import torch
 
+    default_threads()  # remember torch's choice before changing it
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads must be >= 1, not {threads}")
         torch.set_num_threads(threads)
-    n = torch.get_num_threads()
-    free = free_cores()
-    if n > free:
-        msg = (f"torch uses {n} threads but only {free} of {available_cores()} cores are free (load average); "
-               f"oversubscribed threads can be several times slower: pass --threads {free}")
-        (warn or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3)))(msg)
-    return n
+        free = free_cores() if threads > 1 else 1
+        if threads > free:
+            msg = (f"torch uses {threads} threads but only {free} of {available_cores()} cores are free now; "
+                   f"oversubscribed threads can be several times slower: pass --threads {free}")
+            (warn or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3)))(msg)
+    elif not any(os.environ.get(v) for v in _USER_THREAD_VARS):
+        torch.set_num_threads(choose_threads())
+    return torch.get_num_threads()

@@ -300,3 +300,34 @@ def test_backward_stops_at_the_lowest_injected_layer(dec, table):
     assert lp.requires_grad
     # block 2's own output is computed before the addition (site "block": added to its output)
     assert graph == {0: False, 1: False, 2: False, 3: True}
+
+
+@pytest.mark.parametrize("site", ["mlp", "block"])
+def test_batched_training_forward_equals_each_sequence_alone(tiny_decoder, site):
+    """scored_logprobs on a right-padded batch: on every architecture each sequence's log-probabilities
+    and the encoders' gradients equal those of the sequence run alone, injected."""
+    from kcache.inject import add_at_site, stack_additions
+
+    dec = tiny_decoder
+    st = _stack(dec, random_up=True)
+    g = torch.Generator().manual_seed(3)
+    lens = [(4, 9), (7, 3), (2, 12), (5, 6)]  # |K|, |x|: lengths that differ, one x of 3 tokens
+    k = [torch.randint(3, 60, (a,), generator=g).tolist() for a, _ in lens]
+    x = [torch.randint(3, 60, (b,), generator=g).tolist() for _, b in lens]
+    m = [[j % 2 == 1 for j in range(len(xx))] for xx in x]
+    lp, owner = scored_logprobs(dec, st, site, [1, 2], k, x, m)
+    (-lp.sum()).backward()
+    grad = st.encoder(1).up_proj.weight.grad.clone()
+    st.zero_grad()
+    want, total = [], 0.0
+    for i in range(len(x)):
+        add = stack_additions(dec, st, [k[i]], [x[i]], [1, 2])
+        with add_at_site(dec, site, add):
+            logp = dec.model(input_ids=torch.tensor([x[i]])).logits[0].float().log_softmax(-1)
+        terms = [logp[j - 1, x[i][j]] for j in range(1, len(x[i])) if m[i][j]]
+        want += [t.item() for t in terms]
+        total = total - sum(terms)
+    total.backward()
+    assert owner == [i for i in range(len(x)) for j in range(1, len(x[i])) if m[i][j]]
+    torch.testing.assert_close(lp.detach(), torch.tensor(want), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, st.encoder(1).up_proj.weight.grad, atol=1e-5, rtol=1e-4)

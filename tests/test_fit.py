@@ -214,3 +214,19 @@ def test_publish_bundle_lands_beside_the_checkpoint_atomically(tiny_cache, tmp_p
     assert json.loads((out / CONFIG_FILE).read_text())["created"] == "2000-01-01T00:00:00Z"
     assert (out / "checkpoint-note").read_text() == "kept"
     assert not [p.name for p in tmp_path.iterdir() if ".bundle." in p.name]  # no temporary left beside out
+
+
+def test_reading_many_samples_at_once_gives_each_samples_rows(tiny_cache):
+    """Cache.deltas_of (one read per chunk, the oracle's batches) == deltas() sample by sample, in any order;
+    the loader's float16/float32 rows without widening are the same values."""
+    c = Cache.open(tiny_cache)
+    rng = np.random.default_rng(0)
+    picks = [int(s) for s in rng.permutation(len(c.index))[:25]] + [3, 3]  # shuffled, one repeated
+    for layer in (1, 2):
+        got = c.deltas_of(picks, layer)
+        assert len(got) == len(picks)
+        for s, rows in zip(picks, got):
+            np.testing.assert_array_equal(rows, c.deltas(s, layer))
+        raw = c.read_rows(layer, 0, 100, widen=False)
+        assert raw.dtype == np.float32 and np.array_equal(raw, c.read_rows(layer, 0, 100))
+    assert c.deltas_of([], 1) == []

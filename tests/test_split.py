@@ -122,3 +122,40 @@ def test_set_threads_warns_when_oversubscribed(monkeypatch):
     finally:
         torch.set_num_threads(n)
     assert runtime.available_cores() >= 1
+
+
+def test_busy_cores_come_from_two_proc_stat_readings():
+    """The free-core count is measured now (two /proc/stat readings), not from the lagging load average."""
+    from kcache import runtime
+
+    before = runtime.cpu_times("cpu  9 0 9 9 0 0 0 0\ncpu0 100 0 0 100 0 0 0 0\ncpu1 50 0 50 100 0 0 0 0\n"
+                               "cpu2 0 0 0 0 0 0 0 0\nintr 5 6\n")
+    after = runtime.cpu_times("cpu  9 0 9 9 0 0 0 0\ncpu0 190 0 10 100 0 0 0 0\ncpu1 50 0 50 200 0 0 0 0\n"
+                              "cpu2 0 0 0 0 0 0 0 50\nintr 7 8\n")
+    assert set(before) == {0, 1, 2} and before[1] == (100, 200)
+    assert runtime.busy_between(before, after, {0, 1, 2}) == pytest.approx(1.0)  # cpu0 all busy, cpu1 idle
+    assert runtime.busy_between(before, after, {1}) == 0.0  # only this process's CPUs count
+    assert runtime.busy_between(before, after, {2}) == 0.0  # steal is not this machine's work
+    busy = runtime.busy_cores(0.01)
+    assert busy is None or 0.0 <= busy <= runtime.available_cores() + 1e-6
+
+
+def test_default_threads_are_the_free_cores_unless_the_user_chose(monkeypatch):
+    import torch
+
+    from kcache import runtime
+
+    n = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(runtime, "_default_threads", 4)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setattr(runtime, "free_cores", lambda: 3)
+        assert runtime.set_threads(None) == 3  # fewer free cores than torch's default: the free ones
+        monkeypatch.setattr(runtime, "free_cores", lambda: 8)
+        assert runtime.set_threads(None) == 4  # never above torch's default (physical cores)
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert runtime.set_threads(None) == 2  # the user's OMP_NUM_THREADS stands
+    finally:
+        torch.set_num_threads(n)

@@ -618,6 +618,33 @@ class Cache:
             rows = decode_block(encode_block(rows, self.roundtrip, self.dtype), self.roundtrip, self.dtype)
         return (rows, nbytes) if with_bytes else rows
 
+    def deltas_of(self, samples: list[int | str], layer: int) -> list[np.ndarray]:
+        """``[deltas(s, layer) for s in samples]``, reading each chunk once: samples whose rows lie
+        within one chunk's span are read together (a chunk is decompressed whole, so reading its
+        samples one by one decompressed it once per sample)."""
+        pos = [self.position(s) for s in samples]
+        order = sorted(range(len(pos)), key=lambda k: int(self._row_offset[pos[k]]))
+        span = int(self.settings.get("chunk_rows") or 1)
+        out: list[np.ndarray | None] = [None] * len(pos)
+        k = 0
+        while k < len(order):
+            a = int(self._row_offset[pos[order[k]]])
+            group = [order[k]]
+            b = a + int(self._x_len[pos[order[k]]])
+            while k + len(group) < len(order):
+                nxt = pos[order[k + len(group)]]
+                end = int(self._row_offset[nxt]) + int(self._x_len[nxt])
+                if end - a > span:
+                    break
+                group.append(order[k + len(group)])
+                b = max(b, end)
+            rows = self.read_rows(layer, a, b)
+            for g in group:
+                r0 = int(self._row_offset[pos[g]]) - a
+                out[g] = rows[r0 : r0 + int(self._x_len[pos[g]])]
+            k += len(group)
+        return out
+
     def deltas(self, sample: int | str, layer: int) -> np.ndarray:
         """(x_len, hidden) float32 deltas of one sample at one layer."""
         i = self.position(sample)

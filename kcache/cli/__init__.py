@@ -126,8 +126,8 @@ def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="print the version and exit"),
     threads: int = typer.Option(None, "--threads", envvar="KCACHE_THREADS",
-                                help="torch CPU threads for any command (default: torch's; a warning when more than "
-                                     "the free cores)"),
+                                help="torch CPU threads for any command (default: the cores free when it starts, at "
+                                     "most torch's default; OMP_NUM_THREADS set: torch's choice)"),
 ):
     """kcache command line."""
     from kcache.runtime import set_threads
