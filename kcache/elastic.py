@@ -370,7 +370,8 @@ def _write_unit(job: _Job, k: int, out: Path) -> float:
     if k == 0:
         emb = encode_rows(job.decoder.layers.embed_tokens().weight.detach().float(), job.cfg.dtype, "embedding matrix")
     group = create_cache(out, attrs, *tables, emb)
-    writer, stats, errors = _open_writer(out, group, job.layers, job.cfg, job.shard, total, 0, sub.x_lens, job.storage)
+    writer, stats, errors = _open_writer(out, group, job.layers, job.cfg, job.shard, total, 0, sub.x_lens, job.storage,
+                                         job.decoder.device)
     fwd = _extract_batches(job.decoder, sub, job.cfg, job.layers, job.ids_col, writer, job.storage, 0, False)
     _mark_complete(out, group, attrs, stats, errors, sub)
     return fwd

@@ -493,7 +493,8 @@ def _extract(decoder, samples, out, cfg, overwrite, progress, rank, world) -> Ex
         attrs = group.attrs[ATTRS_KEY]
 
     storage = settings.get("storage")
-    writer, stats, errors = _open_writer(out, group, layers, cfg, shard, total, resume_row, plan.x_lens, storage)
+    writer, stats, errors = _open_writer(out, group, layers, cfg, shard, total, resume_row, plan.x_lens, storage,
+                                         decoder.device)
     fwd = _extract_batches(decoder, plan, cfg, layers, ids_col, writer, storage, resume_row, progress)
     _complete_part(root, out, rank, world, group, attrs, stats, errors, plan)
     elapsed = time.perf_counter() - t_start
@@ -686,9 +687,10 @@ def _part_tables(decoder: Decoder, table: pa.Table, ids_col: list, cfg: ExtractC
 
 
 def _open_writer(out: Path, group, layers: list[int], cfg: ExtractConfig, shard: int, total: int,
-                 resume_row: int, x_lens, storage: dict | None):
-    """The background delta writer, with the running statistics (and, for lossy storage, the
-    error accumulator) restored from the last commit when resuming.
+                 resume_row: int, x_lens, storage: dict | None, device: torch.device):
+    """The delta writer (in the background unless the CPU has no core to spare: ``write_in_background``),
+    with the running statistics (and, for lossy storage, the error accumulator) restored from the
+    last commit when resuming.
 
     Returns (writer, stats, errors); errors is None for lossless storage.
     """
@@ -698,8 +700,16 @@ def _open_writer(out: Path, group, layers: list[int], cfg: ExtractConfig, shard:
     stats = RunningStats(layers, commit["stats"] if commit and resume_row else None)
     errors = ErrorAccumulator(layers, commit.get("errors") if commit and resume_row else None) if storage else None
     writer = DeltaWriter(out, group, layers, cfg.dtype, shard, total, resume_row, positions, stats, storage=storage,
-                         errors=errors)
+                         errors=errors, background=write_in_background(device))
     return writer, stats, errors
+
+
+def write_in_background(device: torch.device) -> bool:
+    """Whether the delta writer gets its own thread: on an accelerator, or when the CPU has a core
+    that no torch thread uses (``DeltaWriter``)."""
+    from kcache.runtime import available_cores
+
+    return torch.device(device).type != "cpu" or available_cores() > torch.get_num_threads()
 
 
 def _extract_batches(decoder: Decoder, plan: Plan, cfg: ExtractConfig, layers: list[int], ids_col: list, writer,

@@ -257,3 +257,22 @@ def test_bench_store_rejects_bad_option_before_work(tmp_path):
 
     with pytest.raises(ValueError, match="int4"):
         bench_store(tmp_path / "missing.zarr", options=("lossless", "int4"), progress=False, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_encoding_rows_refuses_non_finite_values_and_float16_overflow(dtype):
+    import torch
+
+    from kcache.cache.format import CacheError, encode_rows
+
+    ok = torch.tensor([[1.5, -2.0], [0.0, 3.0]])
+    assert encode_rows(ok, dtype).shape == (2, 2)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(CacheError, match="layer 4: non-finite"):
+            encode_rows(torch.tensor([[1.0, bad]]), dtype, "layer 4")
+    big = torch.tensor([[7.0e4, 1.0]])
+    if dtype == "float16":
+        with pytest.raises(CacheError, match="outside the float16 range"):
+            encode_rows(big, dtype)
+    else:
+        assert encode_rows(big, dtype).shape == (1, 2)

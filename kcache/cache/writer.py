@@ -215,11 +215,13 @@ class RunningStats:
 
     def update(self, layer: int, rows: np.ndarray, positions: np.ndarray) -> None:
         st = self.s[str(layer)]
-        r64 = rows.astype(np.float64)
-        st["n"] += int(r64.size)
-        st["sum"] += float(r64.sum())
-        st["sumsq"] += float(np.square(r64).sum())
-        norms = np.linalg.norm(r64, axis=1)
+        r = np.asarray(rows, dtype=np.float32)
+        # per row in float32 (one row is a few thousand values), across rows in float64
+        sq = np.einsum("ij,ij->i", r, r)
+        st["n"] += int(r.size)
+        st["sum"] += float(r.sum(axis=1, dtype=np.float64).sum())
+        st["sumsq"] += float(sq.sum(dtype=np.float64))
+        norms = np.sqrt(sq.astype(np.float64))
         for j in range(POSITION_STATS):
             sel = positions == j
             if sel.any():
@@ -247,16 +249,22 @@ class RunningStats:
 
 
 class DeltaWriter:
-    """Writes delta rows on a background thread, whole shards at a time, committing each.
+    """Writes delta rows whole shards at a time, committing each: on a background thread, or in the
+    caller's thread with ``background=False``.
 
     ``put(first_row, {layer: rows})`` takes contiguous rows in layout order. Rows before
     ``start_row`` (already committed by an earlier run) are dropped. Exceptions raised on the
     thread resurface on the next ``put`` or on ``close``.
+
+    In the background the writing overlaps the decoder, which is what a GPU wants. On a CPU whose
+    every core already runs a torch thread it is slower than writing in between: the writer's
+    compression takes a core from one OpenMP thread and the others wait for it at every barrier
+    (extraction took 1.2-1.4x its bare passes with the thread, docs/benchmarks.md).
     """
 
     def __init__(self, path: Path, group, layers: list[int], dtype: str, shard_rows: int, total_rows: int,
                  start_row: int, positions: np.ndarray, stats: RunningStats, extra_commit: dict | None = None,
-                 max_queue: int = 8, storage: dict | None = None, errors=None):
+                 max_queue: int = 8, storage: dict | None = None, errors=None, background: bool = True):
         self.path, self.layers, self.dtype = Path(path), layers, dtype
         self.arrays = {l: group[f"deltas/layer_{l:02d}"] for l in layers}
         # Lossy storage: rows arrive as float32 and are quantized here, a whole shard at a time.
@@ -273,39 +281,47 @@ class DeltaWriter:
         self.q: queue.Queue = queue.Queue(maxsize=max_queue)
         self.error: BaseException | None = None
         self.write_seconds = 0.0
-        self.thread = threading.Thread(target=self._run, name="kcache-writer", daemon=True)
-        self.thread.start()
+        self.thread = None
+        if background:
+            self.thread = threading.Thread(target=self._run, name="kcache-writer", daemon=True)
+            self.thread.start()
 
     def put(self, first_row: int, rows: dict[int, np.ndarray]) -> None:
         if self.error:
             raise self.error
-        self.q.put((first_row, rows))
+        if self.thread is None:
+            self._take(first_row, rows)
+        else:
+            self.q.put((first_row, rows))
 
     def close(self) -> None:
-        self.q.put(None)
-        self.thread.join()
+        if self.thread is not None:
+            self.q.put(None)
+            self.thread.join()
         if self.error:
             raise self.error
 
-    def _run(self):
+    def _take(self, first: int, rows: dict[int, np.ndarray]) -> None:
+        """Buffer rows and write every shard that is complete."""
         import time
 
+        n = next(iter(rows.values())).shape[0]
+        skip = max(0, self.buf_start + self.buf_rows - first)
+        if first + skip != self.buf_start + self.buf_rows:
+            raise CacheError(f"writer got rows starting at {first}, expected {self.buf_start + self.buf_rows}")
+        if skip < n:
+            for l in self.layers:
+                self.buf[l].append(rows[l][skip:])
+            self.buf_rows += n - skip
+        while self.buf_rows >= self.shard_rows or (self.buf_rows and self.buf_start + self.buf_rows >= self.total):
+            t0 = time.perf_counter()
+            self._flush(min(self.shard_rows, self.buf_rows))
+            self.write_seconds += time.perf_counter() - t0
+
+    def _run(self):
         try:
             while (item := self.q.get()) is not None:
-                first, rows = item
-                n = next(iter(rows.values())).shape[0]
-                skip = max(0, self.buf_start + self.buf_rows - first)
-                if first + skip != self.buf_start + self.buf_rows:
-                    raise CacheError(f"writer got rows starting at {first}, expected {self.buf_start + self.buf_rows}")
-                if skip < n:
-                    for l in self.layers:
-                        self.buf[l].append(rows[l][skip:])
-                    self.buf_rows += n - skip
-                while (self.buf_rows >= self.shard_rows
-                       or (self.buf_rows and self.buf_start + self.buf_rows >= self.total)):
-                    t0 = time.perf_counter()
-                    self._flush(min(self.shard_rows, self.buf_rows))
-                    self.write_seconds += time.perf_counter() - t0
+                self._take(*item)
         except BaseException as e:  # noqa: BLE001 - surfaced to the caller
             self.error = e
             while True:  # drain so the producer never blocks forever
