@@ -83,3 +83,26 @@ def test_a_cache_is_not_resumed_or_reused_by_a_decoder_of_another_dtype(saved_mo
     (part / "manifest.json").unlink()
     with pytest.raises(CacheError, match=r"pass --model-dtype float32"):
         extract(bf16, demo_samples, part, cfg, progress=False)
+
+
+def test_the_inline_and_background_writers_write_the_same_cache(tiny_decoder, demo_samples, tmp_path, monkeypatch):
+    """The delta writer runs in the caller's thread when torch uses every core, on its own thread
+    otherwise (kcache.extract.write_in_background); both write the same arrays and statistics."""
+    import kcache.extract as X
+
+    cfg = ExtractConfig(layers="1-2", dtype="float16", token_budget=256, chunk_rows=16, shard_rows=32)
+    caches = {}
+    for background in (True, False):
+        monkeypatch.setattr(X, "write_in_background", lambda device, b=background: b)
+        extract(tiny_decoder, demo_samples, tmp_path / f"bg{background}", cfg, progress=False)
+        caches[background] = Cache.open(tmp_path / f"bg{background}")
+    a, b = caches[True], caches[False]
+    assert a.total_rows == b.total_rows > 32  # more than one shard
+    for layer in (1, 2):
+        np.testing.assert_array_equal(a.read_rows(layer, 0, a.total_rows), b.read_rows(layer, 0, b.total_rows))
+    assert a.attrs["stats"] == b.attrs["stats"]
+    monkeypatch.undo()
+    from kcache.runtime import available_cores
+
+    assert X.write_in_background(torch.device("cpu")) == (available_cores() > torch.get_num_threads())
+    assert X.write_in_background(torch.device("cuda"))

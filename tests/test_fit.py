@@ -230,3 +230,18 @@ def test_reading_many_samples_at_once_gives_each_samples_rows(tiny_cache):
         raw = c.read_rows(layer, 0, 100, widen=False)
         assert raw.dtype == np.float32 and np.array_equal(raw, c.read_rows(layer, 0, 100))
     assert c.deltas_of([], 1) == []
+
+
+def test_validation_kept_in_memory_equals_validation_read_again(tiny_cache, tmp_path, monkeypatch):
+    """Validation batches are kept after the first evaluation when they fit (fit.VAL_KEEP_BYTES); with
+    no room they are read again each time. The history is the same either way."""
+    import kcache.fit as fit_mod
+
+    cfg = FitConfig(**TINY, epochs=2, batch_size=4, eval_every=3, checkpoint_every=1000)
+    kept = fit_encoders(tiny_cache, tmp_path / "kept", cfg, progress=False)
+    monkeypatch.setattr(fit_mod, "VAL_KEEP_BYTES", 0)
+    reread = fit_encoders(tiny_cache, tmp_path / "reread", cfg, progress=False)
+    a = json.loads((tmp_path / "kept" / "history.json").read_text())
+    b = json.loads((tmp_path / "reread" / "history.json").read_text())
+    assert len(a) >= 3 and a == b
+    assert kept["layers"] == reread["layers"]

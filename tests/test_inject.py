@@ -324,3 +324,31 @@ def test_generate_command_end_to_end(tmp_path, monkeypatch, tokenizer_nobos):
     assert "D(x): no knowledge" in r.output and "D(K,x): knowledge in context" in r.output and "injected" in r.output
     r = CliRunner().invoke(app, args[:3] + ["--encoders", str(tmp_path / "missing")] + args[5:])
     assert r.exit_code == 2 and "error:" in r.output
+
+
+def test_encoders_run_in_bf16_next_to_a_bf16_decoder(tiny_decoder):
+    """Injection at inference runs the encoders in the decoder's compute precision: bf16 autocast for a
+    bf16 decoder (as fit and finetune train them), float32 for a float32 one, with the same additions
+    up to bf16 rounding."""
+    import copy
+    import dataclasses
+
+    from kcache.inject import inference_autocast
+
+    inj = _injector(tiny_decoder, layers=(1, 2))
+    k, x = _encoded(tiny_decoder, 3)
+    f32 = inj.additions(k, x)
+    assert all(a.dtype == torch.float32 for a in f32.values())
+    dec16 = dataclasses.replace(tiny_decoder, model=copy.deepcopy(tiny_decoder.model).to(torch.bfloat16))
+    with inference_autocast(dec16):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with inference_autocast(tiny_decoder):
+        assert not torch.is_autocast_enabled("cpu")
+    from kcache.inject import encoder_additions
+
+    b16 = encoder_additions(dec16, inj.stack, k, x, [1, 2], sink=inj.sink)
+    for l in (1, 2):
+        assert b16[l].dtype == torch.bfloat16
+        scale = f32[l].abs().max()
+        assert scale > 0
+        torch.testing.assert_close(b16[l].float(), f32[l], atol=0.05 * float(scale), rtol=0.05)
