@@ -544,8 +544,9 @@ class _FitRun:
             return self.val_kept
         loader = BatchLoader(self.reader, self.val_idx, self.cfg.batch_size, self.cfg.buffer_samples, self.cfg.seed, 0,
                              shuffle=False)
-        rows = int(self.reader.x_len[self.val_idx].sum())
-        if rows * len(self.mine) * self.cache.hidden_size * 4 > VAL_KEEP_BYTES:
+        x_len = self.reader.x_len
+        padded = sum(len(b) * int(x_len[b].max()) for b in loader.batches if b)  # collate pads to the longest
+        if padded * len(self.mine) * self.cache.hidden_size * 4 > VAL_KEEP_BYTES:
             return loader
         self.val_kept = list(loader)
         loader.close()

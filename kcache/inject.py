@@ -115,12 +115,15 @@ def encoder_positions(base: torch.Tensor, new_valid: torch.Tensor) -> torch.Tens
 
 
 def inference_autocast(decoder: Decoder):
-    """The encoders' precision at inference: bf16 autocast when the decoder runs in bf16 (as fit and
-    finetune train them next to it: ``precision.resolve_compute``), none otherwise (float32 decoders,
-    the exactness tests)."""
+    """The encoders' precision at inference: what ``compute="auto"`` resolves to next to this decoder
+    (``precision.resolve_compute``): bf16 autocast for a bf16 decoder where the hardware runs bf16
+    natively (as fit and finetune train them there), none for a float32 decoder (the exactness
+    tests) or under ``KCACHE_COMPUTE=float32``."""
     from kcache.precision import autocast_for
 
-    return autocast_for(decoder.device, "bfloat16" if decoder.dtype == torch.bfloat16 else "float32")()
+    if decoder.dtype != torch.bfloat16:
+        return contextlib.nullcontext()
+    return autocast_for(decoder.device, "auto", frozen=decoder.dtype)()
 
 
 @torch.no_grad()

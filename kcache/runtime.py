@@ -5,10 +5,10 @@ when other work is running: one evaluation on a 2-core machine took 255 s with 2
 44 s with 1 while another job ran. So the CLI picks ``min(torch's default, free cores)``:
 
 * ``available_cores``: this process's CPUs (its affinity), bounded by a cgroup v2 CPU quota.
-* ``busy_cores``: how many of those CPUs other work keeps busy *now*, from two readings of
-  ``/proc/stat`` 50 ms apart (the 1-minute load average lags by minutes: it still counts a job
+* ``busy_cores``: how many of the affinity's CPUs other work keeps busy *now*, from two readings
+  of ``/proc/stat`` 50 ms apart (the 1-minute load average lags by minutes: it still counts a job
   that has just ended and misses one that has just started).
-* ``free_cores = available - busy`` (at least 1).
+* ``free_cores = min(quota, affinity - busy)`` (at least 1).
 
 ``--threads N`` (or ``KCACHE_THREADS``) is used as given, with a warning when N is more than the
 free cores; ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` in the environment also leave torch's choice
@@ -26,19 +26,29 @@ _USER_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 _default_threads: int | None = None  # torch's own choice, before kcache changed it
 
 
-def available_cores() -> int:
-    """CPUs this process may run on: its affinity, bounded by a cgroup v2 CPU quota if any."""
+def affinity_cores() -> int:
+    """CPUs this process may be scheduled on (its affinity)."""
     try:
-        n = len(os.sched_getaffinity(0))
+        return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
-        n = os.cpu_count() or 1
+        return os.cpu_count() or 1
+
+
+def quota_cores() -> int | None:
+    """The cgroup v2 CPU quota in whole cores (None: no quota)."""
     try:
         quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
         if quota != "max":
-            n = min(n, max(1, math.floor(int(quota) / int(period))))
+            return max(1, math.floor(int(quota) / int(period)))
     except (OSError, ValueError):
         pass
-    return max(1, n)
+    return None
+
+
+def available_cores() -> int:
+    """CPUs this process may run on: its affinity, bounded by a cgroup v2 CPU quota if any."""
+    quota = quota_cores()
+    return affinity_cores() if quota is None else min(affinity_cores(), quota)
 
 
 def cpu_times(text: str) -> dict[int, tuple[int, int]]:
@@ -84,15 +94,20 @@ def busy_cores(window: float = 0.05) -> float | None:
 
 
 def free_cores() -> int:
-    """Available cores minus the busy ones (at least 1). Falls back to the 1-minute load average
-    where ``/proc/stat`` is not there."""
+    """The CPUs of this process's affinity that nothing else keeps busy, bounded by its cgroup
+    quota (at least 1). ``/proc/stat`` counts the whole host, so the busy CPUs are taken from the
+    affinity set and the quota applies after: a container with a 8-core quota on a busy 64-core
+    host still gets 8 when 40 host cores are busy. Falls back to the 1-minute load average where
+    ``/proc/stat`` is not there."""
     busy = busy_cores()
     if busy is None:
         try:
             busy = os.getloadavg()[0]
         except (AttributeError, OSError):  # pragma: no cover
             busy = 0.0
-    return max(1, available_cores() - int(round(busy)))
+    free = affinity_cores() - int(round(busy))
+    quota = quota_cores()
+    return max(1, free if quota is None else min(quota, free))
 
 
 def default_threads() -> int:

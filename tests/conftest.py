@@ -11,6 +11,8 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Fit/finetune/edit pick bf16 on CPUs that have it ("auto"); tests must not depend on the CPU.
 os.environ.setdefault("KCACHE_COMPUTE", "float32")
+# In-process CLI calls would otherwise set torch's threads from the machine's load at that moment.
+os.environ.setdefault("KCACHE_THREADS", "1")
 # Tiny models run fastest single-threaded (and do not fight over cores); the SmolLM2 tests raise it.
 torch.set_num_threads(1)
 

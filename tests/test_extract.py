@@ -101,8 +101,14 @@ def test_the_inline_and_background_writers_write_the_same_cache(tiny_decoder, de
     for layer in (1, 2):
         np.testing.assert_array_equal(a.read_rows(layer, 0, a.total_rows), b.read_rows(layer, 0, b.total_rows))
     assert a.attrs["stats"] == b.attrs["stats"]
+    raw = a.read_rows(1, 0, 40, widen=False)  # float16 rows as stored, the same values
+    assert raw.dtype == np.float16 and np.array_equal(raw.astype(np.float32), a.read_rows(1, 0, 40))
+    assert a.read_rows(1, 5, 5, widen=False).dtype == np.float16
     monkeypatch.undo()
-    from kcache.runtime import available_cores
+    from kcache import runtime
 
-    assert X.write_in_background(torch.device("cpu")) == (available_cores() > torch.get_num_threads())
+    monkeypatch.setattr(runtime, "available_cores", lambda: torch.get_num_threads())
+    assert not X.write_in_background(torch.device("cpu"))  # every core runs a torch thread: inline
+    monkeypatch.setattr(runtime, "available_cores", lambda: torch.get_num_threads() + 1)
+    assert X.write_in_background(torch.device("cpu"))
     assert X.write_in_background(torch.device("cuda"))

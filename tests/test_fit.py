@@ -245,3 +245,19 @@ def test_validation_kept_in_memory_equals_validation_read_again(tiny_cache, tmp_
     b = json.loads((tmp_path / "reread" / "history.json").read_text())
     assert len(a) >= 3 and a == b
     assert kept["layers"] == reread["layers"]
+
+
+def test_reading_many_samples_at_once_across_the_parts_of_a_merged_cache(tiny_cache, tmp_path, tokenizer_nobos):
+    """deltas_of groups by chunk within each part (parts' row bases need not be chunk aligned)."""
+    from kcache.cache.merge import merge
+
+    other = tmp_path / "b.zarr"
+    extract(tiny_dec("llama", tokenizer_nobos), synth_samples(23, seed=3), other,
+            ExtractConfig(layers="1-2", dtype="float32", chunk_rows=64, shard_rows=128), progress=False)
+    merge([str(tiny_cache), str(other)], tmp_path / "m.zarr", progress=False)
+    c = Cache.open(tmp_path / "m.zarr")
+    assert len(c.parts) == 2 and int(c.row_base[1]) % 64  # the second part starts mid-chunk
+    picks = [int(s) for s in np.random.default_rng(1).permutation(len(c.index))]
+    for layer in (1, 2):
+        for s, rows in zip(picks, c.deltas_of(picks, layer)):
+            np.testing.assert_array_equal(rows, c.deltas(s, layer))

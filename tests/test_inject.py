@@ -326,10 +326,11 @@ def test_generate_command_end_to_end(tmp_path, monkeypatch, tokenizer_nobos):
     assert r.exit_code == 2 and "error:" in r.output
 
 
-def test_encoders_run_in_bf16_next_to_a_bf16_decoder(tiny_decoder):
-    """Injection at inference runs the encoders in the decoder's compute precision: bf16 autocast for a
-    bf16 decoder (as fit and finetune train them), float32 for a float32 one, with the same additions
-    up to bf16 rounding."""
+def test_encoders_run_in_bf16_next_to_a_bf16_decoder(tiny_decoder, monkeypatch):
+    """Injection at inference runs the encoders in the compute precision "auto" resolves to next to the
+    decoder: bf16 autocast for a bf16 decoder where bf16 is native (forced here with KCACHE_COMPUTE), as
+    fit and finetune train them; float32 for a float32 decoder or under KCACHE_COMPUTE=float32. The
+    additions agree up to bf16 rounding."""
     import copy
     import dataclasses
 
@@ -340,6 +341,10 @@ def test_encoders_run_in_bf16_next_to_a_bf16_decoder(tiny_decoder):
     f32 = inj.additions(k, x)
     assert all(a.dtype == torch.float32 for a in f32.values())
     dec16 = dataclasses.replace(tiny_decoder, model=copy.deepcopy(tiny_decoder.model).to(torch.bfloat16))
+    monkeypatch.setenv("KCACHE_COMPUTE", "float32")
+    with inference_autocast(dec16):
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.setenv("KCACHE_COMPUTE", "bfloat16")
     with inference_autocast(dec16):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     with inference_autocast(tiny_decoder):

@@ -137,7 +137,24 @@ def test_busy_cores_come_from_two_proc_stat_readings():
     assert runtime.busy_between(before, after, {1}) == 0.0  # only this process's CPUs count
     assert runtime.busy_between(before, after, {2}) == 0.0  # steal is not this machine's work
     busy = runtime.busy_cores(0.01)
-    assert busy is None or 0.0 <= busy <= runtime.available_cores() + 1e-6
+    assert busy is None or 0.0 <= busy <= runtime.affinity_cores() + 1e-6
+
+
+def test_a_cpu_quota_bounds_the_free_cores_after_the_hosts_busy_cpus(monkeypatch):
+    """/proc/stat counts the whole host: busy host CPUs come off the affinity set, the quota applies after."""
+    from kcache import runtime
+
+    monkeypatch.setattr(runtime, "affinity_cores", lambda: 64)
+    monkeypatch.setattr(runtime, "quota_cores", lambda: 8)
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 40.0)
+    assert runtime.available_cores() == 8 and runtime.free_cores() == 8
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 60.2)
+    assert runtime.free_cores() == 4
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 64.0)
+    assert runtime.free_cores() == 1
+    monkeypatch.setattr(runtime, "quota_cores", lambda: None)
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 40.0)
+    assert runtime.available_cores() == 64 and runtime.free_cores() == 24
 
 
 def test_default_threads_are_the_free_cores_unless_the_user_chose(monkeypatch):

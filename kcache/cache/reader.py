@@ -604,7 +604,7 @@ class Cache:
                     scale = p.array(f"deltas/scale_{layer:02d}")[a:b]
                     nbytes += scale.nbytes
                     out.append(dequantize_int8_rows(raw, scale))
-                elif widen or self.dtype not in ("float16", "float32") or self.roundtrip is not None:
+                elif not self._raw_rows(widen):
                     out.append(decode_rows(raw, self.dtype))
                 else:
                     out.append(raw)
@@ -613,36 +613,40 @@ class Cache:
         if len(out) == 1:
             rows = out[0]
         else:
-            rows = np.concatenate(out) if out else np.zeros((0, self.hidden_size), np.float32 if widen else self.dtype)
+            empty = self.dtype if self._raw_rows(widen) else np.float32
+            rows = np.concatenate(out) if out else np.zeros((0, self.hidden_size), empty)
         if self.roundtrip is not None and len(rows):
             rows = decode_block(encode_block(rows, self.roundtrip, self.dtype), self.roundtrip, self.dtype)
         return (rows, nbytes) if with_bytes else rows
 
+    def _raw_rows(self, widen: bool) -> bool:
+        """Whether ``read_rows(widen=widen)`` returns the stored array itself (lossless float16/32)."""
+        return not widen and self.dtype in ("float16", "float32") and self.roundtrip is None \
+            and self.storage["kind"] != "int8"
+
     def deltas_of(self, samples: list[int | str], layer: int) -> list[np.ndarray]:
-        """``[deltas(s, layer) for s in samples]``, reading each chunk once: samples whose rows lie
-        within one chunk's span are read together (a chunk is decompressed whole, so reading its
-        samples one by one decompressed it once per sample)."""
+        """``[deltas(s, layer) for s in samples]`` with one read per chunk: the samples whose rows
+        start in the same chunk of the same part are read together (a chunk is decompressed whole,
+        so reading its samples one by one decompressed it once per sample)."""
         pos = [self.position(s) for s in samples]
-        order = sorted(range(len(pos)), key=lambda k: int(self._row_offset[pos[k]]))
-        span = int(self.settings.get("chunk_rows") or 1)
+        chunk = int(self.settings.get("chunk_rows") or 1)
+
+        def key(k: int) -> tuple[int, int]:
+            r = int(self._row_offset[pos[k]])
+            j = int(np.searchsorted(self.row_base, r, side="right") - 1)
+            return j, (r - int(self.row_base[j])) // chunk
+
+        groups: dict[tuple[int, int], list[int]] = {}
+        for k in range(len(pos)):
+            groups.setdefault(key(k), []).append(k)
         out: list[np.ndarray | None] = [None] * len(pos)
-        k = 0
-        while k < len(order):
-            a = int(self._row_offset[pos[order[k]]])
-            group = [order[k]]
-            b = a + int(self._x_len[pos[order[k]]])
-            while k + len(group) < len(order):
-                nxt = pos[order[k + len(group)]]
-                end = int(self._row_offset[nxt]) + int(self._x_len[nxt])
-                if end - a > span:
-                    break
-                group.append(order[k + len(group)])
-                b = max(b, end)
+        for group in groups.values():
+            a = min(int(self._row_offset[pos[g]]) for g in group)
+            b = max(int(self._row_offset[pos[g]]) + int(self._x_len[pos[g]]) for g in group)
             rows = self.read_rows(layer, a, b)
             for g in group:
                 r0 = int(self._row_offset[pos[g]]) - a
                 out[g] = rows[r0 : r0 + int(self._x_len[pos[g]])]
-            k += len(group)
         return out
 
     def deltas(self, sample: int | str, layer: int) -> np.ndarray:
