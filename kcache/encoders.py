@@ -50,6 +50,8 @@ class EncoderConfig:
     rms_eps: float = 1e-5
 
     def __post_init__(self):
+        if self.num_layers < 1:  # as schemas/encoders-v1.json: the stacked pass assumes a last block
+            raise ValueError(f"encoder num_layers must be >= 1, not {self.num_layers}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"encoder hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
 
@@ -243,10 +245,10 @@ def stacked_forward(encoders: list[KnowledgeEncoder], embeds: torch.Tensor, vali
     cs = tuple(t.repeat(e, 1, 1, 1) for t in rope_tables(positions, hd, c.rope_theta))
     down = _stacked(encoders, lambda m: m.down_proj.weight)  # (E, h, d)
     x = (embeds.reshape(b * n, -1) @ down.reshape(e * h, -1).t()).view(b, n, e, h).permute(2, 0, 1, 3)
-    last = c.num_layers - 1 if shifts is not None and c.num_layers else c.num_layers
+    last = c.num_layers - 1 if shifts is not None else c.num_layers
     for i in range(last):
         x = _stacked_block(x, [enc.blocks[i] for enc in encoders], c, cs, masks)
-    if shifts is not None and last < c.num_layers:
+    if shifts is not None:
         # Only input positions are returned (``shift_left``), so the last block computes its queries,
         # residual and MLP there alone; keys and values still cover K+x. Same maths, ~|x|/(|K|+|x|)
         # of the last block's work.
@@ -258,10 +260,6 @@ def stacked_forward(encoders: list[KnowledgeEncoder], embeds: torch.Tensor, vali
         qmask = attention_mask_at(valid, idx).repeat(e, 1, 1, 1)
         x = _stacked_block(x, [enc.blocks[last] for enc in encoders], c, cs, qmask, query_index=idx, query_cs=qcs)
         x = x * inside.view(1, b, -1, 1).to(x.dtype)
-    elif shifts is not None:
-        from kcache.align import shift_left
-
-        x = shift_left(x.reshape(e * b, n, h), shifts.repeat(e), length).view(e, b, -1, h)
     x = _rms(x, _stacked(encoders, lambda m: m.norm.weight), c.rms_eps)
     return _linear(x, _stacked(encoders, lambda m: m.up_proj.weight))
 

@@ -176,3 +176,12 @@ def test_training_through_a_bf16_cpu_decoder_uses_eager_attention_and_restores_i
         with backward_attention(dec):
             assert dec.model.config._attn_implementation == inside
         assert dec.model.config._attn_implementation == "sdpa"
+
+
+def test_an_encoder_needs_a_block_and_whole_heads():
+    from kcache.encoders import EncoderConfig
+
+    with pytest.raises(ValueError, match="num_layers must be >= 1, not 0"):
+        EncoderConfig(d_model=8, num_layers=0)
+    with pytest.raises(ValueError, match="not divisible by num_heads 3"):
+        EncoderConfig(d_model=8, hidden_size=32, num_heads=3)
