@@ -112,19 +112,32 @@ class Block(nn.Module):
         return x + self.down(F.silu(self.gate(y)) * self.up(y)), (k, v)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention, ``mask`` True where a query may see a key. (B, H, L, D) in and out.
+
+    ``scale``: the scores' factor (default ``D ** -0.5``; the stacked pass folds it into q's rotary
+    tables and passes 1). ``bias``: on CPU, ``mask`` as an additive 0 / -inf tensor in q's dtype,
+    made once per forward by the caller and shared by its blocks (``mask_bias``).
 
     On CPU the explicit product is used: for the encoders' short, narrow heads it is faster than
     SDPA's CPU flash kernel, whose bf16 backward is several times slower than its float32 one.
     The scores stay in q's dtype (the product's own output dtype); torch's CPU softmax computes in
     float32 inside and rounds once, so the probabilities equal a float32 softmax of those scores
-    rounded to bf16, without two float32 copies of a (B, H, L, L) tensor.
+    rounded to bf16, without two float32 copies of a (B, H, L, L) tensor. The bias is added in
+    place: the sum's backward is the identity, where ``masked_fill`` costs a pass each way.
     """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = (q if scale == 1 else q * scale) @ k.transpose(-1, -2)
+    scores = scores.add_(mask_bias(mask, scores.dtype) if bias is None else bias)
+    return scores.softmax(-1) @ v
+
+
+def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool attention mask (True = may attend) as an additive bias: 0 where True, -inf where False."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def attention_mask(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
@@ -241,13 +254,14 @@ def stacked_forward(encoders: list[KnowledgeEncoder], embeds: torch.Tensor, vali
     h, hd = c.hidden_size, c.head_dim
     if positions is None:
         positions = torch.arange(n, device=embeds.device)[None].expand(b, n)
-    masks = attention_mask(valid, n).repeat(e, 1, 1, 1)  # (E*B, 1, n, n), encoder-major like q/k/v
-    cs = tuple(t.repeat(e, 1, 1, 1) for t in rope_tables(positions, hd, c.rope_theta))
     down = _stacked(encoders, lambda m: m.down_proj.weight)  # (E, h, d)
     x = (embeds.reshape(b * n, -1) @ down.reshape(e * h, -1).t()).view(b, n, e, h).permute(2, 0, 1, 3)
+    # Per forward, in the blocks' dtype: the rotary tables (q's scaled by the softmax factor) and the
+    # mask as an additive bias, shared by every block rather than converted in each.
+    att = _Attention(positions, attention_mask(valid, n), c, x.dtype, e)
     last = c.num_layers - 1 if shifts is not None else c.num_layers
     for i in range(last):
-        x = _stacked_block(x, [enc.blocks[i] for enc in encoders], c, cs, masks)
+        x = _stacked_block(x, [enc.blocks[i] for enc in encoders], c, att, att)
     if shifts is not None:
         # Only input positions are returned (``shift_left``), so the last block computes its queries,
         # residual and MLP there alone; keys and values still cover K+x. Same maths, ~|x|/(|K|+|x|)
@@ -256,25 +270,38 @@ def stacked_forward(encoders: list[KnowledgeEncoder], embeds: torch.Tensor, vali
 
         shifts = shifts.to(device=embeds.device, dtype=torch.long)
         idx, inside = shift_index(shifts, n - int(shifts.min()) if length is None else length, n)
-        qcs = tuple(t.repeat(e, 1, 1, 1) for t in rope_tables(positions.gather(1, idx), hd, c.rope_theta))
-        qmask = attention_mask_at(valid, idx).repeat(e, 1, 1, 1)
-        x = _stacked_block(x, [enc.blocks[last] for enc in encoders], c, cs, qmask, query_index=idx, query_cs=qcs)
+        queries = _Attention(positions.gather(1, idx), attention_mask_at(valid, idx), c, x.dtype, e)
+        x = _stacked_block(x, [enc.blocks[last] for enc in encoders], c, att, queries, query_index=idx)
         x = x * inside.view(1, b, -1, 1).to(x.dtype)
     x = _rms(x, _stacked(encoders, lambda m: m.norm.weight), c.rms_eps)
     return _linear(x, _stacked(encoders, lambda m: m.up_proj.weight))
 
 
-def _stacked_block(x: torch.Tensor, blocks: list[Block], c: EncoderConfig, cs, mask, query_index=None,
-                   query_cs=None) -> torch.Tensor:
+class _Attention:
+    """What a stacked block's attention needs for one set of query (or key) positions, made once
+    per forward in the blocks' dtype: rotary tables (B, 1, L, hd) for keys and, scaled by
+    ``hd ** -0.5``, for queries (so the scores need no scaling pass), and the mask (B, 1, Q, K)
+    repeated over the E encoders (encoder-major, as the heads) and, on CPU, as an additive bias."""
+
+    def __init__(self, positions: torch.Tensor, mask: torch.Tensor, c: EncoderConfig, dtype: torch.dtype, e: int):
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+        scale = c.head_dim ** -0.5
+        self.k_cs = cos.to(dtype), sin.to(dtype)
+        self.q_cs = (cos * scale).to(dtype), (sin * scale).to(dtype)
+        self.mask = mask.repeat(e, 1, 1, 1)
+        self.bias = mask_bias(self.mask, dtype) if mask.device.type == "cpu" else None  # SDPA takes the mask
+
+
+def _stacked_block(x: torch.Tensor, blocks: list[Block], c: EncoderConfig, keys: _Attention, queries: _Attention,
+                   query_index=None) -> torch.Tensor:
     """Block ``i`` of E encoders on x (E, B, n, h). With ``query_index`` (B, Q) only those positions
-    are queries (rotated by ``query_cs``, masked by ``mask`` (E*B, 1, Q, n)); returns (E, B, Q, h)."""
+    are queries (``queries``: their tables and mask (B, 1, Q, n)); returns (E, B, Q, h)."""
     e, b, n, h = x.shape
     heads, hd = c.num_heads, c.head_dim
     y = _rms(x, _stacked(blocks, lambda m: m.attn_norm.weight), c.rms_eps)
     if query_index is None:
         qkv = _linear(y, _stacked_rows(blocks, ("q", "k", "v")))
         q, k, v = qkv.split(h, -1)
-        query_cs = cs
     else:
         kv = _linear(y, _stacked_rows(blocks, ("k", "v")))
         k, v = kv.split(h, -1)
@@ -282,10 +309,14 @@ def _stacked_block(x: torch.Tensor, blocks: list[Block], c: EncoderConfig, cs, m
         x = x.gather(2, gather)
         q = _linear(y.gather(2, gather), _stacked(blocks, lambda m: m.q.weight))
 
-    def heads_of(t):  # (E*B, H, len, hd): 4-D, as the fused attention kernels (CUDA flash / memory-efficient) need
-        return t.reshape(e * b, t.shape[2], heads, hd).transpose(1, 2)
+    def heads_of(t, cs=None):
+        # (E, B, H, len, hd) for the rotation, whose (B, 1, len, hd) tables broadcast over encoders and
+        # heads; then (E*B, H, len, hd): 4-D, as the fused attention kernels (CUDA flash /
+        # memory-efficient) need.
+        t = t.reshape(e, b, t.shape[2], heads, hd).transpose(2, 3)
+        return (t if cs is None else rope(t, *cs)).reshape(e * b, heads, -1, hd)
 
-    att = attend(rope(heads_of(q), *query_cs), rope(heads_of(k), *cs), heads_of(v), mask)
+    att = attend(heads_of(q, queries.q_cs), heads_of(k, keys.k_cs), heads_of(v), queries.mask, scale=1.0, bias=queries.bias)
     x = x + _linear(att.transpose(1, 2).reshape(e, b, -1, h), _stacked(blocks, lambda m: m.o.weight))
     y = _rms(x, _stacked(blocks, lambda m: m.mlp_norm.weight), c.rms_eps)
     gate, up = _linear(y, _stacked_rows(blocks, ("gate", "up"))).chunk(2, -1)

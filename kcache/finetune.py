@@ -52,6 +52,7 @@ from kcache.precision import autocast_for
 from kcache.train import (
     OptimConfig,
     adamw,
+    length_grouped_batches,
     load_checkpoint,
     lr_at,
     new_state,
@@ -342,8 +343,11 @@ def _train_steps(run: _TrainRun, progress: bool, on_step, log) -> int:
     acc_loss, acc_tok = 0.0, 0
     while not stop:
         epoch = state["epoch"]
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
-        batches = [order[i : i + cfg.batch_size].tolist() for i in range(0, len(order), cfg.batch_size)]
+        rng = np.random.default_rng([cfg.seed, epoch])
+        # Grouped by the input's length (the decoder's pass), then the knowledge's (the encoders').
+        batches = length_grouped_batches(rng.permutation(len(train)),
+                                         [(len(it.x_ids), len(it.k_ids)) for it in train],
+                                         cfg.batch_size, getattr(cfg, "length_groups", 0), rng)
         micro = 0
         for bi in range(state["batch_in_epoch"], len(batches)):
             items = [train[i] for i in batches[bi]]

@@ -42,6 +42,7 @@ from kcache.train import (  # noqa: F401 - OptimConfig, lr_at, optimizer_step, C
     OptimConfig,
     adamw,
     checkpoint_dir,
+    length_grouped_batches,
     load_checkpoint,
     lr_at,
     new_state,
@@ -180,6 +181,7 @@ class CacheReader:
         self.cache, self.layers = cache, layers
         self.row_off = cache.index["row_offset"].to_numpy()
         self.x_len = cache.index["x_len"].to_numpy().astype(np.int64)
+        self.k_len = cache.index["k_len"].to_numpy().astype(np.int64)
         self.chunk = cache.settings["chunk_rows"]
         self.ids = cache.flat("tokens/ids")
         self.loss = cache.flat("masks/loss")
@@ -272,15 +274,17 @@ class BatchLoader:
     """
 
     def __init__(self, reader: CacheReader, samples: np.ndarray, batch_size: int, buffer: int, seed: int, epoch: int,
-                 shuffle: bool = True, skip: int = 0, prefetch: int = 4):
+                 shuffle: bool = True, skip: int = 0, prefetch: int = 4, length_groups: int = 0):
         rng = np.random.default_rng([seed, epoch])
         blocks = reader.blocks(samples)
         if shuffle:
             blocks = [blocks[i] for i in rng.permutation(len(blocks))]
             order = shuffle_schedule(blocks, buffer, rng)
+            # by the encoders' input length, knowledge + input (what every block runs over)
+            self.batches = length_grouped_batches(order, reader.k_len + reader.x_len, batch_size, length_groups, rng)
         else:
             order = [s for b in blocks for s in b]
-        self.batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+            self.batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         self.reader, self.blocks, self.skip = reader, blocks, skip
         self.ahead = reader.read_ahead(blocks)  # a no-op unless the cache is streamed
         self.q: queue.Queue = queue.Queue(maxsize=prefetch)
@@ -679,7 +683,7 @@ def _train(run: _FitRun, params: dict, progress: bool, on_step) -> tuple[float, 
     while not stop:
         epoch = state["epoch"]
         loader = BatchLoader(run.reader, run.train_idx, cfg.batch_size, cfg.buffer_samples, cfg.seed, epoch,
-                             skip=state["batch_in_epoch"])
+                             skip=state["batch_in_epoch"], length_groups=cfg.length_groups)
         micro = 0
         for bi, batch in enumerate(loader, start=state["batch_in_epoch"]):
             tokens_seen += _backward(run, batch, train_acc)

@@ -48,6 +48,9 @@ class OptimConfig:
     seed: int = 0
     # matmul dtype under autocast (float32 master weights and losses): auto | float32 | bfloat16
     compute: str = "auto"
+    # Batches from windows of this many batches of shuffled samples, each window sorted by length
+    # (length_grouped_batches): less padding per batch. 0 or 1: plain shuffled batches.
+    length_groups: int = 16
 
 
 def lr_at(step: int, total: int, warmup: int, lr_min: float, lr_max: float) -> float:
@@ -57,6 +60,34 @@ def lr_at(step: int, total: int, warmup: int, lr_min: float, lr_max: float) -> f
     span = max(1, total - 1 - warmup)
     progress = min(1.0, max(0, step - warmup) / span)
     return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * progress))
+
+
+def length_grouped_batches(order, lengths, batch_size: int, groups: int, rng) -> list[list[int]]:
+    """``order`` (shuffled sample positions) cut into batches of ``batch_size``, each batch of
+    samples of similar length, so less of it is padding.
+
+    Convention: ``order`` is cut into windows of ``groups * batch_size`` consecutive samples; each
+    window is sorted by ``lengths[sample]`` (a number or a tuple of them; longest first, ties kept
+    in ``order``), cut into
+    batches, and its batches are put in an order drawn from ``rng``. Every sample is in exactly one
+    batch, the only short batch is the last window's last (as with plain batches), and the result
+    is a function of ``order``, ``lengths`` and ``rng``'s state (so resuming reproduces it).
+    ``groups`` <= 1 returns the plain consecutive batches of ``order``.
+    """
+    order = [int(s) for s in order]
+    if groups <= 1:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    out: list[list[int]] = []
+    window = groups * batch_size
+    for a in range(0, len(order), window):
+        chunk = sorted(order[a : a + window], key=lambda s: lengths[s], reverse=True)  # stable: ties keep order
+        batches = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        if a + window >= len(order) and len(batches) > 1 and len(batches[-1]) < batch_size:
+            short = batches.pop()  # the epoch's one short batch stays last, as with plain batches
+            out += [batches[i] for i in rng.permutation(len(batches))] + [short]
+        else:
+            out += [batches[i] for i in rng.permutation(len(batches))]
+    return out
 
 
 def schedule_steps(cfg: OptimConfig, n_samples: int) -> tuple[int, int]:

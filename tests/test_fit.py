@@ -20,6 +20,7 @@ from kcache.fit import (
     FitConfig,
     evaluate_layers,
     fit_encoders,
+    length_grouped_batches,
     lr_at,
     masked_mse,
     predict,
@@ -150,6 +151,53 @@ def test_shuffle_schedule_is_a_permutation_with_bounded_lookahead():
     # a sample can only leave after its block was read: position in stream bounds its output rank
     for rank, s in enumerate(order[:40]):
         assert s < rank + 16
+
+
+@pytest.mark.parametrize("n,batch,groups", [(100, 8, 4), (64, 8, 16), (7, 3, 2), (50, 8, 1), (50, 8, 0)])
+def test_length_grouped_batches_cover_every_sample_once_with_less_padding(n, batch, groups):
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(5, 200, size=n)
+    order = rng.permutation(n).tolist()
+    got = length_grouped_batches(order, lengths, batch, groups, np.random.default_rng(1))
+    assert sorted(s for b in got for s in b) == list(range(n))
+    assert [len(b) for b in got[:-1]] == [batch] * (len(got) - 1) and 0 < len(got[-1]) <= batch
+    plain = [order[i : i + batch] for i in range(0, n, batch)]
+    padded = [sum(len(b) * max(lengths[b]) for b in bs) for bs in (got, plain)]
+    if groups <= 1:
+        assert got == plain
+        return
+    assert padded[0] < padded[1]
+    window = groups * batch
+    for i, b in enumerate(got):  # each batch comes from one window of ``order``, sorted within it
+        w = {order.index(s) // window for s in b}
+        assert len(w) == 1
+        assert list(lengths[b]) == sorted(lengths[b], reverse=True)
+    # the same rng state gives the same batches (a resumed epoch), another gives another order
+    assert length_grouped_batches(order, lengths, batch, groups, np.random.default_rng(1)) == got
+    if groups >= 4:  # windows of >= 4 batches: two seeds giving the same orders would be a fluke
+        assert length_grouped_batches(order, lengths, batch, groups, np.random.default_rng(2)) != got
+
+
+def test_length_grouped_batches_take_tuples_and_keep_ties_in_order():
+    lengths = [(3, 9), (5, 1), (3, 2), (5, 1), (3, 9)]
+    got = length_grouped_batches([0, 1, 2, 3, 4], lengths, 5, 2, np.random.default_rng(0))
+    assert got == [[1, 3, 0, 4, 2]]  # by the first entry, then the second; equal keys keep their order
+
+
+def test_loader_groups_by_knowledge_plus_input_length(tiny_cache):
+    c = Cache.open(tiny_cache)
+    r = CacheReader(c, c.layers)
+    samples = np.arange(len(c.index))
+    total = r.k_len + r.x_len
+    seen = {}
+    for g in (0, 4):
+        loader = BatchLoader(r, samples, 4, 2048, 0, 0, length_groups=g)
+        seen[g] = [b.samples for b in loader]
+        loader.close()
+        assert sorted(int(s) for b in seen[g] for s in b) == list(range(len(c.index)))
+    assert [list(b) for b in seen[0]] == [list(b) for b in BatchLoader(r, samples, 4, 2048, 0, 0).batches]
+    pad = {g: sum(len(b) * int(total[list(b)].max()) for b in bs) for g, bs in seen.items()}
+    assert pad[4] < pad[0]
 
 
 def test_bad_inputs(tiny_cache, tmp_path):

@@ -83,6 +83,9 @@ def test_bench_fit_runs_each_precision_side_by_side(tiny_cache, tmp_path):  # no
                     computes=("float32", "bfloat16"))
     assert [r["resolved"] for r in res["runs"]] == ["float32", "bfloat16"]
     assert all(r["steps"] == 3 and r["steps_per_second"] > 0 for r in res["runs"])
+    assert all(r["steps_only_per_second"] > 0 for r in res["runs"])  # step 1 to step 2
+    assert res["speedup_steps_only"] == pytest.approx(
+        res["runs"][1]["steps_only_per_second"] / res["runs"][0]["steps_only_per_second"])
     assert res["speedup"] == pytest.approx(res["runs"][1]["steps_per_second"] / res["runs"][0]["steps_per_second"])
     assert json.loads((tmp_path / "fit.json").read_text())["runs"][1]["compute"] == "bfloat16"
     assert (tmp_path / "fit.png").stat().st_size > 0

@@ -11,6 +11,8 @@ import typer
 from kcache.cli._options import DEVICE_HELP, MODEL_HELP, DeviceOpt
 from kcache.cli.errors import ensure_writable_dir, errors
 
+LENGTH_GROUPS_HELP = ("batches drawn from windows of this many batches of shuffled samples, each sorted by "
+                      "length (less padding); 0 = plain shuffled batches")
 COMPUTE_HELP = ("matmul precision under autocast, float32 master weights: auto (bf16 on CUDA and on CPUs "
                 "with native bf16, float32 elsewhere) | float32 | bfloat16")
 
@@ -37,6 +39,7 @@ def fit_cmd(
     parallel: str = typer.Option("layers", "--parallel",
                                  help="under torchrun/SLURM: 'layers' = each process trains its share of the layers"),
     compute: str = typer.Option("auto", "--compute", help=COMPUTE_HELP),
+    length_groups: int = typer.Option(16, "--length-groups", help=LENGTH_GROUPS_HELP),
     verify: bool = typer.Option(None, "--verify/--no-verify",
                                 help="check every file read against the manifest's sha256 before using it "
                                      "(default: on for URLs, off for local caches)"),
@@ -60,6 +63,7 @@ def fit_cmd(
                         intermediate_size=intermediate_size,
                         eval_every=eval_every, patience=patience, buffer_samples=buffer_samples, seed=seed,
                         device=device, max_steps=max_steps, parallel=parallel, compute=compute, verify=verify,
+                        length_groups=length_groups,
                         stream_buffer_mb=stream_buffer_mb)
         # opened (remotely: every file verified) once, before any output is made, and trained from as opened
         summary = fit_encoders(open_streaming(cache, verify, stream_buffer_mb), out, cfg)
@@ -117,6 +121,7 @@ def finetune_cmd(
                                   help="ce (target cross-entropy, the paper's) | kl (KL to D(K,x) at every input "
                                        "position) | ce+kl"),
     compute: str = typer.Option("auto", "--compute", help=COMPUTE_HELP),
+    length_groups: int = typer.Option(16, "--length-groups", help=LENGTH_GROUPS_HELP),
 ):
     """DIEKÆ 3.3: fine-tune encoders through the frozen decoder (target cross-entropy, or KL to D(K,x))."""
     from kcache.finetune import FinetuneConfig, finetune
@@ -127,7 +132,7 @@ def finetune_cmd(
         cfg = FinetuneConfig(**_common(epochs, batch_size, grad_accum, lr, lr_min, eval_every, patience, max_steps,
                                        seed, from_scratch, layers, site, max_length, max_train_samples,
                                        val_max_samples),
-                             objective=objective, compute=compute)
+                             objective=objective, compute=compute, length_groups=length_groups)
         if not from_scratch and encoders is None:
             raise ValueError("give --encoders DIR (a fitted bundle) or --from-scratch")
         decoder = load_decoder(model, device=device, dtype=model_dtype)
