@@ -210,16 +210,93 @@ class KnowledgeEncoder(nn.Module):
         return (out, new_past) if use_cache else out
 
 
-def _stacked(encoders: list[KnowledgeEncoder], get) -> torch.Tensor:
-    """One parameter of every encoder stacked on a new leading dim (gradients flow back to each)."""
-    return torch.stack([get(e) for e in encoders])
+# The stacked pass's weights: name -> (module path under each encoder or under its block ``i``,
+# the weights concatenated by rows). q/k/v and gate/up are one matrix per encoder.
+_TOP = {"down_proj": ("down_proj",), "norm": ("norm",), "up_proj": ("up_proj",)}
+_BLOCK = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",),
+          "attn_norm": ("attn_norm",), "mlp_norm": ("mlp_norm",)}
 
 
-def _stacked_rows(blocks: list[Block], names: tuple[str, ...]) -> torch.Tensor:
-    """The weights ``names`` of each block concatenated by rows, stacked over blocks: (E, sum(out), in),
-    as one copy (a stack of every weight, viewed) rather than a concatenation per block and a stack."""
-    w = torch.stack([getattr(m, n).weight for m in blocks for n in names])
-    return w.view(len(blocks), -1, w.shape[-1])
+def _members(encoders: list[KnowledgeEncoder]) -> dict[str, list[list[torch.Tensor]]]:
+    """Per stacked weight, per encoder, the parameters whose rows it concatenates."""
+    out = {k: [[getattr(e, n).weight for n in names] for e in encoders] for k, names in _TOP.items()}
+    for i in range(encoders[0].c.num_layers):
+        for k, names in _BLOCK.items():
+            out[f"{i}.{k}"] = [[getattr(e.blocks[i], n).weight for n in names] for e in encoders]
+    return out
+
+
+def _stack_rows(per: list[list[torch.Tensor]]) -> torch.Tensor:
+    """``per[e]``'s tensors concatenated by rows, stacked over e: one copy (a stack of every
+    tensor, viewed) rather than a concatenation per encoder and a stack."""
+    w = torch.stack([p for ps in per for p in ps])
+    return w.view(len(per), -1, *w.shape[2:]) if len(per[0]) > 1 else w
+
+
+def stacked_weights(encoders: list[KnowledgeEncoder]) -> dict[str, torch.Tensor]:
+    """Every weight of the stacked pass, ``(E, rows, ...)``, stacked from the encoders' parameters
+    (gradients flow back to each)."""
+    return {k: _stack_rows(per) for k, per in _members(encoders).items()}
+
+
+class FusedWeights:
+    """The stacked weights of an ``EncoderStack`` kept as leaf tensors, with every encoder's
+    parameters re-pointed to views of them: a forward reads them without stacking (a copy of
+    every weight each step, ~6 % of a fit step on CPU).
+
+    Convention: after a backward, a hook hands each stacked gradient to the parameters as views
+    (set as their ``.grad``, or added to it when one is there) and clears its own, so clipping, the
+    optimizer and ``zero_grad`` see ordinary per-parameter gradients. Updates of a parameter
+    (optimizer, ``load_state_dict``) write into the stacked tensor. ``current()`` rebuilds when a
+    parameter was replaced (``load_state_dict(assign=True)``), no longer views its slot
+    (``.to(device)``, ``.double()``) or its ``requires_grad`` changed. Values and gradients equal ``stacked_weights``'s (tested).
+    """
+
+    def __init__(self):
+        self.weights: dict[str, torch.Tensor] | None = None
+        self._slots: list[tuple[torch.Tensor, int, bool]] = []  # (parameter, its data_ptr, requires_grad)
+
+    def current(self, encoders: list[KnowledgeEncoder]) -> dict[str, torch.Tensor]:
+        members = _members(encoders)
+        now = [p for per in members.values() for ps in per for p in ps]
+        if self.weights is None or len(now) != len(self._slots) or any(
+                p is not q or p.data_ptr() != ptr or p.requires_grad != grad
+                for p, (q, ptr, grad) in zip(now, self._slots)):
+            self._build(members)
+        return self.weights
+
+    def _build(self, members: dict[str, list[list[torch.Tensor]]]) -> None:
+        self.weights, self._slots = {}, []
+        for k, per in members.items():
+            grad = per[0][0].requires_grad
+            w = _stack_rows([[p.detach() for p in ps] for ps in per]).requires_grad_(grad)
+            views = []
+            for e, ps in enumerate(per):
+                row = 0
+                for p in ps:
+                    rows = slice(row, row + p.shape[0]) if len(ps) > 1 else None
+                    row += p.shape[0]
+                    p.data = w.data[e] if rows is None else w.data[e, rows]
+                    views.append((p, e, rows))
+                    self._slots.append((p, p.data_ptr(), p.requires_grad))
+            if grad:
+                w.register_post_accumulate_grad_hook(_hand_over(views))
+            self.weights[k] = w
+
+
+def _hand_over(views):
+    """The hook: the stacked gradient, as views, into each parameter's ``.grad``; its own cleared."""
+
+    def hook(w: torch.Tensor) -> None:
+        g, w.grad = w.grad, None
+        for p, e, rows in views:
+            part = g[e] if rows is None else g[e, rows]
+            if p.grad is None:
+                p.grad = part
+            else:
+                p.grad.add_(part)
+
+    return hook
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -237,9 +314,10 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 def stacked_forward(encoders: list[KnowledgeEncoder], embeds: torch.Tensor, valid: torch.Tensor,
                     positions: torch.Tensor | None = None, shifts: torch.Tensor | None = None,
-                    length: int | None = None) -> torch.Tensor:
+                    length: int | None = None, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """``torch.stack([enc(embeds, valid, positions, shifts=shifts, length=length) for enc in encoders])``
-    in one pass: (E, B, L', d_model).
+    in one pass: (E, B, L', d_model). ``weights``: the encoders' ``stacked_weights`` when the caller
+    keeps them (``EncoderStack``'s ``FusedWeights``); made here otherwise.
 
     The same maths as ``KnowledgeEncoder.forward``, shaped for the hardware: the encoders of a stack
     read the same tokens, so each linear layer of all E encoders is one batched matmul (q/k/v and
@@ -254,14 +332,15 @@ def stacked_forward(encoders: list[KnowledgeEncoder], embeds: torch.Tensor, vali
     h, hd = c.hidden_size, c.head_dim
     if positions is None:
         positions = torch.arange(n, device=embeds.device)[None].expand(b, n)
-    down = _stacked(encoders, lambda m: m.down_proj.weight)  # (E, h, d)
+    w = stacked_weights(encoders) if weights is None else weights
+    down = w["down_proj"]  # (E, h, d)
     x = (embeds.reshape(b * n, -1) @ down.reshape(e * h, -1).t()).view(b, n, e, h).permute(2, 0, 1, 3)
     # Per forward, in the blocks' dtype: the rotary tables (q's scaled by the softmax factor) and the
     # mask as an additive bias, shared by every block rather than converted in each.
     att = _Attention(positions, attention_mask(valid, n), c, x.dtype, e)
     last = c.num_layers - 1 if shifts is not None else c.num_layers
     for i in range(last):
-        x = _stacked_block(x, [enc.blocks[i] for enc in encoders], c, att, att)
+        x = _stacked_block(x, w, i, c, att, att)
     if shifts is not None:
         # Only input positions are returned (``shift_left``), so the last block computes its queries,
         # residual and MLP there alone; keys and values still cover K+x. Same maths, ~|x|/(|K|+|x|)
@@ -271,10 +350,10 @@ def stacked_forward(encoders: list[KnowledgeEncoder], embeds: torch.Tensor, vali
         shifts = shifts.to(device=embeds.device, dtype=torch.long)
         idx, inside = shift_index(shifts, n - int(shifts.min()) if length is None else length, n)
         queries = _Attention(positions.gather(1, idx), attention_mask_at(valid, idx), c, x.dtype, e)
-        x = _stacked_block(x, [enc.blocks[last] for enc in encoders], c, att, queries, query_index=idx)
+        x = _stacked_block(x, w, last, c, att, queries, query_index=idx)
         x = x * inside.view(1, b, -1, 1).to(x.dtype)
-    x = _rms(x, _stacked(encoders, lambda m: m.norm.weight), c.rms_eps)
-    return _linear(x, _stacked(encoders, lambda m: m.up_proj.weight))
+    x = _rms(x, w["norm"], c.rms_eps)
+    return _linear(x, w["up_proj"])
 
 
 class _Attention:
@@ -292,22 +371,21 @@ class _Attention:
         self.bias = mask_bias(self.mask, dtype) if mask.device.type == "cpu" else None  # SDPA takes the mask
 
 
-def _stacked_block(x: torch.Tensor, blocks: list[Block], c: EncoderConfig, keys: _Attention, queries: _Attention,
-                   query_index=None) -> torch.Tensor:
-    """Block ``i`` of E encoders on x (E, B, n, h). With ``query_index`` (B, Q) only those positions
+def _stacked_block(x: torch.Tensor, w: dict[str, torch.Tensor], i: int, c: EncoderConfig, keys: _Attention,
+                   queries: _Attention, query_index=None) -> torch.Tensor:
+    """Block ``i`` of E encoders (``w``: their ``stacked_weights``) on x (E, B, n, h). With ``query_index`` (B, Q) only those positions
     are queries (``queries``: their tables and mask (B, 1, Q, n)); returns (E, B, Q, h)."""
     e, b, n, h = x.shape
     heads, hd = c.num_heads, c.head_dim
-    y = _rms(x, _stacked(blocks, lambda m: m.attn_norm.weight), c.rms_eps)
+    y = _rms(x, w[f"{i}.attn_norm"], c.rms_eps)
+    qkv_w = w[f"{i}.qkv"]  # (E, 3h, h): q, k, v rows
     if query_index is None:
-        qkv = _linear(y, _stacked_rows(blocks, ("q", "k", "v")))
-        q, k, v = qkv.split(h, -1)
+        q, k, v = _linear(y, qkv_w).split(h, -1)
     else:
-        kv = _linear(y, _stacked_rows(blocks, ("k", "v")))
-        k, v = kv.split(h, -1)
+        k, v = _linear(y, qkv_w[:, h:]).split(h, -1)
         gather = query_index[None, :, :, None].expand(e, b, query_index.shape[1], h)
         x = x.gather(2, gather)
-        q = _linear(y.gather(2, gather), _stacked(blocks, lambda m: m.q.weight))
+        q = _linear(y.gather(2, gather), qkv_w[:, :h])
 
     def heads_of(t, cs=None):
         # (E, B, H, len, hd) for the rotation, whose (B, 1, len, hd) tables broadcast over encoders and
@@ -317,10 +395,10 @@ def _stacked_block(x: torch.Tensor, blocks: list[Block], c: EncoderConfig, keys:
         return (t if cs is None else rope(t, *cs)).reshape(e * b, heads, -1, hd)
 
     att = attend(heads_of(q, queries.q_cs), heads_of(k, keys.k_cs), heads_of(v), queries.mask, scale=1.0, bias=queries.bias)
-    x = x + _linear(att.transpose(1, 2).reshape(e, b, -1, h), _stacked(blocks, lambda m: m.o.weight))
-    y = _rms(x, _stacked(blocks, lambda m: m.mlp_norm.weight), c.rms_eps)
-    gate, up = _linear(y, _stacked_rows(blocks, ("gate", "up"))).chunk(2, -1)
-    return x + _linear(F.silu(gate) * up, _stacked(blocks, lambda m: m.down.weight))
+    x = x + _linear(att.transpose(1, 2).reshape(e, b, -1, h), w[f"{i}.o"])
+    y = _rms(x, w[f"{i}.mlp_norm"], c.rms_eps)
+    gate, up = _linear(y, w[f"{i}.gate_up"]).chunk(2, -1)
+    return x + _linear(F.silu(gate) * up, w[f"{i}.down"])
 
 
 class EncoderStack(nn.Module):
@@ -337,6 +415,7 @@ class EncoderStack(nn.Module):
         # Leading input positions this stack's output is never added to: the bundle's sink policy
         # (kcache.align.sink_keep), carried here so every consumer applies the same one.
         self.sink = 0
+        self._fused = FusedWeights()
         self.encoders = nn.ModuleDict()
         for l in self.layers:
             g = torch.Generator().manual_seed(seed * 100_003 + l)
@@ -348,8 +427,16 @@ class EncoderStack(nn.Module):
     def forward(self, embeds: torch.Tensor, valid: torch.Tensor, positions=None, shifts=None,
                 length=None) -> dict[int, torch.Tensor]:
         """Every encoder on the same input, as one batched pass (``stacked_forward``)."""
-        out = stacked_forward([self.encoder(l) for l in self.layers], embeds, valid, positions, shifts, length)
+        encoders = [self.encoder(l) for l in self.layers]
+        out = stacked_forward(encoders, embeds, valid, positions, shifts, length, self._fused.current(encoders))
         return {l: out[i] for i, l in enumerate(self.layers)}
+
+    def stacked_weights(self, layers: list[int] | None = None) -> dict[str, torch.Tensor] | None:
+        """The kept stacked weights when ``layers`` is the whole stack in order (None otherwise:
+        ``stacked_forward`` then stacks a subset itself)."""
+        if layers is not None and list(layers) != self.layers:
+            return None
+        return self._fused.current([self.encoder(l) for l in self.layers])
 
     def num_parameters(self, per_encoder: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -392,7 +479,9 @@ def save_bundle(path: str | Path, stack: EncoderStack, meta: dict) -> Path:
     remove_stale_tmp(path, "old")
     tmp = fresh_tmp(path, "saving")  # after removing those of a killed save (never a live process's)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in stack.state_dict().items()}
+    # own copies: the parameters view the stack's shared stacked weights (FusedWeights), and
+    # safetensors refuses tensors that share memory
+    state = {k: v.detach().cpu().clone() for k, v in stack.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": BUNDLE_FORMAT})
     (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True))
     if path.exists():

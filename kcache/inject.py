@@ -156,7 +156,8 @@ def stack_additions(decoder: Decoder, stack, k_ids: list[list[int]], x_ids: list
     x_lens = torch.tensor([len(x) for x in x_ids], device=dev)
     n = int(x_lens.max()) if len(x_ids) else 0
     keep = input_keep(x_lens, n, sink)[..., None]
-    stacked = stacked_forward([stack.encoder(l) for l in layers], emb, valid, shifts=k_lens, length=n)
+    stacked = stacked_forward([stack.encoder(l) for l in layers], emb, valid, shifts=k_lens, length=n,
+                              weights=stack.stacked_weights(layers))
     return {l: stacked[i] * keep.to(stacked.dtype) for i, l in enumerate(layers)}
 
 

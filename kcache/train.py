@@ -150,7 +150,8 @@ def save_checkpoint(out: Path, stack, opt, state: dict, where: Path | None = Non
     final = Path(where) if where is not None else checkpoint_dir(out)
     tmp = fresh_tmp(final, "saving")  # after removing those of a killed run (never a live process's)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in stack.state_dict().items()}, str(tmp / "model.safetensors"))
+    # own copies: the parameters may view shared stacked weights (encoders.FusedWeights)
+    save_file({k: v.detach().cpu().clone() for k, v in stack.state_dict().items()}, str(tmp / "model.safetensors"))
     osd = opt.state_dict()
     tensors, meta = {}, {"param_groups": osd["param_groups"], "state": {}}
     for pid, st in osd["state"].items():

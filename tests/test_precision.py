@@ -143,6 +143,64 @@ def test_the_batched_stack_forward_is_the_per_encoder_forward(shape):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_kept_stacked_weights_train_exactly_as_stacking_every_step():
+    """EncoderStack keeps its stacked weights (encoders.FusedWeights; the parameters view them).
+    Forward, gradients (two accumulated backwards, then again after zero_grad), AdamW updates and
+    the rebuild after load_state_dict(assign=True), requires_grad_ and a dtype change equal, bit
+    for bit, stacking the parameters afresh at every forward."""
+    from kcache.encoders import EncoderConfig, EncoderStack, stacked_forward
+    from kcache.train import OptimConfig, adamw
+
+    cfg = EncoderConfig(d_model=40, hidden_size=32, num_heads=4, intermediate_size=48, num_layers=2)
+    kept, fresh = EncoderStack(cfg, [1, 3, 4], seed=2), EncoderStack(cfg, [1, 3, 4], seed=2)
+    for s in (kept, fresh):
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for p in s.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(3, 11, 40, generator=g)
+    valid = torch.ones(3, 11, dtype=torch.bool)
+    valid[1, 8:] = False
+    shifts = torch.tensor([2, 4, 1])
+
+    def run(s, dtype=torch.float32):
+        if s is kept:
+            out = s(emb.to(dtype), valid, shifts=shifts, length=7)
+            return torch.stack([out[l] for l in s.layers])
+        return stacked_forward([s.encoder(l) for l in s.layers], emb.to(dtype), valid, shifts=shifts, length=7)
+
+    opts = {id(s): adamw(s.parameters(), OptimConfig(lr_max=1e-2)) for s in (kept, fresh)}
+    for _ in range(3):
+        for s in (kept, fresh):
+            for _micro in range(2):
+                run(s).square().sum().backward()
+        for a, b in zip(kept.parameters(), fresh.parameters(), strict=True):
+            assert torch.equal(a.grad, b.grad)
+        for s in (kept, fresh):
+            opts[id(s)].step()
+            opts[id(s)].zero_grad(set_to_none=True)
+    assert all(torch.equal(a, b) for a, b in zip(kept.parameters(), fresh.parameters(), strict=True))
+    assert torch.equal(run(kept), run(fresh))
+
+    # replaced parameters (assign=True), frozen ones, and another dtype: rebuilt, still equal
+    new = {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in fresh.state_dict().items()}
+    kept.load_state_dict(new, assign=True)
+    fresh.load_state_dict(new)
+    kept.requires_grad_(False)
+    with torch.no_grad():
+        assert torch.equal(run(kept), run(fresh))
+    kept.requires_grad_(True)
+    run(kept).sum().backward()
+    run(fresh).sum().backward()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(kept.parameters(), fresh.parameters(), strict=True))
+    kept.double()
+    fresh.double()
+    with torch.no_grad():
+        got = run(kept, torch.float64)
+        assert got.dtype == torch.float64 and torch.equal(got, run(fresh, torch.float64))
+
+
 def test_bench_finetune_runs_each_decoder_dtype_side_by_side(saved_model, tmp_path):
     from kcache.bench.stages import bench_finetune
 
