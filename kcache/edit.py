@@ -44,6 +44,7 @@ from kcache.finetune import (
 )
 from kcache.models import Decoder
 from kcache.precision import autocast_for
+from kcache.train import run_settings
 
 
 @dataclasses.dataclass
@@ -184,13 +185,13 @@ def _edit(decoder: Decoder, samples, out, encoders, cfg, progress, log) -> dict:
     start = {"trained": edit_metrics(score_with(stack), trained)} if not cfg.from_scratch else None
     run_id = {"samples": sample_set_fingerprint(table), "model": base_meta["model"],
               "start": {k: v for k, v in prov.items() if k != "source_training"},
-              "config": dataclasses.asdict(cfg) | {"layers": layers}, "kind": "edit"}
+              "config": run_settings(cfg) | {"layers": layers}, "kind": "edit"}
 
     def save_meta(state):
         return base_meta | {"created": now(), "training": {
             "edited": True, "objective": "cross-entropy of target given source, encoders see no knowledge (DIEKAE 3.4)",
             "start": prov, "step": state["step"], "epoch": state["epoch"], "edits": len(trained),
-            "config": dataclasses.asdict(cfg) | {"layers": layers}}}
+            "config": run_settings(cfg) | {"layers": layers}}}
 
     state = train_encoders(decoder, stack, site=site, layers=layers, train=items, val=None, cfg=cfg, out=out,
                            run_id=run_id, save_meta=save_meta, progress=progress, on_step=None, log=log)
@@ -200,7 +201,7 @@ def _edit(decoder: Decoder, samples, out, encoders, cfg, progress, log) -> dict:
         "settings": {"model": decoder.fingerprint.to_dict(), "site": site, "layers": layers,
                      "start": {k: v for k, v in prov.items() if k != "source_training"},
                      "train_split": cfg.train_split, "eval_split": cfg.eval_split,
-                     "config": dataclasses.asdict(cfg) | {"layers": layers},
+                     "config": run_settings(cfg) | {"layers": layers},
                      "steps": state["step"], "wall_seconds": state["_wall_seconds"]},
         "before": before, "start_encoders": start, "after": after,
         "final_train_nll": next((h["train_nll"] for h in reversed(state["history"])

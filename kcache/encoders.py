@@ -249,7 +249,12 @@ class FusedWeights:
     optimizer and ``zero_grad`` see ordinary per-parameter gradients. Updates of a parameter
     (optimizer, ``load_state_dict``) write into the stacked tensor. ``current()`` rebuilds when a
     parameter was replaced (``load_state_dict(assign=True)``), no longer views its slot
-    (``.to(device)``, ``.double()``) or its ``requires_grad`` changed. Values and gradients equal ``stacked_weights``'s (tested).
+    (``.to(device)``, ``.double()``) or its ``requires_grad`` changed. Values and gradients equal
+    ``stacked_weights``'s (tested).
+
+    Not for parameters substituted from outside (``torch.func.functional_call``,
+    ``nn.utils.parametrize``): the stack reads its own stacked copy. ``stacked_forward`` without
+    ``weights`` stacks whatever the modules hold.
     """
 
     def __init__(self):
@@ -262,13 +267,16 @@ class FusedWeights:
         if self.weights is None or len(now) != len(self._slots) or any(
                 p is not q or p.data_ptr() != ptr or p.requires_grad != grad
                 for p, (q, ptr, grad) in zip(now, self._slots)):
-            self._build(members)
+            # never as inference tensors (a first forward under torch.inference_mode would
+            # otherwise leave weights no later training could take gradients through)
+            with torch.inference_mode(False):
+                self._build(members)
         return self.weights
 
     def _build(self, members: dict[str, list[list[torch.Tensor]]]) -> None:
         self.weights, self._slots = {}, []
         for k, per in members.items():
-            grad = per[0][0].requires_grad
+            grad = any(p.requires_grad for ps in per for p in ps)  # frozen ones get no gradient (_hand_over)
             w = _stack_rows([[p.detach() for p in ps] for ps in per]).requires_grad_(grad)
             views = []
             for e, ps in enumerate(per):
@@ -290,6 +298,8 @@ def _hand_over(views):
     def hook(w: torch.Tensor) -> None:
         g, w.grad = w.grad, None
         for p, e, rows in views:
+            if not p.requires_grad:
+                continue
             part = g[e] if rows is None else g[e, rows]
             if p.grad is None:
                 p.grad = part
@@ -329,7 +339,7 @@ def stacked_forward(encoders: list[KnowledgeEncoder], embeds: torch.Tensor, vali
     """
     c = encoders[0].c
     e, (b, n, _) = len(encoders), embeds.shape
-    h, hd = c.hidden_size, c.head_dim
+    h = c.hidden_size
     if positions is None:
         positions = torch.arange(n, device=embeds.device)[None].expand(b, n)
     w = stacked_weights(encoders) if weights is None else weights
@@ -373,8 +383,9 @@ class _Attention:
 
 def _stacked_block(x: torch.Tensor, w: dict[str, torch.Tensor], i: int, c: EncoderConfig, keys: _Attention,
                    queries: _Attention, query_index=None) -> torch.Tensor:
-    """Block ``i`` of E encoders (``w``: their ``stacked_weights``) on x (E, B, n, h). With ``query_index`` (B, Q) only those positions
-    are queries (``queries``: their tables and mask (B, 1, Q, n)); returns (E, B, Q, h)."""
+    """Block ``i`` of E encoders (``w``: their ``stacked_weights``) on x (E, B, n, h). With
+    ``query_index`` (B, Q) only those positions are queries (``queries``: their tables and mask
+    (B, 1, Q, n)); returns (E, B, Q, h)."""
     e, b, n, h = x.shape
     heads, hd = c.num_heads, c.head_dim
     y = _rms(x, w[f"{i}.attn_norm"], c.rms_eps)
@@ -394,7 +405,8 @@ def _stacked_block(x: torch.Tensor, w: dict[str, torch.Tensor], i: int, c: Encod
         t = t.reshape(e, b, t.shape[2], heads, hd).transpose(2, 3)
         return (t if cs is None else rope(t, *cs)).reshape(e * b, heads, -1, hd)
 
-    att = attend(heads_of(q, queries.q_cs), heads_of(k, keys.k_cs), heads_of(v), queries.mask, scale=1.0, bias=queries.bias)
+    att = attend(heads_of(q, queries.q_cs), heads_of(k, keys.k_cs), heads_of(v), queries.mask, scale=1.0,
+                 bias=queries.bias)
     x = x + _linear(att.transpose(1, 2).reshape(e, b, -1, h), w[f"{i}.o"])
     y = _rms(x, w[f"{i}.mlp_norm"], c.rms_eps)
     gate, up = _linear(y, w[f"{i}.gate_up"]).chunk(2, -1)

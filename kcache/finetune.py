@@ -57,6 +57,7 @@ from kcache.train import (
     lr_at,
     new_state,
     optimizer_step,
+    run_settings,
     save_checkpoint,
     schedule_steps,
 )
@@ -533,7 +534,7 @@ def _finetune(decoder: Decoder, samples, encoders, out, cfg, progress, on_step, 
                          f"{len(train)} / {len(val)})")
     run_id = {"samples": sample_set_fingerprint(table), "model": base_meta["model"], **_dtype_key(decoder),
               "start": {k: v for k, v in prov.items() if k != "source_training"},
-              "config": dataclasses.asdict(cfg) | {"layers": layers}}
+              "config": run_settings(cfg) | {"layers": layers}}
 
     summary_path = out / "summary.json"
     if summary_path.exists() and (out / "config.json").exists():
@@ -551,7 +552,7 @@ def _finetune(decoder: Decoder, samples, encoders, out, cfg, progress, on_step, 
             "training": {"finetuned": True,
                          "objective": "cross-entropy on target tokens of D(E(K,x)+x), decoder frozen (DIEKAE 3.3)",
                          "start": prov, "step": state["step"], "epoch": state["epoch"],
-                         "config": {k: v for k, v in dataclasses.asdict(cfg).items()} | {"layers": layers},
+                         "config": run_settings(cfg) | {"layers": layers},
                          "val_nll": best, "val_ppl": math.exp(best) if best is not None and best < 700 else None,
                          "train_samples": len(train), "val_samples": len(val)},
         }

@@ -47,6 +47,7 @@ from kcache.train import (  # noqa: F401 - OptimConfig, lr_at, optimizer_step, C
     lr_at,
     new_state,
     optimizer_step,
+    run_settings,
     save_checkpoint,
     schedule_steps,
 )
@@ -78,7 +79,7 @@ class FitConfig(OptimConfig):
     def run_config(self) -> dict:
         """The settings that define the run (resume check, bundle metadata). ``parallel``, ``verify`` and
         ``stream_buffer_mb`` are left out: how the cache is read does not change the results."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _READ_ONLY_SETTINGS}
+        return {k: v for k, v in run_settings(self).items() if k not in _READ_ONLY_SETTINGS}
 
     def encoder_config(self, d_model: int) -> EncoderConfig:
         return EncoderConfig(d_model=d_model, hidden_size=self.hidden_size, num_layers=self.num_layers,

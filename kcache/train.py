@@ -62,6 +62,16 @@ def lr_at(step: int, total: int, warmup: int, lr_min: float, lr_max: float) -> f
     return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * progress))
 
 
+def run_settings(cfg) -> dict:
+    """``cfg`` as the run's identity (resume checks, bundle metadata): its fields, without
+    ``length_groups`` when it is 0, so a run made before that option existed (plain batches)
+    still resumes with ``length_groups = 0``."""
+    d = dataclasses.asdict(cfg)
+    if not d.get("length_groups", 1):
+        d.pop("length_groups")
+    return d
+
+
 def length_grouped_batches(order, lengths, batch_size: int, groups: int, rng) -> list[list[int]]:
     """``order`` (shuffled sample positions) cut into batches of ``batch_size``, each batch of
     samples of similar length, so less of it is padding.

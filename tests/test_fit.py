@@ -168,7 +168,7 @@ def test_length_grouped_batches_cover_every_sample_once_with_less_padding(n, bat
         return
     assert padded[0] < padded[1]
     window = groups * batch
-    for i, b in enumerate(got):  # each batch comes from one window of ``order``, sorted within it
+    for b in got:  # each batch comes from one window of ``order``, sorted within it
         w = {order.index(s) // window for s in b}
         assert len(w) == 1
         assert list(lengths[b]) == sorted(lengths[b], reverse=True)
@@ -184,6 +184,14 @@ def test_length_grouped_batches_take_tuples_and_keep_ties_in_order():
     assert got == [[1, 3, 0, 4, 2]]  # by the first entry, then the second; equal keys keep their order
 
 
+def test_plain_batches_keep_the_run_identity_of_runs_made_before_length_groups():
+    from kcache.train import run_settings
+
+    assert "length_groups" not in FitConfig(length_groups=0).run_config()  # what a run made before it recorded
+    assert FitConfig().run_config()["length_groups"] == 16
+    assert "verify" not in FitConfig().run_config() and "length_groups" in run_settings(FitConfig(length_groups=4))
+
+
 def test_loader_groups_by_knowledge_plus_input_length(tiny_cache):
     c = Cache.open(tiny_cache)
     r = CacheReader(c, c.layers)
@@ -195,7 +203,9 @@ def test_loader_groups_by_knowledge_plus_input_length(tiny_cache):
         seen[g] = [b.samples for b in loader]
         loader.close()
         assert sorted(int(s) for b in seen[g] for s in b) == list(range(len(c.index)))
-    assert [list(b) for b in seen[0]] == [list(b) for b in BatchLoader(r, samples, 4, 2048, 0, 0).batches]
+    plain = BatchLoader(r, samples, 4, 2048, 0, 0)
+    assert [list(b) for b in seen[0]] == [list(b) for b in plain.batches]
+    plain.close()
     pad = {g: sum(len(b) * int(total[list(b)].max()) for b in bs) for g, bs in seen.items()}
     assert pad[4] < pad[0]
 

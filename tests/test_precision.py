@@ -149,7 +149,7 @@ def test_kept_stacked_weights_train_exactly_as_stacking_every_step():
     the rebuild after load_state_dict(assign=True), requires_grad_ and a dtype change equal, bit
     for bit, stacking the parameters afresh at every forward."""
     from kcache.encoders import EncoderConfig, EncoderStack, stacked_forward
-    from kcache.train import OptimConfig, adamw
+    from kcache.train import OptimConfig, adamw, optimizer_step
 
     cfg = EncoderConfig(d_model=40, hidden_size=32, num_heads=4, intermediate_size=48, num_layers=2)
     kept, fresh = EncoderStack(cfg, [1, 3, 4], seed=2), EncoderStack(cfg, [1, 3, 4], seed=2)
@@ -171,17 +171,39 @@ def test_kept_stacked_weights_train_exactly_as_stacking_every_step():
         return stacked_forward([s.encoder(l) for l in s.layers], emb.to(dtype), valid, shifts=shifts, length=7)
 
     opts = {id(s): adamw(s.parameters(), OptimConfig(lr_max=1e-2)) for s in (kept, fresh)}
-    for _ in range(3):
+    params = {id(s): {l: list(s.encoder(l).parameters()) for l in s.layers} for s in (kept, fresh)}
+    with torch.inference_mode():  # a first forward in inference mode must not leave inference tensors
+        run(kept)
+    ptrs = [p.data_ptr() for p in kept.parameters()]
+    for step in range(4):
         for s in (kept, fresh):
+            if step % 2:  # gradients zeroed in place (not None), then accumulated into
+                run(s).sum().backward()
+                opts[id(s)].zero_grad(set_to_none=False)
             for _micro in range(2):
                 run(s).square().sum().backward()
         for a, b in zip(kept.parameters(), fresh.parameters(), strict=True):
             assert torch.equal(a.grad, b.grad)
-        for s in (kept, fresh):
-            opts[id(s)].step()
-            opts[id(s)].zero_grad(set_to_none=True)
+        for s in (kept, fresh):  # per-encoder clipping, then AdamW
+            optimizer_step(opts[id(s)], params[id(s)], 0.5, 1e-2)
     assert all(torch.equal(a, b) for a, b in zip(kept.parameters(), fresh.parameters(), strict=True))
     assert torch.equal(run(kept), run(fresh))
+    assert [p.data_ptr() for p in kept.parameters()] == ptrs  # the kept weights were reused, not rebuilt
+    qkv = kept.stacked_weights()["0.qkv"]  # (E, 3h, h): encoder 3's k rows are what its k.weight views
+    assert kept.encoder(3).blocks[0].k.weight.data_ptr() == qkv[1, 32:64].data_ptr()
+
+    # a frozen encoder among trained ones: it gets no gradient, the others theirs
+    kept.encoder(1).requires_grad_(False)
+    fresh.encoder(1).requires_grad_(False)
+    for s in (kept, fresh):
+        s.zero_grad()
+        run(s).sum().backward()
+    for a, b in zip(kept.parameters(), fresh.parameters(), strict=True):
+        assert (a.grad is None) == (b.grad is None) and (a.grad is None or torch.equal(a.grad, b.grad))
+    assert all(p.grad is None for p in kept.encoder(1).parameters())
+    assert all(p.grad is not None for p in kept.encoder(3).parameters())
+    kept.requires_grad_(True)
+    fresh.requires_grad_(True)
 
     # replaced parameters (assign=True), frozen ones, and another dtype: rebuilt, still equal
     new = {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in fresh.state_dict().items()}
@@ -191,8 +213,9 @@ def test_kept_stacked_weights_train_exactly_as_stacking_every_step():
     with torch.no_grad():
         assert torch.equal(run(kept), run(fresh))
     kept.requires_grad_(True)
-    run(kept).sum().backward()
-    run(fresh).sum().backward()
+    for s in (kept, fresh):
+        s.zero_grad()
+        run(s).sum().backward()
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(kept.parameters(), fresh.parameters(), strict=True))
     kept.double()
     fresh.double()

@@ -212,7 +212,7 @@ def _fit_run(cache: Path, steps: int, batch_size: int, device: str | None, compu
     # the steps alone, as bench finetune: from the end of step 1 to the end of step steps-1 (before the
     # last validation, checkpoint and plot, which ``seconds`` includes)
     timed = s["steps"] - 2
-    step_rate = timed / (stamps[s["steps"] - 1] - stamps[1]) if timed > 0 else float("nan")
+    step_rate = timed / (stamps[s["steps"] - 1] - stamps[1]) if timed > 0 else None  # JSON has no NaN
     return {"compute": compute, "steps": s["steps"], "seconds": s["wall_seconds"], "total_seconds": total,
             "steps_per_second": s["steps"] / s["wall_seconds"], "steps_only_per_second": step_rate,
             "tokens_per_second": s["tokens_per_second"],
@@ -254,7 +254,8 @@ def bench_fit(cache: Path, steps: int = 60, batch_size: int = 8, device: str | N
         "threads": torch.get_num_threads(),
         "loader_tokens_per_second": tokens / load_s, "loader_mb_per_second": mb / load_s, "loader_seconds": load_s,
         "loader_batches": batches, "runs": runs, "speedup": last["steps_per_second"] / base["steps_per_second"],
-        "speedup_steps_only": last["steps_only_per_second"] / base["steps_only_per_second"],
+        "speedup_steps_only": (last["steps_only_per_second"] / base["steps_only_per_second"]
+                               if last["steps_only_per_second"] and base["steps_only_per_second"] else None),
         "fvu_change": last["val_fvu_mean"] - base["val_fvu_mean"],
         # kept for readers of the earlier format: the default (last) run's figures
         "train_steps": last["steps"], "train_seconds": last["seconds"],
@@ -268,11 +269,12 @@ def bench_fit(cache: Path, steps: int = 60, batch_size: int = 8, device: str | N
         "of stored deltas, uncompressed")
     for r in runs:
         log(f"  compute {r['compute']:>8} ({r['resolved']:>8})  {r['tokens_per_second']:9.0f} tokens/s  "
-            f"{r['steps_per_second']:.2f} steps/s ({r['steps_only_per_second']:.2f} steps alone)  data wait {r['data_wait_fraction']:.1%}  val "
+            f"{r['steps_per_second']:.2f} steps/s ({r['steps_only_per_second'] or float('nan'):.2f} steps alone)  "
+            f"data wait {r['data_wait_fraction']:.1%}  val "
             f"FVU {r['val_fvu_mean']:.4f}")
     if len(runs) > 1:
         log(f"  {last['compute']} vs {base['compute']}: {res['speedup']:.2f}x steps/s "
-            f"({res['speedup_steps_only']:.2f}x the steps alone), "
+            f"({res['speedup_steps_only'] or float('nan'):.2f}x the steps alone), "
             f"mean val FVU {res['fvu_change']:+.4f}")
     log(f"  waiting for data {res['data_wait_fraction']:.1%} of training time " + _target(res["target_met"], "<= 10%"))
     if sources:
