@@ -439,8 +439,8 @@ class EncoderStack(nn.Module):
     def forward(self, embeds: torch.Tensor, valid: torch.Tensor, positions=None, shifts=None,
                 length=None) -> dict[int, torch.Tensor]:
         """Every encoder on the same input, as one batched pass (``stacked_forward``)."""
-        encoders = [self.encoder(l) for l in self.layers]
-        out = stacked_forward(encoders, embeds, valid, positions, shifts, length, self._fused.current(encoders))
+        out = stacked_forward([self.encoder(l) for l in self.layers], embeds, valid, positions, shifts, length,
+                              self.stacked_weights())
         return {l: out[i] for i, l in enumerate(self.layers)}
 
     def stacked_weights(self, layers: list[int] | None = None) -> dict[str, torch.Tensor] | None:

@@ -348,7 +348,7 @@ def _train_steps(run: _TrainRun, progress: bool, on_step, log) -> int:
         # Grouped by the input's length (the decoder's pass), then the knowledge's (the encoders').
         batches = length_grouped_batches(rng.permutation(len(train)),
                                          [(len(it.x_ids), len(it.k_ids)) for it in train],
-                                         cfg.batch_size, getattr(cfg, "length_groups", 0), rng)
+                                         cfg.batch_size, cfg.length_groups, rng)
         micro = 0
         for bi in range(state["batch_in_epoch"], len(batches)):
             items = [train[i] for i in batches[bi]]

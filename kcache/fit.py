@@ -281,11 +281,11 @@ class BatchLoader:
         if shuffle:
             blocks = [blocks[i] for i in rng.permutation(len(blocks))]
             order = shuffle_schedule(blocks, buffer, rng)
-            # by the encoders' input length, knowledge + input (what every block runs over)
-            self.batches = length_grouped_batches(order, reader.k_len + reader.x_len, batch_size, length_groups, rng)
         else:
             order = [s for b in blocks for s in b]
-            self.batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        # grouped by the encoders' input length, knowledge + input (what every block runs over)
+        self.batches = length_grouped_batches(order, reader.k_len + reader.x_len, batch_size,
+                                              length_groups if shuffle else 0, rng)
         self.reader, self.blocks, self.skip = reader, blocks, skip
         self.ahead = reader.read_ahead(blocks)  # a no-op unless the cache is streamed
         self.q: queue.Queue = queue.Queue(maxsize=prefetch)
