@@ -197,7 +197,10 @@ def configs_from(classes, table: dict | None, where: str, file: str | Path | Non
             raise ConfigError(f"{_prefix(file)}[{where}] missing key{'s' if len(missing) > 1 else ''} "
                               f"{', '.join(repr(k) for k in missing)} "
                               f"({', '.join(f'{k} = {_describe(hints[cls][k])}' for k in missing)})")
-        out.append(cls(**per_class[cls]))
+        try:
+            out.append(cls(**per_class[cls]))
+        except ValueError as e:  # a check of the settings' own (__post_init__): name the file and section
+            raise ConfigError(f"{_prefix(file)}[{where}] {e}") from None
     return tuple(out)
 
 

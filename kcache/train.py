@@ -52,6 +52,10 @@ class OptimConfig:
     # (length_grouped_batches): less padding per batch. 0 or 1: plain shuffled batches.
     length_groups: int = 16
 
+    def __post_init__(self):
+        if self.length_groups < 0:
+            raise ValueError(f"length_groups must be >= 0 (0: plain shuffled batches), not {self.length_groups}")
+
 
 def lr_at(step: int, total: int, warmup: int, lr_min: float, lr_max: float) -> float:
     """Learning rate for optimizer step ``step`` (0-based) of ``total``."""
@@ -64,10 +68,10 @@ def lr_at(step: int, total: int, warmup: int, lr_min: float, lr_max: float) -> f
 
 def run_settings(cfg) -> dict:
     """``cfg`` as the run's identity (resume checks, bundle metadata): its fields, without
-    ``length_groups`` when it is 0, so a run made before that option existed (plain batches)
-    still resumes with ``length_groups = 0``."""
+    ``length_groups`` when it means plain batches (0 or 1), so a run made before that option
+    existed still resumes with ``length_groups = 0``."""
     d = dataclasses.asdict(cfg)
-    if not d.get("length_groups", 1):
+    if d.get("length_groups", 2) <= 1:
         d.pop("length_groups")
     return d
 
@@ -78,10 +82,10 @@ def length_grouped_batches(order, lengths, batch_size: int, groups: int, rng) ->
 
     Convention: ``order`` is cut into windows of ``groups * batch_size`` consecutive samples; each
     window is sorted by ``lengths[sample]`` (a number or a tuple of them; longest first, ties kept
-    in ``order``), cut into
-    batches, and its batches are put in an order drawn from ``rng``. Every sample is in exactly one
-    batch, the only short batch is the last window's last (as with plain batches), and the result
-    is a function of ``order``, ``lengths`` and ``rng``'s state (so resuming reproduces it).
+    in ``order``), cut into batches, and its batches are put in an order drawn from ``rng``. Every
+    sample is in exactly one batch, the only short batch is the last window's last (as with plain
+    batches), and the result is a function of ``order``, ``lengths`` and ``rng``'s state (so
+    resuming reproduces it).
     ``groups`` <= 1 returns the plain consecutive batches of ``order``.
     """
     order = [int(s) for s in order]

@@ -119,6 +119,16 @@ def test_unknown_key_names_file_section_and_key(tmp_path, section):
     assert "known: " in msg
 
 
+@pytest.mark.parametrize("section", ["fit", "finetune"])
+def test_a_value_the_settings_refuse_names_file_and_section(tmp_path, section):
+    path = _demo_with(tmp_path, section, "length_groups = -1")
+    with pytest.raises(ConfigError) as e:
+        load_pipeline(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: [{section}] length_groups must be >= 0"), msg
+    assert "not -1" in msg
+
+
 def test_a_typo_gets_a_suggestion_and_the_known_keys(tmp_path):
     path = _demo_with(tmp_path, "fit", "lr_maxx = 1e-3")
     with pytest.raises(ConfigError) as e:
