@@ -24,6 +24,7 @@ Methods are a registry of callables ``fn(decoder, batch) -> list[Tensor]``; see 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import gc
@@ -40,6 +41,7 @@ import torch
 
 from kcache._io import pyplot, save_png
 from kcache.align import TemplateSpec, encode_knowledge, encode_sample, pad_right, plan_batches, scaffold_length
+from kcache.lower_blocks import LowerBlocks, untouched_blocks
 from kcache.models import Decoder
 
 # ---------------------------------------------------------------------------------------------
@@ -100,16 +102,21 @@ class Method:
     fn: MethodFn
     needs: tuple[str, ...] = ()
     reads_knowledge: bool = False  # scores depend on each item's k_ids: run with swapped / empty knowledge too
+    # ``untouched(decoder, sources) -> int | None``: how many leading decoder blocks the method runs
+    # unchanged over exactly ``x_ids`` (``sources``: an ``EvalBatch`` without items). Methods that
+    # say so start from those blocks' output, computed once per input (``kcache.lower_blocks``).
+    untouched: Callable[[Decoder, EvalBatch], int | None] | None = None
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, fn: MethodFn, label: str | None = None, needs: tuple[str, ...] = (),
-                    reads_knowledge: bool = False) -> Method:
+                    reads_knowledge: bool = False, untouched=None) -> Method:
     """Add (or replace) a method in the registry; ``evaluate(..., methods=[name])`` then runs it.
-    ``reads_knowledge``: the method uses ``item.k_ids``, so ``evaluate`` also runs its controls."""
-    m = Method(name, label or name, fn, tuple(needs), reads_knowledge)
+    ``reads_knowledge``: the method uses ``item.k_ids``, so ``evaluate`` also runs its controls.
+    ``untouched``: see ``Method``."""
+    m = Method(name, label or name, fn, tuple(needs), reads_knowledge, untouched)
     METHODS[name] = m
     return m
 
@@ -216,10 +223,20 @@ def method_oracle(decoder: Decoder, batch: EvalBatch) -> list[torch.Tensor]:
     return out
 
 
-register_method("x", method_x, "D(x)")
+def _untouched_by(source) -> Callable[[Decoder, EvalBatch], int | None]:
+    """``Method.untouched`` of a method that scores ``x_ids`` with ``source(batch)``'s injection."""
+    def untouched(_decoder: Decoder, batch: EvalBatch) -> int | None:
+        inj = source(batch)
+        return untouched_blocks(inj.site, inj.layers) if inj is not None and inj.layers else None
+    return untouched
+
+
+register_method("x", method_x, "D(x)", untouched=lambda decoder, _batch: decoder.layers.num_layers)
 register_method("kx", method_kx, "D(K,x)", reads_knowledge=True)
-register_method("ekx", method_ekx, "D(E(K,x)+x)", needs=("encoders",), reads_knowledge=True)
-register_method("oracle", method_oracle, "oracle: cached Δ injected", needs=("cache",))
+register_method("ekx", method_ekx, "D(E(K,x)+x)", needs=("encoders",), reads_knowledge=True,
+                untouched=_untouched_by(lambda b: b.injector))
+register_method("oracle", method_oracle, "oracle: cached Δ injected", needs=("cache",),
+                untouched=_untouched_by(lambda b: b.oracle))
 
 
 def method_ekx_ft(decoder: Decoder, batch: EvalBatch) -> list[torch.Tensor]:
@@ -230,8 +247,10 @@ def method_ekx_ft(decoder: Decoder, batch: EvalBatch) -> list[torch.Tensor]:
     return _score_injected(decoder, inj, batch.items)
 
 
-register_method("ekx_fit", method_ekx, "D(E(K,x)+x) after fit", needs=("encoders",), reads_knowledge=True)
-register_method("ekx_ft", method_ekx_ft, "D(E(K,x)+x) after finetune", reads_knowledge=True)
+register_method("ekx_fit", method_ekx, "D(E(K,x)+x) after fit", needs=("encoders",), reads_knowledge=True,
+                untouched=_untouched_by(lambda b: b.injector))
+register_method("ekx_ft", method_ekx_ft, "D(E(K,x)+x) after finetune", reads_knowledge=True,
+                untouched=_untouched_by(lambda b: b.extras.get("finetuned")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,6 +584,8 @@ def evaluate(
     extras: dict | None = None,
     progress: bool = False,
     controls: bool = True,
+    share_lower_blocks: bool = True,
+    lower_blocks_max_bytes: int = 1 << 30,
 ) -> dict:
     """Evaluate ``methods`` on held-out ``samples`` (table or path) -> a JSON-ready dict.
 
@@ -575,6 +596,11 @@ def evaluate(
     ``controls``: every method that reads the knowledge is also run with another sample's
     knowledge and with none (``control_items``); ``result["controls"]`` holds their perplexities
     and the knowledge use, ``NLL(other K) - NLL(right K)`` per token with a bootstrap CI.
+
+    ``share_lower_blocks``: methods that leave the decoder's lower blocks unchanged over ``x``
+    (``Method.untouched``: D(x), the encoders, the oracle) start from those blocks' output, computed
+    once per input when it fits in ``lower_blocks_max_bytes``; their cost rows include that time
+    (``settings["shared_lower_blocks"]``).
     """
     from kcache.data.samples import read_samples
 
@@ -595,6 +621,9 @@ def evaluate(
     lengths = [len(it.k_ids) + len(it.x_ids) for it in items]
     batches = plan_batches(lengths, token_budget)
     scorer = _Scorer(decoder, injector, oracle, extras, token_budget, progress)
+    shared = None
+    if share_lower_blocks:
+        shared = _share_lower_blocks(scorer, ms, items, batches, controls, lower_blocks_max_bytes)
     per_method, cost = _score_methods(scorer, ms, items, batches)
     control_scores = _score_controls(scorer, ms, items, table, template, max_length) if controls else {}
 
@@ -602,7 +631,8 @@ def evaluate(
     return {
         "controls": knowledge_controls(items, per_method, control_scores, {m.name: m.label for m in ms}),
         "settings": _run_settings(decoder, bundle, injector, oracle, cache, ms, split=split, limit=limit,
-                                  template=template, max_length=max_length, token_budget=token_budget),
+                                  template=template, max_length=max_length, token_budget=token_budget)
+        | {"shared_lower_blocks": shared},
         "counts": {
             "samples_in": n_in,
             "samples_selected": table.num_rows,
@@ -655,9 +685,37 @@ def _check_oracle_samples(ms: list[Method], oracle, cache, items: list[ScoreItem
                              "evaluate a split the cache was extracted from, or leave oracle out")
 
 
+def _share_lower_blocks(scorer: _Scorer, ms: list[Method], items: list[ScoreItem], batches: list[list[int]],
+                        controls: bool, max_bytes: int) -> dict | None:
+    """Compute, once per input, the lower decoder blocks that several of ``ms`` run unchanged over
+    ``x`` (``Method.untouched``), in the main batches (so those methods' scores are what they would
+    be without sharing), and let those methods start from them (``scorer.lower``). None when fewer
+    than two passes would share them, nothing is left to share, or the states would pass
+    ``max_bytes``. -> the report's ``settings["shared_lower_blocks"]``."""
+    decoder = scorer.decoder
+    sources = EvalBatch([], scorer.injector, scorer.oracle, scorer.extras or {})
+    blocks = {m.name: m.untouched(decoder, sources) for m in ms if m.untouched is not None}
+    blocks = {k: v for k, v in blocks.items() if v}
+    passes = sum(1 + (2 * controls if m.reads_knowledge else 0) for m in ms if m.name in blocks)
+    if passes < 2 or not items:
+        return None
+    lower = LowerBlocks(decoder, min(min(blocks.values()), decoder.layers.num_layers))
+    seqs = [it.x_ids for it in items]
+    if lower.nbytes(seqs) > max_bytes:
+        return None
+    synchronize(decoder.device)
+    t0 = time.perf_counter()
+    n = lower.fill(seqs, batches, _pad_id(decoder))
+    synchronize(decoder.device)
+    scorer.lower, scorer.sharers = lower, set(blocks)
+    scorer.shared_seconds = time.perf_counter() - t0
+    return {"blocks": lower.blocks, "inputs": n, "seconds": scorer.shared_seconds, "methods": sorted(blocks)}
+
+
 @dataclasses.dataclass
 class _Scorer:
-    """Scores items with one method at a time, in length-bucketed batches of ``token_budget``."""
+    """Scores items with one method at a time, in length-bucketed batches of ``token_budget``;
+    the methods in ``sharers`` start from ``lower``'s kept states."""
 
     decoder: Decoder
     injector: object
@@ -665,6 +723,13 @@ class _Scorer:
     extras: dict | None
     token_budget: int
     progress: bool
+    lower: LowerBlocks | None = None
+    sharers: set = dataclasses.field(default_factory=set)
+    shared_seconds: float = 0.0
+
+    def replay(self, m: Method):
+        """The context ``m`` runs in: starting from the shared lower blocks, when it shares them."""
+        return self.lower.replay() if self.lower is not None and m.name in self.sharers else contextlib.nullcontext()
 
     def run(self, m: Method, its: list[ScoreItem], desc: str,
             batches: list[list[int]] | None = None) -> list[torch.Tensor]:
@@ -675,12 +740,13 @@ class _Scorer:
         scores: list[torch.Tensor | None] = [None] * len(its)
         bs = batches if batches is not None else plan_batches([len(it.k_ids) + len(it.x_ids) for it in its],
                                                               self.token_budget)
-        for b in tqdm(bs, desc=desc, disable=not self.progress, dynamic_ncols=True):
-            out = m.fn(self.decoder, EvalBatch([its[i] for i in b], self.injector, self.oracle, self.extras or {}))
-            if len(out) != len(b):
-                raise ValueError(f"method {m.name!r} returned {len(out)} results for {len(b)} items")
-            for i, lp in zip(b, out):
-                scores[i] = lp.detach().float().cpu()
+        with self.replay(m):
+            for b in tqdm(bs, desc=desc, disable=not self.progress, dynamic_ncols=True):
+                out = m.fn(self.decoder, EvalBatch([its[i] for i in b], self.injector, self.oracle, self.extras or {}))
+                if len(out) != len(b):
+                    raise ValueError(f"method {m.name!r} returned {len(out)} results for {len(b)} items")
+                for i, lp in zip(b, out):
+                    scores[i] = lp.detach().float().cpu()
         return scores
 
 
@@ -704,7 +770,10 @@ def _score_methods(scorer: _Scorer, ms: list[Method], items: list[ScoreItem],
             per_method[m.name] = scorer.run(m, items, f"evaluate {m.name}", batches)
             synchronize(dev)
             seconds = time.perf_counter() - t0
-        cost[m.name] = {"label": m.label, "seconds": seconds, "peak_memory_bytes": int(mem.peak),
+        shared = scorer.shared_seconds if m.name in scorer.sharers else 0.0
+        seconds += shared  # what the method costs alone: the lower blocks it started from included
+        cost[m.name] = {"label": m.label, "seconds": seconds, "lower_blocks_seconds": shared,
+                        "peak_memory_bytes": int(mem.peak),
                         "memory_kind": mem.kind,
                         "tokens_per_second": sum(len(it.x_ids) for it in items) / max(seconds, 1e-9)}
     if "oracle" in per_method and not sample_nll(items, per_method["oracle"]):
@@ -888,6 +957,11 @@ def markdown_report(res: dict) -> str:
     lines.append("")
     lines.append("Memory: peak above one baseline taken after the model was loaded and warmed up "
                  "(the same for every method).")
+    sh = s.get("shared_lower_blocks")
+    if sh:
+        lines += ["", f"{', '.join(labels[m] for m in methods if m in sh['methods'])} start from the decoder's "
+                      f"blocks 0-{sh['blocks'] - 1} over x, computed once per input ({sh['seconds']:.2f} s for "
+                      f"{sh['inputs']} inputs) and counted in each of their seconds."]
     return "\n".join(lines) + "\n" + controls_markdown(res)
 
 

@@ -47,6 +47,7 @@ from kcache.align import (
 )
 from kcache.encoders import EncoderConfig, EncoderStack, load_bundle, publish_bundle
 from kcache.inject import add_at_site, check_fingerprint, stack_additions
+from kcache.lower_blocks import LowerBlocks, untouched_blocks
 from kcache.models import Decoder, backward_attention
 from kcache.precision import autocast_for
 from kcache.train import (
@@ -249,15 +250,27 @@ def train_encoders(decoder: Decoder, stack: EncoderStack, *, site: str, layers: 
     run = _TrainRun(decoder, stack, site, layers, train, val, cfg, out, save_meta, autocast, opt, total_steps,
                     warmup, state,
                     params={l: list(stack.encoder(l).parameters()) for l in layers}, vbs=max(cfg.batch_size, 8))
-    if not state["history"]:
-        e = run.evaluate_now(0, None, None)
-        if log and val:
-            log(f"step 0: validation NLL {e['val_nll']:.4f} (ppl {e['val_ppl'] or float('inf'):.3f})")
-    t0 = time.perf_counter()
-    with backward_attention(decoder):
+    with backward_attention(decoder), _lower_blocks(run).replay(record=True):
+        if not state["history"]:
+            e = run.evaluate_now(0, None, None)
+            if log and val:
+                log(f"step 0: validation NLL {e['val_nll']:.4f} (ppl {e['val_ppl'] or float('inf'):.3f})")
+        t0 = time.perf_counter()
         tokens = _train_steps(run, progress, on_step, log)
     _finish_training(run, resumed, t0, tokens)
     return state
+
+
+LOWER_BLOCKS_MAX_BYTES = 1 << 30  # kept lower-block states (validation first, then training inputs) up to this
+
+
+def _lower_blocks(run: _TrainRun) -> LowerBlocks:
+    """The decoder's blocks below the first injected one, kept per input the first time a step or
+    an evaluation runs them (within ``LOWER_BLOCKS_MAX_BYTES``): the encoders cannot change them,
+    so later epochs and evaluations start above them (``kcache.lower_blocks``)."""
+    dec = run.decoder
+    return LowerBlocks(dec, min(untouched_blocks(run.site, run.layers), dec.layers.num_layers),
+                       max_bytes=LOWER_BLOCKS_MAX_BYTES)
 
 
 def _make_trainable(decoder: Decoder, stack: EncoderStack, cfg):

@@ -218,6 +218,16 @@ def test_evaluate_command(tmp_path, monkeypatch, tokenizer_nobos):
     doc = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     assert doc["settings"]["methods"] == ["x", "kx", "ekx"] and doc["counts"]["samples_selected"] == 5
     assert (tmp_path / "ev" / "evaluation.png").exists() and "D(K,x)" in (tmp_path / "ev" / "evaluation.md").read_text()
+    # x and ekx (site mlp, layers 1-2) share block 0; --no-share-lower-blocks runs it in each
+    assert doc["settings"]["shared_lower_blocks"]["blocks"] == 1
+    r = CliRunner().invoke(app, ["evaluate", "--samples", str(tmp_path / "s.parquet"), "--encoders",
+                                 str(tmp_path / "enc"), "--model", str(model_dir), "--split", "train", "--limit", "5",
+                                 "--out", str(tmp_path / "ev3"), "--device", "cpu", "--no-share-lower-blocks"])
+    assert r.exit_code == 0, r.output
+    off = json.loads((tmp_path / "ev3" / "evaluation.json").read_text())
+    assert off["settings"]["shared_lower_blocks"] is None
+    assert off["results"]["all"]["ekx"]["perplexity"] == pytest.approx(doc["results"]["all"]["ekx"]["perplexity"],
+                                                                       rel=1e-5)
     r = CliRunner().invoke(app, ["evaluate", "--samples", str(tmp_path / "s.parquet"), "--model", str(model_dir),
                                  "--split", "nope", "--out", str(tmp_path / "ev2")])
     assert r.exit_code == 2 and "no samples in split" in r.output

@@ -302,6 +302,37 @@ def test_backward_stops_at_the_lowest_injected_layer(dec, table):
     assert graph == {0: False, 1: False, 2: False, 3: True}
 
 
+def test_kept_lower_blocks_change_no_step(dec, table, tmp_path, monkeypatch):
+    """Finetune starts each step and evaluation above the blocks the encoders cannot change
+    (computed once per input, ``_lower_blocks``): the same history as running them every time,
+    with block 0 run only while they are computed (site mlp at layers 1-2: block 0 is kept)."""
+    import kcache.finetune as ft
+
+    src = _bundle(dec, tmp_path / "fit", random_up=True)
+    calls = []
+    hook = dec.layers.mlp(0).register_forward_hook(lambda *a: calls.append(1))
+    try:
+        kept = finetune(dec, table, src, tmp_path / "kept", _cfg(max_steps=6, eval_every=3), progress=False)
+        kept_calls = len(calls)
+        monkeypatch.setattr(ft, "LOWER_BLOCKS_MAX_BYTES", 0)
+        calls.clear()
+        plain = finetune(dec, table, src, tmp_path / "plain", _cfg(max_steps=6, eval_every=3), progress=False)
+    finally:
+        hook.remove()
+    # kept: one batch, as this table's validation inputs are its training inputs (kept once);
+    # plain: 6 steps of batch 3 and 3 evaluations of the 6 validation samples in one batch each
+    assert kept_calls == 1 and len(calls) == 6 + 3
+    a = json.loads((tmp_path / "kept" / "history.json").read_text())
+    b = json.loads((tmp_path / "plain" / "history.json").read_text())
+    assert [h["step"] for h in a] == [h["step"] for h in b] == [0, 3, 6]
+    for x, y in zip(a, b):
+        assert x["val_nll"] == pytest.approx(y["val_nll"], rel=1e-5, abs=1e-6)
+        assert (x["train_nll"] is None) == (y["train_nll"] is None)
+        if x["train_nll"] is not None:
+            assert x["train_nll"] == pytest.approx(y["train_nll"], rel=1e-5, abs=1e-6)
+    assert kept["val_nll_best"] == pytest.approx(plain["val_nll_best"], rel=1e-5)
+
+
 @pytest.mark.parametrize("site", ["mlp", "block"])
 def test_batched_training_forward_equals_each_sequence_alone(tiny_decoder, site):
     """scored_logprobs on a right-padded batch: on every architecture each sequence's log-probabilities

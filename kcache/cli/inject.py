@@ -56,6 +56,9 @@ def evaluate_cmd(
     controls: bool = typer.Option(True, "--controls/--no-controls",
                                   help="also run knowledge-reading methods with another sample's knowledge and with "
                                        "none (knowledge use)"),
+    share_lower_blocks: bool = typer.Option(True, "--share-lower-blocks/--no-share-lower-blocks",
+                                            help="methods that leave the decoder's lower blocks unchanged over x "
+                                                 "start from their output, computed once per input"),
 ):
     """Perplexity over target tokens (and option accuracy) of D(x), D(K,x), D(E(K,x)+x), oracle, with knowledge-swap controls."""  # noqa: E501 - one line: it is the command's help summary
     from kcache.evaluate import evaluate, markdown_report, write_report
@@ -69,7 +72,8 @@ def evaluate_cmd(
         ensure_writable_dir(out, "report directory")  # before the evaluation, not after it
         decoder = load_decoder(model, device=device, dtype=model_dtype)
         res = evaluate(decoder, samples, encoders, names, cache=cache, split=split or None, limit=limit,
-                       token_budget=token_budget, max_length=max_length, progress=True, controls=controls)
+                       token_budget=token_budget, max_length=max_length, progress=True, controls=controls,
+                       share_lower_blocks=share_lower_blocks)
         paths = write_report(res, out)
     typer.echo(markdown_report(res))
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
