@@ -192,6 +192,32 @@ def test_merge_refuses_other_settings_naming_the_field(llama, two_caches, tmp_pa
     assert res.exit_code == 2 and "site" in res.output
 
 
+def test_a_cache_of_another_compression_level_resumes_merges_and_reads(llama, tmp_path, monkeypatch):
+    """The lossless codecs' level does not change what a cache holds: a cache written at zstd level
+    3 (kcache before the default became 1) is complete for an extraction asking the same, merges
+    with one at level 1, and each part keeps and decodes its own codecs."""
+    import kcache.cache.writer as writer
+
+    sa, sb = synth_samples(10, seed=1), synth_samples(8, seed=2)
+    monkeypatch.setattr(writer, "ZSTD_LEVEL", 3)
+    extract(llama, sa, tmp_path / "old.zarr", ExtractConfig(**SMALL), progress=False)
+    monkeypatch.setattr(writer, "ZSTD_LEVEL", 1)
+    again = extract(llama, sa, tmp_path / "old.zarr", ExtractConfig(**SMALL), progress=False)
+    assert again.samples == 10
+    extract(llama, sb, tmp_path / "new.zarr", ExtractConfig(**SMALL), progress=False)
+    old, new = Cache.open(tmp_path / "old.zarr"), Cache.open(tmp_path / "new.zarr")
+    assert old.settings["codecs"][0]["clevel"] == 3 and new.settings["codecs"][0]["clevel"] == 1
+    merge([str(tmp_path / "old.zarr"), str(tmp_path / "new.zarr")], tmp_path / "m.zarr", progress=False)
+    m = Cache.open(tmp_path / "m.zarr")
+    levels = {json.loads(f.read_text())["codecs"][0]["configuration"]["codecs"][1]["configuration"]["clevel"]
+              for f in (tmp_path / "m.zarr" / "parts").glob("*/deltas/layer_01/zarr.json")}
+    assert levels == {1, 3}
+    for src in (old, new):
+        for sid in src.index["sample_id"].to_pylist():
+            assert np.array_equal(src.deltas(sid, 1), m.deltas(sid, 1))
+    assert validate_cache(tmp_path / "m.zarr") == []
+
+
 # ---------------------------------------------------------------------------------------------
 # integrity
 

@@ -361,11 +361,17 @@ def combine_errors(per_part: list[dict]) -> dict:
     return out
 
 
+# Settings that do not change what a cache holds: the lossless codecs (each array records its own,
+# so parts, resumed runs and merges written at another compression level read alike).
+DATA_NEUTRAL = ("codecs",)
+
+
 def settings_differences(a: dict, b: dict, prefix: str = "", ignore=("name", "sample_set")) -> list[str]:
-    """'field: A vs B' for every setting that differs (nested keys joined with '.')."""
+    """'field: A vs B' for every setting that differs (nested keys joined with '.'), leaving out
+    ``ignore`` and, at the top level, ``DATA_NEUTRAL``."""
     out = []
     for k in sorted(set(a) | set(b)):
-        if k in ignore:
+        if k in ignore or (not prefix and k in DATA_NEUTRAL):
             continue
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
