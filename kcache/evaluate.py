@@ -621,6 +621,10 @@ def evaluate(
     lengths = [len(it.k_ids) + len(it.x_ids) for it in items]
     batches = plan_batches(lengths, token_budget)
     scorer = _Scorer(decoder, injector, oracle, extras, token_budget, progress)
+    # A warm-up forward pass (weights paged in, allocator and kernels warm) before anything is
+    # timed, so no method, and not the shared lower blocks, is charged for the first call.
+    if items:
+        method_x(decoder, EvalBatch([items[i] for i in batches[0]]))
     shared = None
     if share_lower_blocks:
         shared = _share_lower_blocks(scorer, ms, items, batches, controls, lower_blocks_max_bytes)
@@ -756,10 +760,8 @@ def _score_methods(scorer: _Scorer, ms: list[Method], items: list[ScoreItem],
     oracle covers none of the scored positions. -> (scores per method, cost per method)."""
     decoder = scorer.decoder
     dev = decoder.device
-    # Memory is measured from one baseline taken after a warm-up forward pass (weights paged in,
-    # allocator warm), so no method is charged for loading the model, whatever the order.
-    if items:
-        method_x(decoder, EvalBatch([items[i] for i in batches[0]]))
+    # Memory is measured from one baseline taken after the caller's warm-up forward pass (and the
+    # shared lower blocks), so no method is charged for loading the model, whatever the order.
     base = PeakMemory(dev).baseline()
     per_method: dict[str, list[torch.Tensor]] = {}
     cost: dict[str, dict] = {}

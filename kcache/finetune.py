@@ -27,6 +27,7 @@ without ``no_grad``), ``scored_logprobs``, ``train_encoders``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -250,7 +251,8 @@ def train_encoders(decoder: Decoder, stack: EncoderStack, *, site: str, layers: 
     run = _TrainRun(decoder, stack, site, layers, train, val, cfg, out, save_meta, autocast, opt, total_steps,
                     warmup, state,
                     params={l: list(stack.encoder(l).parameters()) for l in layers}, vbs=max(cfg.batch_size, 8))
-    with backward_attention(decoder), _lower_blocks(run).replay(record=True):
+    lower = _lower_blocks(run)
+    with backward_attention(decoder), (lower.replay(record=True) if lower else contextlib.nullcontext()):
         if not state["history"]:
             e = run.evaluate_now(0, None, None)
             if log and val:
@@ -264,13 +266,14 @@ def train_encoders(decoder: Decoder, stack: EncoderStack, *, site: str, layers: 
 LOWER_BLOCKS_MAX_BYTES = 1 << 30  # kept lower-block states (validation first, then training inputs) up to this
 
 
-def _lower_blocks(run: _TrainRun) -> LowerBlocks:
+def _lower_blocks(run: _TrainRun) -> LowerBlocks | None:
     """The decoder's blocks below the first injected one, kept per input the first time a step or
     an evaluation runs them (within ``LOWER_BLOCKS_MAX_BYTES``): the encoders cannot change them,
-    so later epochs and evaluations start above them (``kcache.lower_blocks``)."""
+    so later epochs and evaluations start above them (``kcache.lower_blocks``). None when there are
+    none (site ``mlp`` at layer 0)."""
     dec = run.decoder
-    return LowerBlocks(dec, min(untouched_blocks(run.site, run.layers), dec.layers.num_layers),
-                       max_bytes=LOWER_BLOCKS_MAX_BYTES)
+    blocks = min(untouched_blocks(run.site, run.layers), dec.layers.num_layers)
+    return LowerBlocks(dec, blocks, max_bytes=LOWER_BLOCKS_MAX_BYTES) if blocks > 0 else None
 
 
 def _make_trainable(decoder: Decoder, stack: EncoderStack, cfg):

@@ -35,13 +35,19 @@ def untouched_blocks(site: str, layers) -> int:
     return first + 1 if site == "block" else first
 
 
-def _right_padded_lengths(mask: torch.Tensor) -> list[int] | None:
-    """Each row's length when ``mask`` (B, T) is ones then zeros in every row, else None."""
+def _right_padded_lengths(mask) -> list[int] | None:
+    """Each row's length when ``mask`` is a (B, T) tensor of ones then zeros in every row, else None
+    (left padding, a 4-D or dict mask)."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
     m = mask.bool()
     n = m.sum(1)
     if not torch.equal(m, torch.arange(m.shape[1], device=m.device)[None] < n[:, None]):
         return None
     return n.tolist()
+
+
+_PLAIN_ONLY = ("inputs_embeds", "past_key_values", "cache", "position_ids", "cache_position")
 
 
 class LowerBlocks:
@@ -94,7 +100,8 @@ class LowerBlocks:
 
     @contextlib.contextmanager
     def _raw_outputs(self):
-        handle = self.decoder.layers.block(self.blocks - 1).register_forward_hook(self._note_form)
+        # First among the block's hooks: capture's own stops the pass right after it.
+        handle = self.decoder.layers.block(self.blocks - 1).register_forward_hook(self._note_form, prepend=True)
         try:
             yield
         finally:
@@ -107,7 +114,7 @@ class LowerBlocks:
     def replay(self, record: bool = False):
         """Within: decoder calls over kept inputs start at block ``blocks``. With ``record``, a call
         over other inputs runs every block and keeps their states (up to ``max_bytes``)."""
-        self._record = record
+        outer_record, self._record = self._record, record
         layers = self.decoder.layers
         backbone = layers.backbone()
         handles = [backbone.register_forward_pre_hook(self._start, with_kwargs=True),
@@ -128,12 +135,17 @@ class LowerBlocks:
                     del block.forward
                 else:
                     block.forward = before
-            self._rows, self._missing, self._record = None, [], False
+            self._rows, self._missing, self._record = None, [], outer_record
 
     def _start(self, _mod, args, kwargs):
         self._rows, self._missing = None, []
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None or kwargs.get("inputs_embeds") is not None or kwargs.get("past_key_values") is not None:
+        # Only a plain call starts from kept states: one that builds a KV cache (``use_cache`` not
+        # False) would miss the skipped blocks' keys and values, and given positions or requested
+        # per-block outputs would not be those of the kept states.
+        if (ids is None or len(args) > 1 or kwargs.get("use_cache", True) is not False
+                or any(kwargs.get(k) is not None for k in _PLAIN_ONLY)
+                or kwargs.get("output_hidden_states") or kwargs.get("output_attentions")):
             return None
         mask = kwargs.get("attention_mask")
         lens = [ids.shape[1]] * ids.shape[0] if mask is None else _right_padded_lengths(mask)

@@ -333,6 +333,13 @@ def test_kept_lower_blocks_change_no_step(dec, table, tmp_path, monkeypatch):
     assert kept["val_nll_best"] == pytest.approx(plain["val_nll_best"], rel=1e-5)
 
 
+def test_mlp_site_at_layer_0_has_no_lower_blocks_to_keep(dec, table, tmp_path):
+    """Encoders at site mlp of layer 0 change block 0 itself: nothing is kept, training runs."""
+    cfg = _cfg(max_steps=2, eval_every=2, from_scratch=True, layers="0-1", site="mlp")
+    s = finetune(dec, table, None, tmp_path / "ft", cfg, progress=False)
+    assert s["steps"] == 2
+
+
 @pytest.mark.parametrize("site", ["mlp", "block"])
 def test_batched_training_forward_equals_each_sequence_alone(tiny_decoder, site):
     """scored_logprobs on a right-padded batch: on every architecture each sequence's log-probabilities

@@ -165,6 +165,40 @@ def test_record_keeps_inputs_on_first_sight_within_max_bytes(tiny_decoder):
     assert not torch.allclose(first[0, :5], plain[0, :5])  # the hook on block 1 applied, kept or not
 
 
+def test_only_plain_calls_start_from_kept_states(tiny_decoder):
+    """A call that builds a KV cache (``use_cache`` not False: generation), gives positions, asks for
+    every block's hidden states or passes a 4-D mask runs every block, even over a kept input; a
+    nested ``replay`` leaves the outer one recording."""
+    dec = tiny_decoder
+    seq = [5, 6, 7, 8]
+    lower = LowerBlocks(dec, 2)
+    lower.fill([seq], [[0]], 3)
+    ids, mask = torch.tensor([seq]), torch.ones(1, 4, dtype=torch.long)
+    calls = []
+    hook = dec.layers.mlp(0).register_forward_hook(lambda *a: calls.append(1))
+    bb = dec.layers.backbone()
+    try:
+        with lower.replay(record=True):
+            for kw in ({}, {"use_cache": True}, {"use_cache": False, "position_ids": torch.arange(4)[None]},
+                       {"use_cache": False, "output_hidden_states": True}):
+                calls.clear()
+                bb(input_ids=ids, attention_mask=mask, **kw)
+                assert calls == [1], kw
+            calls.clear()
+            bb(input_ids=ids, attention_mask=mask, use_cache=False)
+            assert calls == []
+            calls.clear()
+            bb(input_ids=ids, attention_mask=torch.ones(1, 1, 4, 4, dtype=torch.bool), use_cache=False)
+            assert calls == [1]
+            with lower.replay():
+                pass
+            calls.clear()
+            _backbone(dec, [[9, 10, 11]])  # not kept yet: runs, and the outer context keeps it
+            assert calls == [1] and (9, 10, 11) in lower.states
+    finally:
+        hook.remove()
+
+
 def test_blocks_must_be_in_range(tiny_decoder):
     with pytest.raises(ValueError, match="blocks must be in 1.."):
         LowerBlocks(tiny_decoder, 0)

@@ -216,6 +216,14 @@ def test_a_cache_of_another_compression_level_resumes_merges_and_reads(llama, tm
         for sid in src.index["sample_id"].to_pylist():
             assert np.array_equal(src.deltas(sid, 1), m.deltas(sid, 1))
     assert validate_cache(tmp_path / "m.zarr") == []
+    # an elastic record holds the settings one level down: the level is not compared there either
+    from kcache.elastic import record_differences
+
+    rec = {"attrs": {"settings": old.settings}}
+    same_samples = new.settings | {"sample_set": old.settings["sample_set"]}  # all but the codecs alike
+    assert record_differences(rec, {"attrs": {"settings": same_samples}}) == []
+    assert record_differences(rec, {"attrs": {"settings": old.settings | {"site": "mlp"}}}) == [
+        "attrs.settings.site: 'block' vs 'mlp'"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from kcache.cache.lossy import (
     storage_spec,
 )
 from kcache.cache.reader import Cache
-from kcache.cache.writer import compressors_for_cache
+from kcache.cache.writer import codecs_description, compressors_for_cache
 
 DEFAULT_OPTIONS = ("lossless", "bitround:8", "bitround:6", "bitround:4", "int8")
 
@@ -114,7 +114,7 @@ def bench_store(cache_path, rows: int = 200_000, options=DEFAULT_OPTIONS, out_js
     n = int(min(rows, cache.total_rows))
     if n <= 0:
         raise ValueError(f"{cache_path}: no rows to benchmark (cache has {cache.total_rows}, asked for {rows})")
-    compressors = compressors_for_cache()  # every kcache cache uses these (settings.codecs)
+    compressors = compressors_for_cache()  # what kcache writes now (a cache may hold older ones)
     machine = _machine_info()
     runnable, skipped = _runnable(storages, hidden, dtype, log)
     wtimes, rtimes, acc, nbytes = _measure(cache, runnable, n, repeats, compressors, tmp_dir, progress)
@@ -149,7 +149,8 @@ def bench_store(cache_path, rows: int = 200_000, options=DEFAULT_OPTIONS, out_js
         "machine": machine, "cache": str(cache_path), "rows": n, "rows_in_cache": int(cache.total_rows),
         "layers": layers,
         "hidden": hidden, "dtype": dtype, "cache_storage": getattr(cache, "storage", {"kind": "lossless"}),
-        "chunk_rows": chunk, "shard_rows": shard, "codecs": s.get("codecs"),
+        "chunk_rows": chunk, "shard_rows": shard, "codecs": codecs_description(),
+        "cache_codecs": s.get("codecs"),
         "repeats": repeats, "float32_bytes": f32_bytes, "results": results, "skipped": skipped,
     }
     _report(res, out_json, out_png, log)

@@ -368,10 +368,11 @@ DATA_NEUTRAL = ("codecs",)
 
 def settings_differences(a: dict, b: dict, prefix: str = "", ignore=("name", "sample_set")) -> list[str]:
     """'field: A vs B' for every setting that differs (nested keys joined with '.'), leaving out
-    ``ignore`` and, at the top level, ``DATA_NEUTRAL``."""
+    ``ignore`` and ``DATA_NEUTRAL`` (at the top level, or under ``settings`` in a record that holds
+    them, such as an elastic extraction's)."""
     out = []
     for k in sorted(set(a) | set(b)):
-        if k in ignore or (not prefix and k in DATA_NEUTRAL):
+        if k in ignore or (k in DATA_NEUTRAL and (not prefix or prefix.endswith("settings."))):
             continue
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
