@@ -42,7 +42,7 @@ import torch
 from kcache._io import pyplot, save_png
 from kcache.align import TemplateSpec, encode_knowledge, encode_sample, pad_right, plan_batches, scaffold_length
 from kcache.lower_blocks import LowerBlocks, untouched_blocks
-from kcache.models import Decoder, cpu_attention
+from kcache.models import Decoder
 
 # ---------------------------------------------------------------------------------------------
 # what methods see
@@ -621,16 +621,15 @@ def evaluate(
     lengths = [len(it.k_ids) + len(it.x_ids) for it in items]
     batches = plan_batches(lengths, token_budget)
     scorer = _Scorer(decoder, injector, oracle, extras, token_budget, progress)
-    with cpu_attention(decoder):
-        # A warm-up forward pass (weights paged in, allocator and kernels warm) before anything is
-        # timed, so no method, and not the shared lower blocks, is charged for the first call.
-        if items:
-            method_x(decoder, EvalBatch([items[i] for i in batches[0]]))
-        shared = None
-        if share_lower_blocks:
-            shared = _share_lower_blocks(scorer, ms, items, batches, controls, lower_blocks_max_bytes)
-        per_method, cost = _score_methods(scorer, ms, items, batches)
-        control_scores = _score_controls(scorer, ms, items, table, template, max_length) if controls else {}
+    # A warm-up forward pass (weights paged in, allocator and kernels warm) before anything is
+    # timed, so no method, and not the shared lower blocks, is charged for the first call.
+    if items:
+        method_x(decoder, EvalBatch([items[i] for i in batches[0]]))
+    shared = None
+    if share_lower_blocks:
+        shared = _share_lower_blocks(scorer, ms, items, batches, controls, lower_blocks_max_bytes)
+    per_method, cost = _score_methods(scorer, ms, items, batches)
+    control_scores = _score_controls(scorer, ms, items, table, template, max_length) if controls else {}
 
     results = aggregate(items, rows, per_method, {m.name: m.label for m in ms})
     return {

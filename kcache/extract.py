@@ -54,7 +54,7 @@ from kcache.cache.writer import (
     read_last_commit,
 )
 from kcache.data.samples import read_samples, require_usable, sample_set_fingerprint
-from kcache.models import Decoder, cpu_attention
+from kcache.models import Decoder
 
 
 @dataclasses.dataclass
@@ -495,8 +495,7 @@ def _extract(decoder, samples, out, cfg, overwrite, progress, rank, world) -> Ex
     storage = settings.get("storage")
     writer, stats, errors = _open_writer(out, group, layers, cfg, shard, total, resume_row, plan.x_lens, storage,
                                          decoder.device)
-    with cpu_attention(decoder):
-        fwd = _extract_batches(decoder, plan, cfg, layers, ids_col, writer, storage, resume_row, progress)
+    fwd = _extract_batches(decoder, plan, cfg, layers, ids_col, writer, storage, resume_row, progress)
     _complete_part(root, out, rank, world, group, attrs, stats, errors, plan)
     elapsed = time.perf_counter() - t_start
     return ExtractReport(out, counts["samples"], counts["skipped"], dict(skip_reasons), counts["truncated"], total,

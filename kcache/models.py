@@ -319,16 +319,13 @@ def load_decoder(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: st
 
 
 @contextlib.contextmanager
-def cpu_attention(decoder: Decoder):
-    """Within: the decoder's attention kernel for kcache's own passes through it (extraction,
-    finetune, edit).
+def backward_attention(decoder: Decoder):
+    """Within: the decoder's attention kernel for training through it (finetune, edit).
 
     A bf16 decoder on CPU switches to the eager attention (a float32 softmax, as in SDPA's math):
-    torch's CPU flash kernel runs its bf16 backward several times slower than its forward (eager
-    made a finetune step 11 % faster here), and its bf16 forward is slower too at these lengths
-    (extraction's truncated passes: 8.2 vs 8.7 s for 300 demo samples). A float32 decoder keeps
-    SDPA (eager was slower there: 16.7 vs 16.1 s), as does any GPU. The previous kernel is
-    restored on exit."""
+    torch's CPU flash kernel runs its bf16 backward several times slower than its forward, and
+    eager made a finetune step 11 % faster here. Elsewhere nothing changes; the previous kernel
+    is restored on exit."""
     model = decoder.model
     before = getattr(model.config, "_attn_implementation", None)
     switch = decoder.device.type == "cpu" and decoder.dtype == torch.bfloat16 and before == "sdpa"
@@ -339,9 +336,6 @@ def cpu_attention(decoder: Decoder):
     finally:
         if switch:
             model.set_attn_implementation(before)
-
-
-backward_attention = cpu_attention  # the name finetune and edit know it by
 
 
 def wrap_decoder(model: nn.Module, tokenizer, name: str = "in-memory") -> Decoder:

@@ -76,19 +76,16 @@ def _full_depth(decoder, plan, layers) -> float:
 
 @torch.inference_mode()
 def _bare(decoder, plan, layers, site) -> float:
-    """Only the truncated forward passes kcache runs (blocks 0..max(layers), hooks, its attention
-    kernel: ``models.cpu_attention``), no deltas, no I/O."""
+    """Only the truncated forward passes kcache runs (blocks 0..max(layers), hooks), no deltas, no I/O."""
     from kcache.extract import capture, run_blocks
-    from kcache.models import cpu_attention
 
     dev = decoder.device
     _sync(dev)
     t0 = time.perf_counter()
-    with cpu_attention(decoder):
-        for _items, (ids_a, m_a), (ids_b, m_b) in _batches(decoder, plan):
-            with capture(decoder, site, layers):
-                run_blocks(decoder, ids_a.to(dev), m_a.to(dev))
-                run_blocks(decoder, ids_b.to(dev), m_b.to(dev))
+    for _items, (ids_a, m_a), (ids_b, m_b) in _batches(decoder, plan):
+        with capture(decoder, site, layers):
+            run_blocks(decoder, ids_a.to(dev), m_a.to(dev))
+            run_blocks(decoder, ids_b.to(dev), m_b.to(dev))
     _sync(dev)
     return time.perf_counter() - t0
 
