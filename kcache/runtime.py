@@ -13,6 +13,11 @@ when other work is running: one evaluation on a 2-core machine took 255 s with 2
 ``--threads N`` (or ``KCACHE_THREADS``) is used as given, with a warning when N is more than the
 free cores; ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` in the environment also leave torch's choice
 alone (the user has decided).
+
+The CLI also keeps memory that torch frees inside the process (``keep_freed_memory``): glibc
+hands every tensor above its mmap threshold back to the kernel when it is freed, so the next
+batch's tensors of the same size fault in and zero fresh pages. On this project's 2-core VM
+that was ~790,000 page faults and 21 % of extraction's bf16 passes (9.88 -> 7.79 s).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import time
 import warnings
 
 _USER_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _default_threads: int | None = None  # torch's own choice, before kcache changed it
 
 
@@ -145,3 +152,33 @@ def set_threads(threads: int | None, warn=None) -> int:
     elif not any(os.environ.get(v) for v in _USER_THREAD_VARS):
         torch.set_num_threads(choose_threads())
     return torch.get_num_threads()
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for the next allocation rather than return it to the
+    kernel: no ``mmap`` per large block (``M_MMAP_MAX`` 0) and no trimming of the heap's top below
+    2 GiB (``M_TRIM_THRESHOLD``). Same results, same peak memory for a loop of similar batches,
+    none of the page faults and zeroing (module docstring). ``malloc_trim`` still returns it
+    (``evaluate.PeakMemory`` does so before each measurement).
+
+    Process-wide, so the CLI calls it, not the library. Does nothing (returns False) off glibc, or
+    when the environment already tunes malloc (any ``MALLOC_*`` variable, ``glibc.malloc.`` in
+    ``GLIBC_TUNABLES``, or another allocator preloaded). Returns whether it was applied.
+
+    Costs: heaps of other threads (64 MiB each) keep what they freed too; a large ``calloc`` is
+    zeroed by hand where fresh pages came zeroed.
+    """
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc" or any(v.startswith("MALLOC_") for v in os.environ):
+        return False
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    if any(a in os.environ.get("LD_PRELOAD", "") for a in ("jemalloc", "tcmalloc", "mimalloc")):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # pragma: no cover - a libc without mallopt
+        return False

@@ -176,3 +176,45 @@ def test_default_threads_are_the_free_cores_unless_the_user_chose(monkeypatch):
         assert runtime.set_threads(None) == 2  # the user's OMP_NUM_THREADS stands
     finally:
         torch.set_num_threads(n)
+
+
+_REFILL = """
+import json, os, resource, sys
+import numpy as np
+from kcache.runtime import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else None
+(getattr(np, "_core", None) or np.core).multiarray._set_madvise_hugepage(False)  # 4 KiB pages: faults counted
+faults = []
+for _ in range(5):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = np.ones(64 << 20, dtype=np.uint8)  # 16,384 pages, each written; above glibc's mmap thresholds
+    del a
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(json.dumps({"applied": applied, "faults": faults[1:]}))
+"""
+
+
+def _refill(mode: str, **env) -> dict:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"} | env
+    out = subprocess.run([sys.executable, "-c", _REFILL, mode], capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_freed_memory_is_reused_without_page_faults_once_kept():
+    """The CLI's ``keep_freed_memory``: a 64 MiB block freed and allocated again comes back from the
+    heap, not from fresh zeroed pages (in a child process: the setting is process-wide)."""
+    plain = _refill("plain")
+    # glibc's default: the block is unmapped and faults back in (16,384 pages; ~32 where the kernel
+    # backs every large mapping with 2 MiB pages)
+    assert min(plain["faults"]) >= 32
+    kept = _refill("keep")
+    assert kept["applied"] is True and 10 * max(kept["faults"]) < min(plain["faults"])
+    # a user's own malloc tuning is left alone
+    assert _refill("keep", MALLOC_ARENA_MAX="2")["applied"] is False
+    assert _refill("keep", GLIBC_TUNABLES="glibc.malloc.trim_threshold=1")["applied"] is False

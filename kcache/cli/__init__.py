@@ -130,9 +130,10 @@ def main(
                                      "most torch's default; OMP_NUM_THREADS set: torch's choice)"),
 ):
     """kcache command line."""
-    from kcache.runtime import set_threads
+    from kcache.runtime import keep_freed_memory, set_threads
 
     set_threads(threads, warn=lambda m: typer.echo(f"warning: {m}", err=True))
+    keep_freed_memory()
 
 
 _groups = mount(app)
