@@ -40,7 +40,15 @@ import pyarrow as pa
 import torch
 
 from kcache._io import pyplot, save_png
-from kcache.align import TemplateSpec, encode_knowledge, encode_sample, pad_right, plan_batches, scaffold_length
+from kcache.align import (
+    TemplateSpec,
+    encode_knowledge,
+    encode_sample,
+    pad_right,
+    plan_batches,
+    prefix_parts,
+    scaffold_length,
+)
 from kcache.lower_blocks import LowerBlocks, untouched_blocks
 from kcache.models import Decoder
 
@@ -483,12 +491,13 @@ def prepare_items(tokenizer, table: pa.Table, spec: TemplateSpec,
     cols = table.to_pydict()
     n = table.num_rows
     items, skipped, rows = [], Counter(), []
+    prefix = prefix_parts(tokenizer, spec)
     get = lambda name, i: cols[name][i] if name in cols else None  # noqa: E731
     for i in range(n):
         knowledge, source, target = cols["knowledge"][i] or [], cols["source"][i], cols["target"][i]
         sid, ds = cols["id"][i], cols["dataset"][i]
         options, label = get("options", i), get("label", i)
-        enc = encode_sample(tokenizer, knowledge, source, target, spec, max_length)
+        enc = encode_sample(tokenizer, knowledge, source, target, spec, max_length, prefix)
         if enc.skip_reason:
             skipped[enc.skip_reason.split(":")[0].split(" has ")[0].strip()] += 1
             rows.append({"row": i, "id": sid, "dataset": ds, "skipped": enc.skip_reason})
@@ -502,7 +511,7 @@ def prepare_items(tokenizer, table: pa.Table, spec: TemplateSpec,
             for o, text in enumerate(options):
                 if o in same:
                     continue
-                e = encode_sample(tokenizer, knowledge, source, text, spec, max_length)
+                e = encode_sample(tokenizer, knowledge, source, text, spec, max_length, prefix)
                 if e.skip_reason:
                     ok = False
                     continue
@@ -540,11 +549,12 @@ def control_items(tokenizer, items: list[ScoreItem], knowledge: list[list[str]],
     ``x_ids`` and the scored positions are unchanged."""
     rows = sorted({it.row for it in items})
     partner = dict(zip(rows, [rows[j] for j in derangement(len(rows))])) if kind == "other" else {}
-    scaffold = scaffold_length(tokenizer, spec)
+    prefix = prefix_parts(tokenizer, spec)
+    scaffold = scaffold_length(tokenizer, spec, prefix)
     out = []
     for it in items:
         k = knowledge[partner[it.row]] if kind == "other" else []
-        k_ids, _ = encode_knowledge(tokenizer, k or [], spec, max_length - len(it.x_ids) - scaffold)
+        k_ids, _ = encode_knowledge(tokenizer, k or [], spec, max_length - len(it.x_ids) - scaffold, prefix)
         out.append(dataclasses.replace(it, k_ids=k_ids))
     return out
 

@@ -38,6 +38,7 @@ from kcache.align import (
     pad_right,
     parse_layers,
     plan_batches,
+    prefix_parts,
     shift_left,
 )
 from kcache.cache.card import write_card  # the store card (README.md); kcache.extract.write_card is the same
@@ -297,8 +298,9 @@ def make_plan(tokenizer, samples: pa.Table, cfg: ExtractConfig) -> Plan:
     spec = TemplateSpec(cfg.template, cfg.separator, cfg.template_end)
     cols = samples.select(["knowledge", "source", "target"]).to_pydict()
     kept, skipped = [], []
+    prefix = prefix_parts(tokenizer, spec)
     for row, (k, s, t) in enumerate(zip(cols["knowledge"], cols["source"], cols["target"])):
-        enc = encode_sample(tokenizer, k, s, t, spec, cfg.max_length)
+        enc = encode_sample(tokenizer, k, s, t, spec, cfg.max_length, prefix)
         if enc.skip_reason:
             skipped.append((row, enc.skip_reason))
         else:
@@ -649,7 +651,8 @@ def _create_part(decoder: Decoder, out: Path, table: pa.Table, ids_col: list, se
         attrs["extraction"]["rank"] = {"rank": rank, "world": world}
     tables = _part_tables(decoder, table, ids_col, cfg, plan)
     attrs["counts"]["loss_tokens"] = int(tables[4].sum())
-    emb = decoder.layers.embed_tokens().weight.detach().float()
+    # Converted from the model's dtype directly: a float32 copy of the matrix first costs more than the rest.
+    emb = decoder.layers.embed_tokens().weight.detach()
     group = create_cache(out, attrs, *tables, encode_rows(emb, cfg.dtype, "embedding matrix"))
     return group, attrs
 

@@ -43,6 +43,7 @@ from kcache.align import (
     TemplateSpec,
     encode_sample,
     pad_right,
+    prefix_parts,
     sink_of,
     targets_of,
 )
@@ -222,8 +223,9 @@ def _split_rows(table, split: str) -> list[dict]:
 def knowledge_items(tokenizer, rows: list[dict], spec: TemplateSpec, max_length: int) -> tuple[list[Item], int]:
     """Tokenise samples as stage one does (``align.encode_sample``); -> (items, skipped)."""
     items, skipped = [], 0
+    prefix = prefix_parts(tokenizer, spec)
     for r in rows:
-        e = encode_sample(tokenizer, r["knowledge"] or [], r["source"], r["target"], spec, max_length)
+        e = encode_sample(tokenizer, r["knowledge"] or [], r["source"], r["target"], spec, max_length, prefix)
         if e.skip_reason or not any(m for j, m in enumerate(e.target_mask) if j > 0):
             skipped += 1
             continue

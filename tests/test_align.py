@@ -13,6 +13,7 @@ from kcache.align import (
     loss_mask,
     parse_layers,
     plan_batches,
+    prefix_parts,
     shift_left,
     shift_right,
 )
@@ -81,6 +82,24 @@ def test_encode_sample_truncates_knowledge_not_input(tokenizer_bos):
     assert cut.x_ids == full.x_ids and len(cut.k_ids) + len(cut.x_ids) == limit
     assert tok.decode(cut.k_ids).endswith(" }</s>")  # the template's closing part is kept
     assert tok.decode([i for i, m in zip(cut.x_ids, cut.target_mask) if m]).strip() == "Zorb."
+
+
+@pytest.mark.parametrize("end", ["eos", "none"])
+def test_a_precomputed_prefix_encodes_every_sample_as_without_it(tokenizer_bos, tokenizer_nobos, end):
+    """Loops over samples tokenise the template once (``prefix``); each sample's ids, masks,
+    truncation and skip reason are what the per-sample path gives, with and without BOS."""
+    cases = [(["The capital of Quelm is Zorb."] * 6, "[USR] What is the capital of Quelm? [SYS]", " Zorb.", 10_000),
+             (["The capital of Quelm is Zorb."] * 6, "[USR] What is the capital of Quelm? [SYS]", " Zorb.", 40),
+             ([" lead", "second"], "q", " a", 100), ([], "q", " a", 100), (["k"], "word " * 300, " a", 100)]
+    for tok in (tokenizer_bos, tokenizer_nobos):
+        spec = TemplateSpec(separator=" | ", end=end)
+        prefix = prefix_parts(tok, spec)
+        for knowledge, source, target, max_length in cases:
+            assert (encode_sample(tok, knowledge, source, target, spec, max_length, prefix)
+                    == encode_sample(tok, knowledge, source, target, spec, max_length))
+    # ... and the prefix given is the one used
+    marked = encode_sample(tokenizer_nobos, ["k"], "q", " a", TemplateSpec(), 100, ([7], [8, 9], ""))
+    assert marked.k_ids[0] == 7 and marked.k_ids[-2:] == [8, 9]
 
 
 def test_encode_sample_skip_reasons(tokenizer_nobos):

@@ -84,7 +84,8 @@ def manifest_schema(doc) -> str:
 
 
 def encode_rows(t: torch.Tensor, dtype: str, what: str = "deltas") -> np.ndarray:
-    """float32 tensor -> numpy array in storage dtype. float16 overflow is an error, never inf."""
+    """Float tensor (any float dtype; the values are what matters) -> numpy array in storage dtype.
+    float16 overflow is an error, never inf."""
     if dtype not in DTYPES:
         raise CacheError(f"unknown storage dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     t = t.detach()

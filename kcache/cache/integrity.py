@@ -26,6 +26,7 @@ import json
 import os
 import re
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ from kcache.cache.location import Location
 from kcache.cache.reader import Cache, Part, has_embeddings
 from kcache.lock import is_tmp_name, output_lock
 from kcache.paths import check_manifest_paths, hash_regular, safe_relpath
+from kcache.runtime import available_cores
 from kcache.schemas import validate_document
 
 CHUNK_FILE = re.compile(r"^(?P<array>.+)/c/(?P<coord>\d+(?:/\d+)*)$")
@@ -73,7 +75,7 @@ def metadata_digest(parts: list[dict]) -> str:
 
 def part_files(part_dir: Path, skip: tuple[str, ...] = (MANIFEST,)) -> dict[str, dict]:
     """relpath -> {size, sha256} for every regular file under ``part_dir`` (sub-parts excluded)."""
-    out = {}
+    found = []
     for dirpath, dirnames, filenames in os.walk(part_dir):
         rel_dir = Path(dirpath).relative_to(part_dir)
         # A multi-part root keeps its parts under parts/: they are listed as parts, not files.
@@ -88,9 +90,11 @@ def part_files(part_dir: Path, skip: tuple[str, ...] = (MANIFEST,)) -> dict[str,
             # Temporary files (an interrupted write's leftovers) are never part of a cache.
             if rel in skip or rel.endswith(RECORD_SUFFIX) or is_tmp_name(f):
                 continue
-            size, sha = hash_regular(Path(dirpath) / f)  # refuses links, fifos and devices
-            out[safe_relpath(rel, str(part_dir))] = {"size": size, "sha256": sha}
-    return out
+            found.append((safe_relpath(rel, str(part_dir)), Path(dirpath) / f))
+    # hashlib releases the GIL on large buffers, so the shards hash on every core the process may use.
+    with ThreadPoolExecutor(min(4, available_cores())) as pool:
+        digests = list(pool.map(hash_regular, [p for _, p in found]))  # refuses links, fifos and devices
+    return {rel: {"size": size, "sha256": sha} for (rel, _), (size, sha) in zip(found, digests)}
 
 
 def part_record(root: Path, rel: str, exclude=(), origin: str | None = None) -> dict:
