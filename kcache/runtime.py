@@ -15,9 +15,10 @@ free cores; ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` in the environment also le
 alone (the user has decided).
 
 The CLI also keeps memory that torch frees inside the process (``keep_freed_memory``): glibc
-hands every tensor above its mmap threshold back to the kernel when it is freed, so the next
-batch's tensors of the same size fault in and zero fresh pages. On this project's 2-core VM
-that was ~790,000 page faults and 21 % of extraction's bf16 passes (9.88 -> 7.79 s).
+hands large freed blocks back to the kernel (above its mmap threshold, or at the heap's top above
+its trim threshold), so the next batch's tensors fault in and zero fresh pages. On this project's
+2-core VM that was ~790,000 page faults per extraction of 300 samples; its bf16 passes went from
+9.1-9.4 s to 7.7 s without them (docs/benchmarks.md).
 """
 
 from __future__ import annotations
